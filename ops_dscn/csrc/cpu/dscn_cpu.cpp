@@ -1,0 +1,516 @@
+// CPU kernels of ops_dscn::dscn and ops_dscn::_dscn_backward.
+//
+// Layout is channels-last, so for one (pixel, group, tap) the sampling position and both interpolation weights are
+// shared by the group's channels, which are contiguous: positions are resolved first, for a run of pixels at once
+// (one SIMD pass over their offsets), then each output is a straight vector loop over channels.
+//
+// Work is split so that no two threads ever write the same input-gradient element:
+//   x-strip: one task per output row (n, h_out); its taps stay inside input row h_out * stride_h - pad_h.
+//   y-strip: one task per block of output columns (n, w_out0..w_out1); its taps stay inside those input columns.
+// Hence the backward pass needs no atomics and is deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../common/dscn_params.h"
+#include "../common/dscn_sampling.h"
+
+// The extension is compiled for the baseline ISA (so the build stays portable); the block functions are also
+// compiled for AVX2 and AVX-512 and picked at run time from the CPU's features. (GCC 12's target_clones resolver
+// was seen picking the baseline clone on AVX-512 AMD CPUs, hence the explicit dispatch.) The environment variable
+// DSCN_CPU_ISA=default|avx2|avx512 overrides the choice, e.g. for tests.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define DSCN_X86_DISPATCH 1
+#define DSCN_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,f16c")))
+#define DSCN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2,f16c")))
+#else
+#define DSCN_X86_DISPATCH 0
+#endif
+
+// Helpers of the hot path, lambdas included, are force-inlined into the per-ISA functions so that they are compiled
+// for that ISA too: an out-of-line copy would be baseline code (measured: 15x slower when that happened).
+#if defined(__GNUC__)
+#define DSCN_INLINE inline __attribute__((always_inline))
+#define DSCN_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define DSCN_INLINE inline
+#define DSCN_LAMBDA_INLINE
+#endif
+
+namespace ops_dscn {
+namespace {
+
+// SIMD vectors through the GCC/Clang vector extension: 32 bytes with AVX2 and AVX-512 (measured faster here than
+// 64-byte vectors with GCC 12's code for masks and conversions), 16 bytes on the baseline ISA. Used for float and
+// double, the types the CPU mostly runs; half and bfloat16 take the scalar path.
+#if defined(__GNUC__)
+#define DSCN_HAS_VEC 1
+template <typename T, int Bytes>
+struct Vec {
+  using type __attribute__((vector_size(Bytes))) = T;
+  using itype __attribute__((vector_size(Bytes))) = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  static constexpr int64_t size = Bytes / sizeof(T);
+  static DSCN_INLINE type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static DSCN_INLINE void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
+};
+#else
+#define DSCN_HAS_VEC 0
+#endif
+
+template <typename scalar_t>
+constexpr bool kVectorised = DSCN_HAS_VEC && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
+
+// Pixels resolved per pass along an x-strip row (bounds the table to a few KB, which stays in L1).
+constexpr int64_t kRun = 32;
+// Output columns per task of a y-strip (the inner loop then walks kColumns * C contiguous elements).
+constexpr int64_t kColumns = 8;
+
+// Tap table of a run of R pixels that are consecutive in the output / offset tensors: for each of their
+// R * G * K' offsets, both neighbours' element offsets from the start of the pixel's input line, their weights,
+// and whether each is read. A neighbour that is not read (tap outside the window, or neighbour outside the input)
+// gets index 0 and weight 0, so the channel loops need no branches and never touch memory outside the input.
+template <typename scalar_t>
+struct TapTable {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t gk;                        // G * K', offsets per pixel
+  std::vector<acc_t> tap_pos;        // (max_run * gk) k * dilation of each offset's kernel tap
+  std::vector<acc_t> origin;         // (max_run * gk) strip_origin() of the offset's pixel
+  std::vector<int64_t> group_base;   // (max_run * gk) first channel of the offset's group
+  std::vector<int64_t> e0, e1;       // element offsets of the neighbours from the line start (channel 0)
+  std::vector<acc_t> w0, w1;         // interpolation weights (0 if not read)
+  std::vector<acc_t> m0, m1;         // 1 if the neighbour is read, else 0 (for d value / d loc)
+
+  TapTable(const DSCNParams& p, int64_t max_run) : gk(p.group * p.geom.taps) {
+    const int64_t n = max_run * gk;
+    for (auto* v : {&group_base, &e0, &e1}) v->resize(n);
+    for (auto* v : {&tap_pos, &origin, &w0, &w1, &m0, &m1}) v->resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t j = i % gk;
+      tap_pos[i] = static_cast<acc_t>(tap_index(j % p.geom.taps, p.geom.center) * p.geom.dilation);
+      group_base[i] = (j / p.geom.taps) * p.group_channels;
+    }
+  }
+
+  // Resolves the R pixels whose positions along the axis are o_axis0 + r * step (step 1 along an x-strip row, 0
+  // across a y-strip), with offsets `off` (R * gk values).
+  template <int Bytes>
+  DSCN_INLINE void fill(const StripGeometry& g, int64_t o_axis0, int64_t step, int64_t R,
+                        const scalar_t* __restrict__ off, acc_t scale, int64_t in_axis) {
+    const int64_t n = R * gk;
+    for (int64_t r = 0; r < R; ++r) {
+      std::fill_n(origin.begin() + r * gk, gk, strip_origin<acc_t>(g, o_axis0 + r * step, scale));
+    }
+    int64_t i = 0;
+#if DSCN_HAS_VEC
+    if constexpr (kVectorised<scalar_t>) {
+      // resolve_tap() lane by lane, with integer lanes as wide as the float lanes.
+      using V = Vec<scalar_t, Bytes>;
+      using vf = typename V::type;
+      using vi = typename V::itype;
+      using ilane = std::remove_reference_t<decltype(vi{}[0])>;
+      constexpr int64_t L = V::size;
+      const scalar_t len_f = static_cast<scalar_t>(g.axis_len);
+      const ilane last = static_cast<ilane>(g.axis_len - 1);
+      const vf zero = {};
+      const vf one = zero + scalar_t(1);
+      const vi izero = {};
+      for (; i + L <= n; i += L) {
+        const vf loc = V::load(origin.data() + i) + (V::load(tap_pos.data() + i) + V::load(off + i)) * scale;
+        const vi inside = (loc > scalar_t(-1)) & (loc < len_f);  // false for NaN
+        const vf safe = inside ? loc : zero;                    // outside taps never reach the conversion
+        const vi lo = __builtin_convertvector(safe, vi) + (safe < scalar_t(0));  // floor(); true is -1
+        const vf l = safe - __builtin_convertvector(lo, vf);
+        const vi use0 = inside & (lo >= 0);
+        const vi use1 = inside & (lo + 1 <= last);
+        V::store(w0.data() + i, use0 ? one - l : zero);
+        V::store(w1.data() + i, use1 ? l : zero);
+        V::store(m0.data() + i, use0 ? one : zero);
+        V::store(m1.data() + i, use1 ? one : zero);
+        const vi i0 = use0 ? lo : izero;
+        const vi i1 = use1 ? lo + 1 : izero;
+        for (int64_t q = 0; q < L; ++q) {
+          e0[i + q] = static_cast<int64_t>(i0[q]) * in_axis + group_base[i + q];
+          e1[i + q] = static_cast<int64_t>(i1[q]) * in_axis + group_base[i + q];
+        }
+      }
+    }
+#endif
+    for (; i < n; ++i) {
+      const acc_t loc = tap_location<acc_t>(origin[i], tap_pos[i], static_cast<acc_t>(off[i]), scale);
+      const LinearTap<acc_t> t = resolve_tap<acc_t>(loc, g.axis_len);
+      e0[i] = t.i0 * in_axis + group_base[i];
+      e1[i] = t.i1 * in_axis + group_base[i];
+      w0[i] = t.w0;
+      w1[i] = t.w1;
+      m0[i] = t.use0 ? acc_t(1) : acc_t(0);
+      m1[i] = t.use1 ? acc_t(1) : acc_t(0);
+    }
+  }
+};
+
+// out[c] = sum_j w0[j] * x[e0[j] + c] + w1[j] * x[e1[j] + c], c in [0, n), over the `taps` entries of one group.
+template <int Bytes, typename scalar_t, typename acc_t>
+DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0, const int64_t* e1, const acc_t* w0,
+                              const acc_t* w1, int64_t taps, scalar_t* __restrict__ out, int64_t n) {
+  int64_t c0 = 0;
+#if DSCN_HAS_VEC
+  if constexpr (kVectorised<scalar_t>) {
+    using V = Vec<scalar_t, Bytes>;
+    using v_t = typename V::type;
+    constexpr int64_t L = V::size;
+    // Two registers per pass: independent accumulation chains hide the FMA latency.
+    for (; c0 + 2 * L <= n; c0 += 2 * L) {
+      v_t a0 = {}, a1 = {};
+      for (int64_t j = 0; j < taps; ++j) {
+        const scalar_t* a = x + e0[j] + c0;
+        const scalar_t* b = x + e1[j] + c0;
+        a0 += w0[j] * V::load(a) + w1[j] * V::load(b);
+        a1 += w0[j] * V::load(a + L) + w1[j] * V::load(b + L);
+      }
+      V::store(out + c0, a0);
+      V::store(out + c0 + L, a1);
+    }
+    for (; c0 + L <= n; c0 += L) {
+      v_t a0 = {};
+      for (int64_t j = 0; j < taps; ++j) {
+        a0 += w0[j] * V::load(x + e0[j] + c0) + w1[j] * V::load(x + e1[j] + c0);
+      }
+      V::store(out + c0, a0);
+    }
+    if constexpr (Bytes > 16) {
+      // A half-width step for group sizes such as 20 = 16 + 4 (DSAN-T stage 3).
+      using H = Vec<scalar_t, Bytes / 2>;
+      using h_t = typename H::type;
+      for (; c0 + H::size <= n; c0 += H::size) {
+        h_t a0 = {};
+        for (int64_t j = 0; j < taps; ++j) {
+          a0 += w0[j] * H::load(x + e0[j] + c0) + w1[j] * H::load(x + e1[j] + c0);
+        }
+        H::store(out + c0, a0);
+      }
+    }
+  }
+#endif
+  for (; c0 < n; ++c0) {
+    acc_t acc = 0;
+    for (int64_t j = 0; j < taps; ++j) {
+      acc += w0[j] * static_cast<acc_t>(x[e0[j] + c0]) + w1[j] * static_cast<acc_t>(x[e1[j] + c0]);
+    }
+    out[c0] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Backward of one tap: scatters w0 * g and w1 * g into the neighbours' input gradients (an unread neighbour has
+// weight 0) and returns sum_c g[c] * (m1 * b[c] - m0 * a[c]) = d out / d loc, reduced over the group's channels.
+template <int Bytes, typename scalar_t, typename acc_t>
+DSCN_INLINE acc_t tap_backward(const scalar_t* __restrict__ g, const scalar_t* a, const scalar_t* b, acc_t* ga,
+                               acc_t* gb, acc_t wa, acc_t wb, acc_t ma, acc_t mb, int64_t n) {
+  // ga and gb may be the same element (both neighbours unread), so they are not __restrict__.
+  acc_t da = 0, db = 0;
+  int64_t c0 = 0;
+#if DSCN_HAS_VEC
+  if constexpr (kVectorised<scalar_t>) {
+    using V = Vec<scalar_t, Bytes>;
+    using v_t = typename V::type;
+    constexpr int64_t L = V::size;
+    v_t pa = {}, pb = {};
+    for (; c0 + L <= n; c0 += L) {
+      const v_t gv = V::load(g + c0);
+      pa += gv * V::load(a + c0);
+      pb += gv * V::load(b + c0);
+      V::store(ga + c0, V::load(ga + c0) + wa * gv);
+      V::store(gb + c0, V::load(gb + c0) + wb * gv);
+    }
+    for (int64_t q = 0; q < L; ++q) {
+      da += pa[q];
+      db += pb[q];
+    }
+  }
+#endif
+  for (; c0 < n; ++c0) {
+    const acc_t gv = static_cast<acc_t>(g[c0]);
+    da += gv * static_cast<acc_t>(a[c0]);
+    db += gv * static_cast<acc_t>(b[c0]);
+    ga[c0] += wa * gv;
+    gb[c0] += wb * gv;
+  }
+  return mb * db - ma * da;
+}
+
+// Strides of the canonical frame for channels-last tensors, in elements (input) or pixels (output / offset).
+struct Frame {
+  int64_t in_axis;    // input step along the sampling axis
+  int64_t in_orth;    // input step along the other axis
+  int64_t in_batch;   // input step between images
+  int64_t out_ax;     // output pixel step along the sampling axis
+  int64_t out_orth;   // output pixel step along the other axis
+  int64_t out_batch;  // output pixels per image
+  int64_t n_ax;       // output length along the sampling axis
+  int64_t n_orth;     // output length along the other axis
+};
+
+Frame make_frame(const DSCNParams& p) {
+  Frame f;
+  f.in_batch = p.H * p.W * p.C;
+  f.out_batch = p.Ho * p.Wo;
+  f.in_axis = p.on_x ? p.C : p.W * p.C;
+  f.in_orth = p.on_x ? p.W * p.C : p.C;
+  f.out_ax = p.on_x ? 1 : p.Wo;
+  f.out_orth = p.on_x ? p.Wo : 1;
+  f.n_ax = p.on_x ? p.Wo : p.Ho;
+  f.n_orth = p.on_x ? p.Ho : p.Wo;
+  return f;
+}
+
+// Calls run(o_axis0, step, oo0, R) for every run of R pixels that are consecutive in the output of task
+// (n, orth positions o0..o1): along the axis for an x-strip (pixel r at o_axis0 + r, line oo0), across it for a
+// y-strip (pixel r at o_axis0, line oo0 + r).
+template <typename Fn>
+DSCN_INLINE void for_each_run(const DSCNParams& p, const Frame& f, int64_t o0, int64_t o1, Fn run) {
+  if (p.on_x) {
+    for (int64_t oo = o0; oo < o1; ++oo) {
+      for (int64_t oa = 0; oa < f.n_ax; oa += kRun) run(oa, int64_t(1), oo, std::min(kRun, f.n_ax - oa));
+    }
+  } else {
+    for (int64_t oa = 0; oa < f.n_ax; ++oa) run(oa, int64_t(0), o0, o1 - o0);
+  }
+}
+
+// Runs fn(table, n, o0, o1) over all (image, block of orth positions) tasks, with one tap table per thread. Each
+// orth position maps to one input line (row for x, column for y), distinct for distinct positions, so tasks own
+// disjoint input lines.
+template <typename scalar_t, typename Fn>
+void for_each_task(const DSCNParams& p, const Frame& f, Fn fn) {
+  const int64_t block = p.on_x ? 1 : std::min(kColumns, f.n_orth);
+  const int64_t blocks_per_image = (f.n_orth + block - 1) / block;
+  const int64_t tasks = p.N * blocks_per_image;
+  const int64_t work_per_task = std::max<int64_t>(1, block * f.n_ax * p.C * p.geom.taps);
+  const int64_t grain = std::max<int64_t>(1, 32768 / work_per_task);
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    TapTable<scalar_t> table(p, p.on_x ? kRun : kColumns);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / blocks_per_image;
+      const int64_t o0 = (t % blocks_per_image) * block;
+      fn(table, n, o0, std::min(o0 + block, f.n_orth));
+    }
+  });
+}
+
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable<scalar_t>& tab, const scalar_t* input,
+                                   const scalar_t* offset, scalar_t* output, int64_t n, int64_t o0, int64_t o1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = p.group, gc = p.group_channels, C = p.C, KK = p.geom.taps, GK = G * KK;
+  const acc_t scale = static_cast<acc_t>(p.offset_scale);
+  for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
+    const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
+    tab.template fill<Bytes>(p.geom, oa0, step, R, offset + pix0 * GK, scale, f.in_axis);
+    for (int64_t r = 0; r < R; ++r) {
+      scalar_t* out_px = output + (pix0 + r) * C;
+      const int64_t oo = oo0 + r * (1 - step);
+      const int64_t line = oo * p.orth_stride - p.orth_pad;
+      if (line < 0 || line >= p.orth_len) {  // the strip's line lies in the padding
+        std::fill(out_px, out_px + C, scalar_t(0));
+        continue;
+      }
+      const scalar_t* x = input + n * f.in_batch + line * f.in_orth;
+      for (int64_t grp = 0; grp < G; ++grp) {
+        const int64_t t0 = r * GK + grp * KK;
+        weighted_sum<Bytes>(x, tab.e0.data() + t0, tab.e1.data() + t0, tab.w0.data() + t0, tab.w1.data() + t0, KK,
+                            out_px + grp * gc, gc);
+      }
+    }
+  });
+}
+
+// grad_input is in the accumulation type (float for half/bfloat16) and zero-initialised by the caller.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTable<scalar_t>& tab, const scalar_t* grad_out,
+                                    const scalar_t* input, const scalar_t* offset,
+                                    at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset, int64_t n,
+                                    int64_t o0, int64_t o1) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = p.group, gc = p.group_channels, C = p.C, KK = p.geom.taps, GK = G * KK;
+  const acc_t scale = static_cast<acc_t>(p.offset_scale);
+  for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
+    const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
+    tab.template fill<Bytes>(p.geom, oa0, step, R, offset + pix0 * GK, scale, f.in_axis);
+    for (int64_t r = 0; r < R; ++r) {
+      scalar_t* goff_px = grad_offset + (pix0 + r) * GK;
+      const int64_t oo = oo0 + r * (1 - step);
+      const int64_t line = oo * p.orth_stride - p.orth_pad;
+      if (line < 0 || line >= p.orth_len) {
+        std::fill(goff_px, goff_px + GK, scalar_t(0));
+        continue;
+      }
+      const int64_t line_off = n * f.in_batch + line * f.in_orth;
+      const scalar_t* x = input + line_off;
+      acc_t* gin = grad_input + line_off;
+      const scalar_t* g_px = grad_out + (pix0 + r) * C;
+      for (int64_t i = 0; i < GK; ++i) {
+        const int64_t t = r * GK + i;
+        const acc_t dot = tap_backward<Bytes>(g_px + tab.group_base[t], x + tab.e0[t], x + tab.e1[t],
+                                              gin + tab.e0[t], gin + tab.e1[t], tab.w0[t], tab.w1[t], tab.m0[t],
+                                              tab.m1[t], gc);
+        goff_px[i] = static_cast<scalar_t>(scale * dot);
+      }
+    }
+  });
+}
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// The best ISA of this CPU, or the one DSCN_CPU_ISA asks for (never one the CPU lacks).
+Isa cpu_isa() {
+  static const Isa isa = [] {
+    Isa best = Isa::kDefault;
+#if DSCN_X86_DISPATCH
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
+    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
+      best = Isa::kAvx512;
+    }
+#endif
+    const char* env = std::getenv("DSCN_CPU_ISA");
+    if (env != nullptr && *env != '\0') {
+      const std::string want(env);
+      TORCH_CHECK(want == "default" || want == "avx2" || want == "avx512",
+                  "DSCN_CPU_ISA must be one of default, avx2, avx512; got '", want, "'");
+      const Isa asked = want == "avx512" ? Isa::kAvx512 : want == "avx2" ? Isa::kAvx2 : Isa::kDefault;
+      TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "DSCN_CPU_ISA=", want,
+                  " is not supported by this CPU");
+      best = asked;
+    }
+    return best;
+  }();
+  return isa;
+}
+
+// name(args...) calls name_body<Bytes>(args...) compiled for the selected ISA.
+#if DSCN_X86_DISPATCH
+#define DSCN_DEFINE_ISA_DISPATCH(name)                                                   \
+  template <typename scalar_t, typename... Args>                                         \
+  DSCN_TARGET_AVX512 void name##_avx512(Args&&... args) {                                  \
+    name##_body<32, scalar_t>(args...);                                                  \
+  }                                                                                      \
+  template <typename scalar_t, typename... Args>                                         \
+  DSCN_TARGET_AVX2 void name##_avx2(Args&&... args) {                                      \
+    name##_body<32, scalar_t>(args...);                                                  \
+  }                                                                                      \
+  template <typename scalar_t, typename... Args>                                         \
+  void name(Args&&... args) {                                                            \
+    switch (cpu_isa()) {                                                                 \
+      case Isa::kAvx512:                                                                 \
+        return name##_avx512<scalar_t>(args...);                                         \
+      case Isa::kAvx2:                                                                   \
+        return name##_avx2<scalar_t>(args...);                                           \
+      default:                                                                           \
+        return name##_body<16, scalar_t>(args...);                                       \
+    }                                                                                    \
+  }
+#else
+#define DSCN_DEFINE_ISA_DISPATCH(name)             \
+  template <typename scalar_t, typename... Args>   \
+  void name(Args&&... args) {                      \
+    name##_body<16, scalar_t>(args...);            \
+  }
+#endif
+
+DSCN_DEFINE_ISA_DISPATCH(forward_task)
+DSCN_DEFINE_ISA_DISPATCH(backward_task)
+
+template <typename scalar_t>
+void forward_impl(const DSCNParams& p, const scalar_t* input, const scalar_t* offset, scalar_t* output) {
+  const Frame f = make_frame(p);
+  for_each_task<scalar_t>(p, f, [&](TapTable<scalar_t>& tab, int64_t n, int64_t o0, int64_t o1) {
+    forward_task<scalar_t>(p, f, tab, input, offset, output, n, o0, o1);
+  });
+}
+
+template <typename scalar_t>
+void backward_impl(const DSCNParams& p, const scalar_t* grad_out, const scalar_t* input, const scalar_t* offset,
+                   at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset) {
+  const Frame f = make_frame(p);
+  for_each_task<scalar_t>(p, f, [&](TapTable<scalar_t>& tab, int64_t n, int64_t o0, int64_t o1) {
+    backward_task<scalar_t>(p, f, tab, grad_out, input, offset, grad_input, grad_offset, n, o0, o1);
+  });
+}
+
+at::Tensor dscn_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_, int64_t kernel_h, int64_t kernel_w,
+                            int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h,
+                            int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
+                            bool remove_center, bool on_x) {
+  TORCH_CHECK(input_.device().is_cpu(), "dscn: input must be a CPU tensor for the CPU kernel; got ",
+              input_.device());
+  const DSCNParams p = make_params(input_, offset_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                                   dilation_w, group, group_channels, offset_scale, remove_center, on_x);
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  at::Tensor output = at::empty({p.N, p.Ho, p.Wo, p.C}, input.options());
+  if (output.numel() == 0) {
+    return output;
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dscn_forward_cpu", [&] {
+    forward_impl<scalar_t>(p, input.const_data_ptr<scalar_t>(), offset.const_data_ptr<scalar_t>(),
+                           output.mutable_data_ptr<scalar_t>());
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor> dscn_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& input_,
+                                                     const at::Tensor& offset_, int64_t kernel_h, int64_t kernel_w,
+                                                     int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
+                                                     int64_t dilation_h, int64_t dilation_w, int64_t group,
+                                                     int64_t group_channels, double offset_scale, bool remove_center,
+                                                     bool on_x) {
+  TORCH_CHECK(input_.device().is_cpu(), "dscn: input must be a CPU tensor for the CPU kernel; got ",
+              input_.device());
+  const DSCNParams p = make_params(input_, offset_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+                                   dilation_w, group, group_channels, offset_scale, remove_center, on_x);
+  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef({p.N, p.Ho, p.Wo, p.C}),
+              "dscn backward: grad_output must have shape (N, H_out, W_out, C) = (", p.N, ", ", p.Ho, ", ", p.Wo,
+              ", ", p.C, "); got ", grad_output_.sizes());
+  TORCH_CHECK(grad_output_.scalar_type() == input_.scalar_type(), "dscn backward: grad_output dtype must be ",
+              input_.scalar_type(), "; got ", grad_output_.scalar_type());
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const at::Tensor input = input_.contiguous();
+  const at::Tensor offset = offset_.contiguous();
+  const auto acc_type = at::toOpMathType(input.scalar_type());
+  at::Tensor grad_input = at::zeros(input.sizes(), input.options().dtype(acc_type));
+  at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
+  if (grad_output.numel() == 0) {
+    grad_offset.zero_();
+    return {grad_input.to(input.scalar_type()), grad_offset};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dscn_backward_cpu", [&] {
+    backward_impl<scalar_t>(p, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                            offset.const_data_ptr<scalar_t>(),
+                            grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
+                            grad_offset.mutable_data_ptr<scalar_t>());
+  });
+  return {grad_input.to(input.scalar_type()), grad_offset};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ops_dscn, CPU, m) {
+  m.impl("dscn", &dscn_forward_cpu);
+  m.impl("_dscn_backward", &dscn_backward_cpu);
+}
+
+}  // namespace ops_dscn

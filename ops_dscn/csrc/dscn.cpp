@@ -1,0 +1,21 @@
+// Schema of the DSCN operators, declared once. Backends register implementations in cpu/ and cuda/; autograd and
+// the fake (meta) kernels are registered from Python (ops_dscn/functional.py).
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing ops_dscn._C runs the static registrations below; the module itself exports nothing.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(ops_dscn, m) {
+  m.def(
+      "dscn(Tensor input, Tensor offset, int kernel_h, int kernel_w, int stride_h, int stride_w, int pad_h, "
+      "int pad_w, int dilation_h, int dilation_w, int group, int group_channels, float offset_scale, "
+      "bool remove_center, bool on_x) -> Tensor");
+  m.def(
+      "_dscn_backward(Tensor grad_output, Tensor input, Tensor offset, int kernel_h, int kernel_w, int stride_h, "
+      "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, "
+      "float offset_scale, bool remove_center, bool on_x) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,25 @@
+"""DSCN, the deformable strip convolution of DSAN, as a PyTorch operator.
+
+Public API:
+    - :func:`ops_dscn.dscn`: the functional operator (channels-last input, one offset per tap along one axis).
+    - :class:`ops_dscn.modules.DSCNX` / :class:`ops_dscn.modules.DSCNY`: the original modules (same names and
+      parameters as the original code, so checkpoints load).
+    - :class:`ops_dscn.functions.DSCNFunction`: the original 16-argument entry point, kept for compatibility.
+    - :func:`ops_dscn.dscn_pytorch`: the pure-PyTorch implementation; ``backend='pytorch'`` selects it anywhere.
+"""
+
+from .functional import (
+    BACKENDS,
+    available_backends,
+    dscn,
+    dscn_strip,
+    extension_available,
+    extension_error,
+    resolve_backend,
+)
+from .pytorch_impl import dscn_pytorch
+
+__version__ = "1.0.0"
+
+__all__ = ["BACKENDS", "available_backends", "dscn", "dscn_pytorch", "dscn_strip", "extension_available",
+           "extension_error", "resolve_backend"]

@@ -1,0 +1,168 @@
+"""DSCNX / DSCNY: the DSCN layers of DSAN, with the original constructor arguments and parameter names."""
+
+import torch
+from torch import nn
+
+from ..functional import BACKENDS, dscn_strip
+
+__all__ = ["DSCNX", "DSCNY", "ToChannelsFirst", "ToChannelsLast"]
+
+
+class ToChannelsLast(nn.Module):
+    """(N, C, H, W) -> (N, H, W, C) (a view; free when the tensor is in channels_last memory format)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Permutes NCHW to NHWC."""
+        return x.permute(0, 2, 3, 1)
+
+
+class ToChannelsFirst(nn.Module):
+    """(N, H, W, C) -> (N, C, H, W)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Permutes NHWC to NCHW."""
+        return x.permute(0, 3, 1, 2)
+
+
+def _norm_nchw_to_nhwc(channels: int, norm_layer: str) -> nn.Sequential:
+    # The container layout fixes the state_dict names ('dw_conv.1.1.weight' for LN), as in the original.
+    if norm_layer == "LN":
+        return nn.Sequential(ToChannelsLast(), nn.LayerNorm(channels, eps=1e-6))
+    if norm_layer == "BN":
+        return nn.Sequential(nn.BatchNorm2d(channels), ToChannelsLast())
+    raise ValueError(f"norm_layer must be 'LN' or 'BN'; got {norm_layer!r}")
+
+
+def _act(act_layer: str) -> nn.Module:
+    acts = {"GELU": nn.GELU, "ReLU": nn.ReLU, "SiLU": nn.SiLU}
+    if act_layer not in acts:
+        raise ValueError(f"act_layer must be one of {sorted(acts)}; got {act_layer!r}")
+    return acts[act_layer]()
+
+
+class _DSCNStrip(nn.Module):
+    """Shared body of DSCNX / DSCNY: offsets predicted from ``off_x``, then DSCN along one axis."""
+
+    on_x: bool = True
+
+    def __init__(
+        self,
+        channels: int = 64,
+        kernel_size: int = 3,
+        dw_kernel_size: int | None = None,
+        stride: int = 1,
+        pad: int = 1,
+        dilation: int = 1,
+        group: int = 4,
+        offset_scale: float = 1.0,
+        act_layer: str = "GELU",
+        norm_layer: str = "LN",
+        remove_center: bool = False,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        for name, value in (("channels", channels), ("kernel_size", kernel_size), ("stride", stride),
+                            ("dilation", dilation), ("group", group)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int; got {value!r}")
+        if channels % group != 0:
+            raise ValueError(f"channels must be divisible by group; got channels = {channels}, group = {group}")
+        if remove_center and kernel_size % 2 == 0:
+            raise ValueError(f"remove_center needs an odd kernel_size; got {kernel_size}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.dw_kernel_size = dw_kernel_size
+        self.stride = stride
+        self.pad = pad
+        self.dilation = dilation
+        self.group = group
+        self.group_channels = channels // group
+        self.offset_scale = offset_scale
+        self.remove_center = int(remove_center)
+        self.backend = backend
+
+        dw = (1, dw_kernel_size) if self.on_x else (dw_kernel_size, 1)
+        dw_pad = (0, (dw_kernel_size - 1) // 2) if self.on_x else ((dw_kernel_size - 1) // 2, 0)
+        self.dw_conv = nn.Sequential(
+            nn.Conv2d(channels, channels, kernel_size=dw, padding=dw_pad, groups=channels),
+            _norm_nchw_to_nhwc(channels, norm_layer),
+            _act(act_layer),
+        )
+        self.offset = nn.Linear(channels, group * (kernel_size - self.remove_center))
+
+    def _reset_parameters(self) -> None:
+        # Zero offsets: the layer starts as a box filter along its axis.
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def _strip(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
+        if self.on_x:
+            geometry = (1, k, 1, s, 0, p, 1, d)
+        else:
+            geometry = (k, 1, s, 1, p, 0, d, 1)
+        return dscn_strip(x, offset, *geometry, self.group, self.group_channels, self.offset_scale,
+                          bool(self.remove_center), self.on_x, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}, "
+                f"dilation={self.dilation}, group={self.group}, offset_scale={self.offset_scale}, "
+                f"remove_center={bool(self.remove_center)}, backend={self.backend!r}")
+
+
+class DSCNX(_DSCNStrip):
+    """DSCN along W (kernel 1×K) with an input projection; offsets come from a 1×Kd depthwise conv of ``off_x``.
+
+    Args:
+        channels: C, channels of the input and output.
+        kernel_size: K, taps of the strip.
+        dw_kernel_size: Kd of the depthwise conv that predicts offsets (default: K).
+        stride: stride along W.
+        pad: zero padding along W ((K - 1) // 2 keeps the width).
+        dilation: tap spacing along W.
+        group: offset groups; C must be divisible by it.
+        offset_scale: scale of the learned offsets.
+        act_layer: 'GELU', 'ReLU' or 'SiLU' after the offset branch's norm.
+        norm_layer: 'LN' (LayerNorm eps 1e-6) or 'BN' in the offset branch.
+        remove_center: skip the centre tap.
+        backend: 'auto', 'cpp' or 'pytorch' (see :func:`ops_dscn.resolve_backend`); may be changed later through
+            the ``backend`` attribute.
+    """
+
+    on_x = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_proj = nn.Linear(self.channels, self.channels)
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        super()._reset_parameters()
+        nn.init.xavier_uniform_(self.input_proj.weight)
+        nn.init.zeros_(self.input_proj.bias)
+
+    def forward(self, input: torch.Tensor, off_x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H, W_out, C)."""
+        offset = self.offset(self.dw_conv(off_x))
+        return self._strip(self.input_proj(input), offset)
+
+
+class DSCNY(_DSCNStrip):
+    """DSCN along H (kernel K×1), no input projection; offsets come from a Kd×1 depthwise conv of ``off_x``.
+
+    Args are those of :class:`DSCNX` with H in place of W.
+    """
+
+    on_x = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reset_parameters()
+
+    def forward(self, input: torch.Tensor, off_x: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H_out, W, C)."""
+        offset = self.offset(self.dw_conv(off_x))
+        return self._strip(input, offset)

@@ -1,0 +1,97 @@
+"""Build script of ``ops_dscn``, the DSCN (deformable strip convolution) operator.
+
+    cd ops_dscn && python setup.py install          # the original command
+    pip install --no-build-isolation ./ops_dscn     # or this (torch must already be installed)
+
+The C++ CPU kernel is always built. The CUDA kernel is built too when a GPU is visible or ``FORCE_CUDA=1`` is set
+(``TORCH_CUDA_ARCH_LIST`` picks the architectures); ``FORCE_CUDA=0`` builds the CPU kernel only.
+"""
+
+import glob
+import os
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+try:
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+except ImportError as exc:  # pragma: no cover - depends on the build environment
+    sys.exit(
+        f"ops_dscn: building needs PyTorch importable in the build environment ({exc}). Install torch first, then "
+        "build with `pip install --no-build-isolation ./ops_dscn` or `python setup.py install`."
+    )
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join("csrc")
+
+
+def _want_cuda() -> bool:
+    force = os.environ.get("FORCE_CUDA")
+    if force is not None and force not in ("0", "1"):
+        sys.exit(f"ops_dscn: FORCE_CUDA must be 0 or 1; got {force!r}")
+    if force == "0":
+        return False
+    if force == "1" or torch.cuda.is_available():
+        if CUDA_HOME is None:
+            sys.exit("ops_dscn: a CUDA build was requested but no CUDA toolkit was found; set CUDA_HOME.")
+        return True
+    return False
+
+
+def _cuda_pip_include_dirs() -> list[str]:
+    """Header folders of the NVIDIA pip packages torch depends on (cuBLAS, cuSPARSE, ... for ATen's CUDA headers).
+
+    A bare CUDA toolkit may lack some of the library headers that ATen's CUDA headers include; torch's own pip
+    dependencies ship them under site-packages/nvidia/*/include.
+    """
+    roots = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    roots.update(p for p in sys.path if p.endswith("site-packages"))
+    found = []
+    for root in sorted(roots):
+        found.extend(sorted(glob.glob(os.path.join(root, "nvidia", "*", "include"))))
+    return list(dict.fromkeys(found))
+
+
+def _extensions():
+    sources = [os.path.join(CSRC, "dscn.cpp"), os.path.join(CSRC, "cpu", "dscn_cpu.cpp")]
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    if _want_cuda():
+        sources.append(os.path.join(CSRC, "cuda", "dscn_cuda.cu"))
+        nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+        print(f"ops_dscn: building the CPU and CUDA kernels (CUDA_HOME={CUDA_HOME}, "
+              f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<torch default>')})")
+        return [
+            CUDAExtension(
+                "ops_dscn._C",
+                sources,
+                include_dirs=[os.path.join(HERE, CSRC)] + _cuda_pip_include_dirs(),
+                define_macros=[("DSCN_WITH_CUDA", None)],
+                extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            )
+        ]
+    print("ops_dscn: no GPU visible and FORCE_CUDA is not 1: building the CPU kernel only "
+          "(set FORCE_CUDA=1 with a CUDA toolkit to build the CUDA kernel too).")
+    return [
+        CppExtension(
+            "ops_dscn._C",
+            sources,
+            include_dirs=[os.path.join(HERE, CSRC)],
+            extra_compile_args={"cxx": cxx_flags},
+        )
+    ]
+
+
+setup(
+    name="ops_dscn",
+    version="1.0.0",
+    description="DSCN: deformable strip convolution (CPU and CUDA kernels, pure-PyTorch twin) for DSAN",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["ops_dscn", "ops_dscn.*"]),
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    install_requires=["torch>=2.4"],
+    zip_safe=False,
+)
