@@ -56,7 +56,7 @@ def _cuda_pip_include_dirs() -> list[str]:
 
 def _extensions():
     sources = [os.path.join(CSRC, "dscn.cpp"), os.path.join(CSRC, "cpu", "dscn_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi"]
     if _want_cuda():
         sources.append(os.path.join(CSRC, "cuda", "dscn_cuda.cu"))
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

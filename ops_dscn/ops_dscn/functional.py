@@ -239,9 +239,10 @@ def dscn(
     """
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y'; got {axis!r}")
-    if not isinstance(input, torch.Tensor) or input.dim() != 4:
-        raise ValueError(f"input must be a 4-D (N, H, W, C) tensor; got "
-                         f"{tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__}")
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, H, W, C) channels-last; got {input.dim()}-D shape {tuple(input.shape)}")
     _check_int("group", group, 1)
     if input.shape[-1] % group != 0:
         raise ValueError(f"input channels must be divisible by group; got C = {input.shape[-1]}, group = {group}")
