@@ -91,22 +91,24 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be >= {minimum}; got {value}")
 
 
+def _check_4d(name: str, t, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must be 4-D {layout}; got {t.dim()}-D shape {tuple(t.shape)}")
+
+
 def _check_args(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
                 group_channels, offset_scale, remove_center, on_x) -> None:
     """Validates a DSCN call; every message names the argument with the expected and the actual value."""
-    for name, t in (("input", input), ("offset", offset)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, H, W, C) channels-last; got {input.dim()}-D shape {tuple(input.shape)}")
-    if offset.dim() != 4:
-        raise ValueError(
-            f"offset must be 4-D (N, H_out, W_out, group * K); got {offset.dim()}-D shape {tuple(offset.shape)}")
+    _check_4d("input", input, "(N, H, W, C) channels-last")
+    _check_4d("offset", offset, "(N, H_out, W_out, group * K)")
     if input.device != offset.device:
         raise ValueError(f"input and offset must be on the same device; got input on {input.device} and offset on "
                          f"{offset.device}")
     if input.dtype != offset.dtype:
-        raise ValueError(f"input and offset must have the same dtype; got input {input.dtype} and offset {offset.dtype}")
+        raise ValueError(
+            f"input and offset must have the same dtype; got input {input.dtype} and offset {offset.dtype}")
     if not input.dtype.is_floating_point:
         raise ValueError(f"input must be a floating point tensor; got {input.dtype}")
     for name, value, minimum in (("kernel_h", kernel_h, 1), ("kernel_w", kernel_w, 1), ("stride_h", stride_h, 1),
@@ -239,10 +241,7 @@ def dscn(
     """
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y'; got {axis!r}")
-    if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor; got {type(input).__name__}")
-    if input.dim() != 4:
-        raise ValueError(f"input must be 4-D (N, H, W, C) channels-last; got {input.dim()}-D shape {tuple(input.shape)}")
+    _check_4d("input", input, "(N, H, W, C) channels-last")
     _check_int("group", group, 1)
     if input.shape[-1] % group != 0:
         raise ValueError(f"input channels must be divisible by group; got C = {input.shape[-1]}, group = {group}")

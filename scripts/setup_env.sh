@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Sets up a working environment from nothing but Python 3.10+ and pip:
+#   - a virtual environment (.venv, or $VENV) if there is none,
+#   - the pinned requirements (requirements.txt; with --test also requirements-test.txt),
+#   - the ops_dscn extension (C++ CPU kernel; CUDA too when a GPU is visible or FORCE_CUDA=1),
+#   - the dsan package itself (editable).
+# Usage: bash scripts/setup_env.sh [--test]
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+REQ="$ROOT/requirements.txt"
+if [[ "${1:-}" == "--test" ]]; then REQ="$ROOT/requirements-test.txt"; fi
+
+if [[ ! -x "$VENV/bin/python" ]]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+echo "[setup] installing $(basename "$REQ")"
+python -m pip install -q -r "$REQ"
+echo "[setup] building ops_dscn"
+python -m pip install -q --no-build-isolation "$ROOT/ops_dscn"
+python -m pip install -q --no-build-isolation -e "$ROOT"
+python - <<'PY'
+import ops_dscn
+print(f"[setup] ops_dscn {ops_dscn.__version__}: backends {ops_dscn.available_backends()}")
+if not ops_dscn.extension_available():
+    raise SystemExit(f"[setup] the compiled DSCN operator did not load: {ops_dscn.extension_error()}")
+PY
