@@ -27,6 +27,8 @@ try:  # importing the extension runs its TORCH_LIBRARY registrations
     _EXT_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
     _EXT_ERROR = f"{type(exc).__name__}: {exc}"
+    if "site-packages" not in __file__:
+        _EXT_ERROR += f" (ops_dscn was imported from the source tree {__file__}; run from another directory)"
 
 _warned_fallback = False
 

@@ -1,0 +1,155 @@
+"""Benchmark of the DSCN operator on the shapes of every DSAN-T and DSAN-S stage at 224x224.
+
+For each stage and strip axis it times forward and forward+backward of the compiled op ('cpp'), the pure-PyTorch
+op ('pytorch') and, as the floor, a dense depthwise 1xK (or Kx1) convolution of the same shape (F.conv2d,
+groups=C, on a channels_last tensor: the fast layout for it on CPU), all in this process, and prints times and
+ratios. Memory is the bytes a forward+backward holds: tensors saved for backward, the output and the gradients.
+
+    python ops_dscn/benchmark.py                       # CPU, batch 1 and 32
+    python ops_dscn/benchmark.py --device cuda         # CUDA rows (cpp and conv; pytorch with --with-pytorch)
+    python ops_dscn/benchmark.py --batch 32 --models dsan_t --threads 2
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# Run as a script, this folder would come first on sys.path and `import ops_dscn` would find the source tree
+# (which has no built extension) instead of the installed package.
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)
+import ops_dscn  # noqa: E402
+
+# (channels, spatial size at 224, kernel, groups) per stage, from the model definitions
+STAGES = {
+    "dsan_t": [(32, 56, 11, 1), (64, 28, 11, 4), (160, 14, 7, 8), (256, 7, 5, 8)],
+    "dsan_s": [(64, 56, 15, 4), (128, 28, 13, 8), (320, 14, 7, 16), (512, 7, 5, 16)],
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device: torch.device, repeat: int, min_time: float = 0.2) -> float:
+    """Median wall time of fn() in milliseconds, after warm-up."""
+    for _ in range(2):
+        fn()
+    _sync(device)
+    times = []
+    start = time.perf_counter()
+    while len(times) < repeat or (time.perf_counter() - start < min_time and len(times) < 50 * repeat):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def _held_bytes(fn) -> int:
+    """Bytes of the tensors saved for backward plus the output and the input gradients of one forward+backward."""
+    saved = []
+
+    def pack(t):
+        saved.append(t.untyped_storage().nbytes() if t.device.type != "meta" else 0)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out, inputs = fn()
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    return sum(saved) + out.untyped_storage().nbytes() + sum(g.untyped_storage().nbytes() for g in grads)
+
+
+def _cases(c, s, k, g, batch, axis, device, dtype):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, s, s, c, generator=gen, dtype=dtype).to(device)
+    off = (torch.randn(batch, s, s, g * k, generator=gen, dtype=dtype) * 2).to(device)
+    weight = torch.randn(c, 1, 1, k, dtype=dtype, device=device) if axis == "x" else \
+        torch.randn(c, 1, k, 1, dtype=dtype, device=device)
+    pad = (0, k // 2) if axis == "x" else (k // 2, 0)
+    x_nchw = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: the channels_last layout
+
+    def make(kind):
+        def run(requires_grad=False):
+            if kind == "conv":
+                a = x_nchw.detach().requires_grad_(requires_grad)
+                w = weight.detach().requires_grad_(requires_grad)
+                return F.conv2d(a, w, padding=pad, groups=c), (a, w)
+            a = x.detach().requires_grad_(requires_grad)
+            o = off.detach().requires_grad_(requires_grad)
+            return ops_dscn.dscn(a, o, k, pad=k // 2, group=g, axis=axis, backend=kind), (a, o)
+
+        return run
+
+    return {kind: make(kind) for kind in ("conv", "cpp", "pytorch")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--models", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--axes", nargs="+", default=["x", "y"], choices=["x", "y"])
+    parser.add_argument("--repeat", type=int, default=5, help="minimum timed repetitions per measurement")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument("--with-pytorch", action="store_true", help="also time the pure-PyTorch op on CUDA")
+    parser.add_argument("--no-pytorch", action="store_true", help="skip the (slow) pure-PyTorch op")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    args = parser.parse_args()
+
+    if not ops_dscn.extension_available():
+        raise SystemExit(f"the compiled op is not built: {ops_dscn.extension_error()}")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    kinds = ["conv", "cpp"]
+    if not args.no_pytorch and (device.type == "cpu" or args.with_pytorch):
+        kinds.append("pytorch")
+
+    print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} torch={torch.__version__}")
+    header = f"{'model':7} {'st':>2} {'ax':>2} {'N':>3} {'shape (HxWxC) K G':>20} |"
+    for kind in kinds:
+        header += f" {kind + ' fwd':>11} {kind + ' f+b':>11} |"
+    header += " cpp/conv fwd  f+b | pytorch/cpp fwd  f+b | mem cpp/conv"
+    print(header)
+    print("-" * len(header))
+    for batch in args.batch:
+        for model in args.models:
+            for i, (c, s, k, g) in enumerate(STAGES[model], start=1):
+                for axis in args.axes:
+                    runs = _cases(c, s, k, g, batch, axis, device, dtype)
+                    res = {}
+                    for kind in kinds:
+                        run = runs[kind]
+
+                        def fwd_bwd(run=run):
+                            out, inputs = run(True)
+                            torch.autograd.grad(out, inputs, torch.ones_like(out))
+
+                        with torch.no_grad():
+                            res[kind, "fwd"] = _time(run, device, args.repeat)
+                        res[kind, "fb"] = _time(fwd_bwd, device, args.repeat)
+                    mem = {kind: _held_bytes(lambda run=runs[kind]: run(True)) for kind in ("conv", "cpp")}
+                    line = f"{model:7} {i:>2} {axis:>2} {batch:>3} {f'{s}x{s}x{c} {k:>2} {g:>2}':>20} |"
+                    for kind in kinds:
+                        line += f" {res[kind, 'fwd']:9.3f}ms {res[kind, 'fb']:9.3f}ms |"
+                    line += (f" {res['cpp', 'fwd'] / res['conv', 'fwd']:8.2f}x "
+                             f"{res['cpp', 'fb'] / res['conv', 'fb']:5.2f}x |")
+                    if "pytorch" in kinds:
+                        line += (f" {res['pytorch', 'fwd'] / res['cpp', 'fwd']:11.1f}x "
+                                 f"{res['pytorch', 'fb'] / res['cpp', 'fb']:5.1f}x |")
+                    else:
+                        line += f" {'-':>11}  {'-':>5} |"
+                    line += f" {mem['cpp'] / mem['conv']:6.2f}x"
+                    print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
