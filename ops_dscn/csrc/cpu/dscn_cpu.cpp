@@ -172,7 +172,23 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0,
     using V = Vec<scalar_t, Bytes>;
     using v_t = typename V::type;
     constexpr int64_t L = V::size;
-    // Two registers per pass: independent accumulation chains hide the FMA latency.
+    // Up to four registers per pass: the tap table is read once per pass, and independent accumulation chains
+    // hide the FMA latency.
+    for (; c0 + 4 * L <= n; c0 += 4 * L) {
+      v_t a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t j = 0; j < taps; ++j) {
+        const scalar_t* a = x + e0[j] + c0;
+        const scalar_t* b = x + e1[j] + c0;
+        a0 += w0[j] * V::load(a) + w1[j] * V::load(b);
+        a1 += w0[j] * V::load(a + L) + w1[j] * V::load(b + L);
+        a2 += w0[j] * V::load(a + 2 * L) + w1[j] * V::load(b + 2 * L);
+        a3 += w0[j] * V::load(a + 3 * L) + w1[j] * V::load(b + 3 * L);
+      }
+      V::store(out + c0, a0);
+      V::store(out + c0 + L, a1);
+      V::store(out + c0 + 2 * L, a2);
+      V::store(out + c0 + 3 * L, a3);
+    }
     for (; c0 + 2 * L <= n; c0 += 2 * L) {
       v_t a0 = {}, a1 = {};
       for (int64_t j = 0; j < taps; ++j) {
