@@ -172,51 +172,60 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0,
     using V = Vec<scalar_t, Bytes>;
     using v_t = typename V::type;
     constexpr int64_t L = V::size;
-    // Up to four registers per pass: the tap table is read once per pass, and independent accumulation chains
-    // hide the FMA latency.
+    // Up to four vectors of channels per pass, so the tap table is read once per pass. The lower and the upper
+    // neighbour accumulate separately: every tap is then two independent FMA chains (no add after a multiply).
     for (; c0 + 4 * L <= n; c0 += 4 * L) {
-      v_t a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      v_t a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
       for (int64_t j = 0; j < taps; ++j) {
         const scalar_t* a = x + e0[j] + c0;
         const scalar_t* b = x + e1[j] + c0;
-        a0 += w0[j] * V::load(a) + w1[j] * V::load(b);
-        a1 += w0[j] * V::load(a + L) + w1[j] * V::load(b + L);
-        a2 += w0[j] * V::load(a + 2 * L) + w1[j] * V::load(b + 2 * L);
-        a3 += w0[j] * V::load(a + 3 * L) + w1[j] * V::load(b + 3 * L);
+        const scalar_t wa = w0[j], wb = w1[j];
+        a0 += wa * V::load(a);
+        a1 += wa * V::load(a + L);
+        a2 += wa * V::load(a + 2 * L);
+        a3 += wa * V::load(a + 3 * L);
+        b0 += wb * V::load(b);
+        b1 += wb * V::load(b + L);
+        b2 += wb * V::load(b + 2 * L);
+        b3 += wb * V::load(b + 3 * L);
       }
-      V::store(out + c0, a0);
-      V::store(out + c0 + L, a1);
-      V::store(out + c0 + 2 * L, a2);
-      V::store(out + c0 + 3 * L, a3);
+      V::store(out + c0, a0 + b0);
+      V::store(out + c0 + L, a1 + b1);
+      V::store(out + c0 + 2 * L, a2 + b2);
+      V::store(out + c0 + 3 * L, a3 + b3);
     }
     for (; c0 + 2 * L <= n; c0 += 2 * L) {
-      v_t a0 = {}, a1 = {};
+      v_t a0 = {}, a1 = {}, b0 = {}, b1 = {};
       for (int64_t j = 0; j < taps; ++j) {
         const scalar_t* a = x + e0[j] + c0;
         const scalar_t* b = x + e1[j] + c0;
-        a0 += w0[j] * V::load(a) + w1[j] * V::load(b);
-        a1 += w0[j] * V::load(a + L) + w1[j] * V::load(b + L);
+        a0 += w0[j] * V::load(a);
+        a1 += w0[j] * V::load(a + L);
+        b0 += w1[j] * V::load(b);
+        b1 += w1[j] * V::load(b + L);
       }
-      V::store(out + c0, a0);
-      V::store(out + c0 + L, a1);
+      V::store(out + c0, a0 + b0);
+      V::store(out + c0 + L, a1 + b1);
     }
     for (; c0 + L <= n; c0 += L) {
-      v_t a0 = {};
+      v_t a0 = {}, b0 = {};
       for (int64_t j = 0; j < taps; ++j) {
-        a0 += w0[j] * V::load(x + e0[j] + c0) + w1[j] * V::load(x + e1[j] + c0);
+        a0 += w0[j] * V::load(x + e0[j] + c0);
+        b0 += w1[j] * V::load(x + e1[j] + c0);
       }
-      V::store(out + c0, a0);
+      V::store(out + c0, a0 + b0);
     }
     if constexpr (Bytes > 16) {
       // A half-width step for group sizes such as 20 = 16 + 4 (DSAN-T stage 3).
       using H = Vec<scalar_t, Bytes / 2>;
       using h_t = typename H::type;
       for (; c0 + H::size <= n; c0 += H::size) {
-        h_t a0 = {};
+        h_t a0 = {}, b0 = {};
         for (int64_t j = 0; j < taps; ++j) {
-          a0 += w0[j] * H::load(x + e0[j] + c0) + w1[j] * H::load(x + e1[j] + c0);
+          a0 += w0[j] * H::load(x + e0[j] + c0);
+          b0 += w1[j] * H::load(x + e1[j] + c0);
         }
-        H::store(out + c0, a0);
+        H::store(out + c0, a0 + b0);
       }
     }
   }
