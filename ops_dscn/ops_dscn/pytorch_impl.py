@@ -39,9 +39,10 @@ def _x_strip(
 
     # Rows read by the strip: one per output row; rows in the padding read as zero.
     rows = torch.arange(h_out, device=x.device) * orth_stride - orth_pad
-    row_ok = (rows >= 0) & (rows < h)
     xr = x.index_select(1, rows.clamp(0, h - 1))
-    if not bool(row_ok.all()):
+    # Decided from the integers (not from tensor values) so that torch.compile sees no data-dependent branch.
+    if orth_pad > 0 or (h_out - 1) * orth_stride >= h:
+        row_ok = (rows >= 0) & (rows < h)
         xr = xr * row_ok.view(1, h_out, 1, 1).to(x.dtype)
     xr = xr.reshape(n, h_out, w, group, gc)
 

@@ -429,10 +429,10 @@ def test_opcheck(on_x):
     torch.library.opcheck(torch.ops.ops_dscn.dscn.default, (x, off, *geometry, 2, 4, 1.0, False, on_x))
 
 
-@needs_ext
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
-    m = DSCNX(16, kernel_size=5, pad=2, group=2, backend="cpp")
+    m = DSCNX(16, kernel_size=5, pad=2, group=2, backend=backend)
     torch.nn.init.normal_(m.offset.weight, std=0.5)
     x, src = torch.randn(2, 6, 7, 16), torch.randn(2, 16, 6, 7)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")

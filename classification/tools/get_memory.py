@@ -1,0 +1,129 @@
+"""Peak memory of one training step (forward, backward, optional optimizer step) of a DSAN or timm model.
+
+On CUDA the figure is `torch.cuda.max_memory_allocated` above what the model and input already hold. On CPU
+it is the rise of the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs just
+before the step), so run one model per process for a clean number.
+
+Examples:
+    python classification/tools/get_memory.py dsan_t -b 64
+    python classification/tools/get_memory.py dsan_s -b 32 --device cuda --amp --optimizer
+"""
+import argparse
+import contextlib
+import gc
+import logging
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+try:
+    import dsan.models  # noqa: F401  (registers the DSAN models with timm)
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import dsan.models  # noqa: F401
+
+_logger = logging.getLogger('get_memory')
+MiB = 2 ** 20
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith(field + ':'):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_cpu_peak() -> bool:
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')  # resets VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def training_step_memory(
+        name: str,
+        batch_size: int = 64,
+        img_size: int = 224,
+        device: str = 'cpu',
+        amp: bool = False,
+        optimizer: bool = False,
+        grad_checkpointing: bool = False,
+        backend: str | None = None,
+) -> dict:
+    """Peak memory of one training step of `name`.
+
+    Returns:
+        dict with `peak_step_mib` (memory the step adds at its peak), `before_mib` (model + input) and
+        `method` ('cuda_allocator' or 'cpu_vmhwm').
+    """
+    dev = torch.device(device)
+    kwargs = dict(backend=backend) if backend and name.startswith('dsan') else {}
+    model = timm.create_model(name, **kwargs).to(dev).train()
+    if grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if optimizer else None
+    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    target = torch.randint(0, model.num_classes, (batch_size,), device=dev)
+    amp_ctx = (torch.autocast(dev.type, dtype=torch.float16 if dev.type == 'cuda' else torch.bfloat16)
+               if amp else contextlib.nullcontext())
+    gc.collect()
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+    else:
+        method_ok = _reset_cpu_peak()
+        before = (_proc_status_kib('VmRSS') or 0) * 1024
+
+    with amp_ctx:
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        method = 'cuda_allocator'
+    else:
+        peak = (_proc_status_kib('VmHWM') or 0) * 1024
+        method = 'cpu_vmhwm' if method_ok else 'cpu_vmhwm_unreset (process peak, includes setup)'
+    return dict(model=name, batch_size=batch_size, img_size=img_size, device=device, method=method,
+                before_mib=before / MiB, peak_step_mib=(peak - before) / MiB, peak_total_mib=peak / MiB)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('model', nargs='?', default='dsan_t')
+    parser.add_argument('-b', '--batch-size', type=int, default=64)
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
+    parser.add_argument('--optimizer', action='store_true', help='include an AdamW step (its state)')
+    parser.add_argument('--grad-checkpointing', action='store_true')
+    parser.add_argument('--backend', default=None, help="DSCN backend of DSAN models ('cpp', 'pytorch')")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    r = training_step_memory(args.model, args.batch_size, args.img_size, args.device, args.amp, args.optimizer,
+                             args.grad_checkpointing, args.backend)
+    print(f'{r["model"]}: batch {r["batch_size"]} at {r["img_size"]}, {r["device"]}: training step peak '
+          f'+{r["peak_step_mib"]:.1f} MiB over {r["before_mib"]:.1f} MiB (model + input), '
+          f'total {r["peak_total_mib"]:.1f} MiB [{r["method"]}]')
+    return r
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,854 @@
+"""DSAN: Deformable Spatial Attention Network.
+
+Paper: `DSAN: Exploring the Relationship between Deformable Convolution and Spatial Attention`
+(Zewen Yu, Xiaoqin Zhang, Li Zhao, Guobao Xiao; TechRxiv 2024).
+
+@article{yu2024dsan,
+  title={DSAN: Exploring the Relationship between Deformable Convolution and Spatial Attention},
+  author={Yu, Zewen and Zhang, Xiaoqin and Zhao, Li and Xiao, Guobao},
+  journal={TechRxiv},
+  year={2024}
+}
+
+Original code: https://github.com/MarcYugo/DSAN-Deformable-Spatial-Attention
+
+This is the only definition of the DSAN backbone in the repository: classification, segmentation and
+detection all build it through ``timm.create_model``. Module, parameter and buffer names match the original
+code so its released checkpoints load with ``strict=True``.
+
+Activations are kept in ``torch.channels_last`` memory (NCHW logical shape, NHWC memory): the depthwise
+convolutions are fast in that layout and the NHWC view handed to the DSCN operator is free.
+"""
+import argparse
+import logging
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils.checkpoint
+from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.layers import DropPath, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._features import feature_take_indices
+
+from ops_dscn import available_backends
+from ops_dscn.modules import DSCNX, DSCNY
+
+__all__ = [
+    'DSAN', 'DSA', 'DSCNPair', 'Block', 'OverlapPatchEmbed', 'Mlp', 'CheckpointError', 'checkpoint_filter_fn',
+    'describe_state_dict', 'extract_state_dict', 'infer_groups', 'load_checkpoint', 'read_checkpoint',
+]
+
+_logger = logging.getLogger(__name__)
+
+_BACKENDS = ('auto', 'cpp', 'pytorch')
+# House-style aliases: core_op='dscn' (compiled op when built) / 'dscn_pytorch' (pure PyTorch twin).
+_BACKEND_ALIASES = {'dscn': 'auto', 'dscn_pytorch': 'pytorch'}
+
+
+def _resolve_backend(name: str) -> str:
+    backend = _BACKEND_ALIASES.get(name, name)
+    if backend not in _BACKENDS:
+        raise ValueError(f'Unknown DSCN backend {name!r}: expected one of {_BACKENDS + tuple(_BACKEND_ALIASES)}.')
+    if backend == 'cpp' and 'cpp' not in available_backends():
+        raise RuntimeError(
+            "DSCN backend 'cpp' requested but the compiled ops_dscn op is not built "
+            f'(available: {available_backends()}). Build it with `pip install --no-build-isolation ./ops_dscn` '
+            "or use backend='pytorch'.")
+    return backend
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 convolution of the MLP (kept as a module for the original `mlp.dwconv.dwconv` names)."""
+
+    def __init__(self, dim: int):
+        """
+        Args:
+            dim: Number of channels.
+        """
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        return self.dwconv(x)
+
+
+class Mlp(nn.Module):
+    """Convolutional MLP: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv."""
+
+    def __init__(
+            self,
+            in_features: int,
+            hidden_features: int | None = None,
+            out_features: int | None = None,
+            act_layer: type[nn.Module] = nn.GELU,
+            drop: float = 0.,
+    ):
+        """
+        Args:
+            in_features: Input channels.
+            hidden_features: Hidden channels (defaults to `in_features`).
+            out_features: Output channels (defaults to `in_features`).
+            act_layer: Activation layer.
+            drop: Dropout rate after the activation and after `fc2`.
+        """
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
+        self.dwconv = DWConv(hidden_features)
+        self.act = act_layer()
+        self.fc2 = nn.Conv2d(hidden_features, out_features, 1)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C_out, H, W)."""
+        x = self.act(self.dwconv(self.fc1(x)))
+        x = self.drop(x)
+        return self.drop(self.fc2(x))
+
+
+class DSCNPair(nn.Module):
+    """Spatial gating unit: depthwise 5x5 conv, x-strip DSCN, y-strip DSCN, 1x1 conv, gate the input."""
+
+    def __init__(self, dim: int, kernel_size: int, dw_kernel_size: int, group: int, backend: str = 'auto'):
+        """
+        Args:
+            dim: Number of channels.
+            kernel_size: Taps of each DSCN strip (odd); padding is 'same', stride and dilation are 1.
+            dw_kernel_size: Kernel of the depthwise strip conv in each offset branch.
+            group: DSCN groups (offset groups sharing one set of tap offsets).
+            backend: DSCN operator backend: 'auto', 'cpp' or 'pytorch'.
+        """
+        super().__init__()
+        pad = (kernel_size - 1) // 2
+        self.conv0 = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
+        self.dscn_x = DSCNX(
+            dim, kernel_size, dw_kernel_size, stride=1, pad=pad, dilation=1, group=group, backend=backend)
+        self.dscn_y = DSCNY(
+            dim, kernel_size, dw_kernel_size, stride=1, pad=pad, dilation=1, group=group, backend=backend)
+        self.conv = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        u = x
+        x = self.conv0(x)
+        # (N, C, H, W) -> (N, H, W, C); free when x is channels_last. Both offset branches read conv0's output.
+        attn = self.dscn_x(x.permute(0, 2, 3, 1), x)
+        attn = self.dscn_y(attn, x)
+        attn = self.conv(attn.permute(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
+        return u * attn
+
+
+class DSA(nn.Module):
+    """Deformable spatial attention: 1x1 conv, GELU, DSCNPair gating, 1x1 conv, inner residual."""
+
+    def __init__(self, dim: int, kernel_size: int, dw_kernel_size: int, group: int, backend: str = 'auto'):
+        """
+        Args:
+            dim: Number of channels.
+            kernel_size: Taps of each DSCN strip.
+            dw_kernel_size: Kernel of the depthwise strip conv in each offset branch.
+            group: DSCN groups.
+            backend: DSCN operator backend.
+        """
+        super().__init__()
+        self.proj_1 = nn.Conv2d(dim, dim, 1)
+        self.activation = nn.GELU()
+        self.spatial_gating_unit = DSCNPair(dim, kernel_size, dw_kernel_size, group, backend=backend)
+        self.proj_2 = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        shortcut = x
+        x = self.spatial_gating_unit(self.activation(self.proj_1(x)))
+        return self.proj_2(x) + shortcut
+
+
+class Block(nn.Module):
+    """DSAN block: BN -> DSA and BN -> Mlp, each with layer scale, drop path and a residual."""
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_size: int,
+            dw_kernel_size: int,
+            group: int,
+            mlp_ratio: float = 4.,
+            drop: float = 0.,
+            drop_path: float = 0.,
+            layer_scale_init_value: float = 1e-2,
+            act_layer: type[nn.Module] = nn.GELU,
+            backend: str = 'auto',
+    ):
+        """
+        Args:
+            dim: Number of channels.
+            kernel_size: Taps of each DSCN strip.
+            dw_kernel_size: Kernel of the depthwise strip conv in each offset branch.
+            group: DSCN groups.
+            mlp_ratio: MLP hidden channels / `dim`.
+            drop: Dropout rate inside the MLP.
+            drop_path: Stochastic depth rate of both residual branches.
+            layer_scale_init_value: Initial value of `layer_scale_1` and `layer_scale_2`.
+            act_layer: MLP activation layer.
+            backend: DSCN operator backend.
+        """
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(dim)
+        self.attn = DSA(dim, kernel_size, dw_kernel_size, group, backend=backend)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.BatchNorm2d(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W)."""
+        x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
+        return x
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Overlapping patch embedding: strided conv + BatchNorm."""
+
+    def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768):
+        """
+        Args:
+            patch_size: Conv kernel size (padding is `patch_size // 2`).
+            stride: Conv stride (the downsampling factor).
+            in_chans: Input channels.
+            embed_dim: Output channels.
+        """
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = nn.BatchNorm2d(embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, embed_dim, H / stride, W / stride)."""
+        return self.norm(self.proj(x))
+
+
+class DSAN(nn.Module):
+    """DSAN backbone with a linear classifier.
+
+    Stage i (1..4) is `patch_embed{i}` -> `block{i}` (ModuleList of Block) -> `norm{i}` (LayerNorm over
+    channels); the head averages the last stage and applies `head`.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            depths: Sequence[int] = (3, 4, 6, 3),
+            mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+            kernel_sizes: Sequence[int] = (11, 11, 7, 5),
+            dw_kernel_sizes: Sequence[int] = (5, 5, 5, 5),
+            groups: Sequence[int] = (1, 4, 8, 8),
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            layer_scale_init_value: float = 1e-2,
+            norm_eps: float = 1e-6,
+            backend: str = 'auto',
+            core_op: str | None = None,
+            channels_last: bool = True,
+    ):
+        """
+        Args:
+            in_chans: Input image channels.
+            num_classes: Classifier outputs (0 for no classifier).
+            global_pool: 'avg' or '' (no pooling in `forward_head`).
+            embed_dims: Channels of the four stages.
+            depths: Blocks per stage.
+            mlp_ratios: MLP expansion per stage.
+            kernel_sizes: DSCN taps per stage (odd; 'same' padding (K - 1) / 2).
+            dw_kernel_sizes: Depthwise strip conv kernel of the offset branches per stage.
+            groups: DSCN groups per stage.
+            drop_rate: Dropout rate inside the MLPs (as the original's `drop_rate`).
+            drop_path_rate: Stochastic depth rate, linear from 0 over all blocks.
+            layer_scale_init_value: Initial layer scale.
+            norm_eps: Epsilon of the stage LayerNorms (1e-6 classification, 1e-5 in the mm backbones).
+            backend: DSCN operator backend: 'auto' (compiled op when built), 'cpp' or 'pytorch'.
+            core_op: Alias of `backend` ('dscn' or 'dscn_pytorch'); overrides it when given.
+            channels_last: Convert the input to channels_last memory so every activation stays NHWC in memory.
+        """
+        super().__init__()
+        num_stages = len(depths)
+        for name, seq in (('embed_dims', embed_dims), ('mlp_ratios', mlp_ratios), ('kernel_sizes', kernel_sizes),
+                          ('dw_kernel_sizes', dw_kernel_sizes), ('groups', groups)):
+            if len(seq) != num_stages:
+                raise ValueError(f'{name} has {len(seq)} entries, expected {num_stages} (one per stage).')
+        for k in kernel_sizes:
+            if k % 2 == 0:
+                raise ValueError(f'DSCN kernel sizes must be odd for same padding, got {list(kernel_sizes)}.')
+        if global_pool not in ('avg', ''):
+            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}.")
+        backend = _resolve_backend(core_op if core_op is not None else backend)
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.depths = list(depths)
+        self.num_stages = num_stages
+        self.embed_dims = list(embed_dims)
+        self.kernel_sizes = list(kernel_sizes)
+        self.groups = list(groups)
+        self.channels_last = channels_last
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.grad_checkpointing = False
+        self.feature_info = []
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()  # stochastic depth decay rule
+        cur = 0
+        for i in range(num_stages):
+            patch_embed = OverlapPatchEmbed(
+                patch_size=7 if i == 0 else 3,
+                stride=4 if i == 0 else 2,
+                in_chans=in_chans if i == 0 else embed_dims[i - 1],
+                embed_dim=embed_dims[i],
+            )
+            block = nn.ModuleList([
+                Block(
+                    embed_dims[i], kernel_sizes[i], dw_kernel_sizes[i], groups[i],
+                    mlp_ratio=mlp_ratios[i], drop=drop_rate, drop_path=dpr[cur + j],
+                    layer_scale_init_value=layer_scale_init_value, backend=backend,
+                )
+                for j in range(depths[i])])
+            cur += depths[i]
+            setattr(self, f'patch_embed{i + 1}', patch_embed)
+            setattr(self, f'block{i + 1}', block)
+            setattr(self, f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=norm_eps))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'norm{i + 1}'))
+
+        self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        # Applied last over the whole model, as in the original: overrides the zero-init of the DSCN offsets.
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    def set_backend(self, backend: str) -> None:
+        """Switch every DSCN module to `backend` ('auto', 'cpp', 'pytorch' or a `core_op` alias)."""
+        backend = _resolve_backend(backend)
+        for m in self.modules():
+            if isinstance(m, (DSCNX, DSCNY)):
+                m.backend = backend
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay.
+
+        The original listed only names that do not exist in DSAN; 1-D parameters (biases, norms, layer
+        scales) are excluded by timm's optimizer factory anyway, so this is empty.
+        """
+        return set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Regex groups of parameter names for layer-wise learning rate decay."""
+        return dict(
+            stem=r'^patch_embed1\.',
+            blocks=r'^(?:patch_embed|block|norm)(\d+)' if coarse else [
+                (r'^patch_embed(\d+)\.', (-1,)),
+                (r'^block(\d+)\.(\d+)\.', None),
+                (r'^norm(\d+)\.', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Enable activation checkpointing of every block."""
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        """Return the classifier module."""
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier by a freshly initialised one with `num_classes` outputs (0 removes it)."""
+        if global_pool is not None:
+            if global_pool not in ('avg', ''):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}.")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            self._init_weights(self.head)
+
+    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Run stage `i` (0-based): (N, C_in, H, W) -> (N, C_i, H / r_i, W / r_i), normalised."""
+        x = getattr(self, f'patch_embed{i + 1}')(x)
+        for blk in getattr(self, f'block{i + 1}'):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        # LayerNorm over channels: (N, C, H, W) -> (N, H, W, C) -> (N, C, H, W); both views are free when
+        # x is channels_last, and the result stays channels_last.
+        return getattr(self, f'norm{i + 1}')(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, C_4, H / 32, W / 32) normalised last-stage features."""
+        x = self._prepare_input(x)
+        for i in range(self.num_stages):
+            x = self._stage(i, x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(N, C, h, w) -> (N, num_classes), or the pooled (N, C) features when `pre_logits`."""
+        if self.global_pool == 'avg':
+            x = x.mean((2, 3))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | list[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward returning the normalised output of selected stages.
+
+        Args:
+            x: Input images (N, 3, H, W).
+            indices: Take the last n stages if int, all if None, else the listed stage indices.
+            norm: Unused: every stage output is already normalised by its `norm{i}`.
+            stop_early: Stop after the last requested stage.
+            output_fmt: Only 'NCHW'.
+            intermediates_only: Return only the list of intermediates.
+
+        Returns:
+            List of (N, C_i, H / 2^(i+2), W / 2^(i+2)) features, or (final features, that list).
+        """
+        if output_fmt != 'NCHW':
+            raise ValueError(f"DSAN intermediates are only available as 'NCHW', got {output_fmt!r}.")
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        last = max_index if stop_early or intermediates_only else self.num_stages - 1
+        x = self._prepare_input(x)
+        intermediates = []
+        for i in range(last + 1):
+            x = self._stage(i, x)
+            if i in take_indices:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: int | list[int] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> list[int]:
+        """Remove stages after the last requested intermediate (and the head); return the kept indices."""
+        take_indices, max_index = feature_take_indices(self.num_stages, indices)
+        for i in range(max_index + 1, self.num_stages):
+            for name in (f'patch_embed{i + 1}', f'block{i + 1}', f'norm{i + 1}'):
+                delattr(self, name)
+        if max_index + 1 < self.num_stages:
+            self.num_features = self.head_hidden_size = self.embed_dims[max_index]
+        self.num_stages = max_index + 1
+        if prune_head or max_index + 1 < len(self.depths):
+            self.reset_classifier(0, '')
+        return take_indices
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class CheckpointError(ValueError):
+    """A file or state_dict that is not a usable DSAN checkpoint."""
+
+
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'backbone.')
+
+
+def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
+    """Read a checkpoint file (torch pickle/zip or safetensors) onto the CPU.
+
+    Args:
+        path: File path.
+        weights_only: Use torch's restricted unpickler (plus `argparse.Namespace`, which timm's
+            CheckpointSaver stores as `args`). Only pass False for files you trust.
+
+    Returns:
+        Whatever the file holds (usually a dict).
+
+    Raises:
+        FileNotFoundError: No such file.
+        CheckpointError: The file is truncated, corrupt or not a checkpoint.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'Checkpoint file not found: {path}')
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+            return load_file(path, device='cpu')
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}).') from e
+    try:
+        if weights_only:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        size = os.path.getsize(path)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        hint = ''
+        if 'Weights only load failed' in str(e):
+            hint = ' It holds objects outside the safe list; if you trust it, pass weights_only=False.'
+        raise CheckpointError(
+            f'{path} ({size} bytes) could not be read as a torch checkpoint: it is truncated, corrupt or not a '
+            f'checkpoint ({type(e).__name__}: {first}).{hint}') from e
+
+
+def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    # mm checkpoints hold the backbone under 'backbone.' next to the heads: keep only the backbone there.
+    if any(k.startswith(('backbone.', 'module.backbone.')) for k in state_dict):
+        state_dict = {k: v for k, v in state_dict.items() if k.startswith(('backbone.', 'module.backbone.'))}
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in _WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k = k[len(p):]
+                    changed = True
+        out[k] = v
+    return out
+
+
+def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """Unwrap a checkpoint into a clean state_dict.
+
+    Accepts timm CheckpointSaver dicts (`state_dict`, optional `state_dict_ema`), dicts with `model`
+    (and optional `model_ema`), mm checkpoints (`state_dict` with `backbone.` keys) and plain state_dicts;
+    strips `module.`, `_orig_mod.` and `backbone.` prefixes.
+
+    Args:
+        checkpoint: Loaded checkpoint object.
+        use_ema: Take the EMA weights (`state_dict_ema` / `model_ema`); an error if there are none.
+
+    Returns:
+        Mapping of parameter/buffer name to tensor.
+
+    Raises:
+        CheckpointError: Not a checkpoint, or EMA weights requested but absent.
+    """
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f'Expected a checkpoint dict, got {type(checkpoint).__name__}.')
+    if use_ema:
+        key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint.get(k), Mapping)), None)
+        if key is None:
+            raise CheckpointError(
+                f'EMA weights requested but the checkpoint has no state_dict_ema/model_ema '
+                f'(top-level keys: {sorted(map(str, checkpoint))[:20]}).')
+        state_dict = checkpoint[key]
+    else:
+        key = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), Mapping)), None)
+        state_dict = checkpoint[key] if key is not None else checkpoint
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        non_tensor = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)][:10]
+        raise CheckpointError(
+            'Not a DSAN checkpoint: expected a state_dict of tensors, or a dict holding one under '
+            f"'state_dict' / 'model'; top-level keys: {sorted(map(str, checkpoint))[:20]}"
+            + (f', non-tensor entries: {non_tensor}' if non_tensor else ''))
+    return _strip_prefixes(state_dict)
+
+
+_VARIANTS = {
+    'dsan_t': ([32, 64, 160, 256], [3, 3, 5, 2]),
+    'dsan_t2': ([32, 64, 160, 256], [3, 3, 8, 2]),
+    'dsan_s': ([64, 128, 320, 512], [2, 2, 5, 3]),
+}
+
+
+def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """Widths and depths of a DSAN state_dict, with the variant they match (for error messages)."""
+    dims, depths = [], []
+    for i in range(1, 5):
+        w = state_dict.get(f'patch_embed{i}.proj.weight')
+        if w is None:
+            break
+        dims.append(int(w.shape[0]))
+        blocks = {int(k.split('.')[1]) for k in state_dict if k.startswith(f'block{i}.')}
+        depths.append(max(blocks) + 1 if blocks else 0)
+    if not dims:
+        return 'no DSAN patch_embed weights'
+    match = [name for name, (d, n) in _VARIANTS.items() if d == dims and n == depths]
+    return f'embed_dims {dims}, depths {depths}' + (f' (looks like {match[0]})' if match else '')
+
+
+_OFFSET_KEY = re.compile(r'^block(\d+)\.(\d+)\.attn\.spatial_gating_unit\.dscn_([xy])\.offset\.weight$')
+
+
+def infer_groups(state_dict: Mapping[str, torch.Tensor], kernel_sizes: Sequence[int]) -> list[int]:
+    """Read the DSCN groups of each stage from a state_dict (offset.weight rows = groups * K).
+
+    Args:
+        state_dict: Clean DSAN state_dict (see `extract_state_dict`).
+        kernel_sizes: DSCN taps per stage of the architecture it is meant for.
+
+    Returns:
+        Groups per stage.
+
+    Raises:
+        CheckpointError: A stage has no offset weights, rows not divisible by K, or blocks disagree.
+    """
+    found: dict[int, set[int]] = {}
+    for k, v in state_dict.items():
+        m = _OFFSET_KEY.match(k)
+        if m is None:
+            continue
+        stage = int(m.group(1)) - 1
+        if stage >= len(kernel_sizes):
+            raise CheckpointError(f'{k}: stage {stage + 1} does not exist in a {len(kernel_sizes)}-stage model.')
+        ks = kernel_sizes[stage]
+        if v.dim() != 2 or v.shape[0] % ks:
+            raise CheckpointError(
+                f'{k} has shape {tuple(v.shape)}: rows must be groups * kernel_size = groups * {ks}; '
+                f'the checkpoint belongs to another architecture ({describe_state_dict(state_dict)}).')
+        found.setdefault(stage, set()).add(v.shape[0] // ks)
+    groups = []
+    for stage in range(len(kernel_sizes)):
+        g = found.get(stage)
+        if not g:
+            raise CheckpointError(
+                f'No DSCN offset weights for stage {stage + 1} (block{stage + 1}.*.attn.spatial_gating_unit.'
+                'dscn_x.offset.weight): not a DSAN checkpoint, or a different depth.')
+        if len(g) > 1:
+            raise CheckpointError(f'Stage {stage + 1} mixes DSCN groups {sorted(g)} across blocks.')
+        groups.append(g.pop())
+    return groups
+
+
+def _format_keys(keys: Sequence[str], limit: int = 12) -> str:
+    keys = list(keys)
+    shown = ', '.join(keys[:limit])
+    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
+
+
+def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: nn.Module, check_head: bool) -> None:
+    expected = model.state_dict()
+
+    def skip(k: str) -> bool:
+        return not check_head and k.startswith('head.')
+
+    missing = [k for k in expected if k not in state_dict and not skip(k)]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
+        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape and not skip(k)]
+    if missing or unexpected or mismatched:
+        lines = ['Checkpoint does not fit the model '
+                 f'({type(model).__name__}, groups={getattr(model, "groups", "?")}); checkpoint: '
+                 f'{describe_state_dict(state_dict)}:']
+        if missing:
+            lines.append(f'  missing keys ({len(missing)}): {_format_keys(missing)}')
+        if unexpected:
+            lines.append(f'  unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}')
+        if mismatched:
+            lines.append(f'  mismatched shapes ({len(mismatched)}): {_format_keys(mismatched, 8)}')
+        raise CheckpointError('\n'.join(lines))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_ema: bool = False) -> dict:
+    """Turn any supported checkpoint format into a state_dict for `model` and check that it fits.
+
+    Used by timm as `pretrained_filter_fn`. Unwraps `state_dict` / `model` (or the EMA weights when
+    `use_ema`), strips wrapper prefixes, drops the classifier when `model` has none, restores missing
+    BatchNorm `num_batches_tracked` counters, and raises with the list of missing, unexpected and
+    mismatched-shape keys when the backbone weights do not fit. The classifier (absent from encoder files,
+    another size for another `num_classes`) is left to the caller: timm drops it when `num_classes`
+    differs from the pretrained config; `load_checkpoint` checks it.
+
+    Args:
+        state_dict: Checkpoint dict or state_dict.
+        model: Target DSAN model.
+        use_ema: Prefer the EMA weights of a training checkpoint.
+
+    Returns:
+        State_dict for `model.load_state_dict`.
+
+    Raises:
+        CheckpointError: The weights do not fit `model`; the message lists what is wrong.
+    """
+    state_dict = extract_state_dict(state_dict, use_ema=use_ema)
+    expected = model.state_dict()
+    if 'head.weight' not in expected:
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+    for k, v in expected.items():
+        if k.endswith('num_batches_tracked') and k not in state_dict:
+            state_dict[k] = v.clone()
+    _check_compatible(state_dict, model, check_head=False)
+    return state_dict
+
+
+def load_checkpoint(
+        model: nn.Module,
+        checkpoint: str | os.PathLike | Mapping[str, Any],
+        use_ema: bool = False,
+        strict: bool = True,
+        weights_only: bool = True,
+) -> None:
+    """Load an original or converted DSAN checkpoint into `model`.
+
+    Args:
+        model: DSAN model whose groups match the checkpoint (see `infer_groups`).
+        checkpoint: File path or an already loaded checkpoint/state_dict.
+        use_ema: Load the EMA weights of a training checkpoint.
+        strict: Also require the classifier to match; otherwise a missing classifier or one of another shape
+            is skipped (the model keeps its own).
+        weights_only: See `read_checkpoint`.
+
+    Raises:
+        CheckpointError: The checkpoint does not fit; the message lists what is wrong.
+    """
+    if not isinstance(checkpoint, Mapping):
+        checkpoint = read_checkpoint(checkpoint, weights_only=weights_only)
+    state_dict = checkpoint_filter_fn(checkpoint, model, use_ema=use_ema)
+    if strict:
+        _check_compatible(state_dict, model, check_head=True)
+        model.load_state_dict(state_dict, strict=True)
+        return
+    expected = model.state_dict()
+    head = [k for k in expected if k.startswith('head.')]
+    if any(k not in state_dict or state_dict[k].shape != expected[k].shape for k in head):
+        _logger.info('Classifier missing or of another shape in the checkpoint: keeping the model\'s own.')
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+        state_dict.update({k: expected[k] for k in head})
+    model.load_state_dict(state_dict, strict=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Configs and registration
+
+
+def _cfg(url: str = '', **kwargs) -> dict[str, Any]:
+    return {
+        'url': url,
+        'num_classes': 1000,
+        'input_size': (3, 224, 224),
+        'pool_size': (7, 7),
+        'crop_pct': 0.9,
+        'interpolation': 'bicubic',
+        'mean': IMAGENET_INCEPTION_MEAN,  # (0.5, 0.5, 0.5)
+        'std': IMAGENET_INCEPTION_STD,  # (0.5, 0.5, 0.5)
+        'first_conv': 'patch_embed1.proj',
+        'classifier': 'head',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    # The released weights are linked from the original README (no direct URL); load them with
+    # pretrained_cfg_overlay=dict(file=PATH).
+    'dsan_t.in1k': _cfg(),
+    'dsan_t2.in1k': _cfg(),
+    'dsan_s.in1k': _cfg(),
+})
+
+
+def _pretrained_state_dict(variant: str, kwargs: dict[str, Any], use_ema: bool) -> dict | None:
+    pretrained_cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if pretrained_cfg.state_dict is not None:
+        return extract_state_dict(pretrained_cfg.state_dict, use_ema=use_ema)
+    if pretrained_cfg.file:
+        return extract_state_dict(read_checkpoint(pretrained_cfg.file), use_ema=use_ema)
+    return None
+
+
+# Groups of the official code; a pretrained checkpoint's own groups take precedence (see `infer_groups`).
+_DEFAULT_GROUPS = {'dsan_t': (1, 4, 8, 8), 'dsan_t2': (4, 8, 16, 16), 'dsan_s': (4, 8, 16, 16)}
+
+
+def _create_dsan(variant: str, pretrained: bool = False, **kwargs) -> DSAN:
+    use_ema = kwargs.pop('pretrained_use_ema', False)
+    if pretrained:
+        # Groups must be known before construction: read them from the checkpoint, then hand the unwrapped
+        # state_dict to timm so the file is read once (timm's own reader prefers EMA and rejects the
+        # argparse.Namespace that CheckpointSaver files hold).
+        state_dict = _pretrained_state_dict(variant, kwargs, use_ema)
+        if state_dict is not None:
+            if 'groups' not in kwargs:
+                kwargs['groups'] = infer_groups(state_dict, kwargs['kernel_sizes'])
+                _logger.info('%s: DSCN groups %s read from the checkpoint.', variant, kwargs['groups'])
+            overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+            overlay.update(state_dict=state_dict, custom_load=False)
+            kwargs['pretrained_cfg_overlay'] = overlay
+    kwargs.setdefault('groups', _DEFAULT_GROUPS[variant])
+    model = build_model_with_cfg(
+        DSAN, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        **kwargs,
+    )
+    # Do not keep the weights alive inside the pretrained config.
+    for m in (model, getattr(model, 'model', None)):
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+    return model
+
+
+@register_model
+def dsan_t(pretrained: bool = False, **kwargs) -> DSAN:
+    """DSAN-T: 4.48 M params, 0.94 GFLOPs at 224 with the official groups [1, 4, 8, 8]."""
+    model_args = dict(
+        embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4),
+        kernel_sizes=(11, 11, 7, 5), dw_kernel_sizes=(11, 11, 7, 5))
+    return _create_dsan('dsan_t', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dsan_t2(pretrained: bool = False, **kwargs) -> DSAN:
+    """DSAN-T2: 6.04 M params, 1.29 GFLOPs at 224."""
+    model_args = dict(
+        embed_dims=(32, 64, 160, 256), depths=(3, 3, 8, 2), mlp_ratios=(8, 8, 4, 4),
+        kernel_sizes=(19, 15, 13, 7), dw_kernel_sizes=(19, 15, 13, 7))
+    return _create_dsan('dsan_t2', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dsan_s(pretrained: bool = False, **kwargs) -> DSAN:
+    """DSAN-S: 19.88 M params, 3.20 GFLOPs at 224."""
+    model_args = dict(
+        embed_dims=(64, 128, 320, 512), depths=(2, 2, 5, 3), mlp_ratios=(8, 8, 4, 4),
+        kernel_sizes=(15, 13, 7, 5), dw_kernel_sizes=(9, 7, 5, 5))
+    return _create_dsan('dsan_s', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,192 @@
+"""Loading original-format DSAN checkpoints: wrapper formats, groups read from the file, clear errors, converter."""
+import argparse
+
+import pytest
+import timm
+import torch
+from conftest import BACKEND, load_tool
+from safetensors.torch import save_file
+from test_models import randomize_
+
+from dsan.models import CheckpointError, checkpoint_filter_fn, extract_state_dict, infer_groups, load_checkpoint
+
+T_GROUPS = [(1, 4, 8, 8), (4, 8, 16, 16)]  # official code / README row of DSAN-T
+
+
+def make_source(groups, **kwargs):
+    """An 'original' DSAN-T with non-trivial weights and BN statistics, as a released checkpoint holds."""
+    model = timm.create_model('dsan_t', groups=groups, backend=BACKEND, **kwargs)
+    return randomize_(model).eval()
+
+
+def save_formats(sd: dict, ema_sd: dict, tmp_path) -> dict:
+    """The same weights in every wrapper format a loader must accept."""
+    paths = {}
+
+    def save(name, obj):
+        paths[name] = tmp_path / name
+        torch.save(obj, paths[name])
+
+    # timm CheckpointSaver: args is an argparse.Namespace, EMA weights differ from the trained ones.
+    save('saver.pth.tar', {
+        'epoch': 299, 'arch': 'dsan_t', 'state_dict': sd, 'state_dict_ema': ema_sd,
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-6, 'params': [0, 1]}]}, 'version': 2,
+        'args': argparse.Namespace(model='dsan_t', lr=1e-3, drop_path=0.1), 'metric': 76.4})
+    save('model.pth', {'model': sd, 'epoch': 10})
+    save('plain.pth', sd)
+    save('ddp.pth', {'state_dict': {'module.' + k: v for k, v in sd.items()}})
+    save('mm.pth', {'meta': {'epoch': 1}, 'state_dict': {
+        **{'backbone.' + k: v for k, v in sd.items() if not k.startswith('head.')},
+        'decode_head.conv_seg.weight': torch.zeros(150, 256, 1, 1)}})
+    paths['st.safetensors'] = tmp_path / 'st.safetensors'
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(paths['st.safetensors']))
+    return paths
+
+
+@pytest.fixture(scope='module', params=T_GROUPS, ids=['g1-4-8-8', 'g4-8-16-16'])
+def source(request, tmp_path_factory):
+    groups = request.param
+    model = make_source(groups)
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    ema_sd = {k: (v + 0.01 if v.is_floating_point() else v) for k, v in sd.items()}
+    paths = save_formats(sd, ema_sd, tmp_path_factory.mktemp('ckpt'))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    return dict(groups=groups, model=model, sd=sd, ema_sd=ema_sd, paths=paths, x=x, ref=ref)
+
+
+@pytest.mark.parametrize('fmt', ['saver.pth.tar', 'model.pth', 'plain.pth', 'ddp.pth', 'st.safetensors'])
+def test_round_trip_through_timm_create_model(source, fmt):
+    model = timm.create_model(
+        'dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(source['paths'][fmt])), backend=BACKEND)
+    assert model.groups == list(source['groups'])  # read from the checkpoint, not the default
+    assert 'state_dict' not in model.pretrained_cfg  # the weights are not kept alive in the config
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(source['x']), source['ref'], rtol=0, atol=0)
+
+
+def test_ema_weights_only_on_request(source):
+    path = str(source['paths']['saver.pth.tar'])
+    ema = timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                            pretrained_use_ema=True, backend=BACKEND)
+    assert torch.equal(ema.state_dict()['head.bias'], source['ema_sd']['head.bias'])
+    plain = timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=path), backend=BACKEND)
+    assert torch.equal(plain.state_dict()['head.bias'], source['sd']['head.bias'])
+    with pytest.raises(CheckpointError, match='EMA weights requested'):
+        timm.create_model('dsan_t', pretrained=True, pretrained_use_ema=True, backend=BACKEND,
+                          pretrained_cfg_overlay=dict(file=str(source['paths']['plain.pth'])))
+
+
+def test_features_only_and_new_classifier_from_checkpoint(source):
+    overlay = dict(file=str(source['paths']['saver.pth.tar']))
+    feats = timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=overlay, features_only=True,
+                              backend=BACKEND)
+    with torch.no_grad():
+        _, ref_inter = source['model'].forward_intermediates(source['x'])
+        for f, r in zip(feats.eval()(source['x']), ref_inter):
+            torch.testing.assert_close(f, r, rtol=0, atol=0)
+    # Backbone-only mm checkpoint into a features model.
+    mm = timm.create_model('dsan_t', pretrained=True, features_only=True, backend=BACKEND,
+                           pretrained_cfg_overlay=dict(file=str(source['paths']['mm.pth'])))
+    assert mm.model.groups == list(source['groups'])
+    ten = timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=10,
+                            backend=BACKEND)
+    assert ten.head.out_features == 10
+    torch.testing.assert_close(ten.state_dict()['block2.0.attn.proj_1.weight'],
+                               source['sd']['block2.0.attn.proj_1.weight'])
+
+
+def test_load_checkpoint_function(source):
+    model = timm.create_model('dsan_t', groups=source['groups'], backend=BACKEND).eval()
+    load_checkpoint(model, source['paths']['saver.pth.tar'])
+    with torch.no_grad():
+        torch.testing.assert_close(model(source['x']), source['ref'], rtol=0, atol=0)
+    other = timm.create_model('dsan_t', groups=source['groups'], num_classes=10, backend=BACKEND)
+    with pytest.raises(CheckpointError, match=r'head.weight: checkpoint \(1000, 256\) vs model \(10, 256\)'):
+        load_checkpoint(other, source['paths']['plain.pth'])
+    load_checkpoint(other, source['paths']['plain.pth'], strict=False)  # keeps the new head
+    torch.testing.assert_close(other.norm4.weight, source['sd']['norm4.weight'])
+
+
+def test_infer_groups(source):
+    assert infer_groups(source['sd'], (11, 11, 7, 5)) == list(source['groups'])
+    with pytest.raises(CheckpointError, match='rows must be groups \\* kernel_size'):
+        infer_groups(source['sd'], (13, 11, 7, 5))
+    with pytest.raises(CheckpointError, match='No DSCN offset weights for stage 4'):
+        infer_groups({k: v for k, v in source['sd'].items() if not k.startswith('block4')}, (11, 11, 7, 5))
+
+
+def test_wrong_model_is_reported(tmp_path):
+    s = timm.create_model('dsan_s', backend=BACKEND)
+    path = tmp_path / 'dsan_s.pth'
+    torch.save({'state_dict': s.state_dict()}, path)
+    with pytest.raises(CheckpointError, match='another architecture|mismatched shapes|does not fit'):
+        timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), backend=BACKEND)
+    # With the groups forced, the message lists the mismatched shapes.
+    model = timm.create_model('dsan_t', backend=BACKEND)
+    with pytest.raises(CheckpointError, match=r'mismatched shapes \(\d+\): patch_embed1.proj.weight: checkpoint'):
+        checkpoint_filter_fn(s.state_dict(), model)
+
+
+def test_missing_and_unexpected_keys_are_listed(source):
+    model = timm.create_model('dsan_t', groups=source['groups'], backend=BACKEND)
+    sd = dict(source['sd'])
+    del sd['block3.1.mlp.fc2.weight']
+    sd['block3.1.extra.weight'] = torch.zeros(1)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint_filter_fn(sd, model)
+    msg = str(e.value)
+    assert 'missing keys (1): block3.1.mlp.fc2.weight' in msg
+    assert 'unexpected keys (1): block3.1.extra.weight' in msg
+    # BN counters are not weights: a checkpoint without them still loads.
+    sd = {k: v for k, v in source['sd'].items() if not k.endswith('num_batches_tracked')}
+    model.load_state_dict(checkpoint_filter_fn(sd, model), strict=True)
+
+
+def test_unreadable_files_are_reported(source, tmp_path):
+    good = source['paths']['saver.pth.tar'].read_bytes()
+    truncated = tmp_path / 'truncated.pth.tar'
+    truncated.write_bytes(good[: len(good) // 2])
+    text = tmp_path / 'notes.pth'
+    text.write_text('this is not a checkpoint\n')
+    bad_st = tmp_path / 'bad.safetensors'
+    bad_st.write_bytes(b'\x00' * 64)
+    for path in (truncated, text, bad_st):
+        with pytest.raises(CheckpointError, match='truncated, corrupt or not a|not a readable safetensors'):
+            timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                              backend=BACKEND)
+    with pytest.raises(FileNotFoundError, match='not found'):
+        timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(tmp_path / 'nope.pth')))
+    not_sd = tmp_path / 'dict.pth'
+    torch.save({'epoch': 3, 'config': 'x'}, not_sd)
+    with pytest.raises(CheckpointError, match='Not a DSAN checkpoint'):
+        timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(not_sd)))
+    with pytest.raises(CheckpointError, match='Expected a checkpoint dict'):
+        extract_state_dict([1, 2, 3])
+
+
+def test_converter_writes_clean_files(source, tmp_path):
+    convert = load_tool('tools/convert_checkpoint.py')
+    src = source['paths']['saver.pth.tar']
+    for name in ('dsan_t.safetensors', 'dsan_t.pth'):
+        convert.main([str(src), str(tmp_path / name), '--model', 'dsan_t'])
+        model = timm.create_model('dsan_t', pretrained=True, backend=BACKEND,
+                                  pretrained_cfg_overlay=dict(file=str(tmp_path / name)))
+        with torch.no_grad():
+            torch.testing.assert_close(model.eval()(source['x']), source['ref'], rtol=0, atol=0)
+    plain = torch.load(tmp_path / 'dsan_t.pth', weights_only=True)
+    assert set(plain) == set(source['sd'])
+    # Backbone-only encoder file, as the segmentation/detection configs load.
+    enc_path = tmp_path / 'pretrained' / 'dsan_t_encoder.pth'
+    convert.main([str(src), str(enc_path), '--model', 'dsan_t', '--encoder'])
+    enc = torch.load(enc_path, weights_only=True)
+    assert set(enc) == {k for k in source['sd'] if not k.startswith('head.')}
+    feats = timm.create_model('dsan_t', pretrained=True, features_only=True, backend=BACKEND,
+                              pretrained_cfg_overlay=dict(file=str(enc_path)))
+    assert feats.model.groups == list(source['groups'])
+    # EMA on request.
+    convert.main([str(src), str(tmp_path / 'ema.pth'), '--ema'])
+    assert torch.equal(torch.load(tmp_path / 'ema.pth', weights_only=True)['head.bias'], source['ema_sd']['head.bias'])
+    with pytest.raises(CheckpointError):
+        convert.main([str(src), str(tmp_path / 'x.pth'), '--model', 'dsan_s'])

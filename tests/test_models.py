@@ -1,0 +1,329 @@
+"""DSAN backbone: names and shapes of the original, an independent spec forward, timm conventions, backends."""
+import math
+
+import pytest
+import timm
+import timm.optim
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import BACKEND, HAS_CPP, requires_cpp
+
+import ops_dscn
+from dsan.models import DSAN
+
+# Spec §2: the three variants (mlp_ratios [8, 8, 4, 4] for all).
+SPEC = {
+    'dsan_t': dict(embed_dims=[32, 64, 160, 256], depths=[3, 3, 5, 2], kernel_sizes=[11, 11, 7, 5],
+                   dw_kernel_sizes=[11, 11, 7, 5], groups=[1, 4, 8, 8], params=4_484_706),
+    'dsan_t2': dict(embed_dims=[32, 64, 160, 256], depths=[3, 3, 8, 2], kernel_sizes=[19, 15, 13, 7],
+                    dw_kernel_sizes=[19, 15, 13, 7], groups=[4, 8, 16, 16], params=6_037_440),
+    'dsan_s': dict(embed_dims=[64, 128, 320, 512], depths=[2, 2, 5, 3], kernel_sizes=[15, 13, 7, 5],
+                   dw_kernel_sizes=[9, 7, 5, 5], groups=[4, 8, 16, 16], params=19_880_248),
+}
+MLP_RATIOS = [8, 8, 4, 4]
+SMALL = dict(depths=(1, 1, 1, 1))  # fast variants of dsan_t for behaviour tests
+
+
+def spec_state_dict_shapes(embed_dims, depths, kernel_sizes, dw_kernel_sizes, groups, num_classes=1000, **_):
+    """Every parameter/buffer name and shape of the original DSAN, written from the spec's description."""
+    shapes = {}
+
+    def bn(p, c):
+        shapes.update({p + 'weight': (c,), p + 'bias': (c,), p + 'running_mean': (c,), p + 'running_var': (c,),
+                       p + 'num_batches_tracked': ()})
+
+    def conv(p, cout, cin_per_group, kh, kw):
+        shapes.update({p + 'weight': (cout, cin_per_group, kh, kw), p + 'bias': (cout,)})
+
+    for i, (c, d, k, kd, g) in enumerate(zip(embed_dims, depths, kernel_sizes, dw_kernel_sizes, groups)):
+        s = i + 1
+        conv(f'patch_embed{s}.proj.', c, 3 if i == 0 else embed_dims[i - 1], 7 if i == 0 else 3, 7 if i == 0 else 3)
+        bn(f'patch_embed{s}.norm.', c)
+        hid = c * MLP_RATIOS[i]
+        for j in range(d):
+            b = f'block{s}.{j}.'
+            shapes[b + 'layer_scale_1'] = (c,)
+            shapes[b + 'layer_scale_2'] = (c,)
+            bn(b + 'norm1.', c)
+            bn(b + 'norm2.', c)
+            conv(b + 'attn.proj_1.', c, c, 1, 1)
+            conv(b + 'attn.proj_2.', c, c, 1, 1)
+            sgu = b + 'attn.spatial_gating_unit.'
+            conv(sgu + 'conv0.', c, 1, 5, 5)
+            conv(sgu + 'conv.', c, c, 1, 1)
+            for axis, (kh, kw) in (('x', (1, kd)), ('y', (kd, 1))):
+                p = sgu + f'dscn_{axis}.'
+                conv(p + 'dw_conv.0.', c, 1, kh, kw)
+                shapes[p + 'dw_conv.1.1.weight'] = (c,)
+                shapes[p + 'dw_conv.1.1.bias'] = (c,)
+                shapes[p + 'offset.weight'] = (g * k, c)
+                shapes[p + 'offset.bias'] = (g * k,)
+            shapes[sgu + 'dscn_x.input_proj.weight'] = (c, c)
+            shapes[sgu + 'dscn_x.input_proj.bias'] = (c,)
+            conv(b + 'mlp.fc1.', hid, c, 1, 1)
+            conv(b + 'mlp.dwconv.dwconv.', hid, 1, 3, 3)
+            conv(b + 'mlp.fc2.', c, hid, 1, 1)
+        shapes[f'norm{s}.weight'] = (c,)
+        shapes[f'norm{s}.bias'] = (c,)
+    shapes['head.weight'] = (num_classes, embed_dims[-1])
+    shapes['head.bias'] = (num_classes,)
+    return shapes
+
+
+def randomize_(model: nn.Module, offset_std: float = 0.5) -> nn.Module:
+    """Random weights, BN statistics and layer scales, with offsets large enough to move taps by pixels."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            r = torch.randn(t.shape, generator=g, dtype=t.dtype)
+            if name.endswith('running_var'):
+                t.copy_(r.abs() + 0.5)
+            elif 'offset.weight' in name:
+                t.copy_(r * offset_std)
+            elif name.endswith(('norm.weight', 'norm1.weight', 'norm2.weight', '1.1.weight', 'layer_scale_1',
+                                'layer_scale_2')) or (name.startswith('norm') and name.endswith('weight')):
+                t.copy_(1 + 0.2 * r)
+            else:
+                fan_in = t[0].numel() if t.dim() > 1 else 1
+                t.copy_(r * (0.1 if t.dim() == 1 else 1 / math.sqrt(fan_in)))
+    return model
+
+
+def reference_forward(sd: dict, cfg: dict, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """DSAN classification forward written directly from spec §2 (NCHW contiguous, functional)."""
+    def bn(t, p):
+        return F.batch_norm(t, sd[p + 'running_mean'], sd[p + 'running_var'], sd[p + 'weight'], sd[p + 'bias'],
+                            False, 0., 1e-5)
+
+    def conv(t, p, **kw):
+        return F.conv2d(t, sd[p + 'weight'], sd[p + 'bias'], **kw)
+
+    def offsets(src, p, axis, kd):
+        c = src.shape[1]
+        pad = (0, (kd - 1) // 2) if axis == 'x' else ((kd - 1) // 2, 0)
+        t = conv(src, p + 'dw_conv.0.', padding=pad, groups=c).permute(0, 2, 3, 1)
+        t = F.gelu(F.layer_norm(t, (c,), sd[p + 'dw_conv.1.1.weight'], sd[p + 'dw_conv.1.1.bias'], 1e-6))
+        return F.linear(t, sd[p + 'offset.weight'], sd[p + 'offset.bias'])
+
+    for i, (c, d, k, kd, g) in enumerate(zip(cfg['embed_dims'], cfg['depths'], cfg['kernel_sizes'],
+                                             cfg['dw_kernel_sizes'], cfg['groups'])):
+        s = i + 1
+        x = bn(conv(x, f'patch_embed{s}.proj.', stride=4 if i == 0 else 2, padding=3 if i == 0 else 1),
+               f'patch_embed{s}.norm.')
+        for j in range(d):
+            b = f'block{s}.{j}.'
+            y = bn(x, b + 'norm1.')
+            a = F.gelu(conv(y, b + 'attn.proj_1.'))
+            sgu = b + 'attn.spatial_gating_unit.'
+            x0 = conv(a, sgu + 'conv0.', padding=2, groups=c)
+            nhwc = F.linear(x0.permute(0, 2, 3, 1), sd[sgu + 'dscn_x.input_proj.weight'],
+                            sd[sgu + 'dscn_x.input_proj.bias'])
+            nhwc = ops_dscn.dscn(nhwc, offsets(x0, sgu + 'dscn_x.', 'x', kd), k, pad=(k - 1) // 2, group=g,
+                                 axis='x', backend='pytorch')
+            nhwc = ops_dscn.dscn(nhwc, offsets(x0, sgu + 'dscn_y.', 'y', kd), k, pad=(k - 1) // 2, group=g,
+                                 axis='y', backend='pytorch')
+            a = a * conv(nhwc.permute(0, 3, 1, 2), sgu + 'conv.')
+            a = conv(a, b + 'attn.proj_2.') + y
+            x = x + sd[b + 'layer_scale_1'].view(-1, 1, 1) * a
+            m = conv(bn(x, b + 'norm2.'), b + 'mlp.fc1.')
+            m = F.gelu(conv(m, b + 'mlp.dwconv.dwconv.', padding=1, groups=m.shape[1]))
+            x = x + sd[b + 'layer_scale_2'].view(-1, 1, 1) * conv(m, b + 'mlp.fc2.')
+        tokens = x.flatten(2).transpose(1, 2)  # (N, HW, C), as the original
+        tokens = F.layer_norm(tokens, (c,), sd[f'norm{s}.weight'], sd[f'norm{s}.bias'], eps)
+        x = tokens.transpose(1, 2).reshape(x.shape)
+    return F.linear(x.mean((2, 3)), sd['head.weight'], sd['head.bias'])
+
+
+@pytest.mark.parametrize('name', list(SPEC))
+def test_state_dict_names_shapes_and_params(name):
+    model = timm.create_model(name, backend=BACKEND)
+    expected = spec_state_dict_shapes(**SPEC[name])
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sorted(got) == sorted(expected)
+    assert got == expected
+    assert sum(p.numel() for p in model.parameters()) == SPEC[name]['params']
+    assert model.groups == SPEC[name]['groups']
+
+
+@pytest.mark.parametrize('groups', [(1, 4, 8, 8), (4, 8, 16, 16)])
+def test_forward_matches_spec_reference(groups):
+    cfg = dict(SPEC['dsan_t'], groups=list(groups), depths=[2, 1, 1, 1])
+    model = timm.create_model('dsan_t', depths=cfg['depths'], groups=groups, backend=BACKEND)
+    randomize_(model).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        out = model(x)
+        ref = reference_forward(model.state_dict(), cfg, x)
+    assert out.shape == (2, 1000)
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-9)
+    # The offsets are large enough to matter: zeroing them changes the output.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if 'offset.' in n:
+                p.zero_()
+        assert (model(x) - ref).abs().max() > 1e-3
+
+
+def test_original_initialisation():
+    model = timm.create_model('dsan_t', drop_path_rate=0.1, backend=BACKEND)
+    blk = model.block1[0]
+    assert torch.equal(blk.layer_scale_1, torch.full((32,), 1e-2))
+    assert torch.equal(blk.layer_scale_2, torch.full((32,), 1e-2))
+    sgu = model.block3[0].attn.spatial_gating_unit
+    # Linear: timm trunc_normal_(std=0.02) (absolute bounds +-2, as the original), bias 0; this also
+    # overrides the DSCN modules' zero-init of the offsets.
+    w = sgu.dscn_x.offset.weight
+    assert 0.015 < w.std() < 0.025 and torch.all(sgu.dscn_x.offset.bias == 0)
+    assert 0.015 < model.head.weight.std() < 0.025
+    # Conv2d: normal(0, sqrt(2 / fan_out)), fan_out = kh * kw * out / groups; bias 0.
+    fc1 = model.block3[0].mlp.fc1
+    assert abs(fc1.weight.std().item() - math.sqrt(2 / 640)) < 0.1 * math.sqrt(2 / 640)
+    assert torch.all(fc1.bias == 0)
+    dw = model.block3[0].mlp.dwconv.dwconv
+    assert abs(dw.weight.std().item() - math.sqrt(2 / 9)) < 0.1 * math.sqrt(2 / 9)
+    assert torch.all(model.norm1.weight == 1) and torch.all(model.norm1.bias == 0)
+    # Drop path: linear from 0 over all 13 blocks.
+    rates = [getattr(b.drop_path, 'drop_prob', 0.) for i in range(1, 5) for b in getattr(model, f'block{i}')]
+    torch.testing.assert_close(torch.tensor(rates), torch.linspace(0, 0.1, 13))
+
+
+def test_timm_conventions():
+    model = timm.create_model('dsan_t', num_classes=10, backend=BACKEND, **SMALL).eval()
+    cfg = model.pretrained_cfg
+    assert cfg['crop_pct'] == 0.9 and cfg['interpolation'] == 'bicubic'
+    assert tuple(cfg['mean']) == (0.5, 0.5, 0.5) and tuple(cfg['std']) == (0.5, 0.5, 0.5)
+    assert timm.data.resolve_data_config({}, model=model)['crop_pct'] == 0.9
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (2, 256, 2, 2)
+        pooled = model.forward_head(feats, pre_logits=True)
+        torch.testing.assert_close(pooled, feats.mean((2, 3)))
+        torch.testing.assert_close(model(x), model.head(pooled))
+        assert model(x).shape == (2, 10)
+        model.reset_classifier(5)
+        assert model(x).shape == (2, 5) and model.get_classifier().out_features == 5
+        model.reset_classifier(0)
+        torch.testing.assert_close(model(x), pooled)
+    assert model.no_weight_decay() == set()
+    groups = timm.optim.create_optimizer_v2(model, 'adamw', lr=1e-3, weight_decay=0.05).param_groups
+    assert sum(len(g['params']) for g in groups) == len(list(model.parameters()))
+    layer_groups = timm.optim.param_groups_layer_decay(model, layer_decay=0.9)
+    assert sum(len(g['params']) for g in layer_groups) == len(list(model.parameters()))
+
+
+def test_norm_eps_and_backend_options():
+    model = timm.create_model('dsan_t', norm_eps=1e-5, core_op='dscn_pytorch', **SMALL)
+    assert all(getattr(model, f'norm{i}').eps == 1e-5 for i in range(1, 5))
+    dscn_modules = [m for m in model.modules() if m.__class__.__name__ in ('DSCNX', 'DSCNY')]
+    assert len(dscn_modules) == 8 and all(m.backend == 'pytorch' for m in dscn_modules)
+    model.set_backend('auto')
+    assert all(m.backend == 'auto' for m in dscn_modules)
+    with pytest.raises(ValueError, match='Unknown DSCN backend'):
+        model.set_backend('cuda')
+    if not HAS_CPP:
+        with pytest.raises(RuntimeError, match='not built'):
+            model.set_backend('cpp')
+
+
+def test_channels_last_is_layout_only():
+    model = timm.create_model('dsan_t', backend=BACKEND, **SMALL).eval()
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        out_cl = model.forward_features(x)
+        model.channels_last = False
+        out_nchw = model.forward_features(x)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out_nchw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('out_indices', [(0, 1, 2, 3), (1, 3)])
+def test_features_only(out_indices):
+    model = timm.create_model('dsan_t', features_only=True, out_indices=out_indices, backend=BACKEND, **SMALL)
+    chans = [32, 64, 160, 256]
+    assert model.feature_info.channels() == [chans[i] for i in out_indices]
+    assert model.feature_info.reduction() == [4 * 2 ** i for i in out_indices]
+    x = torch.randn(2, 3, 64, 96)
+    feats = model.eval()(x)
+    assert len(feats) == len(out_indices)
+    for f, c, r in zip(feats, model.feature_info.channels(), model.feature_info.reduction()):
+        assert f.shape == (2, c, 64 // r, 96 // r)
+    # Same tensors as the classification model's intermediates (stage outputs after norm{i}).
+    full = timm.create_model('dsan_t', backend=BACKEND, **SMALL).eval()
+    full.load_state_dict(model.model.state_dict(), strict=False)
+    with torch.no_grad():
+        final, inter = full.forward_intermediates(x, indices=list(out_indices))
+        torch.testing.assert_close(final, full.forward_features(x))
+    for f, ref in zip(feats, inter):
+        torch.testing.assert_close(f, ref)
+
+
+def test_gradient_checkpointing_same_grads():
+    model = randomize_(timm.create_model('dsan_t', backend=BACKEND, **SMALL)).double().train()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+
+    def grads():
+        model.zero_grad()
+        out = model(x)
+        out.square().mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out_ref, g_ref = grads()
+    model.load_state_dict(state)  # undo the BN running-stat update
+    model.set_grad_checkpointing(True)
+    out_ck, g_ck = grads()
+    torch.testing.assert_close(out_ck, out_ref)
+    for a, b in zip(g_ck, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+@requires_cpp
+def test_compiled_op_matches_pytorch_float64():
+    """Outputs and every gradient of the model: compiled op vs pure-PyTorch twin, in float64."""
+    model = randomize_(timm.create_model('dsan_t', backend='cpp', depths=(2, 1, 2, 1))).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = {}
+    for backend in ('cpp', 'pytorch'):
+        model.set_backend(backend)
+        model.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = model(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results[backend] = (out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()})
+    (o1, gx1, gp1), (o2, gx2, gp2) = results['cpp'], results['pytorch']
+    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-10)
+    assert any(gp1[n].abs().max() > 0 for n in gp1 if 'offset.weight' in n)
+    for n in gp1:
+        torch.testing.assert_close(gp1[n], gp2[n], rtol=1e-8, atol=1e-10, msg=lambda m, n=n: f'{n}: {m}')
+
+
+@requires_cpp
+def test_torch_compile_without_graph_breaks():
+    """dsan_t with the compiled op (fake kernel + registered autograd) compiles into one graph."""
+    model = timm.create_model('dsan_t', backend='cpp', **SMALL).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    # Training graph (autograd of the op) as well.
+    model.train()
+    compiled = torch.compile(model, backend='aot_eager', fullgraph=True)
+    compiled(x).sum().backward()
+    assert model.block1[0].attn.spatial_gating_unit.dscn_x.offset.weight.grad is not None
+    torch._dynamo.reset()
+
+
+def test_dsan_class_validates_config():
+    with pytest.raises(ValueError, match='kernel sizes must be odd'):
+        DSAN(kernel_sizes=(10, 11, 7, 5), backend='pytorch')
+    with pytest.raises(ValueError, match='groups has 3 entries'):
+        DSAN(groups=(1, 4, 8), backend='pytorch')

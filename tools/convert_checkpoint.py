@@ -1,0 +1,100 @@
+"""Convert a DSAN checkpoint of any supported format into a clean state_dict.
+
+Reads timm CheckpointSaver files (`state_dict`, optional `state_dict_ema`), files with `model`, mm
+checkpoints (`backbone.` keys) and plain state_dicts (with or without a `module.` prefix), checks them
+against the model (groups read from the file), and writes a plain state_dict: `.safetensors` when the
+output name ends so, a torch file otherwise. `--encoder` drops the classifier, giving the backbone-only
+files the segmentation/detection configs load (`pretrained/dsan_{t,s}_encoder.pth`).
+
+Examples:
+    python tools/convert_checkpoint.py dsan_t.pth.tar pretrained/dsan_t.safetensors --model dsan_t
+    python tools/convert_checkpoint.py dsan_t.pth.tar pretrained/dsan_t_encoder.pth --model dsan_t --encoder
+    python tools/convert_checkpoint.py last.pth.tar dsan_s_ema.pth --model dsan_s --ema
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+try:
+    import dsan.models  # noqa: F401  (registers the DSAN models with timm)
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import dsan.models  # noqa: F401
+
+from dsan.models.dsan import checkpoint_filter_fn, extract_state_dict, infer_groups, read_checkpoint
+
+_logger = logging.getLogger('convert_checkpoint')
+
+
+def convert(
+        src: str | Path,
+        dst: str | Path,
+        model_name: str = 'dsan_t',
+        use_ema: bool = False,
+        encoder: bool = False,
+        weights_only: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Convert `src` into a clean state_dict written to `dst`.
+
+    Args:
+        src: Input checkpoint (any supported format).
+        dst: Output file; `.safetensors` selects safetensors, anything else a torch file.
+        model_name: Architecture the weights are checked against (`dsan_t`, `dsan_t2`, `dsan_s`).
+        use_ema: Take the EMA weights of a training checkpoint.
+        encoder: Drop the classifier (`head.*`) for the segmentation/detection backbones.
+        weights_only: Read `src` with torch's restricted unpickler (see `read_checkpoint`).
+
+    Returns:
+        The state_dict written.
+
+    Raises:
+        CheckpointError: `src` is not a checkpoint or does not fit `model_name`.
+    """
+    state_dict = extract_state_dict(read_checkpoint(src, weights_only=weights_only), use_ema=use_ema)
+    probe = timm.create_model(model_name, num_classes=0 if encoder else 1000)
+    groups = infer_groups(state_dict, probe.kernel_sizes)
+    num_classes = 0 if encoder or 'head.weight' not in state_dict else state_dict['head.weight'].shape[0]
+    model = timm.create_model(model_name, groups=groups, num_classes=num_classes)
+    # Validates names and shapes (raises listing what is wrong); drops the head for an encoder.
+    state_dict = checkpoint_filter_fn(state_dict, model)
+    state_dict = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}
+    model.load_state_dict(state_dict, strict=True)
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.suffix == '.safetensors':
+        from safetensors.torch import save_file
+        save_file(state_dict, str(dst), metadata={'arch': model_name, 'groups': ','.join(map(str, groups))})
+    else:
+        torch.save(state_dict, dst)
+    n_params = sum(p.numel() for p in model.parameters())
+    _logger.info('%s -> %s: %s, groups %s, %d tensors, %s params%s', src, dst, model_name, groups, len(state_dict),
+                 f'{n_params:,}', ' (encoder, no head)' if encoder else '')
+    return state_dict
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('src', help='input checkpoint')
+    parser.add_argument('dst', help='output file (.safetensors or a torch file such as .pth)')
+    parser.add_argument('--model', default='dsan_t', help='architecture: dsan_t, dsan_t2 or dsan_s')
+    parser.add_argument('--ema', action='store_true', help='take the EMA weights (state_dict_ema / model_ema)')
+    parser.add_argument('--encoder', action='store_true', help='drop the classifier (backbone-only file)')
+    parser.add_argument('--unsafe-load', action='store_true',
+                        help='read the input with the full unpickler (only for files you trust)')
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    convert(args.src, args.dst, args.model, use_ema=args.ema, encoder=args.encoder,
+            weights_only=not args.unsafe_load)
+
+
+if __name__ == '__main__':
+    main()
