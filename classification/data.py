@@ -1,0 +1,135 @@
+"""Datasets for classification: ImageNet folder layout checks and a dataset that names broken files.
+
+The heavy lifting (transforms, RandAugment, random erasing, samplers, loaders) is timm's; this module only
+adds the input checks that turn a wrong path, an empty class folder or a corrupt image into an error that
+names the offending path.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from PIL import Image
+from timm.data import ImageDataset, create_dataset
+
+_logger = logging.getLogger(__name__)
+
+IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
+
+
+class DatasetError(ValueError):
+    """The dataset directory is missing or not in the expected layout."""
+
+
+class CorruptImageError(OSError):
+    """An image file of the dataset cannot be decoded."""
+
+
+def _list_images(folder: str) -> list[str]:
+    found = []
+    for dirpath, _, files in os.walk(folder, followlinks=True):
+        found.extend(os.path.join(dirpath, f) for f in files if f.lower().endswith(IMG_EXTENSIONS))
+    return found
+
+
+def check_image_folder(root: str, split: str) -> list[str]:
+    """Check ``root/split`` is an ImageNet-layout folder and return its class names (sorted).
+
+    Args:
+        root: Dataset root (the folder holding ``train/`` and ``val/``).
+        split: Split sub-folder name.
+
+    Returns:
+        Sorted class-folder names.
+
+    Raises:
+        DatasetError: naming the missing root or split folder, or every class folder without images.
+    """
+    if not root:
+        raise DatasetError('no data directory given: pass it as the first argument or with --data-dir')
+    if not os.path.isdir(root):
+        raise DatasetError(f'data directory {root!r} does not exist (expected ImageNet layout '
+                           f'{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg)')
+    split_dir = os.path.join(root, split)
+    if not os.path.isdir(split_dir):
+        raise DatasetError(f'split folder {split_dir!r} does not exist (expected {split_dir}/<class>/*.jpg; '
+                           f'found in {root!r}: {sorted(os.listdir(root))})')
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir(follow_symlinks=True))
+    if not classes:
+        raise DatasetError(f'split folder {split_dir!r} has no class sub-folders (expected {split_dir}/<class>/*.jpg)')
+    empty = [os.path.join(split_dir, c) for c in classes if not _list_images(os.path.join(split_dir, c))]
+    if empty:
+        shown = ', '.join(repr(e) for e in empty[:10]) + (f' and {len(empty) - 10} more' if len(empty) > 10 else '')
+        raise DatasetError(f'class folder(s) without any image file ({"/".join(IMG_EXTENSIONS)}): {shown}')
+    return classes
+
+
+class StrictImageDataset(ImageDataset):
+    """timm's :class:`~timm.data.ImageDataset` that fails on an unreadable image, naming the file.
+
+    timm's dataset logs and silently skips to the next sample; for a benchmark that changes the evaluated set,
+    so by default a corrupt file is an error here (``skip_bad_images=True`` restores timm's behaviour).
+    """
+
+    def __init__(self, *args, skip_bad_images: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skip_bad_images = skip_bad_images
+
+    def __getitem__(self, index):
+        if self.skip_bad_images:
+            return super().__getitem__(index)
+        fileobj, target = self.reader[index]
+        try:
+            with fileobj if hasattr(fileobj, 'close') else open(fileobj, 'rb') as f:
+                img = Image.open(f)
+                img = img.convert(self.input_img_mode or 'RGB')  # decodes all pixels now
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            path = self.reader.filename(index, absolute=True)
+            raise CorruptImageError(f'cannot decode image file {path!r}: {e}') from e
+        if self.transform is not None:
+            img = self.transform(img)
+        if target is None:
+            target = -1
+        elif self.target_transform is not None:
+            target = self.target_transform(target)
+        return img, target
+
+
+def build_dataset(
+        name: str,
+        root: str,
+        split: str,
+        is_training: bool,
+        class_map: str = '',
+        skip_bad_images: bool = False,
+        **kwargs,
+) -> ImageDataset:
+    """Create a dataset: checked ImageNet folders for ``name == ''``, else :func:`timm.data.create_dataset`.
+
+    Args:
+        name: timm dataset type ('' for a plain folder dataset, e.g. 'torch/cifar10', 'hfds/...').
+        root: Dataset root.
+        split: Split folder / name.
+        is_training: Training split (affects iterable datasets only).
+        class_map: Optional class-to-index map file.
+        skip_bad_images: Skip unreadable images with a warning instead of raising.
+        **kwargs: Passed to :func:`timm.data.create_dataset` for non-folder datasets.
+    """
+    if name:
+        return create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map, **kwargs)
+    check_image_folder(root, split)
+    split_dir = os.path.join(root, split)
+    ds = StrictImageDataset(split_dir, class_map=class_map, input_img_mode='RGB', skip_bad_images=skip_bad_images)
+    _logger.info('%s: %d images in %d classes', split_dir, len(ds), len(ds.reader.class_to_idx))
+    return ds
+
+
+def num_classes_of(dataset) -> int | None:
+    """Number of classes of a folder dataset, or None when it cannot be told."""
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+__all__ = ['CorruptImageError', 'DatasetError', 'StrictImageDataset', 'build_dataset', 'check_image_folder',
+           'num_classes_of']

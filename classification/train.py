@@ -1,0 +1,483 @@
+#!/usr/bin/env python3
+"""ImageNet-style training of DSAN (and any timm model), in timm's command-line shape.
+
+Defaults are the paper's recipe (DSAN.md §4): AdamW lr 1e-3 wd 0.05, cosine over 300 epochs plus 10 cooldown,
+5 warmup epochs from 1e-6, min lr 1e-6, RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8,
+cutmix 1.0, label smoothing 0.1, drop path 0.1, batch 64 per process (8 GPUs in the paper).
+
+Examples::
+
+    # paper recipe, 8 GPUs
+    bash classification/distributed_train.sh 8 /path/to/imagenet --model dsan_t -b 64 --lr 1e-3 --drop-path 0.1
+    # the bundled demo on a CPU
+    python classification/train.py data/demo_cls -c classification/configs/demo.yaml
+
+Reliability: see ``train_utils`` (atomic end-of-epoch checkpoints, exact ``--resume``, SIGTERM/SIGINT and NaN
+handling). Outputs go to ``--output/<experiment>``: ``args.yaml``, ``log.txt``, ``summary.csv``,
+``last.pth.tar``, ``model_best.pth.tar``, ``training_curves.png`` and optional TensorBoard events.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+
+import numpy as np
+import torch
+import yaml
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import data as cls_data  # noqa: E402
+import engine  # noqa: E402
+import model_factory  # noqa: E402
+import train_utils as tu  # noqa: E402
+from timm.data import Mixup, create_loader, resolve_data_config  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
+from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, distribute_bn, random_seed, update_summary  # noqa: E402
+
+_logger = logging.getLogger('train')
+
+# The first parser reads only -c/--config; the YAML it names overrides the defaults of the main parser.
+config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
+config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                           help='YAML config file specifying default arguments')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training argument parser (timm's flag names; defaults are the DSAN paper recipe)."""
+    parser = argparse.ArgumentParser(description='DSAN ImageNet training', parents=[config_parser])
+
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageNet layout: train/, val/)')
+    group.add_argument('--data-dir', metavar='DIR', help='dataset root (alternative to the positional DIR)')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help='timm dataset type, e.g. "torch/cifar10" (default: image folders)')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='training split folder')
+    group.add_argument('--val-split', metavar='NAME', default='val', help='validation split folder ("" for none)')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class to index map file')
+    group.add_argument('--skip-bad-images', action='store_true',
+                       help='skip unreadable images with a warning (default: stop with an error naming the file)')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='dsan_t', type=str, metavar='MODEL', help='model name (default: dsan_t)')
+    group.add_argument('--pretrained', action='store_true', help='start from the registered pretrained weights')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                       help='start from these weights (original DSAN or timm format); the head is re-initialised '
+                            'when --num-classes differs')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume the full training state from a last.pth.tar written by this script')
+    group.add_argument('--no-resume-opt', action='store_true', help='with --resume, do not restore the optimizer')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='number of classes (default: the number of class folders of the training split)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='extra model kwargs, e.g. backend=pytorch')
+    group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: model cfg)')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N', help='C H W input size')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='validation center crop ratio')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+    group.add_argument('-b', '--batch-size', type=int, default=64, metavar='N', help='batch size per process')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                       help='validation batch size (default: --batch-size)')
+    group.add_argument('--channels-last', action='store_true', help='use channels-last memory layout')
+
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='optimizer (default: adamw)')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='optimizer epsilon')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='optimizer betas')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='SGD momentum')
+    group.add_argument('--weight-decay', type=float, default=0.05, help='weight decay (default: 0.05)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
+    group.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='lr scheduler')
+    group.add_argument('--sched-on-updates', action='store_true', help='step the schedule every update')
+    group.add_argument('--lr', type=float, default=1e-3, metavar='LR', help='learning rate (default: 1e-3)')
+    group.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR', help='warmup start lr')
+    group.add_argument('--min-lr', type=float, default=1e-6, metavar='LR', help='lower lr bound')
+    group.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs (+ cooldown) (default: 300)')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='step scheduler interval')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='step decay rate')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs (default: 5)')
+    group.add_argument('--cooldown-epochs', type=int, default=10, metavar='N', help='cooldown epochs (default: 10)')
+
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', help='disable all training augmentation')
+    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT', help='crop scale')
+    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='crop aspect ratio')
+    group.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
+    group.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT', help='color jitter')
+    group.add_argument('--aa', type=str, default='rand-m9-mstd0.5-inc1', metavar='NAME',
+                       help='AutoAugment / RandAugment policy ("" for none)')
+    group.add_argument('--reprob', type=float, default=0.25, metavar='PCT', help='random erasing probability')
+    group.add_argument('--remode', type=str, default='pixel', help='random erasing mode')
+    group.add_argument('--recount', type=int, default=1, help='random erasing count')
+    group.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0 disables)')
+    group.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0 disables)')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, help='cutmix min/max ratio')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
+    group.add_argument('--mixup-mode', type=str, default='batch', help='"batch", "pair" or "elem"')
+    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N', help='turn mixup off at this epoch')
+    group.add_argument('--smoothing', type=float, default=0.1, help='label smoothing (default: 0.1)')
+    group.add_argument('--train-interpolation', type=str, default='random', help='training resize interpolation')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='dropout rate')
+    group.add_argument('--drop-path', type=float, default=0.1, metavar='PCT', help='drop path rate (default: 0.1)')
+
+    group = parser.add_argument_group('Batch norm parameters')
+    group.add_argument('--sync-bn', action='store_true', help='synchronized BatchNorm across processes')
+    group.add_argument('--dist-bn', type=str, default='reduce', help='"broadcast", "reduce" or "" after each epoch')
+
+    group = parser.add_argument_group('Model exponential moving average')
+    group.add_argument('--model-ema', action='store_true', help='track an EMA of the weights')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay (default: 0.9998)')
+    group.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warmup')
+
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N', help='log every N steps')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loading processes per rank')
+    group.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
+    group.add_argument('--device', default='', type=str, help='"cuda" or "cpu" (default: cuda when available)')
+    group.add_argument('--amp', action='store_true', help='mixed precision (float16 on CUDA, bfloat16 on CPU)')
+    group.add_argument('--amp-dtype', default='', type=str, help='"float16" or "bfloat16" (default: per device)')
+    group.add_argument('--output', default='output/train', type=str, metavar='PATH', help='output root folder')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME',
+                       help='run folder name (default: <date>-<model>; on --resume, the checkpoint\'s folder)')
+    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='"top1" or "loss"')
+    group.add_argument('--tensorboard', action='store_true', help='write TensorBoard events (pip install tensorboard)')
+    group.add_argument('--no-plot', action='store_true', help='do not write training_curves.png')
+    group.add_argument('--no-progress', action='store_true', help='no progress bar (logs only)')
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    """Parse ``argv`` with YAML defaults from ``-c``; returns ``(args, yaml_text)``."""
+    args_config, remaining = config_parser.parse_known_args(argv)
+    parser = build_parser()
+    if args_config.config:
+        if not os.path.isfile(args_config.config):
+            parser.error(f'config file {args_config.config!r} does not exist')
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        known = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            parser.error(f'unknown key(s) in {args_config.config}: {", ".join(unknown)}')
+        parser.set_defaults(**cfg)
+    args = parser.parse_args(remaining)
+    args.config = args_config.config
+    args.data_dir = args.data_dir or args.data
+    return args, yaml.safe_dump(vars(args), default_flow_style=False)
+
+
+def _setup_logging(log_file: str, primary: bool) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.setLevel(logging.INFO if primary else logging.WARNING)
+    fmt = logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s', '%H:%M:%S')
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(fmt)
+    root.addHandler(console)
+    if log_file:
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        root.addHandler(fh)
+
+
+def _amp_setup(args, device: torch.device):
+    if not args.amp:
+        return nullcontext, None
+    dtype_name = args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16')
+    dtype = {'float16': torch.float16, 'bfloat16': torch.bfloat16}.get(dtype_name)
+    if dtype is None:
+        raise ValueError(f'--amp-dtype must be float16 or bfloat16, got {dtype_name!r}')
+    scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
+    return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Train; returns the process exit code (0 done, 1 NaN/Inf, 2 bad input, 128+N on signal N)."""
+    args, args_text = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    info = tu.init_distributed(args.device)
+    device, rank, world_size = info['device'], info['rank'], info['world_size']
+    primary = rank == 0
+    try:
+        return _train(args, args_text, device, rank, world_size, primary)
+    except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, FileNotFoundError) as e:
+        _logger.error('%s', e)
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
+    finally:
+        if tu.is_distributed():
+            torch.distributed.destroy_process_group()
+
+
+def _train(args, args_text: str, device: torch.device, rank: int, world_size: int, primary: bool) -> int:
+    # ---- input checks first, so mistakes fail in a second and with a message naming the path
+    if not args.dataset:
+        classes = cls_data.check_image_folder(args.data_dir, args.train_split)
+        if args.val_split:
+            cls_data.check_image_folder(args.data_dir, args.val_split)
+        if args.num_classes is None:
+            args.num_classes = len(classes)
+    resume_ckpt = tu.load_training_checkpoint(args.resume) if args.resume else None
+
+    # ---- output folder (rank 0 names it), logging
+    if args.experiment:
+        exp_name = args.experiment
+    elif resume_ckpt is not None:
+        exp_name = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
+    else:
+        exp_name = tu.broadcast_object(f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}')
+    out_dir = os.path.dirname(os.path.abspath(args.resume)) if resume_ckpt is not None and not args.experiment \
+        else os.path.join(args.output, exp_name)
+    if primary:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+    _setup_logging(os.path.join(out_dir, 'log.txt') if primary else '', primary)
+    _logger.info('Output folder: %s', out_dir)
+    _logger.info('Training on %s with %d process(es)', device, world_size)
+    random_seed(args.seed, rank)
+
+    # ---- model
+    model = model_factory.create(args.model, num_classes=args.num_classes, pretrained=args.pretrained,
+                                 checkpoint=args.initial_checkpoint, drop_rate=args.drop,
+                                 drop_path_rate=args.drop_path, **args.model_kwargs)
+    _logger.info('Model %s: %.2f M parameters, %d classes', args.model,
+                 sum(p.numel() for p in model.parameters()) / 1e6, args.num_classes or -1)
+    data_config = resolve_data_config(vars(args), model=model, verbose=primary)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.sync_bn and world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    amp_autocast, loss_scaler = _amp_setup(args, device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+
+    # ---- data
+    loader_kw = dict(num_workers=args.workers, distributed=world_size > 1, pin_memory=args.pin_mem, device=device,
+                     use_prefetcher=device.type == 'cuda', persistent_workers=False,
+                     mean=data_config['mean'], std=data_config['std'])
+    ds_train = cls_data.build_dataset(args.dataset, args.data_dir, args.train_split, is_training=True,
+                                      class_map=args.class_map, skip_bad_images=args.skip_bad_images)
+    loader_train = create_loader(
+        ds_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa or None, interpolation=args.train_interpolation, **loader_kw)
+    loader_eval = None
+    if args.val_split:
+        ds_eval = cls_data.build_dataset(args.dataset, args.data_dir, args.val_split, is_training=False,
+                                         class_map=args.class_map, skip_bad_images=args.skip_bad_images)
+        loader_eval = create_loader(
+            ds_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+            **loader_kw)
+
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active:
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=args.num_classes)
+        train_loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = torch.nn.CrossEntropyLoss()
+
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                   updates_per_epoch=len(loader_train))
+
+    # ---- resume: everything the next epoch depends on
+    start_epoch, best_metric, best_epoch = 0, None, None
+    if resume_ckpt is not None:
+        tu.unwrap_model(model).load_state_dict(resume_ckpt['state_dict'])
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(resume_ckpt['optimizer'])
+            if 'scheduler' in resume_ckpt:
+                lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
+            if loss_scaler is not None and 'amp_scaler' in resume_ckpt:
+                loss_scaler.load_state_dict(resume_ckpt['amp_scaler'])
+        if model_ema is not None:
+            if 'state_dict_ema' in resume_ckpt:
+                model_ema.module.load_state_dict(resume_ckpt['state_dict_ema'])
+            else:
+                _logger.warning('--model-ema: the checkpoint has no EMA weights; starting the EMA from the model')
+                model_ema.set(model)
+        start_epoch = resume_ckpt['epoch'] + 1
+        best_metric, best_epoch = resume_ckpt.get('best_metric'), resume_ckpt.get('best_epoch')
+        rng_states = resume_ckpt.get('rng_states') or []
+        if len(rng_states) == world_size:
+            tu.set_rng_state(tu.rng_state_from_checkpoint(rng_states[rank]))
+        else:
+            _logger.warning('Checkpoint has RNG states of %d process(es), this run has %d: reseeding',
+                            len(rng_states), world_size)
+            random_seed(args.seed + start_epoch, rank)
+        _logger.info('Resumed from %s: continuing at epoch %d', args.resume, start_epoch)
+        del resume_ckpt
+    if start_epoch > 0:
+        lr_scheduler.step(start_epoch)
+
+    if world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+    writer = None
+    if args.tensorboard and primary:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise model_factory.ModelError('--tensorboard needs the tensorboard package: pip install tensorboard') \
+                from e
+        writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+
+    _logger.info('Scheduled epochs: %d (start at %d), %d steps per epoch', num_epochs, start_epoch, len(loader_train))
+    stop = tu.GracefulStop()
+    summary_csv = os.path.join(out_dir, 'summary.csv')
+    last_path = os.path.join(out_dir, 'last.pth.tar')
+    num_updates = start_epoch * len(loader_train)
+    progress = primary and not args.no_progress
+    decreasing = args.eval_metric == 'loss'
+    eval_metrics = {}
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                mixup_fn.mixup_enabled = False
+            start = time.time()
+            train_metrics = engine.train_one_epoch(
+                epoch, model, loader_train, optimizer, train_loss_fn, device=device, stop=stop,
+                lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+                model_ema=model_ema, clip_grad=args.clip_grad, clip_mode=args.clip_mode, num_updates=num_updates,
+                log_interval=args.log_interval, progress=progress, channels_last=args.channels_last)
+            num_updates = int(train_metrics.pop('num_updates'))
+            if world_size > 1 and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(model, world_size, args.dist_bn == 'reduce')
+
+            if loader_eval is not None:
+                eval_metrics = engine.evaluate(model, loader_eval, device=device, amp_autocast=amp_autocast,
+                                               progress=progress, desc=f'val {epoch}',
+                                               channels_last=args.channels_last)
+                if model_ema is not None:
+                    ema_metrics = engine.evaluate(model_ema.module, loader_eval, device=device,
+                                                  amp_autocast=amp_autocast, progress=progress,
+                                                  desc=f'val-ema {epoch}', channels_last=args.channels_last)
+                    eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
+                eval_metrics.pop('count', None)
+                eval_metrics.pop('ema_count', None)
+            metric = eval_metrics.get(args.eval_metric) if eval_metrics else -train_metrics['loss']
+            lr_scheduler.step(epoch + 1, metric)
+
+            improved = metric is not None and (best_metric is None or (
+                metric < best_metric if decreasing else metric > best_metric))
+            if improved:
+                best_metric, best_epoch = metric, epoch
+            rng_states = tu.all_gather_object(tu.rng_state_for_checkpoint(tu.get_rng_state()))
+            if primary:
+                ckpt = tu.build_checkpoint(
+                    epoch=epoch, arch=args.model, model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                    model_ema=model_ema, loss_scaler=loss_scaler, rng_states=rng_states, metric=metric,
+                    args=yaml.safe_load(args_text))
+                ckpt.update(best_metric=best_metric, best_epoch=best_epoch)
+                tu.atomic_save(ckpt, last_path)
+                if improved:
+                    tu.atomic_save(ckpt, os.path.join(out_dir, 'model_best.pth.tar'))
+                update_summary(epoch, train_metrics, eval_metrics, summary_csv, lr=train_metrics['lr'])
+                if writer is not None:
+                    for k, v in train_metrics.items():
+                        writer.add_scalar(f'train/{k}', v, epoch)
+                    for k, v in eval_metrics.items():
+                        writer.add_scalar(f'eval/{k}', v, epoch)
+                    writer.flush()
+                _logger.info('Epoch %d done in %.0fs: train loss %.4f, %s, %.1f img/s', epoch, time.time() - start,
+                             train_metrics['loss'],
+                             ', '.join(f'{k} {v:.3f}' for k, v in eval_metrics.items()) or 'no validation',
+                             train_metrics['img_per_sec'])
+            signum, _ = stop.check(device)
+            if signum:  # arrived during validation/saving: the epoch is complete and saved
+                raise tu.TrainingInterrupted(signum, f'interrupted after epoch {epoch}')
+    except tu.NonFiniteError as e:
+        _logger.error('Non-finite values: %s', e)
+        _logger.error('Last good checkpoint: %s', last_path if os.path.exists(last_path) else 'none')
+        return 1
+    except Exception as e:
+        if not isinstance(e, tu.TrainingInterrupted):
+            if not stop.signum:
+                raise
+            # e.g. Ctrl-C stopped the data-loading workers during validation: still a clean stop
+            e = tu.TrainingInterrupted(stop.signum, f'{type(e).__name__} after the signal: {e}')
+        saved = os.path.exists(last_path)
+        _logger.warning('Stopped by %s (%s). %s', _signame(e.signum), e,
+                        f'Resume with: --resume {last_path}' if saved else 'No epoch completed, nothing saved.')
+        return 128 + e.signum
+    finally:
+        stop.restore()
+        if writer is not None:
+            writer.close()
+
+    if world_size > 1:
+        checksums = tu.all_gather_object(tu.weights_checksum(model))
+        if len(set(checksums)) != 1:
+            _logger.error('Ranks disagree on the final weights (checksums %s)', checksums)
+            return 1
+        _logger.info('All %d ranks hold identical weights (checksum %s)', world_size, checksums[0])
+    if primary:
+        if not args.no_plot and os.path.exists(summary_csv):
+            try:
+                png = _plot_curves().plot_summary(summary_csv, os.path.join(out_dir, 'training_curves.png'))
+                _logger.info('Training curves: %s', png)
+            except ImportError as e:
+                _logger.warning('No training-curve plot (%s); pip install matplotlib', e)
+        if best_metric is not None:
+            _logger.info('Best %s: %.3f (epoch %d)', args.eval_metric, best_metric, best_epoch)
+        if eval_metrics:
+            print(f'final: top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
+                  f'(best {args.eval_metric} {best_metric:.2f} at epoch {best_epoch}); checkpoints in {out_dir}')
+    return 0
+
+
+def _plot_curves():
+    spec = importlib.util.spec_from_file_location('plot_curves', os.path.join(_HERE, 'tools', 'plot_curves.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f'signal {signum}'
+
+
+if __name__ == '__main__':
+    np.set_printoptions(precision=4)
+    sys.exit(main())

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The paper's ImageNet-1K recipe on 8 GPUs (64 images per GPU, lr 1e-3; the rest are train.py's defaults:
+# AdamW wd 0.05, cosine 300 + 10 cooldown epochs, 5 warmup epochs from 1e-6, RandAugment, mixup/cutmix, ...).
+# Usage: bash classification/train.sh /path/to/imagenet [dsan_t|dsan_t2|dsan_s] [extra train.py args]
+set -euo pipefail
+DATA=${1:?usage: bash train.sh /path/to/imagenet [MODEL] [args...]}
+MODEL=${2:-dsan_t}
+shift $(( $# >= 2 ? 2 : 1 ))
+DROP_PATH=${DROP_PATH:-0.1}
+NUM_GPUS=${NUM_GPUS:-8}
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+bash "$HERE/distributed_train.sh" "$NUM_GPUS" "$DATA" --model "$MODEL" -b 64 --lr 1e-3 --drop-path "$DROP_PATH" \
+    --workers 16 --amp --output output/imagenet "$@"

@@ -1,0 +1,292 @@
+"""Training-reliability helpers: distributed setup, atomic checkpoints, RNG state, graceful stop.
+
+Checkpoint policy (what ``--resume`` relies on):
+
+* A checkpoint is written only at the end of a completed epoch (after validation), to ``last.pth.tar`` and,
+  when the eval metric improved, ``model_best.pth.tar``. Each file is written to a temporary file in the same
+  directory, flushed and fsync'ed, then moved into place with :func:`os.replace`, so a reader (or a crash)
+  sees either the previous complete file or the new complete file, never a partial one.
+* SIGTERM / SIGINT in the middle of an epoch stops training at the next step boundary *without* writing the
+  partial epoch; ``--resume last.pth.tar`` restarts that epoch from the state saved at the end of the previous
+  one (model, optimizer, scheduler, EMA, AMP scaler, epoch and the python / numpy / torch RNG states of every
+  rank), so at most the partial epoch is lost and the resumed run is the run that was interrupted.
+* Weights are checked to be finite before every write; a non-finite loss stops training before that.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or the weights became NaN/Inf; training stops and no checkpoint is written."""
+
+
+class TrainingInterrupted(RuntimeError):
+    """Training was stopped by a signal at a step boundary."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# distributed
+
+
+def init_distributed(device: str = '') -> dict[str, Any]:
+    """Initialise ``torch.distributed`` from torchrun's environment, if present.
+
+    The backend is NCCL when training on CUDA and gloo otherwise (CPU).
+
+    Args:
+        device: Requested device ('' picks CUDA when available, else CPU).
+
+    Returns:
+        Dict with ``distributed``, ``rank``, ``world_size``, ``local_rank`` and ``device`` (a torch.device).
+    """
+    if not device:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    rank = int(os.environ.get('RANK', '0'))
+    local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+    distributed = world_size > 1
+    dev = torch.device(device)
+    if dev.type == 'cuda':
+        if distributed:
+            dev = torch.device('cuda', local_rank)
+        torch.cuda.set_device(dev)
+    if distributed:
+        backend = 'nccl' if dev.type == 'cuda' else 'gloo'
+        dist.init_process_group(backend=backend)
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        _logger.info('Distributed training: rank %d of %d, backend %s, device %s', rank, world_size, backend, dev)
+    return dict(distributed=distributed, rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Return rank ``src``'s ``obj`` on every rank (identity when not distributed)."""
+    if not is_distributed():
+        return obj
+    buf = [obj]
+    dist.broadcast_object_list(buf, src=src)
+    return buf[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Gather ``obj`` from every rank, in rank order (``[obj]`` when not distributed)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RNG state
+
+
+def get_rng_state() -> dict[str, Any]:
+    """Snapshot of the python, numpy and torch (CPU and CUDA) global RNG states of this process."""
+    state = {
+        'python': random.getstate(),
+        'numpy': np.random.get_state(),
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore a snapshot made by :func:`get_rng_state`."""
+    random.setstate(state['python'])
+    np.random.set_state(state['numpy'])
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def assert_finite_state(state_dict: dict[str, Any], what: str = 'model') -> None:
+    """Raise :class:`NonFiniteError` naming the first floating tensor of ``state_dict`` with NaN/Inf values."""
+    for name, value in state_dict.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all():
+            raise NonFiniteError(f'{what} tensor {name!r} contains NaN/Inf values; refusing to write a checkpoint')
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically: temp file in the same directory, fsync, :func:`os.replace`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if hasattr(model, 'module') and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def build_checkpoint(
+        *,
+        epoch: int,
+        arch: str,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any = None,
+        model_ema: torch.nn.Module | None = None,
+        loss_scaler: Any = None,
+        rng_states: list[dict[str, Any]] | None = None,
+        metric: float | None = None,
+        args: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the full training state after completed epoch ``epoch`` (0-based).
+
+    Keys follow timm (``state_dict``, ``optimizer``, ``state_dict_ema``, ``amp_scaler``) so timm's
+    ``load_checkpoint(..., use_ema=True)`` reads these files too.
+    """
+    state = {
+        'version': CHECKPOINT_VERSION,
+        'epoch': epoch,
+        'arch': arch,
+        'state_dict': unwrap_model(model).state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'metric': metric,
+        'args': args,
+        'rng_states': rng_states,
+    }
+    if lr_scheduler is not None:
+        state['scheduler'] = lr_scheduler.state_dict()
+    if model_ema is not None:
+        state['state_dict_ema'] = unwrap_model(model_ema.module).state_dict()
+    if loss_scaler is not None:
+        state['amp_scaler'] = loss_scaler.state_dict()
+    assert_finite_state(state['state_dict'], 'model')
+    if 'state_dict_ema' in state:
+        assert_finite_state(state['state_dict_ema'], 'EMA model')
+    return state
+
+
+def load_training_checkpoint(path: str) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`build_checkpoint` (a trusted, locally written file)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint to resume from not found: {path!r}')
+    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
+        raise ValueError(f'{path!r} is not a training checkpoint (needs "state_dict" and "epoch"); '
+                         'use --initial-checkpoint to start from weights only')
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# graceful stop
+
+
+class GracefulStop:
+    """Turn SIGTERM / SIGINT into a flag that the training loop polls at step boundaries.
+
+    A second signal of the same kind restores the default behaviour (so a second Ctrl-C kills at once).
+    In distributed runs :meth:`should_stop` all-reduces the flag so every rank stops at the same step.
+    """
+
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
+        self.signum: int | None = None
+        self._previous = {}
+        for s in signals:
+            try:
+                self._previous[s] = signal.signal(s, self._handler)
+            except ValueError:  # not in the main thread (e.g. called from a test runner thread)
+                pass
+
+    def _handler(self, signum, frame):
+        if self.signum is not None:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        self.signum = signum
+        _logger.warning('Received %s: stopping at the next step boundary (send again to kill now)',
+                        signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        """Put the previous signal handlers back."""
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
+
+    def check(self, device: torch.device, nonfinite: bool = False) -> tuple:
+        """Return ``(signum or 0, any_rank_nonfinite)`` agreed across ranks (one tiny all-reduce)."""
+        flags = torch.tensor([self.signum or 0, int(nonfinite)], dtype=torch.int64)
+        if is_distributed():
+            flags = flags.to(device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.cpu()
+        return int(flags[0]), bool(flags[1])
+
+
+def rng_state_for_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """Make a :func:`get_rng_state` snapshot loadable with ``torch.load(weights_only=True)`` (no numpy objects)."""
+    name, keys, pos, has_gauss, cached = state['numpy']
+    out = dict(state)
+    out['numpy'] = [str(name), torch.from_numpy(np.asarray(keys, np.int64)), int(pos), int(has_gauss), float(cached)]
+    return out
+
+
+def rng_state_from_checkpoint(state: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of :func:`rng_state_for_checkpoint`."""
+    name, keys, pos, has_gauss, cached = state['numpy']
+    out = dict(state)
+    out['python'] = (state['python'][0], tuple(state['python'][1]), state['python'][2])
+    out['numpy'] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    return out
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """Order-sensitive checksum of all parameters and buffers (compare across ranks)."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, t in unwrap_model(model).state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]

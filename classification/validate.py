@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Evaluate a checkpoint on an ImageNet-layout validation folder: top-1 / top-5, optional per-image CSV.
+
+Loads the released DSAN checkpoints as they are (``dsan_t.pth.tar`` ...; the DSCN groups of each stage are read
+from the file), timm CheckpointSaver files and this repository's ``last.pth.tar`` / ``model_best.pth.tar``::
+
+    python classification/validate.py /path/to/imagenet --model dsan_t --checkpoint dsan_t.pth.tar -b 64
+    python classification/validate.py data/demo_cls --model dsan_t --checkpoint output/demo/<run>/model_best.pth.tar \
+        --img-size 64 --crop-pct 1.0 --per-image-csv results.csv
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+import data as cls_data  # noqa: E402
+import engine  # noqa: E402
+import model_factory  # noqa: E402
+from timm.data import create_loader, resolve_data_config  # noqa: E402
+from timm.utils import ParseKwargs  # noqa: E402
+
+_logger = logging.getLogger('validate')
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The validation argument parser (timm's flag names)."""
+    parser = argparse.ArgumentParser(description='DSAN ImageNet validation')
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('data', nargs='?', metavar='DIR', help='dataset root (holding the split folder)')
+    group.add_argument('--data-dir', metavar='DIR', help='dataset root (alternative to the positional DIR)')
+    group.add_argument('--dataset', metavar='NAME', default='', help='timm dataset type (default: image folders)')
+    group.add_argument('--split', metavar='NAME', default='val', help='split folder (default: val)')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class to index map file')
+    group.add_argument('--skip-bad-images', action='store_true', help='skip unreadable images instead of failing')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', '-m', default='dsan_t', metavar='NAME', help='model name (default: dsan_t)')
+    group.add_argument('--checkpoint', default='', type=str, metavar='PATH', help='weights to evaluate')
+    group.add_argument('--use-ema', action='store_true', help='evaluate the EMA weights of a training checkpoint')
+    group.add_argument('--pretrained', action='store_true', help='use the registered pretrained weights')
+    group.add_argument('--num-classes', type=int, default=None, help='classes (default: from the checkpoint)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model kwargs')
+    group.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N', help='C H W input size')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop ratio')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+
+    group = parser.add_argument_group('Run parameters')
+    group.add_argument('-b', '--batch-size', default=64, type=int, metavar='N', help='batch size (default: 64)')
+    group.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data-loading processes')
+    group.add_argument('--device', default='', type=str, help='"cuda" or "cpu" (default: cuda when available)')
+    group.add_argument('--amp', action='store_true', help='mixed precision (float16 on CUDA, bfloat16 on CPU)')
+    group.add_argument('--channels-last', action='store_true', help='channels-last memory layout')
+    group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
+                       help='write the summary to this .json or .csv file')
+    group.add_argument('--per-image-csv', default='', type=str, metavar='FILENAME',
+                       help='write one row per image: file, target, correct, top-5 classes and probabilities')
+    group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return parser
+
+
+def validate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the evaluation described by ``args``; returns the summary dict (top1, top5, loss, count ...)."""
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    data_dir = args.data_dir or args.data
+    if not args.dataset:
+        classes = cls_data.check_image_folder(data_dir, args.split)
+    if not args.checkpoint and not args.pretrained:
+        _logger.warning('No --checkpoint given: evaluating randomly initialised weights')
+    model = model_factory.create(args.model, num_classes=args.num_classes, pretrained=args.pretrained,
+                                 checkpoint=args.checkpoint, use_ema=args.use_ema, **args.model_kwargs)
+    num_classes = model.num_classes if hasattr(model, 'num_classes') else None
+    if not args.dataset and num_classes is not None and num_classes != len(classes):
+        _logger.warning('The model has %d classes but %s has %d class folders: check --model/--checkpoint',
+                        num_classes, os.path.join(data_dir, args.split), len(classes))
+    data_config = resolve_data_config(vars(args), model=model, verbose=True)
+    model.to(device).eval()
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    dataset = cls_data.build_dataset(args.dataset, data_dir, args.split, is_training=False,
+                                     class_map=args.class_map, skip_bad_images=args.skip_bad_images)
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
+        use_prefetcher=device.type == 'cuda', persistent_workers=False)
+    autocast = torch.autocast
+    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+
+    def amp_autocast():
+        return autocast(device_type=device.type, dtype=amp_dtype, enabled=args.amp)
+
+    start = time.time()
+    res = engine.evaluate(model, loader, device=device, amp_autocast=amp_autocast, progress=not args.no_progress,
+                          collect=bool(args.per_image_csv), channels_last=args.channels_last)
+    elapsed = time.time() - start
+    summary = dict(model=args.model, checkpoint=args.checkpoint, split=os.path.join(data_dir or '', args.split),
+                   top1=round(res['top1'], 3), top5=round(res['top5'], 3), loss=round(res['loss'], 5),
+                   count=res['count'], img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+                   interpolation=data_config['interpolation'], img_per_sec=round(res['count'] / max(elapsed, 1e-9), 1))
+
+    if args.per_image_csv:
+        idx_to_class = {v: k for k, v in getattr(dataset.reader, 'class_to_idx', {}).items()}
+        _write_per_image(args.per_image_csv, dataset, res, idx_to_class)
+        _logger.info('Per-image results: %s', args.per_image_csv)
+    if args.results_file:
+        _write_summary(args.results_file, summary)
+    return summary
+
+
+def _write_per_image(path: str, dataset, res: dict[str, Any], idx_to_class: dict[int, str]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['file', 'target', 'target_name', 'correct', 'top5_classes', 'top5_names', 'top5_probs'])
+        for i, (t, idx, prob) in enumerate(zip(res['targets'], res['topk_idx'], res['topk_prob'])):
+            w.writerow([dataset.filename(i), t, idx_to_class.get(t, ''), int(idx[0] == t),
+                        ' '.join(map(str, idx)), ' '.join(idx_to_class.get(k, '') for k in idx),
+                        ' '.join(f'{p:.4f}' for p in prob)])
+
+
+def _write_summary(path: str, summary: dict[str, Any]) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith('.json'):
+        with open(path, 'w') as f:
+            json.dump(summary, f, indent=2)
+    else:
+        with open(path, 'w', newline='') as f:
+            w = csv.DictWriter(f, fieldnames=list(summary))
+            w.writeheader()
+            w.writerow({k: v if not isinstance(v, (list, tuple)) else ' '.join(map(str, v))
+                        for k, v in summary.items()})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (2 on bad input)."""
+    logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
+    args = build_parser().parse_args(argv)
+    try:
+        summary = validate(args)
+    except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, FileNotFoundError) as e:
+        print(f'validate.py: error: {e}', file=sys.stderr)
+        return 2
+    print(f"{summary['model']}: top1 {summary['top1']:.3f}  top5 {summary['top5']:.3f}  "
+          f"({summary['count']} images, {summary['split']})")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
