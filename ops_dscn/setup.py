@@ -56,7 +56,11 @@ def _cuda_pip_include_dirs() -> list[str]:
 
 def _extensions():
     sources = [os.path.join(CSRC, "dscn.cpp"), os.path.join(CSRC, "cpu", "dscn_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi"]
+    # -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; without the flag it silently runs on one
+    # thread. At run time the OpenMP symbols resolve to the libgomp.so.1 torch has already loaded (same soname), so
+    # torch.set_num_threads applies to the op too.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if _want_cuda():
         sources.append(os.path.join(CSRC, "cuda", "dscn_cuda.cu"))
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -69,6 +73,7 @@ def _extensions():
                 include_dirs=[os.path.join(HERE, CSRC)] + _cuda_pip_include_dirs(),
                 define_macros=[("DSCN_WITH_CUDA", None)],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                extra_link_args=link_flags,
             )
         ]
     print("ops_dscn: no GPU visible and FORCE_CUDA is not 1: building the CPU kernel only "
@@ -79,6 +84,7 @@ def _extensions():
             sources,
             include_dirs=[os.path.join(HERE, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=link_flags,
         )
     ]
 
