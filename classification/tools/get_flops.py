@@ -11,18 +11,13 @@ Examples:
     python classification/tools/get_flops.py --paper-table         # the paper's table next to ours
 """
 import argparse
-import contextlib
 import functools
 import logging
 import sys
-import warnings
 from pathlib import Path
 
 import timm
-import torch
 import torch.nn as nn
-from torchprofile import profile_macs
-from torchprofile.handlers import HANDLER_MAP
 
 try:
     import dsan.models  # noqa: F401  (registers the DSAN models with timm)
@@ -30,14 +25,11 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
 
-import ops_dscn
+import ops_dscn  # noqa: F401  (tests patch ops_dscn.available_backends through this name)
+from dsan.flops import DSCN_OP, count_macs, count_params  # noqa: F401  (re-exported for the tests and users)
 from dsan.models.dsan import extract_state_dict, infer_groups, read_checkpoint
-from ops_dscn.modules import DSCNX, DSCNY
 
 _logger = logging.getLogger('get_flops')
-
-DSCN_OP = 'ops_dscn::dscn'
-_STANDIN_OP = 'dsan_profile::dscn_standin'
 
 # Published numbers (paper / original README) and the figures this repository is expected to measure.
 PAPER_TABLE = [
@@ -56,109 +48,6 @@ PAPER_DOWNSTREAM = [
     ('COCO Mask R-CNN FPN 1x', 'DSAN-T', '24.3 M', '188.6 G', 'box AP 42.6 / mask AP 38.9'),
     ('COCO Mask R-CNN FPN 1x', 'DSAN-S', '39.5 M', '235.4 G', 'box AP 46.1 / mask AP 41.5'),
 ]
-
-
-def _prod(shape) -> int:
-    out = 1
-    for s in shape:
-        out *= int(s)
-    return out
-
-
-def _dscn_own_macs(node) -> int:
-    """Multiply-adds of one DSCN call: 2 per tap and output element (two interpolation weights)."""
-    out_shape = node.outputs[0].shape  # (N, Ho, Wo, C)
-    offset_shape = node.inputs[1].shape  # (N, Ho, Wo, group * K')
-    group = node.inputs[10].value if node.operator == DSCN_OP else node.inputs[2].value
-    taps = offset_shape[-1] // int(group)
-    return 2 * _prod(out_shape) * taps
-
-
-def _standin_impl(x: torch.Tensor, offset: torch.Tensor, group: int) -> torch.Tensor:
-    """Shape-only stand-in of a stride-1, same-padding DSCN call, used only for counting."""
-    return x.clone()
-
-
-def _get_standin_op():
-    # This file may be imported twice (as a script and as a module): define the op once per process.
-    try:
-        return torch.ops.dsan_profile.dscn_standin
-    except (AttributeError, RuntimeError):
-        op = torch.library.custom_op(_STANDIN_OP, _standin_impl, mutates_args=())
-        op.register_fake(lambda x, offset, group: torch.empty_like(x))
-        return op
-
-
-_dscn_standin = _get_standin_op()
-
-
-class _CountDSCN:
-    """Context: register a torchprofile handler giving each DSCN call its own multiply-adds."""
-
-    def __enter__(self):
-        self._saved = {op: HANDLER_MAP.get(op, _MISSING) for op in (DSCN_OP, _STANDIN_OP)}
-        for op in self._saved:
-            HANDLER_MAP[op] = _dscn_own_macs
-        return self
-
-    def __exit__(self, *exc):
-        for op, h in self._saved.items():
-            if h is _MISSING:
-                HANDLER_MAP.pop(op, None)
-            else:
-                HANDLER_MAP[op] = h
-
-
-_MISSING = object()
-
-
-class _StandInOp:
-    """Context: make the DSCN modules call a shape-only stand-in op when the compiled op is not built.
-
-    The pure-PyTorch twin would be traced into many elementwise ops that torchprofile would count; the
-    stand-in keeps the op a single opaque node, as the compiled op is.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.modules = [m for m in model.modules() if isinstance(m, (DSCNX, DSCNY))]
-
-    def __enter__(self):
-        if any(not hasattr(m, '_strip') for m in self.modules):
-            raise RuntimeError('The ops_dscn modules changed: cannot count without the compiled op; build ops_dscn.')
-        for m in self.modules:
-            m._strip = lambda x, offset, _m=m: _dscn_standin(x, offset, _m.group)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.modules:
-            del m._strip
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def count_macs(model: nn.Module, img_size: tuple[int, int] = (224, 224)) -> tuple[int, int]:
-    """torchprofile multiply-accumulates of one image (the paper's "FLOPs").
-
-    Args:
-        model: Model in eval mode.
-        img_size: (H, W) of the input.
-
-    Returns:
-        (MACs with the DSCN op counted 0 as in the paper, MACs including the op's own multiply-adds).
-    """
-    x = torch.randn(1, 3, *img_size)
-    use_standin = 'cpp' not in ops_dscn.available_backends()
-    with warnings.catch_warnings():
-        warnings.filterwarnings('ignore', message='No handlers found')
-        with _CountDSCN(), (_StandInOp(model) if use_standin else contextlib.nullcontext()):
-            per_node = profile_macs(model, x, reduction=None)
-    dscn = sum(v for n, v in per_node.items() if n.operator in (DSCN_OP, _STANDIN_OP))
-    total = sum(per_node.values())
-    return int(total - dscn), int(total)
 
 
 def build(name: str, checkpoint: str | None = None, groups: tuple[int, ...] | None = None) -> nn.Module:

@@ -10,7 +10,8 @@ The same scene renderer produces three layouts:
 
 * ``classification`` — ImageNet folder layout ``{train,val}/<class>/<image>.jpg``, one shape per image.
 * ``segmentation`` — ADE20K layout ``images/{training,validation}/*.jpg`` and
-  ``annotations/{training,validation}/*.png`` (0 = background, ``k + 1`` = category ``k``).
+  ``annotations/{training,validation}/*.png`` (0 = background, ``k + 1`` = category ``k``), or Cityscapes
+  layout ``leftImg8bit/{train,val}/demo/*_leftImg8bit.png`` and ``gtFine/{train,val}/demo/*_labelTrainIds.png``.
 * ``detection`` — COCO layout ``{train2017,val2017}/*.jpg`` and ``annotations/instances_{split}.json``
   with boxes, areas and uncompressed-RLE masks.
 
@@ -18,6 +19,7 @@ Example::
 
     python -m dsan.data.demo --out data/demo_cls
     python -m dsan.data.demo --task segmentation --out data/demo_seg --size 128
+    python -m dsan.data.demo --task segmentation --layout cityscapes --out data/demo_cityscapes
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from PIL import Image, ImageDraw
 
 __all__ = [
     'SHAPES', 'SceneObject', 'Scene', 'render_shape_alpha', 'render_scene',
-    'make_classification', 'make_segmentation', 'make_detection', 'main',
+    'SEG_LAYOUTS', 'make_classification', 'make_segmentation', 'make_detection', 'main',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -300,6 +302,9 @@ def _scene_categories(rng: np.random.Generator, num_classes: int, max_objects: i
     return [int(c) for c in rng.integers(0, num_classes, size=n)]
 
 
+SEG_LAYOUTS = ('ade20k', 'cityscapes')
+
+
 def make_segmentation(
         out: str,
         num_classes: int = 10,
@@ -309,11 +314,18 @@ def make_segmentation(
         max_objects: int = 4,
         seed: int = 0,
         overwrite: bool = False,
+        layout: str = 'ade20k',
 ) -> dict[str, int]:
-    """Write a semantic-segmentation set in ADE20K layout.
+    """Write a semantic-segmentation set in ADE20K or Cityscapes layout.
 
-    Files: ``images/{training,validation}/demo_<split>_<i>.jpg`` and the label maps
-    ``annotations/{training,validation}/demo_<split>_<i>.png`` (0 = background, ``k + 1`` = shape ``k``).
+    Label maps hold 0 for the background and ``k + 1`` for shape ``k`` in both layouts.
+
+    * ``ade20k``: ``images/{training,validation}/demo_<split>_<i>.jpg`` and
+      ``annotations/{training,validation}/demo_<split>_<i>.png`` (mmseg's ADE20KDataset reads them with
+      ``reduce_zero_label``, so there the background is ignored and shape ``k`` is class ``k``).
+    * ``cityscapes``: ``leftImg8bit/{train,val}/demo/demo_<i>_000019_leftImg8bit.png`` and
+      ``gtFine/{train,val}/demo/demo_<i>_000019_gtFine_labelTrainIds.png`` (train ids: the background is
+      id 0, shape ``k`` id ``k + 1``; at most 18 shapes fit the 19 Cityscapes ids).
 
     Args:
         out: Output root.
@@ -324,24 +336,42 @@ def make_segmentation(
         max_objects: Each scene has 1 to ``max_objects`` shapes (they may overlap).
         seed: Seed.
         overwrite: Allow writing into a non-empty directory.
+        layout: ``'ade20k'`` or ``'cityscapes'``.
 
     Returns:
         Number of images written per split.
     """
+    if layout not in SEG_LAYOUTS:
+        raise ValueError(f'layout must be one of {SEG_LAYOUTS}, got {layout!r}')
     _check_out(out, overwrite)
     _class_names(num_classes)
+    if layout == 'cityscapes' and num_classes > 18:
+        raise ValueError('the Cityscapes layout has 19 train ids (background + 18 shapes), '
+                         f'got num_classes={num_classes}')
     counts = {}
-    for split_idx, (split, n) in enumerate((('training', num_train), ('validation', num_val))):
-        img_dir, ann_dir = os.path.join(out, 'images', split), os.path.join(out, 'annotations', split)
+    splits = ('training', 'validation') if layout == 'ade20k' else ('train', 'val')
+    for split_idx, (split, n) in enumerate(zip(splits, (num_train, num_val))):
+        if layout == 'ade20k':
+            img_dir, ann_dir = os.path.join(out, 'images', split), os.path.join(out, 'annotations', split)
+        else:
+            img_dir = os.path.join(out, 'leftImg8bit', split, 'demo')
+            ann_dir = os.path.join(out, 'gtFine', split, 'demo')
         os.makedirs(img_dir, exist_ok=True)
         os.makedirs(ann_dir, exist_ok=True)
+        # The same seed stream for both layouts: the same arguments give the same scenes in either.
         rng = np.random.default_rng([seed, 100 + split_idx])
         for i in range(n):
             scene = render_scene(rng, (size, size), _scene_categories(rng, num_classes, max_objects),
                                  scale=(0.12, 0.3))
-            stem = f'demo_{split}_{i:06d}'
-            Image.fromarray(scene.image).save(os.path.join(img_dir, stem + '.jpg'), quality=95)
-            Image.fromarray(scene.semantic_mask()).save(os.path.join(ann_dir, stem + '.png'))
+            image, mask = Image.fromarray(scene.image), Image.fromarray(scene.semantic_mask())
+            if layout == 'ade20k':
+                stem = f'demo_{split}_{i:06d}'
+                image.save(os.path.join(img_dir, stem + '.jpg'), quality=95)
+                mask.save(os.path.join(ann_dir, stem + '.png'))
+            else:
+                stem = f'demo_{split_idx}{i:05d}_000019'
+                image.save(os.path.join(img_dir, stem + '_leftImg8bit.png'))
+                mask.save(os.path.join(ann_dir, stem + '_gtFine_labelTrainIds.png'))
         counts[split] = n
     with open(os.path.join(out, 'classes.txt'), 'w') as f:
         f.write('\n'.join(('background',) + SHAPES[:num_classes]) + '\n')
@@ -429,6 +459,8 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument('--num-val', type=int, default=100, help='segmentation/detection: validation images')
     p.add_argument('--size', type=int, default=None, help='image side (default: 64 classification, 128 otherwise)')
     p.add_argument('--max-objects', type=int, default=4, help='segmentation/detection: shapes per image, at most')
+    p.add_argument('--layout', default='ade20k', choices=SEG_LAYOUTS,
+                   help='segmentation: ADE20K (images/, annotations/) or Cityscapes (leftImg8bit/, gtFine/) layout')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--overwrite', action='store_true', help='write into a non-empty output directory')
     return p.parse_args(argv)
@@ -442,9 +474,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, int]:
         counts = make_classification(args.out, args.num_classes, args.train_per_class, args.val_per_class,
                                      size=args.size or 64, seed=args.seed, overwrite=args.overwrite)
     else:
-        fn = make_segmentation if args.task == 'segmentation' else make_detection
+        fn = make_detection
+        extra = {}
+        if args.task == 'segmentation':
+            fn, extra = make_segmentation, dict(layout=args.layout)
         counts = fn(args.out, args.num_classes, args.num_train, args.num_val, size=args.size or 128,
-                    max_objects=args.max_objects, seed=args.seed, overwrite=args.overwrite)
+                    max_objects=args.max_objects, seed=args.seed, overwrite=args.overwrite, **extra)
     summary = ', '.join(f'{k}: {v}' for k, v in counts.items())
     print(f'wrote {args.task} demo data to {args.out} ({summary} images) in {time.time() - start:.1f}s')
     return counts

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -186,6 +186,7 @@ class Block(nn.Module):
             layer_scale_init_value: float = 1e-2,
             act_layer: type[nn.Module] = nn.GELU,
             backend: str = 'auto',
+            norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         """
         Args:
@@ -199,12 +200,13 @@ class Block(nn.Module):
             layer_scale_init_value: Initial value of `layer_scale_1` and `layer_scale_2`.
             act_layer: MLP activation layer.
             backend: DSCN operator backend.
+            norm_layer: Builds `norm1` / `norm2` from the channel count (BatchNorm2d; SyncBN in mm runs).
         """
         super().__init__()
-        self.norm1 = nn.BatchNorm2d(dim)
+        self.norm1 = norm_layer(dim)
         self.attn = DSA(dim, kernel_size, dw_kernel_size, group, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.BatchNorm2d(dim)
+        self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
@@ -219,17 +221,25 @@ class Block(nn.Module):
 class OverlapPatchEmbed(nn.Module):
     """Overlapping patch embedding: strided conv + BatchNorm."""
 
-    def __init__(self, patch_size: int = 7, stride: int = 4, in_chans: int = 3, embed_dim: int = 768):
+    def __init__(
+            self,
+            patch_size: int = 7,
+            stride: int = 4,
+            in_chans: int = 3,
+            embed_dim: int = 768,
+            norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+    ):
         """
         Args:
             patch_size: Conv kernel size (padding is `patch_size // 2`).
             stride: Conv stride (the downsampling factor).
             in_chans: Input channels.
             embed_dim: Output channels.
+            norm_layer: Builds the norm from the channel count.
         """
         super().__init__()
         self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
-        self.norm = nn.BatchNorm2d(embed_dim)
+        self.norm = norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, embed_dim, H / stride, W / stride)."""
@@ -261,6 +271,7 @@ class DSAN(nn.Module):
             backend: str = 'auto',
             core_op: str | None = None,
             channels_last: bool = True,
+            norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
     ):
         """
         Args:
@@ -280,6 +291,8 @@ class DSAN(nn.Module):
             backend: DSCN operator backend: 'auto' (compiled op when built), 'cpp' or 'pytorch'.
             core_op: Alias of `backend` ('dscn' or 'dscn_pytorch'); overrides it when given.
             channels_last: Convert the input to channels_last memory so every activation stays NHWC in memory.
+            norm_layer: Builds every BatchNorm (patch embeddings, `norm1`/`norm2` of the blocks) from the
+                channel count; the mm adapter passes SyncBN or BN built from its `norm_cfg`.
         """
         super().__init__()
         num_stages = len(depths)
@@ -313,12 +326,13 @@ class DSAN(nn.Module):
                 stride=4 if i == 0 else 2,
                 in_chans=in_chans if i == 0 else embed_dims[i - 1],
                 embed_dim=embed_dims[i],
+                norm_layer=norm_layer,
             )
             block = nn.ModuleList([
                 Block(
                     embed_dims[i], kernel_sizes[i], dw_kernel_sizes[i], groups[i],
                     mlp_ratio=mlp_ratios[i], drop=drop_rate, drop_path=dpr[cur + j],
-                    layer_scale_init_value=layer_scale_init_value, backend=backend,
+                    layer_scale_init_value=layer_scale_init_value, backend=backend, norm_layer=norm_layer,
                 )
                 for j in range(depths[i])])
             cur += depths[i]

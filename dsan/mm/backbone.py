@@ -1,0 +1,225 @@
+"""DSAN as an OpenMMLab backbone, for mmsegmentation 1.x and mmdetection 3.x alike.
+
+A thin adapter over the one model definition, :class:`dsan.models.dsan.DSAN`: it subclasses it, so module and
+parameter names are exactly the original's (`backbone.patch_embed1.proj.weight`, ...) and released segmentor
+and detector checkpoints load strictly. It is registered once, in mmengine's root ``MODELS`` registry, which
+the mmseg and mmdet registries fall back to; configs enable it with
+``custom_imports = dict(imports=['dsan.mm'], allow_failed_imports=False)`` and ``backbone=dict(type='DSAN', ...)``.
+"""
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from mmcv.cnn import build_norm_layer
+from mmengine.logging import print_log
+from mmengine.model import BaseModule
+from mmengine.registry import MODELS
+
+from dsan.models.dsan import (
+    DSAN,
+    CheckpointError,
+    checkpoint_filter_fn,
+    extract_state_dict,
+    infer_groups,
+    read_checkpoint,
+)
+
+__all__ = ['DSANBackbone', 'sync_bn_available']
+
+_SYNC_BN_TYPES = ('SyncBN', 'MMSyncBN')
+
+
+def sync_bn_available() -> bool:
+    """Whether SyncBN can synchronise here: a distributed run of more than one process, on CUDA."""
+    return (torch.cuda.is_available() and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1)
+
+
+def _build_norm(cfg: dict, num_features: int) -> nn.Module:
+    return build_norm_layer(cfg, num_features)[1]
+
+
+@MODELS.register_module(name='DSAN')
+class DSANBackbone(DSAN, BaseModule):
+    """DSAN backbone returning the normalised NCHW maps of its stages (strides 4, 8, 16, 32).
+
+    Takes the constructor arguments of the original mm backbone, so its configs read the same, plus
+    `out_indices` and `frozen_stages`. `paddings`, `strides` and `dilations` are accepted for those configs but
+    must be what every DSAN uses: 'same' padding (K - 1) / 2, stride 1, dilation 1.
+    """
+
+    def __init__(
+            self,
+            in_chans: int = 3,
+            embed_dims: Sequence[int] = (64, 128, 256, 512),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+            kernel_sizes: Sequence[int] = (11, 11, 7, 5),
+            dw_kernel_sizes: Sequence[int] = (11, 11, 7, 5),
+            paddings: Sequence[int] | None = None,
+            strides: Sequence[int] | None = None,
+            dilations: Sequence[int] | None = None,
+            groups: Sequence[int] = (4, 4, 4, 4),
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            depths: Sequence[int] = (3, 4, 6, 3),
+            num_stages: int = 4,
+            out_indices: Sequence[int] = (0, 1, 2, 3),
+            frozen_stages: int = -1,
+            norm_cfg: Mapping[str, Any] | None = None,
+            norm_eps: float = 1e-5,
+            backend: str = 'auto',
+            pretrained: str | None = None,
+            init_cfg: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ):
+        """
+        Args:
+            in_chans: Input image channels.
+            embed_dims: Channels of the stages.
+            mlp_ratios: MLP expansion per stage.
+            kernel_sizes: DSCN taps per stage (odd).
+            dw_kernel_sizes: Depthwise strip conv kernel of the DSCN offset branches per stage.
+            paddings: DSCN padding per stage; must be (K - 1) / 2 (None: that).
+            strides: DSCN stride per stage; must be 1 (None: that).
+            dilations: DSCN dilation per stage; must be 1 (None: that).
+            groups: DSCN groups per stage.
+            drop_rate: Dropout rate inside the MLPs.
+            drop_path_rate: Stochastic depth rate, linear from 0 over all blocks.
+            depths: Blocks per stage.
+            num_stages: Stages to build (the first `num_stages` entries of the per-stage lists).
+            out_indices: Stages (0-based) whose normalised output `forward` returns, in order.
+            frozen_stages: Stages 1..frozen_stages are frozen (no gradients, norms in eval mode); -1 none.
+            norm_cfg: mmcv norm config of the BatchNorms (default SyncBN). SyncBN becomes plain BN where it
+                cannot synchronise: a single process, or no CUDA (a gloo run on CPU).
+            norm_eps: Epsilon of the stage LayerNorms (1e-5, as the original mm backbones).
+            backend: DSCN operator backend: 'auto', 'cpp' or 'pytorch'.
+            pretrained: Deprecated: checkpoint path, same as `init_cfg=dict(type='Pretrained', checkpoint=...)`.
+            init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH[, prefix=...])` loads an
+                original encoder file, any classification checkpoint format `dsan.models.load_checkpoint`
+                reads (the classifier is dropped), or the `backbone.*` part of a segmentor/detector file.
+        """
+        if init_cfg is not None and pretrained is not None:
+            raise ValueError('init_cfg and pretrained cannot be set at the same time: use init_cfg.')
+        if isinstance(pretrained, str):
+            warnings.warn("DSAN: 'pretrained' is deprecated, use init_cfg=dict(type='Pretrained', checkpoint=...)",
+                          DeprecationWarning, stacklevel=2)
+            init_cfg = dict(type='Pretrained', checkpoint=pretrained)
+        elif pretrained is not None:
+            raise TypeError(f'pretrained must be a str or None, got {type(pretrained).__name__}.')
+        per_stage = dict(embed_dims=embed_dims, mlp_ratios=mlp_ratios, kernel_sizes=kernel_sizes,
+                         dw_kernel_sizes=dw_kernel_sizes, groups=groups, depths=depths)
+        if not 1 <= num_stages <= min(len(v) for v in per_stage.values()):
+            raise ValueError(f'num_stages must be in [1, {min(len(v) for v in per_stage.values())}] (the length of '
+                             f'the per-stage lists), got {num_stages}.')
+        per_stage = {k: list(v)[:num_stages] for k, v in per_stage.items()}
+        ks = per_stage['kernel_sizes']
+        for name, values, expected in (('paddings', paddings, [(k - 1) // 2 for k in ks]),
+                                       ('strides', strides, [1] * num_stages),
+                                       ('dilations', dilations, [1] * num_stages)):
+            if values is not None and list(values)[:num_stages] != expected:
+                raise ValueError(
+                    f"{name} must be {expected} for kernel_sizes {ks} (DSAN's DSCN layers use 'same' padding, "
+                    f'stride 1 and dilation 1), got {list(values)}.')
+        out_indices = tuple(out_indices)
+        if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
+            raise ValueError(f'out_indices must be non-empty stage indices in [0, {num_stages - 1}], '
+                             f'got {list(out_indices)}.')
+        if not -1 <= frozen_stages <= num_stages:
+            raise ValueError(f'frozen_stages must be in [-1, {num_stages}], got {frozen_stages}.')
+
+        norm_cfg = dict(norm_cfg if norm_cfg is not None else dict(type='SyncBN', requires_grad=True))
+        if norm_cfg.get('type') in _SYNC_BN_TYPES and not sync_bn_available():
+            print_log(f"DSAN: norm_cfg type {norm_cfg['type']} -> BN (no multi-process CUDA run to synchronise).",
+                      logger='current', level=logging.INFO)
+            norm_cfg['type'] = 'BN'
+        super().__init__(
+            in_chans=in_chans, num_classes=0, global_pool='', drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            norm_eps=norm_eps, backend=backend, norm_layer=partial(_build_norm, norm_cfg), **per_stage)
+        # DSAN.__init__ reached BaseModule.__init__ through super() with no init_cfg: set it now.
+        self.init_cfg = dict(init_cfg) if isinstance(init_cfg, Mapping) else init_cfg
+        self.norm_cfg = norm_cfg
+        self.out_indices = out_indices
+        self.frozen_stages = frozen_stages
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        for i in range(self.frozen_stages):
+            for name in (f'patch_embed{i + 1}', f'block{i + 1}', f'norm{i + 1}'):
+                module = getattr(self, name)
+                module.eval()
+                for p in module.parameters():
+                    p.requires_grad = False
+
+    def train(self, mode: bool = True) -> 'DSANBackbone':
+        """Set the training mode, keeping frozen stages in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def init_weights(self) -> None:
+        """Load the `Pretrained` checkpoint of `init_cfg` (strictly, head dropped), or keep DSAN's own init.
+
+        DSAN's constructor already initialises every layer as the original does when no checkpoint is given.
+        Other `init_cfg` types go to mmengine's initialisers.
+        """
+        cfg = self.init_cfg
+        if cfg is None or self.is_init:
+            return
+        if not (isinstance(cfg, Mapping) and cfg.get('type') == 'Pretrained'):
+            BaseModule.init_weights(self)
+            return
+        self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+        self._is_init = True
+
+    def load_pretrained(self, checkpoint: str | os.PathLike | Mapping[str, Any], prefix: str | None = None) -> None:
+        """Load backbone weights from a checkpoint file (or a loaded checkpoint) and check that they fit.
+
+        Args:
+            checkpoint: Local path, a URL / `scheme://` path that mmengine can read, or a loaded checkpoint.
+            prefix: Only take the keys under this prefix (e.g. 'backbone.'), with it stripped.
+
+        Raises:
+            CheckpointError: The DSCN groups of a stage differ from the config's (the message names the stage
+                and both values), or the weights do not fit (missing, unexpected, mismatched keys listed).
+        """
+        name = checkpoint if not isinstance(checkpoint, Mapping) else '<checkpoint dict>'
+        if isinstance(checkpoint, Mapping):
+            ckpt = checkpoint
+        elif os.path.isfile(os.fspath(checkpoint)) or '://' not in str(checkpoint):
+            ckpt = read_checkpoint(checkpoint)
+        else:
+            from mmengine.runner import CheckpointLoader
+            ckpt = CheckpointLoader.load_checkpoint(str(checkpoint), map_location='cpu')
+        if prefix:
+            inner = ckpt.get('state_dict', ckpt.get('model', ckpt)) if isinstance(ckpt, Mapping) else ckpt
+            ckpt = {k[len(prefix):]: v for k, v in inner.items() if k.startswith(prefix)}
+            if not ckpt:
+                raise CheckpointError(f'{name}: no key starts with prefix {prefix!r}.')
+        state_dict = extract_state_dict(ckpt)
+        # A file of more stages than this backbone builds (num_stages < 4): keep the stages that exist.
+        state_dict = {k: v for k, v in state_dict.items()
+                      if not k.startswith(tuple(f'{m}{i + 1}' for i in range(self.num_stages, 8)
+                                                for m in ('patch_embed', 'block', 'norm')))}
+        file_groups = infer_groups(state_dict, self.kernel_sizes)
+        for stage, (got, want) in enumerate(zip(file_groups, self.groups)):
+            if got != want:
+                raise CheckpointError(
+                    f'{name}: stage {stage + 1} has DSCN groups {got} in the checkpoint but {want} in the config '
+                    f'(checkpoint groups {file_groups}, config groups {self.groups}); set backbone groups='
+                    f'{file_groups} to load it.')
+        self.load_state_dict(checkpoint_filter_fn(state_dict, self), strict=True)
+        print_log(f'DSAN: loaded backbone weights from {name} (groups {file_groups}).', logger='current',
+                  level=logging.INFO)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(N, 3, H, W) -> the `out_indices` maps, each (N, C_i, H / 2^(i+2), W / 2^(i+2)), NCHW-contiguous."""
+        outs = self.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
+                                          intermediates_only=True)
+        # forward_intermediates keeps stage order; return in out_indices order, contiguous NCHW as the original.
+        by_stage = dict(zip(sorted(set(self.out_indices)), outs))
+        return tuple(by_stage[i].contiguous() for i in self.out_indices)

@@ -1,0 +1,153 @@
+"""The train and test entry points of `segmentation/tools` and `detection/tools`.
+
+Both tasks run mmengine's stock ``Runner.from_cfg``; what differs between mmseg and mmdet (how predictions are
+saved, the visualisation hook's arguments) is a small table here, so the two sets of tools stay two-line scripts
+and cannot drift apart. On a machine without CUDA the published SyncBN configs are turned into BN, so the same
+config files train and test on CPU, in one process or several (gloo).
+"""
+import argparse
+import logging
+import os
+import os.path as osp
+from collections.abc import Sequence
+
+import torch
+from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from .utils import sync_bn_to_bn
+
+__all__ = ['train', 'test', 'load_config']
+
+TASKS = ('seg', 'det')
+
+
+def _common_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--work-dir', help='directory for logs and checkpoints (default: work_dirs/CONFIG_NAME)')
+    parser.add_argument(
+        '--cfg-options', nargs='+', action=DictAction,
+        help='override config entries, key=value pairs, e.g. train_dataloader.dataset.data_root=/data/ade '
+             'train_cfg.max_iters=1000')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher (dist_train.sh / dist_test.sh use pytorch)')
+    # torchrun sets LOCAL_RANK; older launchers pass --local_rank.
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
+
+
+def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
+    """Read `path`, apply `--cfg-options`, the work dir, the launcher, and BN instead of SyncBN without CUDA."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.launcher = launcher
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    if not torch.cuda.is_available():
+        n = sync_bn_to_bn(cfg.model)
+        if n:
+            print_log(f'No CUDA: {n} SyncBN norm config(s) of the model run as BN.', logger='current',
+                      level=logging.WARNING)
+    return cfg
+
+
+def _build_runner(cfg: Config) -> Runner:
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+
+
+def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
+    """`tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options ...] [--launcher ...]`."""
+    if task not in TASKS:
+        raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+    parser = argparse.ArgumentParser(description=f'Train a {"segmentor" if task == "seg" else "detector"}')
+    parser.add_argument('config', help='config file')
+    parser.add_argument(
+        '--resume', nargs='?', const='auto', metavar='CHECKPOINT',
+        help='resume training: from CHECKPOINT, or without a value from the latest checkpoint in the work dir')
+    parser.add_argument('--amp', action='store_true', help='automatic mixed precision training (CUDA)')
+    _common_args(parser)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    if args.amp:
+        if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
+            print_log('AMP is already enabled in the config.', logger='current', level=logging.WARNING)
+        else:
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        if not osp.isfile(args.resume):
+            raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
+        cfg.resume = True
+        cfg.load_from = args.resume
+    _build_runner(cfg).train()
+
+
+def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
+    """`tools/test.py CONFIG CHECKPOINT [--out ...] [--show-dir DIR] [--tta] [--cfg-options ...] [--launcher ...]`.
+
+    The checkpoint is loaded strictly by default (every name must match the model: released original-format
+    checkpoints do, without conversion); `--no-strict` only warns about mismatches, as mmengine does.
+    """
+    if task not in TASKS:
+        raise ValueError(f'task must be one of {TASKS}, got {task!r}')
+    parser = argparse.ArgumentParser(description=f'Test (evaluate) a {"segmentor" if task == "seg" else "detector"}')
+    parser.add_argument('config', help='config file')
+    parser.add_argument('checkpoint', help='checkpoint file (mmengine, or an original mmseg 0.x / mmdet 2.x file)')
+    parser.add_argument('--out', help='save the predictions: a directory of label images (segmentation) or a '
+                                      '.pkl file of results (detection)')
+    parser.add_argument('--show', action='store_true', help='show predictions in a window')
+    parser.add_argument('--show-dir', help='write visualised predictions into this directory (under the work dir)')
+    parser.add_argument('--wait-time', type=float, default=2, help='seconds each shown image stays up')
+    parser.add_argument('--tta', action='store_true', help='multi-scale + flip test (the config\'s tta_pipeline)')
+    parser.add_argument('--no-strict', dest='strict', action='store_false',
+                        help='load the checkpoint even if some names do not match (warn instead of failing)')
+    _common_args(parser)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    if not osp.isfile(args.checkpoint):
+        raise FileNotFoundError(f'checkpoint file not found: {args.checkpoint}')
+    if task == 'det' and args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
+        raise ValueError(f'--out must be a .pkl or .pickle file for detection, got {args.out!r}')
+
+    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg.load_from = None  # loaded below, strictly
+    if args.show or args.show_dir:
+        hooks = cfg.get('default_hooks', ConfigDict())
+        if 'visualization' not in hooks:
+            raise KeyError('--show/--show-dir need a `visualization` hook in default_hooks of the config')
+        vis = hooks.visualization
+        vis.draw = True
+        if args.show:
+            vis.show = True
+            vis.wait_time = args.wait_time
+        if args.show_dir:
+            if task == 'seg':
+                cfg.visualizer.save_dir = args.show_dir
+            else:
+                vis.test_out_dir = args.show_dir
+    if args.tta:
+        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
+            raise KeyError(f'--tta needs tta_model and tta_pipeline in {args.config}')
+        cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+        cfg.tta_model.module = cfg.model
+        cfg.model = cfg.tta_model
+    if args.out is not None and task == 'seg':
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+
+    runner = _build_runner(cfg)
+    runner.load_checkpoint(args.checkpoint, map_location='cpu', strict=args.strict)
+    if args.out is not None and task == 'det':
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    runner.test()

@@ -1,0 +1,146 @@
+"""Colour overlays of a segmentor's predictions for a folder of images, with a legend of the classes found.
+
+A config and checkpoint go in with an image folder; for each image `OUT_DIR/NAME_TAG.png` comes out: the image with
+the predicted label map blended over it in the dataset's palette (ADE20K, Cityscapes, or the checkpoint's own),
+and a legend of the classes present.
+
+Examples:
+    python segmentation/tools/visualize.py segmentation/configs/ham/ham_dsan_t_ade20k_160k.py ham_dsan_t.pth \
+        --image-dir demo_images --out-dir segm_mask
+    python segmentation/tools/visualize.py CONFIG CHECKPOINT --palette cityscapes --opacity 0.6 --device cuda:0
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+_logger = logging.getLogger('visualize')
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+PALETTES = ('auto', 'ade20k', 'cityscapes', 'checkpoint')
+
+
+def dataset_meta(name: str) -> tuple[list[str], list[list[int]]]:
+    """Classes and palette of mmseg's 'ade20k' or 'cityscapes' dataset."""
+    from mmseg.datasets import ADE20KDataset, CityscapesDataset
+    meta = {'ade20k': ADE20KDataset.METAINFO, 'cityscapes': CityscapesDataset.METAINFO}[name]
+    return list(meta['classes']), [list(c) for c in meta['palette']]
+
+
+def resolve_meta(palette: str, model) -> tuple[list[str], list[list[int]]]:
+    """Classes and palette for `palette` ('auto': from the number of classes, else the checkpoint's meta)."""
+    num_classes = model.decode_head.num_classes
+    if palette == 'auto':
+        palette = {150: 'ade20k', 19: 'cityscapes'}.get(num_classes, 'checkpoint')
+    if palette == 'checkpoint':
+        meta = getattr(model, 'dataset_meta', None) or {}
+        if not meta.get('classes') or not meta.get('palette'):
+            raise ValueError('--palette checkpoint: the checkpoint holds no classes/palette; pass --palette ade20k or '
+                             'cityscapes')
+        classes, colours = list(meta['classes']), [list(c) for c in meta['palette']]
+    else:
+        classes, colours = dataset_meta(palette)
+    if len(classes) != num_classes:
+        raise ValueError(f'--palette {palette} has {len(classes)} classes but the model predicts {num_classes}')
+    return classes, colours
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, colours: list[list[int]], classes: list[str],
+            opacity: float = 0.5, legend: bool = True) -> Image.Image:
+    """Blend a label map over an image and add a legend of the classes present.
+
+    Args:
+        image: (H, W, 3) uint8 RGB image.
+        labels: (H, W) integer class indices; values outside [0, len(colours)) (e.g. 255, ignore) are left clear.
+        colours: RGB colour of each class.
+        classes: Name of each class.
+        opacity: Weight of the colour mask in [0, 1].
+        legend: Draw a legend column on the right.
+
+    Returns:
+        The RGB overlay, `legend` column included.
+    """
+    if image.shape[:2] != labels.shape:
+        raise ValueError(f'image {image.shape[:2]} and labels {labels.shape} differ in size')
+    if not 0.0 <= opacity <= 1.0:
+        raise ValueError(f'opacity must be in [0, 1], got {opacity}')
+    lut = np.asarray(colours, dtype=np.uint8)
+    valid = (labels >= 0) & (labels < len(lut))
+    mask = lut[np.where(valid, labels, 0)]
+    out = image.astype(np.float32)
+    out[valid] = (1 - opacity) * out[valid] + opacity * mask[valid]
+    result = Image.fromarray(out.round().clip(0, 255).astype(np.uint8))
+    if not legend:
+        return result
+    present, counts = np.unique(labels[valid], return_counts=True)
+    order = present[np.argsort(-counts)]  # largest area first
+    font = ImageFont.load_default()
+    row = 16
+    width = 12 + max((int(font.getlength(classes[c])) for c in order), default=0) + 28
+    canvas = Image.new('RGB', (result.width + width, max(result.height, row * len(order) + 8)), (255, 255, 255))
+    canvas.paste(result, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, c in enumerate(order):
+        y = 4 + i * row
+        draw.rectangle([result.width + 6, y + 2, result.width + 18, y + 12], fill=tuple(int(v) for v in lut[c]),
+                       outline=(0, 0, 0))
+        draw.text((result.width + 24, y), classes[c], fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config', help='segmentation config file')
+    parser.add_argument('checkpoint', help='segmentor checkpoint (mmengine or original mmseg 0.x)')
+    parser.add_argument('--image-dir', default='images', help='folder of input images')
+    parser.add_argument('--out-dir', default='segm_mask', help='folder for the overlays')
+    parser.add_argument('--tag', default=None, help='suffix of the output names (default: the config name)')
+    parser.add_argument('--palette', choices=PALETTES, default='auto',
+                        help="colours and class names: 'auto' picks ADE20K for 150 classes, Cityscapes for 19")
+    parser.add_argument('--opacity', type=float, default=0.5, help='weight of the colour mask')
+    parser.add_argument('--no-legend', dest='legend', action='store_false', help='no legend column')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda:0'")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[Path]:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    from mmseg.apis import inference_model, init_model
+
+    from dsan.mm.tools import load_config
+    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{what} file not found: {path}')
+    if not os.path.isdir(args.image_dir):
+        raise FileNotFoundError(f'--image-dir not found: {args.image_dir}')
+    images = sorted(p for p in Path(args.image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in --image-dir {args.image_dir}')
+
+    cfg = load_config(args.config, None, None, 'none')
+    cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
+    model = init_model(cfg, args.checkpoint, device=args.device)
+    classes, colours = resolve_meta(args.palette, model)
+    tag = args.tag or Path(args.config).stem
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(images, desc='overlays', unit='img'):
+        result = inference_model(model, str(path))
+        labels = result.pred_sem_seg.data[0].cpu().numpy()
+        image = np.asarray(Image.open(path).convert('RGB'))
+        out = out_dir / f'{path.stem}_{tag}.png'
+        overlay(image, labels, colours, classes, args.opacity, args.legend).save(out)
+        written.append(out)
+    _logger.info('wrote %d overlays to %s', len(written), out_dir)
+    return written
+
+
+if __name__ == '__main__':
+    sys.exit(main() and 0)
