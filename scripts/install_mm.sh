@@ -77,7 +77,7 @@ PY
       "$SRC" -w "$WORK/dist" > "$WORK/build.log" 2>&1 \
       || { tail -40 "$WORK/build.log"; echo "[install_mm] the mmcv build failed (log above)" >&2; exit 1; }
     # Strip the debug info of the compiled ops (32 MB -> ~1.4 MB) and repack, so pip's RECORD hashes match.
-    python -m wheel unpack "$WORK"/dist/mmcv-*.whl -d "$WORK/unpacked"
+    python -m wheel unpack "$WORK"/dist/mmcv-*.whl -d "$WORK/unpacked" > /dev/null
     find "$WORK/unpacked" -name '_ext*.so' -exec strip --strip-debug {} +
     mkdir -p "$WORK/stripped"
     python -m wheel pack "$WORK"/unpacked/mmcv-* -d "$WORK/stripped" > /dev/null

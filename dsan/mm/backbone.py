@@ -20,6 +20,7 @@ from mmcv.cnn import build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
 from mmengine.registry import MODELS
+from mmengine.runner import CheckpointLoader
 
 from dsan.models.dsan import (
     DSAN,
@@ -27,8 +28,9 @@ from dsan.models.dsan import (
     checkpoint_filter_fn,
     extract_state_dict,
     infer_groups,
-    read_checkpoint,
 )
+
+from .checkpoint import load_checkpoint_file
 
 __all__ = ['DSANBackbone', 'sync_bn_available']
 
@@ -191,9 +193,8 @@ class DSANBackbone(DSAN, BaseModule):
         if isinstance(checkpoint, Mapping):
             ckpt = checkpoint
         elif os.path.isfile(os.fspath(checkpoint)) or '://' not in str(checkpoint):
-            ckpt = read_checkpoint(checkpoint)
+            ckpt = load_checkpoint_file(checkpoint)
         else:
-            from mmengine.runner import CheckpointLoader
             ckpt = CheckpointLoader.load_checkpoint(str(checkpoint), map_location='cpu')
         if prefix:
             inner = ckpt.get('state_dict', ckpt.get('model', ckpt)) if isinstance(ckpt, Mapping) else ckpt

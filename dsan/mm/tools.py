@@ -12,6 +12,7 @@ import os.path as osp
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
@@ -53,10 +54,21 @@ def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launc
         if n:
             print_log(f'No CUDA: {n} SyncBN norm config(s) of the model run as BN.', logger='current',
                       level=logging.WARNING)
+        if launcher != 'none':
+            # CPU processes: gloo, and DDP over CPU modules (mmengine's default wrapper asks for a GPU id).
+            cfg.setdefault('env_cfg', ConfigDict()).setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
+            if cfg.get('model_wrapper_cfg') is None:
+                cfg.model_wrapper_cfg = dict(
+                    type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
+                    find_unused_parameters=cfg.get('find_unused_parameters', False))
     return cfg
 
 
 def _build_runner(cfg: Config) -> Runner:
+    if cfg.launcher != 'none' and not torch.cuda.is_available() and not dist.is_initialized():
+        # mmengine's init_dist calls torch.cuda.set_device first, which fails without a GPU: start gloo here, and
+        # mmengine then uses this process group.
+        dist.init_process_group(backend='gloo')
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 

@@ -1,7 +1,8 @@
 """Whole-model parameters and FLOPs of DSAN segmentors, counted the paper's way, next to the paper's rows.
 
-FLOPs are torchprofile's ``profile_macs`` of one image through backbone and decode head (`mode='tensor'`), with the
-DSCN custom op counted 0, as the paper did (see `dsan.flops`); parameters are those of the whole segmentor.
+FLOPs are torchprofile's ``profile_macs`` of one image through mmseg's whole-image inference (`encode_decode`:
+backbone, decode head and the bilinear resize of the logits to the input size), with the DSCN custom op counted 0,
+as the paper did (see `dsan.flops`); parameters are those of the whole segmentor.
 
 Examples:
     python segmentation/tools/get_flops.py                      # the paper's four rows
@@ -40,10 +41,16 @@ def build_segmentor(config: str | Path) -> torch.nn.Module:
     return MODELS.build(cfg.model).eval()
 
 
+def _whole_inference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    # What `mode='predict'` runs per image with test_cfg mode 'whole': logits resized to the input size.
+    shape = tuple(x.shape[2:])
+    return model.encode_decode(x, [dict(img_shape=shape, ori_shape=shape, pad_shape=shape)])
+
+
 def measure(config: str | Path, shape: tuple[int, int]) -> dict:
     """Params and MACs (DSCN op counted 0; and with its own multiply-adds) of `config` at `shape` = (H, W)."""
     model = build_segmentor(config)
-    macs, macs_with_dscn = count_macs(model, shape, forward=lambda m, x: m(x, mode='tensor'))
+    macs, macs_with_dscn = count_macs(model, shape, forward=_whole_inference)
     return dict(config=Path(config).stem, shape=tuple(shape), params=count_params(model), macs=macs,
                 macs_with_dscn=macs_with_dscn)
 
@@ -52,8 +59,8 @@ def format_rows(rows: list[dict], published: list[tuple] | None = None) -> str:
     head = f'{"config":<28} {"input":>10} {"params":>12} {"GFLOPs":>8} {"+DSCN":>8}'
     if published:
         head += f' | {"paper params":>12} {"paper GFLOPs":>12}  metric'
-    lines = ['torchprofile MACs / 1e9 of the whole segmentor, DSCN op counted 0 (as the paper); "+DSCN" adds the '
-             "op's own multiply-adds.", head]
+    lines = ['torchprofile MACs / 1e9 of whole-image inference (backbone, head, logits resized to the input), DSCN '
+             'op counted 0 (as the paper); "+DSCN" adds the op\'s own multiply-adds.', head]
     for i, r in enumerate(rows):
         line = (f'{r["config"]:<28} {r["shape"][0]:>4}x{r["shape"][1]:<5} {r["params"]:>12,} '
                 f'{r["macs"] / 1e9:>8.2f} {r["macs_with_dscn"] / 1e9:>8.2f}')

@@ -1,0 +1,66 @@
+"""mIoU of a constant prediction (by default: everything background) on a folder of label maps.
+
+The demo reports its mIoU next to this baseline. IoU per class is accumulated over all pixels, as mmseg's IoUMetric
+does; classes absent from both the labels and the prediction are left out of the mean (NaN there), pixels equal to
+`--ignore-index` are skipped.
+
+Example:
+    python segmentation/tools/baseline_miou.py data/demo_seg/annotations/validation --num-classes 11
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def constant_prediction_miou(label_paths: list[Path], num_classes: int, label: int = 0,
+                             ignore_index: int = 255) -> float:
+    """mIoU (in %) of predicting `label` at every pixel of the label maps `label_paths`.
+
+    Raises:
+        ValueError: `label` is not a class, or the maps hold values outside the classes and `ignore_index`.
+    """
+    if not 0 <= label < num_classes:
+        raise ValueError(f'label must be in [0, {num_classes}), got {label}')
+    if not label_paths:
+        raise ValueError('no label maps given')
+    area_label = np.zeros(num_classes, np.int64)
+    for path in label_paths:
+        gt = np.asarray(Image.open(path))
+        valid = gt != ignore_index
+        bad = np.unique(gt[valid & (gt >= num_classes)])
+        if bad.size:
+            raise ValueError(f'{path}: values {bad.tolist()} are not classes 0..{num_classes - 1} nor the ignore '
+                             f'index {ignore_index}')
+        area_label += np.bincount(gt[valid].ravel(), minlength=num_classes)
+    total = area_label.sum()
+    # Predicting `label` everywhere: its intersection is its own area and its union every valid pixel; every other
+    # class has intersection 0 and union its own area.
+    union = area_label.astype(np.float64)
+    union[label] = total
+    inter = np.zeros(num_classes)
+    inter[label] = area_label[label]
+    with np.errstate(invalid='ignore'):
+        iou = inter / np.where(union > 0, union, np.nan)
+    return float(np.nanmean(iou) * 100)
+
+
+def main(argv=None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('ann_dir', help='folder of label maps (searched recursively for *.png)')
+    parser.add_argument('--num-classes', type=int, required=True)
+    parser.add_argument('--label', type=int, default=0, help='the constant prediction (default 0, background)')
+    parser.add_argument('--ignore-index', type=int, default=255)
+    args = parser.parse_args(argv)
+    paths = sorted(Path(args.ann_dir).rglob('*.png'))
+    if not paths:
+        raise SystemExit(f'no *.png label maps under {args.ann_dir}')
+    miou = constant_prediction_miou(paths, args.num_classes, args.label, args.ignore_index)
+    print(f'constant-{args.label} prediction: mIoU {miou:.2f} over {len(paths)} label maps')
+    return miou
+
+
+if __name__ == '__main__':
+    sys.exit(main() and 0)
