@@ -7,8 +7,10 @@ Turning the check off (``weights_only=False``) would run whatever a downloaded f
 here allows exactly what these files hold: numpy arrays, scalars and dtypes, ``HistoryBuffer``, timm's
 ``argparse.Namespace``, and a ``getattr`` that only resolves public methods of ``HistoryBuffer``.
 
-`install()` makes it mmengine's reader of local files (``CheckpointLoader``'s default scheme); importing `dsan.mm`
-does that, so every tool and config that loads the DSAN backbone reads checkpoints this way.
+`install()` makes it mmengine's reader of local files (``CheckpointLoader``'s default scheme), and makes mmengine
+write local files atomically (a checkpoint is written to a temporary file, synced, then renamed, so an interrupted
+run never leaves a truncated checkpoint behind to resume from). Importing `dsan.mm` calls it, so every tool and
+config that uses the DSAN backbone reads and writes checkpoints this way.
 """
 import argparse
 import os
@@ -17,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from mmengine.fileio import LocalBackend, register_backend
+from mmengine.fileio import io as mm_io
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import CheckpointLoader
 
@@ -75,7 +79,11 @@ def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu')
             unsafe = []
         allowed = {f'{g[1]}' if isinstance(g, tuple) else f'{g.__module__}.{g.__qualname__}' for g in _SAFE_GLOBALS}
         extra = sorted(set(unsafe) - allowed)
-        detail = f'it holds objects outside the allowlist: {extra}' if extra else str(e).splitlines()[0]
+        if extra:
+            detail = f'it holds objects outside the allowlist: {extra}'
+        else:  # torch wraps the unpickler's own reason in its advice: keep the reason
+            reason = str(e).split('WeightsUnpickler error:')[-1].split('Check the documentation')[0].strip()
+            detail = reason.splitlines()[0] if reason else 'the safe unpickler refused it'
         raise CheckpointError(
             f'{filename} was not loaded ({detail}). Only load files you trust; to load it anyway, read it with '
             "torch.load(..., weights_only=False) and save its 'state_dict' (and 'meta') to a new file.") from e
@@ -85,6 +93,29 @@ def load_checkpoint_file(filename: str | os.PathLike, map_location: Any = 'cpu')
                               f'{str(e).strip().splitlines()[0] if str(e).strip() else ""}).') from e
 
 
+class AtomicLocalBackend(LocalBackend):
+    """mmengine's local file backend, writing each file through a temporary file and an atomic rename."""
+
+    def put(self, obj: bytes, filepath: str | os.PathLike) -> None:
+        """Write `obj` to `filepath` atomically (parent directories are created)."""
+        filepath = os.fspath(filepath)
+        os.makedirs(os.path.dirname(filepath) or '.', exist_ok=True)
+        tmp = f'{filepath}.tmp-{os.getpid()}'
+        try:
+            with open(tmp, 'wb') as f:
+                f.write(obj)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, filepath)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
 def install() -> None:
-    """Make `load_checkpoint_file` mmengine's loader of local paths (no scheme prefix)."""
+    """Make `load_checkpoint_file` mmengine's loader of local paths, and local writes atomic."""
     CheckpointLoader.register_scheme(prefixes='', loader=load_checkpoint_file, force=True)
+    register_backend('local', AtomicLocalBackend, force=True, prefixes='')
+    # Drop backend instances created before this call, so they are rebuilt with the new class.
+    for key in [k for k, v in mm_io.backend_instances.items() if type(v) is LocalBackend]:
+        del mm_io.backend_instances[key]

@@ -1,0 +1,574 @@
+"""Segmentation on mmsegmentation: the DSAN mm backbone adapter, the eight configs, and the tools end to end.
+
+The ``slow`` tests run the real `segmentation/tools` scripts (train, test, dist_train.sh, visualize, get_flops) in
+subprocesses on tiny generated data in ADE20K and Cityscapes layout; they run in CI too.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip('mmseg', reason='the OpenMMLab stack is not installed (bash scripts/install_mm.sh)')
+
+import timm  # noqa: E402
+from conftest import BACKEND, ROOT, load_tool  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmseg.registry import MODELS  # noqa: E402
+
+import dsan.mm  # noqa: E402,F401  (registers DSAN, installs the checkpoint reader)
+from dsan.data.demo import make_segmentation  # noqa: E402
+from dsan.mm import DSANBackbone, load_checkpoint_file, sync_bn_to_bn  # noqa: E402
+from dsan.models.dsan import CheckpointError  # noqa: E402
+
+PY = sys.executable
+SEG = ROOT / 'segmentation'
+CONFIGS = SEG / 'configs'
+
+T_ARCH = dict(embed_dims=[32, 64, 160, 256], mlp_ratios=[8, 8, 4, 4], kernel_sizes=[11, 11, 7, 5],
+              dw_kernel_sizes=[11, 11, 7, 5], paddings=[5, 5, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
+              groups=[1, 4, 8, 8], depths=[3, 3, 5, 2], drop_rate=0.0, drop_path_rate=0.1)
+S_ARCH = dict(embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], kernel_sizes=[15, 13, 7, 5],
+              dw_kernel_sizes=[9, 7, 5, 5], paddings=[7, 6, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
+              groups=[4, 8, 16, 16], depths=[2, 2, 5, 3], drop_rate=0.0, drop_path_rate=0.1)
+
+# config: (arch, head, dataset, iterations, checkpoint/eval interval)
+RECIPES = {
+    'ham/ham_dsan_t_ade20k_160k.py': (T_ARCH, 'ham_t', 'ade20k', 160000, 2000),
+    'ham/ham_dsan_t_ade20k_80k.py': (T_ARCH, 'ham_t', 'ade20k', 80000, 2000),
+    'ham/ham_dsan_s_ade20k_160k.py': (S_ARCH, 'ham_s', 'ade20k', 160000, 1000),
+    'ham/ham_dsan_s_ade20k_80k.py': (S_ARCH, 'ham_s', 'ade20k', 80000, 2000),
+    'ham/ham_dsan_t_cityscapes_80k.py': (T_ARCH, 'ham_t', 'cityscapes', 80000, 2000),
+    'ham/ham_dsan_s_cityscapes_80k.py': (S_ARCH, 'ham_s', 'cityscapes', 80000, 2000),
+    'upernet/upernet_dsan_t_ade20k_160k.py': (T_ARCH, 'upernet', 'ade20k', 160000, 2000),
+    'pspnet/pspnet_dsan_t_ade20k_160k.py': (T_ARCH, 'pspnet', 'ade20k', 160000, 2000),
+}
+HEADS = {
+    'ham_t': dict(type='LightHamHead', in_channels=[64, 160, 256], in_index=[1, 2, 3], channels=256, ham_channels=256,
+                  ham_kwargs=dict(MD_R=16), norm_cfg=dict(type='GN', num_groups=32, requires_grad=True)),
+    'ham_s': dict(type='LightHamHead', in_channels=[128, 320, 512], in_index=[1, 2, 3], channels=512,
+                  ham_channels=512, ham_kwargs=dict(MD_R=16), norm_cfg=dict(type='GN', num_groups=32,
+                                                                           requires_grad=True)),
+    'upernet': dict(type='UPerHead', in_channels=[32, 64, 160, 256], in_index=[0, 1, 2, 3], channels=512,
+                    pool_scales=(1, 2, 3, 6), norm_cfg=dict(type='SyncBN', requires_grad=True)),
+    'pspnet': dict(type='PSPHead', in_channels=256, in_index=3, channels=512, pool_scales=(1, 2, 3, 6),
+                   norm_cfg=dict(type='SyncBN', requires_grad=True)),
+}
+DATASETS = {
+    # dataset type, data root, crop, test scale, classes
+    'ade20k': ('ADE20KDataset', 'data/ade/ADEChallengeData2016', (512, 512), (2048, 512), 150),
+    'cityscapes': ('CityscapesDataset', 'data/cityscapes/', (512, 1024), (2048, 1024), 19),
+}
+
+
+def _build(cfg_model, backend=BACKEND):
+    init_default_scope('mmseg')
+    cfg_model = Config(dict(model=cfg_model)).model
+    cfg_model.backbone.init_cfg = None
+    cfg_model.backbone.backend = backend
+    sync_bn_to_bn(cfg_model)
+    return MODELS.build(cfg_model)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The configs
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_config_matches_the_original_recipe(name):
+    arch, head, dataset, iters, interval = RECIPES[name]
+    cfg = Config.fromfile(CONFIGS / name)
+    assert cfg.custom_imports.imports == ['dsan.mm'] and not cfg.custom_imports.allow_failed_imports
+    assert cfg.default_scope == 'mmseg'
+
+    bb = cfg.model.backbone
+    assert bb.type == 'DSAN'
+    assert {k: bb[k] for k in arch} == arch
+    assert bb.norm_cfg == dict(type='SyncBN', requires_grad=True)
+    variant = 't' if arch is T_ARCH else 's'
+    assert bb.init_cfg == dict(type='Pretrained', checkpoint=f'pretrained/dsan_{variant}_encoder.pth')
+
+    dh = cfg.model.decode_head
+    for k, v in HEADS[head].items():
+        assert dh[k] == v, (k, dh[k], v)
+    assert dh.dropout_ratio == 0.1 and dh.align_corners is False
+    assert dh.num_classes == DATASETS[dataset][4]
+    assert dh.loss_decode == dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)
+    assert 'auxiliary_head' not in cfg.model
+    assert cfg.model.test_cfg == dict(mode='whole')
+
+    ow = cfg.optim_wrapper
+    assert ow.optimizer == dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01)
+    keys = ow.paramwise_cfg.custom_keys
+    assert keys['norm'] == dict(decay_mult=0.) and keys['head'] == dict(lr_mult=10.)
+    warmup, poly = cfg.param_scheduler
+    assert (warmup.type, warmup.start_factor, warmup.begin, warmup.end, warmup.by_epoch) == \
+        ('LinearLR', 1e-6, 0, 1500, False)
+    assert (poly.type, poly.power, poly.eta_min, poly.begin, poly.end, poly.by_epoch) == \
+        ('PolyLR', 1.0, 1e-6, 1500, iters, False)
+    assert cfg.train_cfg.max_iters == iters and cfg.train_cfg.val_interval == interval
+    assert cfg.default_hooks.checkpoint.interval == interval and cfg.default_hooks.checkpoint.by_epoch is False
+
+    ds_type, root, crop, test_scale, _ = DATASETS[dataset]
+    assert cfg.train_dataloader.batch_size == 4
+    train_ds = cfg.train_dataloader.dataset
+    assert train_ds.type == ds_type and train_ds.data_root == root
+    assert cfg.model.data_preprocessor.size == crop
+    crop_t = next(t for t in train_ds.pipeline if t.type == 'RandomCrop')
+    assert crop_t.crop_size == crop and crop_t.cat_max_ratio == 0.75
+    resize_t = next(t for t in train_ds.pipeline if t.type == 'RandomResize')
+    assert resize_t.scale == test_scale and resize_t.ratio_range == (0.5, 2.0)
+    test_pipe = cfg.test_dataloader.dataset.pipeline
+    assert next(t for t in test_pipe if t.type == 'Resize').scale == test_scale
+    # The original resized ADE20K test images to a multiple of 32; not Cityscapes.
+    assert any(t.type == 'ResizeToMultiple' for t in test_pipe) == (dataset == 'ade20k')
+    assert cfg.tta_model.type == 'SegTTAModel' and cfg.tta_pipeline
+
+
+@pytest.mark.parametrize('name', sorted(RECIPES))
+def test_config_builds_and_runs(name):
+    cfg = Config.fromfile(CONFIGS / name)
+    model = _build(cfg.model).eval()
+    bb = model.backbone
+    assert isinstance(bb, DSANBackbone)
+    # Single process, no CUDA: SyncBN ran as plain BatchNorm.
+    assert type(bb.block1[0].norm1) is torch.nn.BatchNorm2d and bb.norm1.eps == 1e-5
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96), mode='tensor')
+    stride = 32 if 'pspnet' in name else (4 if 'upernet' in name else 8)
+    assert out.shape == (1, cfg.model.decode_head.num_classes, 64 // stride, 96 // stride)
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The backbone adapter
+
+
+def _adapter(**kw):
+    args = dict(T_ARCH, drop_path_rate=0.0, norm_cfg=dict(type='BN', requires_grad=True), backend=BACKEND)
+    args.update(kw)
+    return DSANBackbone(**args)
+
+
+def test_adapter_returns_the_normalised_stage_maps_of_the_one_definition():
+    torch.manual_seed(0)
+    adapter = _adapter().double().eval()
+    reference = timm.create_model('dsan_t', num_classes=0, norm_eps=1e-5, backend=BACKEND).double().eval()
+    # Same names as the timm model (minus its classifier): the weights move over strictly.
+    reference.load_state_dict(adapter.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 96, dtype=torch.float64)
+    with torch.no_grad():
+        outs = adapter(x)
+        expected = reference.forward_intermediates(x, intermediates_only=True)
+    assert len(outs) == 4
+    for i, (o, e) in enumerate(zip(outs, expected)):
+        assert o.shape == (2, T_ARCH['embed_dims'][i], 64 // 2 ** (i + 2), 96 // 2 ** (i + 2))
+        assert o.is_contiguous()  # NCHW, as the original returned
+        torch.testing.assert_close(o, e, rtol=0, atol=0)
+    # Each map is its stage's LayerNorm output: zero mean, unit variance over channels.
+    last = outs[3].permute(0, 2, 3, 1)
+    torch.testing.assert_close(last.mean(-1), torch.zeros_like(last[..., 0]), atol=1e-8, rtol=0)
+
+
+def test_adapter_state_dict_names_are_the_originals():
+    names = set(_adapter().state_dict())
+    assert 'patch_embed1.proj.weight' in names and 'norm4.weight' in names
+    assert 'block3.4.attn.spatial_gating_unit.dscn_x.offset.weight' in names
+    assert 'block1.0.mlp.dwconv.dwconv.weight' in names and 'block2.2.layer_scale_2' in names
+    assert not any(k.startswith('head') for k in names)
+
+
+def test_adapter_out_indices_and_frozen_stages():
+    adapter = _adapter(out_indices=(3, 1), frozen_stages=2)
+    outs = adapter(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [256, 64]
+    adapter.train()
+    for i in (1, 2):
+        assert not any(p.requires_grad for n, p in adapter.named_parameters()
+                       if n.startswith((f'patch_embed{i}.', f'block{i}.', f'norm{i}.')))
+        assert not adapter.block1[0].norm1.training and not getattr(adapter, f'patch_embed{i}').norm.training
+    assert all(p.requires_grad for n, p in adapter.named_parameters() if n.startswith(('block3.', 'norm4.')))
+    assert adapter.block3[0].norm1.training
+
+
+def test_adapter_norm_cfg():
+    sync = _adapter(norm_cfg=dict(type='SyncBN', requires_grad=True))
+    assert type(sync.patch_embed1.norm) is torch.nn.BatchNorm2d  # no multi-process CUDA run here
+    frozen = _adapter(norm_cfg=dict(type='BN', requires_grad=False))
+    assert not frozen.block2[1].norm2.weight.requires_grad
+
+
+@pytest.mark.parametrize('kwargs, match', [
+    (dict(paddings=[5, 5, 3, 3]), r'paddings must be \[5, 5, 3, 2\].*got \[5, 5, 3, 3\]'),
+    (dict(strides=[1, 2, 1, 1]), r'strides must be \[1, 1, 1, 1\]'),
+    (dict(dilations=[2, 1, 1, 1]), r'dilations must be'),
+    (dict(out_indices=(4,)), r'out_indices must be .*\[0, 3\], got \[4\]'),
+    (dict(frozen_stages=5), r'frozen_stages must be in \[-1, 4\], got 5'),
+    (dict(num_stages=5), r'num_stages must be in \[1, 4\].*got 5'),
+    (dict(pretrained='x.pth', init_cfg=dict(type='Pretrained', checkpoint='x.pth')), 'cannot be set at the same'),
+])
+def test_adapter_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _adapter(**kwargs)
+
+
+def test_adapter_pretrained_argument_is_deprecated_init_cfg():
+    with pytest.warns(DeprecationWarning, match='pretrained'):
+        adapter = _adapter(pretrained='some.pth')
+    assert adapter.init_cfg == dict(type='Pretrained', checkpoint='some.pth')
+    with pytest.raises(TypeError, match='pretrained must be a str or None'):
+        _adapter(pretrained=3)
+
+
+def _classification_state_dict(groups=(1, 4, 8, 8)):
+    model = timm.create_model('dsan_t', groups=groups, backend=BACKEND)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _assert_loaded(adapter, state_dict):
+    own = adapter.state_dict()
+    for k, v in own.items():
+        torch.testing.assert_close(v, state_dict[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize('fmt', ['encoder', 'wrapped', 'classification', 'segmentor', 'safetensors'])
+def test_adapter_loads_pretrained_files_strictly(tmp_path, fmt):
+    sd = _classification_state_dict()
+    encoder = {k: v for k, v in sd.items() if not k.startswith('head.')}
+    path = tmp_path / 'ckpt.pth'
+    if fmt == 'encoder':  # the original's pretrained/dsan_t_encoder.pth: the backbone state_dict alone
+        torch.save(encoder, path)
+    elif fmt == 'wrapped':  # DDP-saved, under 'state_dict'
+        torch.save({'state_dict': {f'module.{k}': v for k, v in encoder.items()}}, path)
+    elif fmt == 'classification':  # a timm training checkpoint, classifier included
+        torch.save({'epoch': 3, 'arch': 'dsan_t', 'state_dict': sd}, path)
+    elif fmt == 'segmentor':  # a whole segmentor: backbone.* and decode_head.*
+        torch.save({'meta': {'iter': 10}, 'state_dict': {
+            **{f'backbone.{k}': v for k, v in encoder.items()},
+            'decode_head.conv_seg.weight': torch.zeros(150, 256, 1, 1)}}, path)
+    else:
+        from safetensors.torch import save_file
+        path = tmp_path / 'ckpt.safetensors'
+        save_file(encoder, str(path))
+    adapter = _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    adapter.init_weights()
+    assert adapter.is_init
+    _assert_loaded(adapter, encoder)
+
+
+def test_adapter_prefix_option(tmp_path):
+    encoder = {k: v for k, v in _classification_state_dict().items() if not k.startswith('head.')}
+    torch.save({'state_dict': {f'student.{k}': v for k, v in encoder.items()}}, tmp_path / 'kd.pth')
+    adapter = _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'kd.pth'), prefix='student.'))
+    adapter.init_weights()
+    _assert_loaded(adapter, encoder)
+
+
+def test_adapter_names_the_stage_when_groups_disagree(tmp_path):
+    torch.save(_classification_state_dict(groups=(4, 8, 16, 16)), tmp_path / 'g.pth')
+    adapter = _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'g.pth')))
+    with pytest.raises(CheckpointError, match=r'stage 1 has DSCN groups 4 in the checkpoint but 1 in the config'):
+        adapter.init_weights()
+
+
+def test_adapter_reports_missing_and_foreign_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match='missing.pth'):
+        _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'missing.pth'))).init_weights()
+    s_model = timm.create_model('dsan_s', backend=BACKEND)
+    torch.save(s_model.state_dict(), tmp_path / 's.pth')
+    with pytest.raises(CheckpointError):
+        _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 's.pth'))).init_weights()
+
+
+def test_released_segmentor_checkpoint_loads_strictly(tmp_path):
+    """An original mmseg 0.x file (meta / state_dict / optimizer) fits the model built from our config."""
+    cfg = Config.fromfile(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
+    source = _build(cfg.model)
+    ckpt = _mmseg0x_checkpoint(source)
+    torch.save(ckpt, tmp_path / 'released.pth')
+    target = _build(cfg.model)
+    loaded = load_checkpoint_file(tmp_path / 'released.pth')
+    target.load_state_dict(loaded['state_dict'], strict=True)
+    for k, v in target.state_dict().items():
+        torch.testing.assert_close(v, ckpt['state_dict'][k], rtol=0, atol=0)
+
+
+def _mmseg0x_checkpoint(model) -> dict:
+    """A checkpoint laid out as mmseg 0.x / mmcv 1.x wrote them."""
+    from mmseg.datasets import ADE20KDataset
+    return {
+        'meta': {'env_info': 'sys.platform: linux', 'seed': 0, 'exp_name': 'ham_dsan_t_ade20k_160k.py',
+                 'mmseg_version': '0.24.1', 'config': 'norm_cfg = dict(type="SyncBN")', 'mmcv_version': '1.5.0',
+                 'CLASSES': ADE20KDataset.METAINFO['classes'], 'PALETTE': ADE20KDataset.METAINFO['palette'],
+                 'epoch': 1, 'iter': 160000, 'time': 'Mon Jan  1 00:00:00 2024', 'hook_msgs': {}},
+        'state_dict': {k: v.clone() for k, v in model.state_dict().items()},
+        'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-6, 'betas': (0.9, 0.999), 'weight_decay': 0.01,
+                                                     'params': [0, 1]}]},
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# Checkpoint reading and writing
+
+
+def test_reader_loads_mmengine_training_checkpoints_and_refuses_code(tmp_path):
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    buf = HistoryBuffer()
+    buf.update(0.5)
+    torch.save({'state_dict': {'w': torch.ones(2)}, 'message_hub': {'log_scalars': {'loss': buf}},
+                'meta': {'best': np.float64(0.25), 'arr': np.arange(3)}}, tmp_path / 'ok.pth')
+    ckpt = load_checkpoint_file(tmp_path / 'ok.pth')
+    assert ckpt['message_hub']['log_scalars']['loss'].mean() == 0.5 and ckpt['meta']['best'] == 0.25
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, ('echo owned',)
+
+    with open(tmp_path / 'evil.pth', 'wb') as f:
+        torch.save({'state_dict': {}, 'x': Evil()}, f)
+    with pytest.raises(CheckpointError, match=r'outside the allowlist.*system'):
+        load_checkpoint_file(tmp_path / 'evil.pth')
+
+    class Sneaky:  # getattr is allowed only on HistoryBuffer's public methods
+        def __reduce__(self):
+            return getattr, (HistoryBuffer, '__init__')
+
+    torch.save({'x': Sneaky()}, tmp_path / 'sneaky.pth')
+    with pytest.raises(CheckpointError, match='not allowed in a checkpoint'):
+        load_checkpoint_file(tmp_path / 'sneaky.pth')
+    (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
+    with pytest.raises(CheckpointError, match='junk.pth'):
+        load_checkpoint_file(tmp_path / 'junk.pth')
+
+
+def test_mmengine_writes_checkpoints_atomically(tmp_path, monkeypatch):
+    from mmengine.runner.checkpoint import save_checkpoint
+    target = tmp_path / 'iter_1.pth'
+    save_checkpoint({'state_dict': {'w': torch.ones(1)}}, str(target))
+    assert load_checkpoint_file(target)['state_dict']['w'].item() == 1.0
+
+    def fail(*a, **k):
+        raise OSError('disk full')
+    monkeypatch.setattr(os, 'fsync', fail)
+    with pytest.raises(OSError, match='disk full'):
+        save_checkpoint({'state_dict': {'w': torch.zeros(1)}}, str(target))
+    # The old file is intact and no temporary file is left behind.
+    assert load_checkpoint_file(target)['state_dict']['w'].item() == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == ['iter_1.pth']
+
+
+# --------------------------------------------------------------------------------------------------------
+# Tools
+
+
+def test_baseline_miou_counts_a_constant_prediction(tmp_path):
+    import numpy as np
+    from PIL import Image
+    baseline = load_tool('segmentation/tools/baseline_miou.py')
+    a = np.zeros((4, 4), np.uint8)
+    a[:2, :2] = 1  # 4 px of class 1, 12 px background
+    b = np.full((4, 4), 255, np.uint8)
+    b[0, :] = 2  # 4 px of class 2, the rest ignored
+    Image.fromarray(a).save(tmp_path / 'a.png')
+    Image.fromarray(b).save(tmp_path / 'b.png')
+    paths = sorted(tmp_path.glob('*.png'))
+    # Background everywhere: IoU(bg) = 12 / 20, classes 1 and 2 get 0, class 3 is absent (left out).
+    assert baseline.constant_prediction_miou(paths, 4) == pytest.approx(100 * (12 / 20) / 3)
+    with pytest.raises(ValueError, match=r'values \[2\] are not classes 0..1'):
+        baseline.constant_prediction_miou(paths, 2)
+
+
+def test_overlay_blends_and_draws_a_legend():
+    import numpy as np
+    vis = load_tool('segmentation/tools/visualize.py')
+    image = np.full((8, 10, 3), 100, np.uint8)
+    labels = np.zeros((8, 10), np.int64)
+    labels[:, 5:] = 1
+    labels[0, 0] = 255  # ignore: left clear
+    out = np.asarray(vis.overlay(image, labels, [[0, 0, 0], [200, 0, 0]], ['bg', 'thing'], 0.5, legend=False))
+    assert out.shape == (8, 10, 3)
+    assert tuple(out[0, 0]) == (100, 100, 100) and tuple(out[1, 0]) == (50, 50, 50)
+    assert tuple(out[0, 9]) == (150, 50, 50)
+    with_legend = vis.overlay(image, labels, [[0, 0, 0], [200, 0, 0]], ['bg', 'thing'], 0.5)
+    assert with_legend.width > 10
+    with pytest.raises(ValueError, match='opacity'):
+        vis.overlay(image, labels, [[0, 0, 0], [200, 0, 0]], ['bg', 'thing'], 1.5)
+
+
+def _env():
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env['PYTHONWARNINGS'] = 'ignore'
+    return env
+
+
+def _run(args, timeout=900, **kw):
+    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=_env(),
+                       cwd=str(ROOT), **kw)
+    assert r.returncode == 0, f'{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}'
+    return r
+
+
+def _data_opts(root, scale):
+    """Small and quick: tiny data, 2 images of 64 px per batch, no workers, 3 iterations."""
+    opts = [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
+    opts += [f'{split}_dataloader.{k}' for split in ('train', 'val', 'test')
+             for k in ('num_workers=0', 'persistent_workers=False')]
+    return opts + [
+        'model.backbone.init_cfg=None', f'model.backbone.backend={BACKEND}', 'train_dataloader.batch_size=2',
+        f'train_dataloader.dataset.pipeline.2.scale={scale}', 'model.data_preprocessor.size=(64,64)',
+        'train_dataloader.dataset.pipeline.3.crop_size=(64,64)', 'train_cfg.max_iters=3', 'train_cfg.val_interval=3',
+        'default_hooks.checkpoint.interval=3', 'default_hooks.logger.interval=1']
+
+
+@pytest.fixture(scope='module')
+def ade_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('ade_tiny')
+    make_segmentation(str(root), num_classes=4, num_train=6, num_val=3, size=64, seed=3)
+    return root
+
+
+@pytest.fixture(scope='module')
+def cityscapes_tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp('cityscapes_tiny')
+    make_segmentation(str(root), num_classes=4, num_train=6, num_val=3, size=64, seed=4, layout='cityscapes')
+    return root
+
+
+def _miou(text: str) -> float:
+    import re
+    found = re.findall(r'mIoU: ([0-9.]+)', text)
+    assert found, text[-3000:]
+    return float(found[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('config, layout', [('ham/ham_dsan_t_ade20k_160k.py', 'ade'),
+                                            ('ham/ham_dsan_t_cityscapes_80k.py', 'cityscapes')])
+def test_train_then_test_through_the_real_tools(config, layout, ade_tiny, cityscapes_tiny, tmp_path):
+    root, scale = (ade_tiny, '(256,64)') if layout == 'ade' else (cityscapes_tiny, '(128,64)')
+    opts = _data_opts(root, scale)
+    work = tmp_path / 'work'
+    r = _run([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--cfg-options', *opts])
+    assert 'Iter(train) [3/3]' in r.stdout + r.stderr
+    assert 0 <= _miou(r.stdout + r.stderr) <= 100
+    ckpt = work / 'iter_3.pth'
+    assert ckpt.is_file() and not list(work.glob('*.tmp-*'))
+    r = _run([PY, SEG / 'tools/test.py', CONFIGS / config, ckpt, '--work-dir', tmp_path / 'test',
+              '--out', tmp_path / 'preds', '--cfg-options', *opts])
+    assert 0 <= _miou(r.stdout + r.stderr) <= 100
+    assert len(list((tmp_path / 'preds').rglob('*.png'))) == 3
+    # Resume continues from iteration 3 (the file mmengine wrote, read back with the safe reader).
+    r = _run([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--resume', '--cfg-options', *opts,
+              'train_cfg.max_iters=4', 'train_cfg.val_interval=4', 'default_hooks.checkpoint.interval=4'])
+    out = r.stdout + r.stderr
+    assert 'resumed epoch: 0, iter: 3' in out and 'Iter(train) [4/4]' in out and 'Iter(train) [1/' not in out
+
+
+@pytest.mark.slow
+def test_test_tool_evaluates_an_original_mmseg0x_checkpoint(ade_tiny, tmp_path):
+    config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
+    torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
+    opts = _data_opts(ade_tiny, '(256,64)')
+    for extra in ([], ['--tta']):
+        r = _run([PY, SEG / 'tools/test.py', config, tmp_path / 'released.pth', '--work-dir', tmp_path / 'w', *extra,
+                  '--cfg-options', *opts])
+        assert 0 <= _miou(r.stdout + r.stderr) <= 100
+    # Strict by default: a checkpoint of another model is an error, not a silent random evaluation.
+    bad = _mmseg0x_checkpoint(_build(Config.fromfile(CONFIGS / 'ham/ham_dsan_s_ade20k_160k.py').model))
+    torch.save(bad, tmp_path / 'other.pth')
+    r = subprocess.run([PY, SEG / 'tools/test.py', config, tmp_path / 'other.pth', '--cfg-options', *opts],
+                       capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=600)
+    assert r.returncode != 0 and 'size mismatch' in r.stderr
+
+
+@pytest.mark.slow
+def test_dist_train_two_gloo_processes(ade_tiny, tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = _env()
+    env.update(PORT=str(port), PYTHON=PY)
+    work = tmp_path / 'work'
+    r = subprocess.run(['bash', SEG / 'dist_train.sh', CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py', '2',
+                        '--work-dir', work, '--cfg-options', *_data_opts(ade_tiny, '(256,64)')],
+                       capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=900)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert "'backend': 'gloo'" in out and 'Distributed training: True' in out
+    assert 'Iter(train) [3/3]' in out and (work / 'iter_3.pth').is_file()
+
+
+@pytest.mark.slow
+def test_visualize_writes_overlays(ade_tiny, tmp_path):
+    config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
+    torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
+    _run([PY, SEG / 'tools/visualize.py', config, tmp_path / 'released.pth', '--image-dir',
+          ade_tiny / 'images/validation', '--out-dir', tmp_path / 'vis', '--tag', 'dsan_t'])
+    from PIL import Image
+    outs = sorted((tmp_path / 'vis').glob('*_dsan_t.png'))
+    assert len(outs) == 3
+    with Image.open(outs[0]) as im:
+        assert im.height == 64 and im.width > 64  # the image plus the legend column
+
+
+@pytest.mark.slow
+def test_get_flops_reproduces_the_paper_rows():
+    flops = load_tool('segmentation/tools/get_flops.py')
+    rows = {r['config']: r for r in (flops.measure(CONFIGS / c, s) for c, s, *_ in flops.PAPER_ROWS)}
+    t, s = rows['ham_dsan_t_ade20k_160k'], rows['ham_dsan_s_ade20k_160k']
+    assert t['params'] == 4_587_536 and s['params'] == 20_725_734
+    assert t['macs'] / 1e9 == pytest.approx(6.85, abs=0.005)
+    assert s['macs'] / 1e9 == pytest.approx(23.05, abs=0.005)
+    assert rows['ham_dsan_t_cityscapes_80k']['macs'] / 1e9 == pytest.approx(52.6, abs=0.05)
+    assert rows['ham_dsan_s_cityscapes_80k']['macs'] / 1e9 == pytest.approx(181.1, abs=0.05)
+    # The op's own multiply-adds come on top, never below.
+    assert all(r['macs_with_dscn'] > r['macs'] for r in rows.values())
+
+
+def test_demo_config_is_the_ade20k_recipe_on_the_demo_classes():
+    cfg = Config.fromfile(CONFIGS / 'demo/ham_dsan_t_demo.py')
+    assert cfg.model.decode_head.num_classes == len(cfg.metainfo['classes']) == 11
+    assert cfg.model.backbone.embed_dims == T_ARCH['embed_dims'] and cfg.model.backbone.init_cfg is None
+    assert cfg.train_dataloader.dataset.type == 'BaseSegDataset'
+    assert not cfg.train_dataloader.dataset.reduce_zero_label  # the background is a class in the demo
+
+
+def test_sync_bn_to_bn_walks_nested_configs():
+    cfg = {'a': dict(type='SyncBN'), 'b': [dict(norm=dict(type='SyncBN', requires_grad=True)), dict(type='GN')]}
+    assert sync_bn_to_bn(cfg) == 2
+    assert cfg['a']['type'] == 'BN' and cfg['b'][0]['norm'] == dict(type='BN', requires_grad=True)
+    assert sync_bn_to_bn(cfg) == 0
+
+
+def test_tools_reject_missing_files(tmp_path):
+    from dsan.mm.tools import test as seg_test
+    from dsan.mm.tools import train as seg_train
+    with pytest.raises(FileNotFoundError, match='config file not found'):
+        seg_train([str(tmp_path / 'nope.py')])
+    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
+        seg_test([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), str(tmp_path / 'nope.pth')])
+    with pytest.raises(FileNotFoundError, match='--resume checkpoint not found'):
+        seg_train([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), '--resume', str(tmp_path / 'nope.pth'),
+                   '--work-dir', str(tmp_path)])
+
+
+def test_install_script_is_idempotent_and_pins_the_stack():
+    req = (ROOT / 'requirements-mm.txt').read_text()
+    for pin in ('mmengine==0.10.7', 'mmcv==2.1.0', 'mmsegmentation==1.2.2', 'mmdet==3.3.0', 'yapf=='):
+        assert pin in req
+    import mmcv
+    import mmengine
+    import mmseg
+    assert (mmengine.__version__, mmcv.__version__, mmseg.__version__) == ('0.10.7', '2.1.0', '1.2.2')
+    from mmcv.ops import nms  # the compiled ops are there
+    boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
+    _, keep = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), iou_threshold=0.5)
+    assert keep.tolist() == [0, 2]
+    script = (ROOT / 'scripts/install_mm.sh').read_text()
+    assert 'c++20' in script and 'strip --strip-debug' in script
