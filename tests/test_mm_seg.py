@@ -514,7 +514,7 @@ def test_visualize_writes_overlays(ade_tiny, tmp_path):
     outs = sorted((tmp_path / 'vis').glob('*_dsan_t.png'))
     assert len(outs) == 3
     with Image.open(outs[0]) as im:
-        assert im.height == 64 and im.width > 64  # the image plus the legend column
+        assert im.height >= 64 and im.width > 64  # the image plus the legend column (one row per class found)
 
 
 @pytest.mark.slow
