@@ -103,7 +103,8 @@ class DSANBackbone(DSAN, BaseModule):
             pretrained: Deprecated: checkpoint path, same as `init_cfg=dict(type='Pretrained', checkpoint=...)`.
             init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH[, prefix=...])` loads an
                 original encoder file, any classification checkpoint format `dsan.models.load_checkpoint`
-                reads (the classifier is dropped), or the `backbone.*` part of a segmentor/detector file.
+                reads (the classifier is dropped), or the `backbone.*` part of a segmentor/detector file;
+                `checkpoint=None` keeps the random initialisation (with a warning).
         """
         if init_cfg is not None and pretrained is not None:
             raise ValueError('init_cfg and pretrained cannot be set at the same time: use init_cfg.')
@@ -113,6 +114,10 @@ class DSANBackbone(DSAN, BaseModule):
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         elif pretrained is not None:
             raise TypeError(f'pretrained must be a str or None, got {type(pretrained).__name__}.')
+        if not (init_cfg is None or isinstance(init_cfg, Mapping) or (
+                isinstance(init_cfg, (list, tuple)) and all(isinstance(c, Mapping) for c in init_cfg))):
+            raise TypeError(f'init_cfg must be a dict (e.g. dict(type=\'Pretrained\', checkpoint=PATH)), a list of '
+                            f'dicts or None, got {type(init_cfg).__name__} {init_cfg!r}.')
         per_stage = dict(embed_dims=embed_dims, mlp_ratios=mlp_ratios, kernel_sizes=kernel_sizes,
                          dw_kernel_sizes=dw_kernel_sizes, groups=groups, depths=depths)
         if not 1 <= num_stages <= min(len(v) for v in per_stage.values()):
@@ -175,7 +180,12 @@ class DSANBackbone(DSAN, BaseModule):
         if not (isinstance(cfg, Mapping) and cfg.get('type') == 'Pretrained'):
             BaseModule.init_weights(self)
             return
-        self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
+        if cfg.get('checkpoint') is None:
+            # Lets a config name the Pretrained init and leave the file to --cfg-options (the demos do).
+            print_log('DSAN: init_cfg Pretrained has checkpoint=None: the backbone keeps its random initialisation.',
+                      logger='current', level=logging.WARNING)
+        else:
+            self.load_pretrained(cfg['checkpoint'], prefix=cfg.get('prefix'))
         self._is_init = True
 
     def load_pretrained(self, checkpoint: str | os.PathLike | Mapping[str, Any], prefix: str | None = None) -> None:

@@ -18,7 +18,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .utils import sync_bn_to_bn
+from .utils import resolve_config_path, sync_bn_to_bn
 
 __all__ = ['train', 'test', 'load_config']
 
@@ -39,16 +39,14 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
 
 def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
     """Read `path`, apply `--cfg-options`, the work dir, the launcher, and BN instead of SyncBN without CUDA."""
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'config file not found: {path}')
-    cfg = Config.fromfile(path)
+    cfg = Config.fromfile(resolve_config_path(path))
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(str(path)))[0])
     if not torch.cuda.is_available():
         n = sync_bn_to_bn(cfg.model)
         if n:
@@ -82,6 +80,9 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
         '--resume', nargs='?', const='auto', metavar='CHECKPOINT',
         help='resume training: from CHECKPOINT, or without a value from the latest checkpoint in the work dir')
     parser.add_argument('--amp', action='store_true', help='automatic mixed precision training (CUDA)')
+    if task == 'det':
+        parser.add_argument('--auto-scale-lr', action='store_true',
+                            help="scale the lr by (GPUs x batch) / the config's auto_scale_lr.base_batch_size")
     _common_args(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
@@ -93,6 +94,10 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
         else:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
+    if getattr(args, 'auto_scale_lr', False):
+        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
+            raise KeyError(f'--auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}')
+        cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None

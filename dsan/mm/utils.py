@@ -1,8 +1,12 @@
 """Helpers shared by the segmentation and detection tools."""
+import importlib
 from collections.abc import MutableMapping, MutableSequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ['sync_bn_to_bn']
+__all__ = ['IMAGE_SUFFIXES', 'list_images', 'resolve_config_path', 'sync_bn_to_bn', 'whole_inference']
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def sync_bn_to_bn(cfg: Any) -> int:
@@ -25,3 +29,50 @@ def sync_bn_to_bn(cfg: Any) -> int:
         for v in cfg:
             changed += sync_bn_to_bn(v)
     return changed
+
+
+def whole_inference(segmentor: Any, x: Any) -> Any:
+    """Logits of mmseg's whole-image inference of a batch `x` (N, 3, H, W), resized to (H, W): (N, classes, H, W).
+
+    What `mode='predict'` computes per image with `test_cfg=dict(mode='whole')`, without the data samples; the
+    FLOP and speed tools measure this.
+    """
+    shape = tuple(x.shape[2:])
+    return segmentor.encode_decode(x, [dict(img_shape=shape, ori_shape=shape, pad_shape=shape)] * x.shape[0])
+
+
+def list_images(image_dir: str | Path) -> list[Path]:
+    """The images (by suffix) directly inside `image_dir`, sorted.
+
+    Raises:
+        FileNotFoundError: `image_dir` does not exist or holds no image.
+    """
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f'image folder not found: {image_dir}')
+    images = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in {image_dir}')
+    return images
+
+
+def resolve_config_path(config: str | Path) -> Path:
+    """A config path, with OpenMMLab's `package::relative/path.py` form resolved to the installed package's file.
+
+    Raises:
+        FileNotFoundError: No such config file.
+    """
+    config = str(config)
+    if '::' in config:
+        package, rel = config.split('::', 1)
+        try:
+            root = Path(importlib.import_module(package).__file__).parent / '.mim' / 'configs'
+        except ImportError as e:
+            raise FileNotFoundError(f'config {config}: package {package!r} is not installed') from e
+        path = root / rel
+    else:
+        path = Path(config)
+    if not path.is_file():
+        raise FileNotFoundError(f'config file not found: {config}' + (f' ({path})' if str(path) != config else ''))
+    return path
+

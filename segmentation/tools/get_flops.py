@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from dsan.flops import count_macs, count_params
+from dsan.mm.utils import whole_inference
 
 _logger = logging.getLogger('get_flops')
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -41,16 +42,10 @@ def build_segmentor(config: str | Path) -> torch.nn.Module:
     return MODELS.build(cfg.model).eval()
 
 
-def _whole_inference(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    # What `mode='predict'` runs per image with test_cfg mode 'whole': logits resized to the input size.
-    shape = tuple(x.shape[2:])
-    return model.encode_decode(x, [dict(img_shape=shape, ori_shape=shape, pad_shape=shape)])
-
-
 def measure(config: str | Path, shape: tuple[int, int]) -> dict:
     """Params and MACs (DSCN op counted 0; and with its own multiply-adds) of `config` at `shape` = (H, W)."""
     model = build_segmentor(config)
-    macs, macs_with_dscn = count_macs(model, shape, forward=_whole_inference)
+    macs, macs_with_dscn = count_macs(model, shape, forward=whole_inference)
     return dict(config=Path(config).stem, shape=tuple(shape), params=count_params(model), macs=macs,
                 macs_with_dscn=macs_with_dscn)
 

@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 _logger = logging.getLogger('visualize')
 
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 PALETTES = ('auto', 'ade20k', 'cityscapes', 'checkpoint')
 
 
@@ -114,14 +113,11 @@ def main(argv=None) -> list[Path]:
     from mmseg.apis import inference_model, init_model
 
     from dsan.mm.tools import load_config
+    from dsan.mm.utils import list_images
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{what} file not found: {path}')
-    if not os.path.isdir(args.image_dir):
-        raise FileNotFoundError(f'--image-dir not found: {args.image_dir}')
-    images = sorted(p for p in Path(args.image_dir).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise FileNotFoundError(f'no images ({", ".join(IMAGE_SUFFIXES)}) in --image-dir {args.image_dir}')
+    images = list_images(args.image_dir)
 
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder

@@ -1,0 +1,75 @@
+"""Boxes, class names, scores and instance masks of a detector's predictions for a folder of images.
+
+The original's `det_box_ins_mask_visual.py`: a config and checkpoint go in with an image folder; for each image
+`OUT_DIR/NAME_TAG.png` comes out with the detections above `--score-thr` drawn by mmdet's DetLocalVisualizer in the
+COCO palette (or 'voc', 'citys', 'random').
+
+Examples:
+    python detection/tools/visualize.py detection/configs/coco/mask_rcnn_dsan_t_fpn_1x.py mask_rcnn_dsan_t.pth \
+        --image-dir demo_images --out-dir det_mask --score-thr 0.3
+"""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+_logger = logging.getLogger('visualize')
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('config', help='detection config file')
+    parser.add_argument('checkpoint', help='detector checkpoint (mmengine or original mmdet 2.x)')
+    parser.add_argument('--image-dir', default='images', help='folder of input images')
+    parser.add_argument('--out-dir', default='det_mask', help='folder for the drawings')
+    parser.add_argument('--tag', default=None, help='suffix of the output names (default: the config name)')
+    parser.add_argument('--palette', default='coco', choices=['coco', 'voc', 'citys', 'random'],
+                        help='colours of boxes and masks')
+    parser.add_argument('--score-thr', type=float, default=0.3, help='draw detections scoring at least this')
+    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda:0'")
+    args = parser.parse_args(argv)
+    if not 0.0 <= args.score_thr <= 1.0:
+        parser.error(f'--score-thr must be in [0, 1], got {args.score_thr}')
+    return args
+
+
+def main(argv=None) -> list[Path]:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    args = parse_args(argv)
+    import mmcv
+    from mmdet.apis import inference_detector, init_detector
+    from mmdet.visualization import DetLocalVisualizer
+
+    from dsan.mm.tools import load_config
+    from dsan.mm.utils import list_images
+    for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f'{what} file not found: {path}')
+    images = list_images(args.image_dir)
+
+    cfg = load_config(args.config, None, None, 'none')
+    cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
+    model = init_detector(cfg, args.checkpoint, device=args.device, palette=args.palette)
+    visualizer = DetLocalVisualizer(name=f'dsan_det_vis_{os.getpid()}', bbox_color=args.palette,
+                                    mask_color=args.palette, text_color=(200, 200, 200))
+    visualizer.dataset_meta = model.dataset_meta
+    tag = args.tag or Path(args.config).stem
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in tqdm(images, desc='detections', unit='img'):
+        result = inference_detector(model, str(path))
+        image = mmcv.imread(str(path), channel_order='rgb')
+        out = out_dir / f'{path.stem}_{tag}.png'
+        visualizer.add_datasample(path.stem, image, data_sample=result, draw_gt=False, show=False,
+                                  pred_score_thr=args.score_thr, out_file=str(out))
+        written.append(out)
+    _logger.info('wrote %d drawings to %s', len(written), out_dir)
+    return written
+
+
+if __name__ == '__main__':
+    sys.exit(main() and 0)

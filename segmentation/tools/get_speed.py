@@ -1,0 +1,150 @@
+"""CPU/GPU speed of a DSAN segmentor next to mmseg's SegNeXt MSCAN-T with the same LightHamHead, in one process.
+
+Both models are built from their configs (random weights), timed interleaved round by round so that a noisy machine
+affects both alike, and reported as the median over rounds: whole-image inference per image and one training
+iteration (forward, backward, AdamW step). The figures to read are the ratios, and the ratio per FLOP
+(torchprofile MACs of whole-image inference, DSCN op counted 0 as the paper does).
+
+Examples:
+    python segmentation/tools/get_speed.py                              # 512x512, inference batch 1, train batch 2
+    python segmentation/tools/get_speed.py --shape 512 1024 --rounds 5 --threads 2
+    python segmentation/tools/get_speed.py --device cuda --train-batch 8
+"""
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from dsan.flops import count_macs, count_params
+from dsan.mm.utils import whole_inference
+
+CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
+BASELINE = 'mmseg::segnext/segnext_mscan-t_1xb16-adamw-160k_ade20k-512x512.py'
+
+
+def build(config: str, device: str) -> torch.nn.Module:
+    """The segmentor of `config` (a path or an `mmseg::` config) with random weights, on `device`."""
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmseg.registry import MODELS
+
+    from dsan.mm.utils import resolve_config_path, sync_bn_to_bn
+    cfg = Config.fromfile(resolve_config_path(config))
+    cfg.model.backbone.init_cfg = None
+    if not str(device).startswith('cuda'):
+        sync_bn_to_bn(cfg.model)
+    init_default_scope('mmseg')
+    return MODELS.build(cfg.model).to(device)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith('cuda'):
+        torch.cuda.synchronize()
+
+
+def _train_step(model, optimizer, x, samples) -> None:
+    losses = model(x, samples, mode='loss')
+    loss = sum(v for k, v in losses.items() if 'loss' in k)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def _samples(n: int, shape: tuple[int, int], num_classes: int, device: str) -> list:
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    out = []
+    for _ in range(n):
+        s = SegDataSample()
+        s.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, *shape), device=device))
+        s.set_metainfo(dict(img_shape=shape, ori_shape=shape, pad_shape=shape))
+        out.append(s)
+    return out
+
+
+def benchmark(configs: dict[str, str], shape: tuple[int, int], batch: int, train_batch: int, rounds: int,
+              warmup: int, device: str) -> list[dict]:
+    """Median seconds per image (inference) and per training iteration of each model, timed interleaved."""
+    models = {name: build(cfg, device) for name, cfg in configs.items()}
+    rows = {}
+    for name, model in models.items():
+        model.eval()
+        macs, _ = count_macs(model.cpu(), shape, forward=whole_inference)
+        model.to(device)
+        rows[name] = dict(model=name, params=count_params(model), gflops=macs / 1e9, infer=[], train=[])
+    x = torch.randn(batch, 3, *shape, device=device)
+    xt = torch.randn(train_batch, 3, *shape, device=device)
+    optims = {n: torch.optim.AdamW(m.parameters(), lr=1e-5) for n, m in models.items()}
+    samples = {n: _samples(train_batch, shape, m.decode_head.num_classes, device) for n, m in models.items()}
+    for r in range(warmup + rounds):
+        for name, model in models.items():
+            model.eval()
+            with torch.no_grad():
+                _sync(device)
+                t0 = time.perf_counter()
+                whole_inference(model, x)
+                _sync(device)
+                t_inf = (time.perf_counter() - t0) / batch
+            model.train()
+            _sync(device)
+            t0 = time.perf_counter()
+            _train_step(model, optims[name], xt, samples[name])
+            _sync(device)
+            t_train = time.perf_counter() - t0
+            if r >= warmup:
+                rows[name]['infer'].append(t_inf)
+                rows[name]['train'].append(t_train)
+    for row in rows.values():
+        row['infer_ms'] = statistics.median(row.pop('infer')) * 1e3
+        row['train_s'] = statistics.median(row.pop('train'))
+    return list(rows.values())
+
+
+def format_rows(rows: list[dict], shape, batch, train_batch, device) -> str:
+    base = rows[-1]
+    lines = [f'{device}, {torch.get_num_threads()} threads, input {shape[0]}x{shape[1]}; inference batch {batch} '
+             f'(ms per image), training iteration batch {train_batch} (s); ratios vs {base["model"]} '
+             '(> 1: faster); per-FLOP = speed ratio x FLOP ratio.',
+             f'{"model":<16} {"params":>11} {"GFLOPs":>7} {"infer ms/img":>13} {"train s/it":>11} '
+             f'{"infer x":>8} {"train x":>8} {"per-FLOP x":>10}']
+    for r in rows:
+        speed = base['infer_ms'] / r['infer_ms']
+        lines.append(f'{r["model"]:<16} {r["params"]:>11,} {r["gflops"]:>7.2f} {r["infer_ms"]:>13.1f} '
+                     f'{r["train_s"]:>11.3f} {speed:>8.2f} {base["train_s"] / r["train_s"]:>8.2f} '
+                     f'{speed * r["gflops"] / base["gflops"]:>10.2f}')
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--config', default=str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), help='DSAN config')
+    parser.add_argument('--baseline', default=BASELINE, help='config of the model to compare with')
+    parser.add_argument('--shape', type=int, nargs='+', default=[512], help='input H [W]')
+    parser.add_argument('--batch', type=int, default=1, help='inference batch')
+    parser.add_argument('--train-batch', type=int, default=2, help='training batch')
+    parser.add_argument('--rounds', type=int, default=5)
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
+    parser.add_argument('--device', default='cpu')
+    args = parser.parse_args(argv)
+    if len(args.shape) not in (1, 2):
+        raise SystemExit(f'--shape takes H or H W, got {args.shape}')
+    for name in ('batch', 'train_batch', 'rounds'):
+        if getattr(args, name) < 1:
+            raise SystemExit(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shape = tuple(args.shape) * (2 // len(args.shape))
+    configs = {Path(args.config).stem.split('_ade20k')[0]: args.config,
+               Path(args.baseline.split('::')[-1]).stem.split('_1xb')[0]: args.baseline}
+    rows = benchmark(configs, shape, args.batch, args.train_batch, args.rounds, args.warmup, args.device)
+    text = format_rows(rows, shape, args.batch, args.train_batch, args.device)
+    print(text)
+    return text
+
+
+if __name__ == '__main__':
+    sys.exit(main() and 0)
