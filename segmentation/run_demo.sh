@@ -4,7 +4,9 @@
 # generates the demo shapes in ADE20K layout (no download), trains DSAN-T + LightHamHead on them with
 # segmentation/tools/train.py (a few minutes on a CPU), evaluates mIoU with tools/test.py, prints the mIoU of the
 # all-background prediction next to it, and writes coloured overlays.
-# Environment: VENV (default .venv), DATA (default data/demo_seg), ITERS (default: the config's 600).
+# The backbone starts from PRETRAINED, by default the newest classification demo checkpoint
+# (output/demo/*/model_best.pth.tar from `bash run_demo.sh`) when there is one, else from scratch (PRETRAINED=none).
+# Environment: VENV (default .venv), DATA (default data/demo_seg), ITERS (default: the config's 600), PRETRAINED.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -27,6 +29,13 @@ fi
 
 OPTS=(train_dataloader.dataset.data_root="$DATA" val_dataloader.dataset.data_root="$DATA"
       test_dataloader.dataset.data_root="$DATA")
+PRETRAINED="${PRETRAINED:-$(ls -t output/demo/*/model_best.pth.tar 2>/dev/null | head -1 || true)}"
+if [[ -n "$PRETRAINED" && "$PRETRAINED" != none ]]; then
+  echo "backbone initialised from $PRETRAINED"
+  OPTS+=(model.backbone.init_cfg.checkpoint="$PRETRAINED")
+else
+  echo "backbone trained from scratch (run 'bash run_demo.sh' first for a pretrained one, or set PRETRAINED=FILE)"
+fi
 if [[ -n "${ITERS:-}" ]]; then
   OPTS+=(train_cfg.max_iters="$ITERS" train_cfg.val_interval="$ITERS" default_hooks.checkpoint.interval="$ITERS"
          param_scheduler.1.end="$ITERS")
@@ -50,4 +59,5 @@ ls "$DATA/images/validation"/*.jpg | head -8 | xargs -I{} cp {} "$WORK/val_image
 
 echo
 echo "Segmentation demo done in $(( $(date +%s) - START ))s: DSAN-T + LightHamHead mIoU ${MIOU} on the demo validation"
-echo "set (11 classes) vs ${BASE} for predicting background everywhere. Overlays: $WORK/overlays, log: $WORK"
+echo "set (11 classes) vs ${BASE} for predicting background everywhere (backbone: ${PRETRAINED:-from scratch})."
+echo "Overlays: $WORK/overlays, log: $WORK"

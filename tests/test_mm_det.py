@@ -198,8 +198,10 @@ def _data_opts(root, mask=True):
              'train_dataloader.dataset.filter_cfg.min_size=4',
              'model.backbone.init_cfg=None', f'model.backbone.backend={BACKEND}', 'train_dataloader.batch_size=2',
              'train_cfg.max_epochs=1', 'train_cfg.val_interval=1', 'default_hooks.logger.interval=1']
-    heads = ['model.roi_head.bbox_head.num_classes=3', 'model.roi_head.mask_head.num_classes=3'] if mask else \
-        ['model.bbox_head.num_classes=3']
+    # An untrained detector scores low: keep every detection so that the COCO evaluation has results to score.
+    heads = ['model.roi_head.bbox_head.num_classes=3', 'model.roi_head.mask_head.num_classes=3',
+             'model.test_cfg.rcnn.score_thr=0.0'] if mask else \
+        ['model.bbox_head.num_classes=3', 'model.test_cfg.score_thr=0.0']
     return opts + heads
 
 
@@ -227,7 +229,7 @@ def test_train_then_coco_evaluation_through_the_real_tools(coco_tiny, tmp_path):
 @pytest.mark.slow
 def test_retinanet_trains_and_evaluates(coco_tiny, tmp_path):
     config = CONFIGS / 'coco/retinanet_dsan_t_fpn_1x.py'
-    opts = [o for o in _data_opts(coco_tiny, mask=False)]
+    opts = _data_opts(coco_tiny, mask=False)
     out = _run([PY, DET / 'tools/train.py', config, '--work-dir', tmp_path / 'w', '--cfg-options', *opts])
     assert 'Epoch(train) [1][2/2]' in out and -1 <= _ap(out, 'bbox') <= 1
 

@@ -1,7 +1,8 @@
-# The segmentation demo (segmentation/run_demo.sh): DSAN-T + LightHamHead trained from scratch on the generated
-# shapes in ADE20K layout (python -m dsan.data.demo --task segmentation --out data/demo_seg), in a few minutes on
-# a CPU. The background is a class here (11 classes), so the all-background prediction is the baseline to beat.
-# Everything not set here is ham_dsan_t_ade20k_160k.py.
+# The segmentation demo (segmentation/run_demo.sh): DSAN-T + LightHamHead on the generated shapes in ADE20K layout
+# (python -m dsan.data.demo --task segmentation --out data/demo_seg), in a few minutes on a CPU. The backbone starts
+# from a DSAN-T classification checkpoint (as the paper's from ImageNet; the demo from the classification demo's)
+# given with --cfg-options model.backbone.init_cfg.checkpoint=FILE, else from scratch. The background is a class here
+# (11 classes), so the all-background prediction is the baseline to beat. Everything else is ham_dsan_t_ade20k_160k.py.
 _base_ = '../ham/ham_dsan_t_ade20k_160k.py'
 data_root = 'data/demo_seg'
 crop_size = (128, 128)
@@ -13,7 +14,7 @@ metainfo = dict(
              [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]])
 model = dict(
     data_preprocessor=dict(size=crop_size),
-    backbone=dict(drop_path_rate=0.0, init_cfg=None),
+    backbone=dict(drop_path_rate=0.0, init_cfg=dict(type='Pretrained', checkpoint=None)),
     decode_head=dict(num_classes=11))
 train_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -40,7 +41,7 @@ val_dataloader = dict(
     dataset=dict(_delete_=True, **dataset, pipeline=test_pipeline,
                  data_prefix=dict(img_path='images/validation', seg_map_path='annotations/validation')))
 test_dataloader = val_dataloader
-# From scratch, so a higher lr than the fine-tuning recipe, a short warmup and poly decay over the run.
+# A short run: a higher lr than the 160k recipe, a short warmup and poly decay over the run.
 optim_wrapper = dict(optimizer=dict(lr=6e-4))
 param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
