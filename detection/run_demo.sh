@@ -6,7 +6,7 @@
 # detections of a few validation images.
 # The backbone starts from PRETRAINED, by default the newest classification demo checkpoint
 # (output/demo/*/model_best.pth.tar from `bash run_demo.sh`) when there is one, else from scratch (PRETRAINED=none).
-# Environment: VENV (default .venv), DATA (default data/demo_det), EPOCHS (default: the config's 6), PRETRAINED.
+# Environment: VENV (default .venv), DATA (default data/demo_det), EPOCHS (default: the config's 3), PRETRAINED.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -24,7 +24,7 @@ echo "== 2/5 generating the demo data in $DATA"
 if [[ -f "$DATA/annotations/instances_val2017.json" ]]; then
   echo "$DATA exists, reusing it"
 else
-  "$PY" -m dsan.data.demo --task detection --out "$DATA"
+  "$PY" -m dsan.data.demo --task detection --out "$DATA" --num-train 240 --num-val 100
 fi
 
 PRETRAINED="${PRETRAINED:-$(ls -t output/demo/*/model_best.pth.tar 2>/dev/null | head -1 || true)}"

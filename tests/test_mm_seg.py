@@ -584,3 +584,17 @@ def test_install_script_is_idempotent_and_pins_the_stack():
     assert keep.tolist() == [0, 2]
     script = (ROOT / 'scripts/install_mm.sh').read_text()
     assert 'c++20' in script and 'strip --strip-debug' in script
+
+
+def test_interleaved_median_times_each_step_per_round(monkeypatch):
+    from dsan.mm import speed
+    clock = iter(range(1000))
+    monkeypatch.setattr(speed.time, 'perf_counter', lambda: next(clock))
+    calls = []
+    # Each step reads the clock twice; a step's duration is 1 tick: the medians are exact and the order interleaved.
+    medians = speed.interleaved_median({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')},
+                                       rounds=3, warmup=1)
+    assert calls == ['a', 'b'] * 4
+    assert medians == {'a': 1, 'b': 1}
+    with pytest.raises(ValueError, match='rounds must be >= 1'):
+        speed.interleaved_median({}, rounds=0, warmup=0)

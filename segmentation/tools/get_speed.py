@@ -11,14 +11,13 @@ Examples:
     python segmentation/tools/get_speed.py --device cuda --train-batch 8
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from dsan.flops import count_macs, count_params
+from dsan.mm.speed import interleaved_median
 from dsan.mm.utils import whole_inference
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
@@ -40,14 +39,8 @@ def build(config: str, device: str) -> torch.nn.Module:
     return MODELS.build(cfg.model).to(device)
 
 
-def _sync(device: str) -> None:
-    if str(device).startswith('cuda'):
-        torch.cuda.synchronize()
-
-
 def _train_step(model, optimizer, x, samples) -> None:
-    losses = model(x, samples, mode='loss')
-    loss = sum(v for k, v in losses.items() if 'loss' in k)
+    loss, _ = model.parse_losses(model(x, samples, mode='loss'))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -67,39 +60,31 @@ def _samples(n: int, shape: tuple[int, int], num_classes: int, device: str) -> l
 
 def benchmark(configs: dict[str, str], shape: tuple[int, int], batch: int, train_batch: int, rounds: int,
               warmup: int, device: str) -> list[dict]:
-    """Median seconds per image (inference) and per training iteration of each model, timed interleaved."""
-    models = {name: build(cfg, device) for name, cfg in configs.items()}
-    rows = {}
-    for name, model in models.items():
-        model.eval()
-        macs, _ = count_macs(model.cpu(), shape, forward=whole_inference)
-        model.to(device)
-        rows[name] = dict(model=name, params=count_params(model), gflops=macs / 1e9, infer=[], train=[])
+    """Median ms per image (inference) and s per training iteration of each model, timed interleaved."""
+    rows, steps = {}, {}
     x = torch.randn(batch, 3, *shape, device=device)
     xt = torch.randn(train_batch, 3, *shape, device=device)
-    optims = {n: torch.optim.AdamW(m.parameters(), lr=1e-5) for n, m in models.items()}
-    samples = {n: _samples(train_batch, shape, m.decode_head.num_classes, device) for n, m in models.items()}
-    for r in range(warmup + rounds):
-        for name, model in models.items():
+    for name, cfg in configs.items():
+        model = build(cfg, 'cpu').eval()
+        macs, _ = count_macs(model, shape, forward=whole_inference)
+        model.to(device)
+        rows[name] = dict(model=name, params=count_params(model), gflops=macs / 1e9)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        samples = _samples(train_batch, shape, model.decode_head.num_classes, device)
+
+        def infer(model=model):
             model.eval()
             with torch.no_grad():
-                _sync(device)
-                t0 = time.perf_counter()
                 whole_inference(model, x)
-                _sync(device)
-                t_inf = (time.perf_counter() - t0) / batch
+
+        def train(model=model, optimizer=optimizer, samples=samples):
             model.train()
-            _sync(device)
-            t0 = time.perf_counter()
-            _train_step(model, optims[name], xt, samples[name])
-            _sync(device)
-            t_train = time.perf_counter() - t0
-            if r >= warmup:
-                rows[name]['infer'].append(t_inf)
-                rows[name]['train'].append(t_train)
-    for row in rows.values():
-        row['infer_ms'] = statistics.median(row.pop('infer')) * 1e3
-        row['train_s'] = statistics.median(row.pop('train'))
+            _train_step(model, optimizer, xt, samples)
+        steps[f'{name}/infer'], steps[f'{name}/train'] = infer, train
+    medians = interleaved_median(steps, rounds, warmup, device)
+    for name, row in rows.items():
+        row['infer_ms'] = medians[f'{name}/infer'] / batch * 1e3
+        row['train_s'] = medians[f'{name}/train']
     return list(rows.values())
 
 
