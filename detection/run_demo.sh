@@ -38,7 +38,9 @@ else
   echo "backbone trained from scratch (run 'bash run_demo.sh' first for a pretrained one, or set PRETRAINED=FILE)"
 fi
 if [[ -n "${EPOCHS:-}" ]]; then
-  OPTS+=(train_cfg.max_epochs="$EPOCHS" train_cfg.val_interval="$EPOCHS" default_hooks.checkpoint.interval="$EPOCHS")
+  OPTS+=(train_cfg.max_epochs="$EPOCHS" train_cfg.val_interval="$EPOCHS" train_cfg.val_begin=$((EPOCHS + 1))
+         default_hooks.checkpoint.interval="$EPOCHS" param_scheduler.1.end="$EPOCHS"
+         "param_scheduler.1.milestones=[$((EPOCHS - 1))]")
 fi
 echo "== 3/5 training Mask R-CNN DSAN-T ($CONFIG) -> $WORK"
 "$PY" detection/tools/train.py "$CONFIG" --work-dir "$WORK" --cfg-options "${OPTS[@]}"

@@ -37,8 +37,8 @@ else
   echo "backbone trained from scratch (run 'bash run_demo.sh' first for a pretrained one, or set PRETRAINED=FILE)"
 fi
 if [[ -n "${ITERS:-}" ]]; then
-  OPTS+=(train_cfg.max_iters="$ITERS" train_cfg.val_interval="$ITERS" default_hooks.checkpoint.interval="$ITERS"
-         param_scheduler.1.end="$ITERS")
+  OPTS+=(train_cfg.max_iters="$ITERS" train_cfg.val_interval="$ITERS" train_cfg.val_begin=$((ITERS + 1))
+         default_hooks.checkpoint.interval="$ITERS" param_scheduler.1.end="$ITERS")
 fi
 echo "== 3/5 training DSAN-T + LightHamHead ($CONFIG) -> $WORK"
 "$PY" segmentation/tools/train.py "$CONFIG" --work-dir "$WORK" --cfg-options "${OPTS[@]}"

@@ -42,5 +42,6 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
     dict(type='MultiStepLR', begin=0, end=max_epochs, by_epoch=True, milestones=[max_epochs - 1], gamma=0.1),
 ]
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+# No validation during training: run_demo.sh evaluates the final checkpoint with tools/test.py.
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs, val_begin=max_epochs + 1)
 default_hooks = dict(logger=dict(interval=10), checkpoint=dict(interval=max_epochs, max_keep_ckpts=1, save_best=None))

@@ -47,7 +47,8 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=1e-3, by_epoch=False, begin=0, end=50),
     dict(type='PolyLR', power=1.0, eta_min=1e-6, by_epoch=False, begin=50, end=max_iters),
 ]
-train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
+# No validation during training: run_demo.sh evaluates the final checkpoint with tools/test.py.
+train_cfg = dict(max_iters=max_iters, val_interval=max_iters, val_begin=max_iters + 1)
 default_hooks = dict(
     logger=dict(interval=20),
     checkpoint=dict(interval=max_iters, max_keep_ckpts=1, save_best=None))
