@@ -3,10 +3,7 @@
 The ``slow`` tests run the real `detection/tools` scripts (train, test, dist_train.sh, visualize, get_flops) in
 subprocesses on tiny generated COCO-layout data; they run in CI too.
 """
-import os
 import re
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +12,7 @@ import torch
 pytest.importorskip('mmdet', reason='the OpenMMLab stack is not installed (bash scripts/install_mm.sh)')
 
 from conftest import BACKEND, ROOT, load_tool  # noqa: E402
+from mm_common import S_ARCH, T_ARCH, free_port, run_script, script_env  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 
@@ -27,12 +25,6 @@ PY = sys.executable
 DET = ROOT / 'detection'
 CONFIGS = DET / 'configs'
 
-T_ARCH = dict(embed_dims=[32, 64, 160, 256], mlp_ratios=[8, 8, 4, 4], kernel_sizes=[11, 11, 7, 5],
-              dw_kernel_sizes=[11, 11, 7, 5], paddings=[5, 5, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
-              groups=[1, 4, 8, 8], depths=[3, 3, 5, 2], drop_rate=0.0, drop_path_rate=0.1)
-S_ARCH = dict(embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], kernel_sizes=[15, 13, 7, 5],
-              dw_kernel_sizes=[9, 7, 5, 5], paddings=[7, 6, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
-              groups=[4, 8, 16, 16], depths=[2, 2, 5, 3], drop_rate=0.0, drop_path_rate=0.1)
 # config: (arch, detector, batch per GPU, training scale, evaluation interval (epochs), lr-scaling base batch)
 RECIPES = {
     'coco/mask_rcnn_dsan_t_fpn_1x.py': (T_ARCH, 'MaskRCNN', 2, (1333, 800), 1, 16),
@@ -45,11 +37,9 @@ def _build(cfg_model, backend=BACKEND):
     from mmdet.registry import MODELS
     init_default_scope('mmdet')
     cfg_model = Config(dict(model=cfg_model)).model
+    cfg_model.backbone.init_cfg = None
     if cfg_model.backbone.type == 'DSAN':
-        cfg_model.backbone.init_cfg = None
         cfg_model.backbone.backend = backend
-    else:
-        cfg_model.backbone.init_cfg = None
     sync_bn_to_bn(cfg_model)
     return MODELS.build(cfg_model)
 
@@ -161,18 +151,8 @@ def test_adapter_loads_an_original_encoder_file_into_the_detector(tmp_path):
 # Tools end to end
 
 
-def _env():
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-    env.setdefault('OMP_NUM_THREADS', '1')
-    env['PYTHONWARNINGS'] = 'ignore'
-    return env
-
-
-def _run(args, timeout=900, env=None):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env or _env(),
-                       cwd=str(ROOT))
-    assert r.returncode == 0, f'{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}'
+def _run(args, env=None) -> str:
+    r = run_script(args, env=env)
     return r.stdout + r.stderr
 
 
@@ -248,11 +228,7 @@ def test_test_tool_evaluates_an_original_mmdet2x_checkpoint(coco_tiny, tmp_path)
 
 @pytest.mark.slow
 def test_dist_train_two_gloo_processes(coco_tiny, tmp_path):
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = _env()
-    env.update(PORT=str(port), PYTHON=PY)
+    env = script_env(PORT=str(free_port()), PYTHON=PY)
     work = tmp_path / 'work'
     out = _run(['bash', DET / 'dist_train.sh', CONFIGS / 'coco/mask_rcnn_dsan_t_fpn_1x.py', '2', '--work-dir', work,
                 '--cfg-options', *_data_opts(coco_tiny)], env=env)

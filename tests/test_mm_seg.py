@@ -4,7 +4,6 @@ The ``slow`` tests run the real `segmentation/tools` scripts (train, test, dist_
 subprocesses on tiny generated data in ADE20K and Cityscapes layout; they run in CI too.
 """
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,6 +13,7 @@ pytest.importorskip('mmseg', reason='the OpenMMLab stack is not installed (bash 
 
 import timm  # noqa: E402
 from conftest import BACKEND, ROOT, load_tool  # noqa: E402
+from mm_common import S_ARCH, T_ARCH, free_port, run_script, script_env  # noqa: E402
 from mmengine.config import Config  # noqa: E402
 from mmengine.registry import init_default_scope  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
@@ -27,12 +27,6 @@ PY = sys.executable
 SEG = ROOT / 'segmentation'
 CONFIGS = SEG / 'configs'
 
-T_ARCH = dict(embed_dims=[32, 64, 160, 256], mlp_ratios=[8, 8, 4, 4], kernel_sizes=[11, 11, 7, 5],
-              dw_kernel_sizes=[11, 11, 7, 5], paddings=[5, 5, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
-              groups=[1, 4, 8, 8], depths=[3, 3, 5, 2], drop_rate=0.0, drop_path_rate=0.1)
-S_ARCH = dict(embed_dims=[64, 128, 320, 512], mlp_ratios=[8, 8, 4, 4], kernel_sizes=[15, 13, 7, 5],
-              dw_kernel_sizes=[9, 7, 5, 5], paddings=[7, 6, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
-              groups=[4, 8, 16, 16], depths=[2, 2, 5, 3], drop_rate=0.0, drop_path_rate=0.1)
 
 # config: (arch, head, dataset, iterations, checkpoint/eval interval)
 RECIPES = {
@@ -409,21 +403,6 @@ def test_overlay_blends_and_draws_a_legend():
         vis.overlay(image, labels, [[0, 0, 0], [200, 0, 0]], ['bg', 'thing'], 1.5)
 
 
-def _env():
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(ROOT), env.get('PYTHONPATH', '')])
-    env.setdefault('OMP_NUM_THREADS', '1')
-    env['PYTHONWARNINGS'] = 'ignore'
-    return env
-
-
-def _run(args, timeout=900, **kw):
-    r = subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=_env(),
-                       cwd=str(ROOT), **kw)
-    assert r.returncode == 0, f'{args} failed:\n{r.stdout[-3000:]}\n{r.stderr[-6000:]}'
-    return r
-
-
 def _data_opts(root, scale):
     """Small and quick: tiny data, 2 images of 64 px per batch, no workers, 3 iterations."""
     opts = [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
@@ -464,18 +443,18 @@ def test_train_then_test_through_the_real_tools(config, layout, ade_tiny, citysc
     root, scale = (ade_tiny, '(256,64)') if layout == 'ade' else (cityscapes_tiny, '(128,64)')
     opts = _data_opts(root, scale)
     work = tmp_path / 'work'
-    r = _run([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--cfg-options', *opts])
+    r = run_script([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--cfg-options', *opts])
     assert 'Iter(train) [3/3]' in r.stdout + r.stderr
     assert 0 <= _miou(r.stdout + r.stderr) <= 100
     ckpt = work / 'iter_3.pth'
     assert ckpt.is_file() and not list(work.glob('*.tmp-*'))
-    r = _run([PY, SEG / 'tools/test.py', CONFIGS / config, ckpt, '--work-dir', tmp_path / 'test',
+    r = run_script([PY, SEG / 'tools/test.py', CONFIGS / config, ckpt, '--work-dir', tmp_path / 'test',
               '--out', tmp_path / 'preds', '--cfg-options', *opts])
     assert 0 <= _miou(r.stdout + r.stderr) <= 100
     assert len(list((tmp_path / 'preds').rglob('*.png'))) == 3
     # Resume continues from iteration 3 (the file mmengine wrote, read back with the safe reader).
-    r = _run([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--resume', '--cfg-options', *opts,
-              'train_cfg.max_iters=4', 'train_cfg.val_interval=4', 'default_hooks.checkpoint.interval=4'])
+    r = run_script([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--resume', '--cfg-options',
+                    *opts, 'train_cfg.max_iters=4', 'train_cfg.val_interval=4', 'default_hooks.checkpoint.interval=4'])
     out = r.stdout + r.stderr
     assert 'resumed epoch: 0, iter: 3' in out and 'Iter(train) [4/4]' in out and 'Iter(train) [1/' not in out
 
@@ -486,31 +465,23 @@ def test_test_tool_evaluates_an_original_mmseg0x_checkpoint(ade_tiny, tmp_path):
     torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
     opts = _data_opts(ade_tiny, '(256,64)')
     for extra in ([], ['--tta']):
-        r = _run([PY, SEG / 'tools/test.py', config, tmp_path / 'released.pth', '--work-dir', tmp_path / 'w', *extra,
-                  '--cfg-options', *opts])
+        r = run_script([PY, SEG / 'tools/test.py', config, tmp_path / 'released.pth', '--work-dir', tmp_path / 'w',
+                        *extra, '--cfg-options', *opts])
         assert 0 <= _miou(r.stdout + r.stderr) <= 100
     # Strict by default: a checkpoint of another model is an error, not a silent random evaluation.
     bad = _mmseg0x_checkpoint(_build(Config.fromfile(CONFIGS / 'ham/ham_dsan_s_ade20k_160k.py').model))
     torch.save(bad, tmp_path / 'other.pth')
-    r = subprocess.run([PY, SEG / 'tools/test.py', config, tmp_path / 'other.pth', '--cfg-options', *opts],
-                       capture_output=True, text=True, env=_env(), cwd=str(ROOT), timeout=600)
+    r = run_script([PY, SEG / 'tools/test.py', config, tmp_path / 'other.pth', '--cfg-options', *opts], check=False)
     assert r.returncode != 0 and 'size mismatch' in r.stderr
 
 
 @pytest.mark.slow
 def test_dist_train_two_gloo_processes(ade_tiny, tmp_path):
-    import socket
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
-    env = _env()
-    env.update(PORT=str(port), PYTHON=PY)
+    env = script_env(PORT=str(free_port()), PYTHON=PY)
     work = tmp_path / 'work'
-    r = subprocess.run(['bash', SEG / 'dist_train.sh', CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py', '2',
-                        '--work-dir', work, '--cfg-options', *_data_opts(ade_tiny, '(256,64)')],
-                       capture_output=True, text=True, env=env, cwd=str(ROOT), timeout=900)
+    r = run_script(['bash', SEG / 'dist_train.sh', CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py', '2',
+                    '--work-dir', work, '--cfg-options', *_data_opts(ade_tiny, '(256,64)')], env=env)
     out = r.stdout + r.stderr
-    assert r.returncode == 0, out[-6000:]
     assert "'backend': 'gloo'" in out and 'Distributed training: True' in out
     assert 'Iter(train) [3/3]' in out and (work / 'iter_3.pth').is_file()
 
@@ -519,7 +490,7 @@ def test_dist_train_two_gloo_processes(ade_tiny, tmp_path):
 def test_visualize_writes_overlays(ade_tiny, tmp_path):
     config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
     torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
-    _run([PY, SEG / 'tools/visualize.py', config, tmp_path / 'released.pth', '--image-dir',
+    run_script([PY, SEG / 'tools/visualize.py', config, tmp_path / 'released.pth', '--image-dir',
           ade_tiny / 'images/validation', '--out-dir', tmp_path / 'vis', '--tag', 'dsan_t'])
     from PIL import Image
     outs = sorted((tmp_path / 'vis').glob('*_dsan_t.png'))

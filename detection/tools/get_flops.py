@@ -23,6 +23,7 @@ import torch
 from torchprofile.handlers import HANDLER_MAP
 
 from dsan.flops import count_macs, count_params
+from dsan.mm.tools import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 
@@ -31,18 +32,6 @@ PAPER_ROWS = [
     ('coco/mask_rcnn_dsan_t_fpn_1x.py', 24.3, 188.6, 'box AP 42.6, mask AP 38.9'),
     ('coco/mask_rcnn_dsan_s_fpn_1x.py', 39.5, 235.4, 'box AP 46.1, mask AP 41.5'),
 ]
-
-
-def build_detector(config: str | Path) -> torch.nn.Module:
-    """The detector of `config` in eval mode on the CPU, randomly initialised (no pretrained file is read)."""
-    from mmdet.registry import MODELS
-    from mmengine.registry import init_default_scope
-
-    from dsan.mm.tools import load_config
-    cfg = load_config(str(config), None, None, 'none')
-    cfg.model.backbone.init_cfg = None
-    init_default_scope(cfg.get('default_scope', 'mmdet'))
-    return MODELS.build(cfg.model).eval()
 
 
 def dummy_forward(model: torch.nn.Module, x: torch.Tensor, num_proposals: int = 1000):
@@ -84,7 +73,7 @@ class ExactTransposedConv:
 def measure(config: str | Path, shape: tuple[int, int] = (800, 1280)) -> dict:
     """Params and MACs of `config` at `shape` = (H, W): torchprofile's count (DSCN op counted 0), the same with the
     transposed convolutions counted exactly, and torchprofile's count with the DSCN op's own multiply-adds."""
-    model = build_detector(config)
+    model = build_model(str(config)).eval()
     macs, macs_with_dscn = count_macs(model, shape, forward=dummy_forward)
     with ExactTransposedConv():
         macs_exact, _ = count_macs(model, shape, forward=dummy_forward)

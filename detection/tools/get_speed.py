@@ -18,24 +18,10 @@ import torch
 
 from dsan.flops import count_params
 from dsan.mm.speed import interleaved_median
+from dsan.mm.tools import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 BASELINE = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
-
-
-def build(config: str, device: str) -> torch.nn.Module:
-    """The detector of `config` (a path or an `mmdet::` config) with random weights, on `device`."""
-    from mmdet.registry import MODELS
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    from dsan.mm.utils import resolve_config_path, sync_bn_to_bn
-    cfg = Config.fromfile(resolve_config_path(config))
-    cfg.model.backbone.init_cfg = None
-    if not str(device).startswith('cuda'):
-        sync_bn_to_bn(cfg.model)
-    init_default_scope('mmdet')
-    return MODELS.build(cfg.model).to(device)
 
 
 def _samples(n: int, shape: tuple[int, int], device: str, num_boxes: int = 5, seed: int = 0) -> list:
@@ -71,7 +57,7 @@ def benchmark(configs: dict[str, str], shape: tuple[int, int], train_batch: int,
     xt = torch.randn(train_batch, 3, *shape, device=device)
     rows, steps = {}, {}
     for name, cfg in configs.items():
-        model = build(cfg, device)
+        model = build_model(cfg, device)
         rows[name] = dict(model=name, params=count_params(model))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
         infer_samples = _samples(1, shape, device)

@@ -20,7 +20,7 @@ from mmengine.runner import Runner
 
 from .utils import resolve_config_path, sync_bn_to_bn
 
-__all__ = ['train', 'test', 'load_config']
+__all__ = ['build_model', 'load_config', 'test', 'train']
 
 TASKS = ('seg', 'det')
 
@@ -60,6 +60,18 @@ def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launc
                     type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                     find_unused_parameters=cfg.get('find_unused_parameters', False))
     return cfg
+
+
+def build_model(config: str, device: str = 'cpu') -> torch.nn.Module:
+    """The model of `config` (a path or `package::path`), randomly initialised (no pretrained file is read).
+
+    For the FLOP and speed tools: built in the config's default scope, SyncBN as BN without CUDA, on `device`.
+    """
+    from mmengine.registry import MODELS, init_default_scope
+    cfg = load_config(config, None, None, 'none')
+    cfg.model.backbone.init_cfg = None
+    init_default_scope(cfg.get('default_scope'))
+    return MODELS.build(cfg.model).to(device)
 
 
 def _build_runner(cfg: Config) -> Runner:

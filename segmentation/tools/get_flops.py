@@ -13,9 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
-
 from dsan.flops import count_macs, count_params
+from dsan.mm.tools import build_model
 from dsan.mm.utils import whole_inference
 
 _logger = logging.getLogger('get_flops')
@@ -30,21 +29,9 @@ PAPER_ROWS = [
 ]
 
 
-def build_segmentor(config: str | Path) -> torch.nn.Module:
-    """The segmentor of `config` in eval mode on the CPU, randomly initialised (no pretrained file is read)."""
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-
-    from dsan.mm.tools import load_config
-    cfg = load_config(str(config), None, None, 'none')
-    cfg.model.backbone.init_cfg = None
-    init_default_scope(cfg.get('default_scope', 'mmseg'))
-    return MODELS.build(cfg.model).eval()
-
-
 def measure(config: str | Path, shape: tuple[int, int]) -> dict:
     """Params and MACs (DSCN op counted 0; and with its own multiply-adds) of `config` at `shape` = (H, W)."""
-    model = build_segmentor(config)
+    model = build_model(str(config)).eval()
     macs, macs_with_dscn = count_macs(model, shape, forward=whole_inference)
     return dict(config=Path(config).stem, shape=tuple(shape), params=count_params(model), macs=macs,
                 macs_with_dscn=macs_with_dscn)

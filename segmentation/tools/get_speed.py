@@ -18,25 +18,11 @@ import torch
 
 from dsan.flops import count_macs, count_params
 from dsan.mm.speed import interleaved_median
+from dsan.mm.tools import build_model
 from dsan.mm.utils import whole_inference
 
 CONFIGS = Path(__file__).resolve().parents[1] / 'configs'
 BASELINE = 'mmseg::segnext/segnext_mscan-t_1xb16-adamw-160k_ade20k-512x512.py'
-
-
-def build(config: str, device: str) -> torch.nn.Module:
-    """The segmentor of `config` (a path or an `mmseg::` config) with random weights, on `device`."""
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-    from mmseg.registry import MODELS
-
-    from dsan.mm.utils import resolve_config_path, sync_bn_to_bn
-    cfg = Config.fromfile(resolve_config_path(config))
-    cfg.model.backbone.init_cfg = None
-    if not str(device).startswith('cuda'):
-        sync_bn_to_bn(cfg.model)
-    init_default_scope('mmseg')
-    return MODELS.build(cfg.model).to(device)
 
 
 def _train_step(model, optimizer, x, samples) -> None:
@@ -65,7 +51,7 @@ def benchmark(configs: dict[str, str], shape: tuple[int, int], batch: int, train
     x = torch.randn(batch, 3, *shape, device=device)
     xt = torch.randn(train_batch, 3, *shape, device=device)
     for name, cfg in configs.items():
-        model = build(cfg, 'cpu').eval()
+        model = build_model(cfg, 'cpu').eval()
         macs, _ = count_macs(model, shape, forward=whole_inference)
         model.to(device)
         rows[name] = dict(model=name, params=count_params(model), gflops=macs / 1e9)
