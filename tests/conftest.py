@@ -29,7 +29,8 @@ requires_cpp = pytest.mark.skipif(
 def load_tool(relpath: str):
     """Import a script (e.g. 'classification/tools/get_flops.py') as a module."""
     path = ROOT / relpath
-    name = 'tool_' + path.stem
+    # Named after the whole path: classification/, segmentation/ and detection/ each have a tools/get_flops.py.
+    name = 'tool_' + relpath.removesuffix('.py').replace('/', '_').replace('-', '_')
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
