@@ -529,13 +529,17 @@ def test_sync_bn_to_bn_walks_nested_configs():
     assert sync_bn_to_bn(cfg) == 0
 
 
-def test_tools_reject_missing_files(tmp_path):
+def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys):
     from dsan.mm.tools import test as seg_test
     from dsan.mm.tools import train as seg_train
     with pytest.raises(FileNotFoundError, match='config file not found'):
         seg_train([str(tmp_path / 'nope.py')])
     with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
         seg_test([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), str(tmp_path / 'nope.pth')])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            seg_train([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), '--amp'])
+        assert '--amp needs a CUDA GPU' in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match='--resume checkpoint not found'):
         seg_train([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), '--resume', str(tmp_path / 'nope.pth'),
                    '--work-dir', str(tmp_path)])

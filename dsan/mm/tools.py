@@ -98,6 +98,8 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     _common_args(parser)
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    if args.amp and not torch.cuda.is_available():
+        parser.error('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); none is visible here')
 
     cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
     if args.amp:
