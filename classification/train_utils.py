@@ -235,6 +235,7 @@ class GracefulStop:
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
         self.signum: int | None = None
+        self._announced = False
         self._previous = {}
         for s in signals:
             try:
@@ -243,11 +244,11 @@ class GracefulStop:
                 pass
 
     def _handler(self, signum, frame):
+        # Only set the flag: logging here could re-enter a log write the main thread was in the middle of
+        # ("--- Logging error ---"). `check` announces the stop.
         if self.signum is not None:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         self.signum = signum
-        _logger.warning('Received %s: stopping at the next step boundary (send again to kill now)',
-                        signal.Signals(signum).name)
 
     def restore(self) -> None:
         """Put the previous signal handlers back."""
@@ -257,6 +258,10 @@ class GracefulStop:
 
     def check(self, device: torch.device, nonfinite: bool = False) -> tuple:
         """Return ``(signum or 0, any_rank_nonfinite)`` agreed across ranks (one tiny all-reduce)."""
+        if self.signum is not None and not self._announced:
+            self._announced = True
+            _logger.warning('Received %s: stopping at the next step boundary (send again to kill now)',
+                            signal.Signals(self.signum).name)
         flags = torch.tensor([self.signum or 0, int(nonfinite)], dtype=torch.int64)
         if is_distributed():
             flags = flags.to(device)

@@ -204,13 +204,19 @@ def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
-def test_graceful_stop_flag_on_sigint():
+def test_graceful_stop_flag_on_sigint(monkeypatch):
+    logged = []
+    monkeypatch.setattr(tu._logger, 'warning', lambda *a, **k: logged.append(a))
     stop = tu.GracefulStop()
     try:
         assert stop.check(torch.device('cpu')) == (0, False)
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.05)
+        # The handler only sets the flag: logging inside a signal handler can re-enter a log write in progress.
+        assert stop.signum == signal.SIGINT and logged == []
         assert stop.check(torch.device('cpu')) == (signal.SIGINT, False)
+        assert stop.check(torch.device('cpu')) == (signal.SIGINT, False)
+        assert len(logged) == 1 and 'SIGINT' in logged[0]  # announced once, by the loop
     finally:
         stop.restore()
 
