@@ -393,7 +393,10 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                     eval_metrics.update({f'ema_{k}': v for k, v in ema_metrics.items()})
                 eval_metrics.pop('count', None)
                 eval_metrics.pop('ema_count', None)
-            metric = eval_metrics.get(args.eval_metric) if eval_metrics else -train_metrics['loss']
+            if eval_metrics:
+                metric = eval_metrics.get(args.eval_metric)
+            else:  # no validation split: the training loss decides, in the direction --eval-metric is compared
+                metric = train_metrics['loss'] if decreasing else -train_metrics['loss']
             lr_scheduler.step(epoch + 1, metric)
 
             improved = metric is not None and (best_metric is None or (
@@ -457,7 +460,10 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             except ImportError as e:
                 _logger.warning('No training-curve plot (%s); pip install matplotlib', e)
         if best_metric is not None:
-            _logger.info('Best %s: %.3f (epoch %d)', args.eval_metric, best_metric, best_epoch)
+            if loader_eval is None:
+                _logger.info('Best train loss: %.3f (epoch %d)', abs(best_metric), best_epoch)
+            else:
+                _logger.info('Best %s: %.3f (epoch %d)', args.eval_metric, best_metric, best_epoch)
         if eval_metrics:
             print(f'final: top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
                   f'(best {args.eval_metric} {best_metric:.2f} at epoch {best_epoch}); checkpoints in {out_dir}')

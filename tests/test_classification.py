@@ -343,6 +343,19 @@ def _train_cmd(data, out, exp, *extra):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('eval_metric', ['loss', 'top1'])
+def test_best_checkpoint_without_validation_is_the_lowest_train_loss(tiny, tmp_path, eval_metric):
+    import csv
+    r = subprocess.run(_train_cmd(tiny, tmp_path, 'noval', '--val-split', '', '--eval-metric', eval_metric),
+                       capture_output=True, text=True, env=_env(), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with open(tmp_path / 'noval' / 'summary.csv') as f:
+        losses = [float(row['train_loss']) for row in csv.DictReader(f)]
+    best = torch.load(tmp_path / 'noval' / 'model_best.pth.tar', weights_only=False)
+    assert len(losses) == 3 and best['epoch'] == losses.index(min(losses))
+
+
+@pytest.mark.slow
 def test_resume_after_sigterm_is_exact(tiny, tmp_path):
     """Uninterrupted 3 epochs == (SIGTERM in epoch 1, resume): same weights, optimizer, EMA, scheduler, RNG."""
     r = subprocess.run(_train_cmd(tiny, tmp_path, 'full'), capture_output=True, text=True, env=_env(), timeout=600)
