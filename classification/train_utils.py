@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 _logger = logging.getLogger(__name__)
 
-CHECKPOINT_VERSION = 1
+# timm's meaning: `epoch` is the last completed epoch, so timm.models.resume_checkpoint resumes at epoch + 1.
+CHECKPOINT_VERSION = 2
 
 
 class NonFiniteError(RuntimeError):

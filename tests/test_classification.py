@@ -192,6 +192,15 @@ def test_non_finite_weights_are_never_saved():
         tu.build_checkpoint(epoch=0, arch='x', model=model, optimizer=opt)
 
 
+def test_checkpoints_resume_in_timm_at_the_next_epoch(tmp_path):
+    """`epoch` is the last completed epoch: timm's resume_checkpoint (version 2) must not repeat it."""
+    from timm.models import resume_checkpoint
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tu.atomic_save(tu.build_checkpoint(epoch=4, arch='x', model=model, optimizer=opt), str(tmp_path / 'last.pth.tar'))
+    assert resume_checkpoint(torch.nn.Linear(2, 2), str(tmp_path / 'last.pth.tar'), log_info=False) == 5
+
+
 def test_rng_state_roundtrip_is_weights_only_loadable(tmp_path):
     import random
 
