@@ -1,5 +1,7 @@
-// Schema of the DSCN operators, declared once. Backends register implementations in cpu/ and cuda/; autograd and
-// the fake (meta) kernels are registered from Python (ops_dscn/functional.py).
+// Schema of the DSCN operators, declared once. Kernels are registered per dispatch key, one file each: cpu/, cuda/
+// and autocast/; autograd and the fake (meta) kernels are registered from Python (ops_dscn/functional.py).
+// _dscn_backward's output_mask says which of (grad_input, grad_offset) autograd needs; the other is not computed and
+// comes back as an empty tensor.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -17,5 +19,5 @@ TORCH_LIBRARY(ops_dscn, m) {
   m.def(
       "_dscn_backward(Tensor grad_output, Tensor input, Tensor offset, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, "
-      "float offset_scale, bool remove_center, bool on_x) -> (Tensor, Tensor)");
+      "float offset_scale, bool remove_center, bool on_x, bool[2] output_mask) -> (Tensor, Tensor)");
 }

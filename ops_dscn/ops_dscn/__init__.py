@@ -11,6 +11,9 @@ Public API:
 from .functional import (
     BACKENDS,
     available_backends,
+    check_args,
+    check_config,
+    compiled_device_types,
     dscn,
     dscn_strip,
     extension_available,
@@ -21,5 +24,5 @@ from .pytorch_impl import dscn_pytorch
 
 __version__ = "1.0.0"
 
-__all__ = ["BACKENDS", "available_backends", "dscn", "dscn_pytorch", "dscn_strip", "extension_available",
-           "extension_error", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "compiled_device_types", "dscn",
+           "dscn_pytorch", "dscn_strip", "extension_available", "extension_error", "resolve_backend"]

@@ -13,13 +13,19 @@ import torch
 
 from .pytorch_impl import dscn_pytorch
 
-__all__ = ["BACKENDS", "available_backends", "extension_available", "extension_error", "resolve_backend", "dscn",
-           "dscn_strip"]
+__all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "compiled_device_types", "dscn",
+           "dscn_strip", "extension_available", "extension_error", "resolve_backend"]
 
 _logger = logging.getLogger(__name__)
 
 #: Backend names accepted everywhere a ``backend`` argument is taken.
 BACKENDS = ("auto", "cpp", "pytorch")
+
+#: Device types that may have a compiled kernel; which ones actually do is read from the dispatcher.
+_DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
+
+_REBUILD = ("`cd ops_dscn && python setup.py install` or `pip install --no-build-isolation ./ops_dscn` (add "
+            "FORCE_CUDA=1 with a CUDA toolkit to build the CUDA kernel on a machine without a visible GPU)")
 
 try:  # importing the extension runs its TORCH_LIBRARY registrations
     from . import _C  # noqa: F401
@@ -30,7 +36,22 @@ except ImportError as exc:  # not built, or built against another torch
     if "site-packages" not in __file__:
         _EXT_ERROR += f" (ops_dscn was imported from the source tree {__file__}; run from another directory)"
 
-_warned_fallback = False
+
+def _kernel_device_types() -> frozenset[str]:
+    # Registrations are static (they run when _C is imported), so this is read once. Computing it here, not per
+    # call, also keeps resolve_backend() free of C calls that torch.compile would have to break the graph for.
+    if _EXT_ERROR is not None:
+        return frozenset()
+    found = set()
+    for device_type in _DEVICE_TYPES:
+        key = torch._C._dispatch_key_for_device(device_type)
+        if torch._C._dispatch_has_kernel_for_dispatch_key("ops_dscn::dscn", key):
+            found.add(device_type)
+    return frozenset(found)
+
+
+_KERNEL_DEVICE_TYPES = _kernel_device_types()
+_warned_fallback: set[str] = set()  # device types the fallback warning was given for
 
 
 def extension_available() -> bool:
@@ -43,106 +64,159 @@ def extension_error() -> str | None:
     return _EXT_ERROR
 
 
-def available_backends() -> list[str]:
-    """Concrete backends usable in this process: ``'cpp'`` (if built) and ``'pytorch'``."""
-    return (["cpp"] if extension_available() else []) + ["pytorch"]
+def compiled_device_types() -> list[str]:
+    """Device types the compiled operator has kernels for, e.g. ``['cpu', 'cuda']`` (``'meta'`` excluded)."""
+    return sorted(_KERNEL_DEVICE_TYPES - {"meta"})
 
 
-def resolve_backend(backend: str) -> str:
-    """Maps a backend name to the concrete backend that will run.
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Concrete backends usable in this process: ``'cpp'`` (if built) and ``'pytorch'``.
 
     Args:
-        backend: ``'auto'`` (the compiled op when built, else the pure-PyTorch op with one warning), ``'cpp'``
-            (the compiled op; an error if it is not built) or ``'pytorch'``.
+        device: if given, only the backends that can run on tensors of this device (``'cpp'`` needs a compiled
+            kernel for its type: a build without CUDA has none for ``'cuda'``).
+    """
+    if device is None:
+        has_cpp = extension_available()
+    else:
+        has_cpp = torch.device(device).type in _KERNEL_DEVICE_TYPES
+    return (["cpp"] if has_cpp else []) + ["pytorch"]
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """Maps a backend name to the concrete backend that will run on ``device``.
+
+    Args:
+        backend: ``'auto'`` (the compiled op when it has a kernel for the device, else the pure-PyTorch op with one
+            warning per device type saying how to rebuild), ``'cpp'`` (the compiled op; an error if it is not built,
+            or built without a kernel for the device) or ``'pytorch'``.
+        device: device of the tensors; None checks only that the extension is built.
 
     Returns:
         ``'cpp'`` or ``'pytorch'``.
     """
-    global _warned_fallback
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if backend == "pytorch":
         return "pytorch"
-    if extension_available():
+    if _EXT_ERROR is not None:
+        reason = f"the compiled DSCN operator is not available ({_EXT_ERROR})"
+        device_type = None if device is None else torch.device(device).type
+    elif device is None or torch.device(device).type in _KERNEL_DEVICE_TYPES:
         return "cpp"
+    else:
+        device_type = torch.device(device).type
+        built = ", ".join(compiled_device_types()) or "none"
+        reason = (f"ops_dscn was built without a {device_type.upper()} kernel (it has kernels for: {built}); "
+                  f"rebuild it where the {device_type.upper()} toolkit is installed")
     if backend == "cpp":
-        raise RuntimeError(
-            "backend='cpp' was requested but the compiled DSCN operator is not available "
-            f"({_EXT_ERROR}). Build it with `cd ops_dscn && python setup.py install` or "
-            "`pip install --no-build-isolation ./ops_dscn`, or use backend='pytorch'."
-        )
-    if not _warned_fallback:
-        _warned_fallback = True
-        warnings.warn(
-            f"ops_dscn: the compiled DSCN operator is not available ({_EXT_ERROR}); using the pure-PyTorch "
-            "implementation, which is much slower. Build ops_dscn to use the compiled one.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        on = "" if device_type is None else f" for a {device_type} tensor"
+        raise RuntimeError(f"backend='cpp' was requested{on} but {reason}. Build it with {_REBUILD}, or use "
+                           "backend='pytorch'.")
+    key = device_type or "any"
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        warnings.warn(f"ops_dscn: {reason}; using the pure-PyTorch implementation, which is much slower. Build it "
+                      f"with {_REBUILD}.", RuntimeWarning, stacklevel=3)
     return "pytorch"
 
 
 def _out_len(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    # Floor division, as strip_out_len() in csrc/common/dscn_params.h.
     return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int; got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}; got {value}")
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_4d(name: str, t, layout: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor; got {type(t).__name__}")
-    if t.dim() != 4:
-        raise ValueError(f"{name} must be 4-D {layout}; got {t.dim()}-D shape {tuple(t.shape)}")
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
-def _check_args(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                group_channels, offset_scale, remove_center, on_x) -> None:
-    """Validates a DSCN call; every message names the argument with the expected and the actual value."""
-    _check_4d("input", input, "(N, H, W, C) channels-last")
-    _check_4d("offset", offset, "(N, H_out, W_out, group * K)")
-    if input.device != offset.device:
-        raise ValueError(f"input and offset must be on the same device; got input on {input.device} and offset on "
-                         f"{offset.device}")
-    if input.dtype != offset.dtype:
-        raise ValueError(
-            f"input and offset must have the same dtype; got input {input.dtype} and offset {offset.dtype}")
-    if not input.dtype.is_floating_point:
-        raise ValueError(f"input must be a floating point tensor; got {input.dtype}")
-    for name, value, minimum in (("kernel_h", kernel_h, 1), ("kernel_w", kernel_w, 1), ("stride_h", stride_h, 1),
-                                 ("stride_w", stride_w, 1), ("pad_h", pad_h, 0), ("pad_w", pad_w, 0),
-                                 ("dilation_h", dilation_h, 1), ("dilation_w", dilation_w, 1), ("group", group, 1),
-                                 ("group_channels", group_channels, 1)):
-        _check_int(name, value, minimum)
-    if not isinstance(offset_scale, (int, float)) or isinstance(offset_scale, bool) or not math.isfinite(offset_scale):
-        raise ValueError(f"offset_scale must be a finite number; got {offset_scale!r}")
+def _shape(t: torch.Tensor) -> str:
+    # Formatted as the C++ checks print sizes, so both give the same message.
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_config(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                 offset_scale, remove_center, on_x) -> None:
+    """Checks the non-tensor arguments of a DSCN call (also used by the modules at construction).
+
+    The checks and messages are those of ``make_params`` in ``csrc/common/dscn_params.h``, which is what the
+    compiled op runs; a test compares the two on every rejected case.
+
+    Raises:
+        TypeError: an integer argument is not an int.
+        ValueError: a value is out of range; the message names the argument, the expected and the actual value.
+    """
+    ints = (("kernel_h", kernel_h, 1), ("kernel_w", kernel_w, 1), ("stride_h", stride_h, 1),
+            ("stride_w", stride_w, 1), ("dilation_h", dilation_h, 1), ("dilation_w", dilation_w, 1),
+            ("group", group, 1), ("group_channels", group_channels, 1), ("pad_h", pad_h, 0), ("pad_w", pad_w, 0))
+    for name, value, minimum in ints:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"dscn: {name} must be an int; got {type(value).__name__} {value!r}")
+        if value < minimum:
+            raise ValueError(f"dscn: {name} must be >= {minimum}; got {value}")
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)):
+        raise TypeError(f"dscn: offset_scale must be a float; got {type(offset_scale).__name__} {offset_scale!r}")
+    if not math.isfinite(offset_scale):
+        raise ValueError(f"dscn: offset_scale must be finite; got {offset_scale}")
     if on_x and kernel_h != 1:
-        raise ValueError(f"an x-strip (on_x=True) needs kernel_h == 1; got kernel_h = {kernel_h}")
+        raise ValueError(f"dscn: an x-strip (on_x=True) needs kernel_h == 1; got {kernel_h}")
     if not on_x and kernel_w != 1:
-        raise ValueError(f"a y-strip (on_x=False) needs kernel_w == 1; got kernel_w = {kernel_w}")
-    n, h, w, c = input.shape
-    if c != group * group_channels:
-        raise ValueError(f"input channels must equal group * group_channels = {group} * {group_channels} = "
-                         f"{group * group_channels}; got {c} (input shape {tuple(input.shape)})")
+        raise ValueError(f"dscn: a y-strip (on_x=False) needs kernel_w == 1; got {kernel_w}")
     k = kernel_w if on_x else kernel_h
     if remove_center and k % 2 == 0:
-        raise ValueError(f"remove_center needs an odd kernel size; got {k}")
-    taps = k - int(bool(remove_center))
-    if taps < 1:
-        raise ValueError("remove_center with kernel size 1 leaves no tap")
+        raise ValueError(f"dscn: remove_center needs an odd kernel size; got {k}")
+    if remove_center and k == 1:
+        raise ValueError(f"dscn: remove_center needs a kernel size >= 3; got {k}")
+
+
+def check_args(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+               group_channels, offset_scale, remove_center, on_x) -> tuple[int, int]:
+    """Validates a whole DSCN call as the compiled op does (the pure-PyTorch op and the fake kernel run this).
+
+    Returns:
+        (H_out, W_out).
+
+    Raises:
+        TypeError, ValueError: as :func:`check_config`, and for the tensors' rank, device, dtype and shapes.
+    """
+    for name, t in (("input", input), ("offset", offset)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dscn: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if input.dim() != 4:
+        raise ValueError(f"dscn: input must be 4-D (N, H, W, C) channels-last; got {input.dim()}-D with shape "
+                         f"{_shape(input)}")
+    if offset.dim() != 4:
+        raise ValueError(f"dscn: offset must be 4-D (N, H_out, W_out, group * K'); got {offset.dim()}-D with shape "
+                         f"{_shape(offset)}")
+    if input.device != offset.device:
+        raise ValueError(f"dscn: input and offset must be on the same device; got input on {input.device} and "
+                         f"offset on {offset.device}")
+    if input.dtype not in _DTYPES:
+        raise ValueError("dscn: input dtype must be one of float64, float32, float16, bfloat16; got "
+                         f"{_dtype_name(input.dtype)}")
+    if offset.dtype != input.dtype:
+        raise ValueError(f"dscn: offset dtype must equal input dtype {_dtype_name(input.dtype)}; got "
+                         f"{_dtype_name(offset.dtype)}")
+    check_config(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+                 offset_scale, remove_center, on_x)
+    n, h, w, c = input.shape
+    if c != group * group_channels:
+        raise ValueError(f"dscn: input channels must equal group * group_channels = {group} * {group_channels} = "
+                         f"{group * group_channels}; got {c}")
+    taps = (kernel_w if on_x else kernel_h) - int(bool(remove_center))
     h_out = _out_len(h, kernel_h, stride_h, pad_h, dilation_h)
     w_out = _out_len(w, kernel_w, stride_w, pad_w, dilation_w)
     if h_out < 1 or w_out < 1:
-        raise ValueError(f"kernel, stride, pad and dilation give an empty output: input (H, W) = ({h}, {w}), output "
-                         f"(H_out, W_out) = ({h_out}, {w_out})")
-    expected = (n, h_out, w_out, group * taps)
-    if tuple(offset.shape) != expected:
-        raise ValueError(f"offset must have shape (N, H_out, W_out, group * K') = {expected}; got "
-                         f"{tuple(offset.shape)}")
+        raise ValueError(f"dscn: the output must be at least 1x1; got (H_out, W_out) = ({h_out}, {w_out}) from input "
+                         f"(H, W) = ({h}, {w}) with kernel ({kernel_h}, {kernel_w}), stride ({stride_h}, {stride_w}), "
+                         f"pad ({pad_h}, {pad_w}), dilation ({dilation_h}, {dilation_w})")
+    if tuple(offset.shape) != (n, h_out, w_out, group * taps):
+        raise ValueError(f"dscn: offset must have shape (N, H_out, W_out, group * K') = ({n}, {h_out}, {w_out}, "
+                         f"{group * taps}); got {_shape(offset)}")
+    return h_out, w_out
 
 
 def dscn_strip(
@@ -179,17 +253,19 @@ def dscn_strip(
     Returns:
         (N, H_out, W_out, C), in the dtype of ``input``.
     """
-    if (input.dtype != offset.dtype and isinstance(input, torch.Tensor) and isinstance(offset, torch.Tensor)
-            and torch.is_autocast_enabled(input.device.type)):
-        # Autocast may hand over tensors of different precision; compute in the wider one.
+    for name, t in (("input", input), ("offset", offset)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"dscn: {name} must be a torch.Tensor; got {type(t).__name__}")
+    args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+            offset_scale, bool(remove_center), bool(on_x))
+    if resolve_backend(backend, input.device) == "cpp":
+        # The compiled op checks its arguments itself (csrc/common/dscn_params.h) and has its own autocast kernel.
+        return torch.ops.ops_dscn.dscn(input, offset, *args)
+    if input.dtype != offset.dtype and torch.is_autocast_enabled(input.device.type):
+        # The compiled op's autocast policy ("promote"; csrc/autocast/dscn_autocast.cpp), for the twin.
         dtype = torch.promote_types(input.dtype, offset.dtype)
         input, offset = input.to(dtype), offset.to(dtype)
-    _check_args(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-                group_channels, offset_scale, remove_center, on_x)
-    args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-            float(offset_scale), bool(remove_center), bool(on_x))
-    if resolve_backend(backend) == "cpp":
-        return torch.ops.ops_dscn.dscn(input, offset, *args)
+    check_args(input, offset, *args)
     return dscn_pytorch(input, offset, *args)
 
 
@@ -229,7 +305,8 @@ def dscn(
         offset_scale: s above.
         remove_center: skip tap K // 2 (odd K only).
         axis: ``'x'`` (along W) or ``'y'`` (along H).
-        backend: ``'auto'`` (compiled op if built, else pure PyTorch with one warning), ``'cpp'`` or ``'pytorch'``.
+        backend: ``'auto'`` (the compiled op when it has a kernel for the input's device, else pure PyTorch with one
+            warning), ``'cpp'`` or ``'pytorch'`` (see :func:`resolve_backend`).
 
     Returns:
         (N, H_out, W_out, C) channels-last, in the dtype of ``input``: H_out = H for the x-strip and
@@ -243,10 +320,14 @@ def dscn(
     """
     if axis not in ("x", "y"):
         raise ValueError(f"axis must be 'x' or 'y'; got {axis!r}")
-    _check_4d("input", input, "(N, H, W, C) channels-last")
-    _check_int("group", group, 1)
+    if not isinstance(input, torch.Tensor) or input.dim() != 4:
+        raise ValueError("dscn: input must be 4-D (N, H, W, C) channels-last; got "
+                         + (f"{input.dim()}-D with shape {_shape(input)}" if isinstance(input, torch.Tensor)
+                            else type(input).__name__))
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise ValueError(f"dscn: group must be a positive int; got {group!r}")
     if input.shape[-1] % group != 0:
-        raise ValueError(f"input channels must be divisible by group; got C = {input.shape[-1]}, group = {group}")
+        raise ValueError(f"dscn: input channels must be divisible by group; got C = {input.shape[-1]}, group = {group}")
     gc = input.shape[-1] // group
     if axis == "x":
         return dscn_strip(input, offset, 1, kernel_size, 1, stride, 0, pad, 1, dilation, group, gc, offset_scale,
@@ -261,17 +342,21 @@ def dscn(
 if extension_available():
 
     @torch.library.register_fake("ops_dscn::dscn")
-    def _dscn_fake(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-                   group, group_channels, offset_scale, remove_center, on_x):
-        n, h, w, c = input.shape
-        h_out = _out_len(h, kernel_h, stride_h, pad_h, dilation_h)
-        w_out = _out_len(w, kernel_w, stride_w, pad_w, dilation_w)
-        torch._check(offset.shape[0] == n, lambda: "offset batch must match input batch")
-        return input.new_empty((n, h_out, w_out, c))
+    def _dscn_fake(input, offset, *args):
+        # The compiled op's checks, so that compiled and eager code reject the same calls; the kernels return
+        # contiguous (N, H_out, W_out, C) tensors.
+        h_out, w_out = check_args(input, offset, *args)
+        return input.new_empty((input.shape[0], h_out, w_out, input.shape[3]))
 
     @torch.library.register_fake("ops_dscn::_dscn_backward")
     def _dscn_backward_fake(grad_output, input, offset, *args):
-        return torch.empty_like(input), torch.empty_like(offset)
+        *args, output_mask = args
+        check_args(input, offset, *args)
+        # Contiguous, as the kernels return them (empty_like would keep a permuted input's strides); a gradient that
+        # is not asked for is an empty tensor.
+        grad_input = input.new_empty(input.shape if output_mask[0] else (0,))
+        grad_offset = offset.new_empty(offset.shape if output_mask[1] else (0,))
+        return grad_input, grad_offset
 
     def _setup_context(ctx, inputs, output):
         input, offset, *args = inputs
@@ -280,9 +365,10 @@ if extension_available():
 
     def _backward(ctx, grad_output):
         input, offset = ctx.saved_tensors
+        mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
         grad_input, grad_offset = torch.ops.ops_dscn._dscn_backward(grad_output.contiguous(), input, offset,
-                                                                    *ctx.args)
-        return (grad_input, grad_offset) + (None,) * len(ctx.args)
+                                                                    *ctx.args, mask)
+        return (grad_input if mask[0] else None, grad_offset if mask[1] else None) + (None,) * len(ctx.args)
 
     torch.library.register_autograd("ops_dscn::dscn", _backward, setup_context=_setup_context)
-    _logger.debug("ops_dscn: compiled operator loaded")
+    _logger.debug("ops_dscn: compiled operator loaded (kernels for %s)", compiled_device_types())

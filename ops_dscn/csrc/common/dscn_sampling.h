@@ -1,5 +1,9 @@
-// Sampling arithmetic of DSCN (deformable strip convolution), shared by the CPU and CUDA kernels so that the
-// CPU tests exercise exactly the arithmetic the GPU runs.
+// Sampling arithmetic of DSCN (deformable strip convolution), shared by the CPU and CUDA kernels. The CUDA kernels and
+// the CPU kernel's scalar path (half, bfloat16, and the tails of its SIMD loops) call these functions; the CPU's
+// float/double SIMD path (cpu/dscn_cpu.cpp, TapTable::fill) repeats resolve_tap() lane by lane with the same
+// formulas. Same formulas are not same bits: nvcc may contract a * b + c into an FMA and the GPU sums in another
+// order, so CPU and GPU float32 results can differ in the last bits; the CUDA tests therefore check the GPU against
+// the float64 reference with stated tolerances rather than relying on the CPU tests.
 //
 // Canonical view used by both backends: every strip is processed as a 1-D problem along its "axis" (W for the
 // x-strip, H for the y-strip). A sample position `loc` along the axis is
@@ -74,8 +78,8 @@ DSCN_HOST_DEVICE LinearTap<acc_t> resolve_tap(acc_t loc, int64_t len) {
   // Non-short-circuit '&' keeps the function free of control flow.
   const bool inside = (loc > acc_t(-1)) & (loc < static_cast<acc_t>(len));
   const acc_t safe = inside ? loc : acc_t(0);  // outside taps never reach the integer conversion
-  // floor() for values in (-1, len): truncation, minus one below zero. Exact, and the same arithmetic as the CPU
-  // kernel's SIMD path.
+  // floor() for values in (-1, len): truncation, minus one below zero. Exact; the CPU kernel's SIMD path computes
+  // it the same way.
   const int64_t lo = static_cast<int64_t>(safe) - (safe < acc_t(0) ? 1 : 0);
   const acc_t l = safe - static_cast<acc_t>(lo);
   LinearTap<acc_t> t;

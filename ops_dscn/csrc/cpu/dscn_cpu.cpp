@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -26,7 +27,7 @@
 #include "../common/dscn_sampling.h"
 
 // The extension is compiled for the baseline ISA (so the build stays portable); the block functions are also
-// compiled for AVX2 and AVX-512 and picked at run time from the CPU's features. (GCC 12's target_clones resolver
+// compiled for AVX2 and for AVX-512 (still on 32-byte vectors, see Vec below) and picked at run time from the CPU's features. (GCC 12's target_clones resolver
 // was seen picking the baseline clone on AVX-512 AMD CPUs, hence the explicit dispatch.) The environment variable
 // DSCN_CPU_ISA=default|avx2|avx512 overrides the choice, e.g. for tests.
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -240,8 +241,9 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0,
 }
 
 // Backward of one tap: scatters w0 * g and w1 * g into the neighbours' input gradients (an unread neighbour has
-// weight 0) and returns sum_c g[c] * (m1 * b[c] - m0 * a[c]) = d out / d loc, reduced over the group's channels.
-template <int Bytes, typename scalar_t, typename acc_t>
+// weight 0) when kInput, and returns sum_c g[c] * (m1 * b[c] - m0 * a[c]) = d out / d loc, reduced over the group's
+// channels, when kOffset (else 0). Gradients that autograd does not need are not computed.
+template <int Bytes, bool kInput, bool kOffset, typename scalar_t, typename acc_t>
 DSCN_INLINE acc_t tap_backward(const scalar_t* __restrict__ g, const scalar_t* a, const scalar_t* b, acc_t* ga,
                                acc_t* gb, acc_t wa, acc_t wb, acc_t ma, acc_t mb, int64_t n) {
   // ga and gb may be the same element (both neighbours unread), so they are not __restrict__.
@@ -255,23 +257,33 @@ DSCN_INLINE acc_t tap_backward(const scalar_t* __restrict__ g, const scalar_t* a
     v_t pa = {}, pb = {};
     for (; c0 + L <= n; c0 += L) {
       const v_t gv = V::load(g + c0);
-      pa += gv * V::load(a + c0);
-      pb += gv * V::load(b + c0);
-      V::store(ga + c0, V::load(ga + c0) + wa * gv);
-      V::store(gb + c0, V::load(gb + c0) + wb * gv);
+      if constexpr (kOffset) {
+        pa += gv * V::load(a + c0);
+        pb += gv * V::load(b + c0);
+      }
+      if constexpr (kInput) {
+        V::store(ga + c0, V::load(ga + c0) + wa * gv);
+        V::store(gb + c0, V::load(gb + c0) + wb * gv);
+      }
     }
-    for (int64_t q = 0; q < L; ++q) {
-      da += pa[q];
-      db += pb[q];
+    if constexpr (kOffset) {
+      for (int64_t q = 0; q < L; ++q) {
+        da += pa[q];
+        db += pb[q];
+      }
     }
   }
 #endif
   for (; c0 < n; ++c0) {
     const acc_t gv = static_cast<acc_t>(g[c0]);
-    da += gv * static_cast<acc_t>(a[c0]);
-    db += gv * static_cast<acc_t>(b[c0]);
-    ga[c0] += wa * gv;
-    gb[c0] += wb * gv;
+    if constexpr (kOffset) {
+      da += gv * static_cast<acc_t>(a[c0]);
+      db += gv * static_cast<acc_t>(b[c0]);
+    }
+    if constexpr (kInput) {
+      ga[c0] += wa * gv;
+      gb[c0] += wb * gv;
+    }
   }
   return mb * db - ma * da;
 }
@@ -362,36 +374,50 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
   });
 }
 
-// grad_input is in the accumulation type (float for half/bfloat16) and zero-initialised by the caller.
+// grad_input is in the accumulation type (float for half/bfloat16) and zero-initialised by the caller. Either
+// gradient may be null: it is then not computed (autograd did not ask for it).
 template <int Bytes, typename scalar_t>
-DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTable<scalar_t>& tab, const scalar_t* grad_out,
-                                    const scalar_t* input, const scalar_t* offset,
+DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTable<scalar_t>& tab,
+                                    const scalar_t* grad_out, const scalar_t* input, const scalar_t* offset,
                                     at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset, int64_t n,
                                     int64_t o0, int64_t o1) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.group, gc = p.group_channels, C = p.C, KK = p.geom.taps, GK = G * KK;
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
+  const bool want_in = grad_input != nullptr, want_off = grad_offset != nullptr;
   for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
     const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
     tab.template fill<Bytes>(p.geom, oa0, step, R, offset + pix0 * GK, scale, f.in_axis);
     for (int64_t r = 0; r < R; ++r) {
-      scalar_t* goff_px = grad_offset + (pix0 + r) * GK;
+      scalar_t* goff_px = want_off ? grad_offset + (pix0 + r) * GK : nullptr;
       const int64_t oo = oo0 + r * (1 - step);
       const int64_t line = oo * p.orth_stride - p.orth_pad;
       if (line < 0 || line >= p.orth_len) {
-        std::fill(goff_px, goff_px + GK, scalar_t(0));
+        if (want_off) std::fill(goff_px, goff_px + GK, scalar_t(0));
         continue;
       }
       const int64_t line_off = n * f.in_batch + line * f.in_orth;
       const scalar_t* x = input + line_off;
-      acc_t* gin = grad_input + line_off;
+      acc_t* gin = want_in ? grad_input + line_off : nullptr;
       const scalar_t* g_px = grad_out + (pix0 + r) * C;
       for (int64_t i = 0; i < GK; ++i) {
         const int64_t t = r * GK + i;
-        const acc_t dot = tap_backward<Bytes>(g_px + tab.group_base[t], x + tab.e0[t], x + tab.e1[t],
-                                              gin + tab.e0[t], gin + tab.e1[t], tab.w0[t], tab.w1[t], tab.m0[t],
-                                              tab.m1[t], gc);
-        goff_px[i] = static_cast<scalar_t>(scale * dot);
+        const scalar_t* g = g_px + tab.group_base[t];
+        const scalar_t* a = x + tab.e0[t];
+        const scalar_t* b = x + tab.e1[t];
+        if (want_in && want_off) {
+          goff_px[i] = static_cast<scalar_t>(
+              scale * tap_backward<Bytes, true, true>(g, a, b, gin + tab.e0[t], gin + tab.e1[t], tab.w0[t],
+                                                      tab.w1[t], tab.m0[t], tab.m1[t], gc));
+        } else if (want_in) {
+          tap_backward<Bytes, true, false>(g, a, b, gin + tab.e0[t], gin + tab.e1[t], tab.w0[t], tab.w1[t],
+                                           tab.m0[t], tab.m1[t], gc);
+        } else {
+          goff_px[i] = static_cast<scalar_t>(
+              scale * tap_backward<Bytes, false, true>(g, a, b, static_cast<acc_t*>(nullptr),
+                                                       static_cast<acc_t*>(nullptr), tab.w0[t], tab.w1[t],
+                                                       tab.m0[t], tab.m1[t], gc));
+        }
       }
     }
   });
@@ -480,10 +506,10 @@ at::Tensor dscn_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_,
                             int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w, int64_t dilation_h,
                             int64_t dilation_w, int64_t group, int64_t group_channels, double offset_scale,
                             bool remove_center, bool on_x) {
-  TORCH_CHECK(input_.device().is_cpu(), "dscn: input must be a CPU tensor for the CPU kernel; got ",
-              input_.device());
   const DSCNParams p = make_params(input_, offset_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                                    dilation_w, group, group_channels, offset_scale, remove_center, on_x);
+  TORCH_CHECK(input_.device().is_cpu(), "dscn: input must be a CPU tensor for the CPU kernel; got ",
+              input_.device());
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
   at::Tensor output = at::empty({p.N, p.Ho, p.Wo, p.C}, input.options());
@@ -497,38 +523,37 @@ at::Tensor dscn_forward_cpu(const at::Tensor& input_, const at::Tensor& offset_,
   return output;
 }
 
+// Returns (grad_input, grad_offset); a gradient whose output_mask entry is false is not computed and comes back as
+// an empty tensor. Both are contiguous, as the fake kernel declares.
 std::tuple<at::Tensor, at::Tensor> dscn_backward_cpu(const at::Tensor& grad_output_, const at::Tensor& input_,
                                                      const at::Tensor& offset_, int64_t kernel_h, int64_t kernel_w,
                                                      int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
                                                      int64_t dilation_h, int64_t dilation_w, int64_t group,
                                                      int64_t group_channels, double offset_scale, bool remove_center,
-                                                     bool on_x) {
-  TORCH_CHECK(input_.device().is_cpu(), "dscn: input must be a CPU tensor for the CPU kernel; got ",
-              input_.device());
+                                                     bool on_x, std::array<bool, 2> output_mask) {
   const DSCNParams p = make_params(input_, offset_, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
                                    dilation_w, group, group_channels, offset_scale, remove_center, on_x);
-  TORCH_CHECK(grad_output_.sizes() == at::IntArrayRef({p.N, p.Ho, p.Wo, p.C}),
-              "dscn backward: grad_output must have shape (N, H_out, W_out, C) = (", p.N, ", ", p.Ho, ", ", p.Wo,
-              ", ", p.C, "); got ", grad_output_.sizes());
-  TORCH_CHECK(grad_output_.scalar_type() == input_.scalar_type(), "dscn backward: grad_output dtype must be ",
-              input_.scalar_type(), "; got ", grad_output_.scalar_type());
+  check_grad_output(grad_output_, input_, p);
+  TORCH_CHECK(input_.device().is_cpu(), "dscn: input must be a CPU tensor for the CPU kernel; got ",
+              input_.device());
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::Tensor input = input_.contiguous();
   const at::Tensor offset = offset_.contiguous();
   const auto acc_type = at::toOpMathType(input.scalar_type());
-  at::Tensor grad_input = at::zeros(input.sizes(), input.options().dtype(acc_type));
-  at::Tensor grad_offset = at::empty(offset.sizes(), offset.options());
-  if (grad_output.numel() == 0) {
-    grad_offset.zero_();
-    return {grad_input.to(input.scalar_type()), grad_offset};
+  at::Tensor grad_input = output_mask[0] ? at::zeros(input.sizes(), input.options().dtype(acc_type))
+                                         : at::empty({0}, input.options());
+  // Every element of grad_offset is written by the kernel (an empty output implies an empty offset).
+  at::Tensor grad_offset = at::empty(output_mask[1] ? offset.sizes() : at::IntArrayRef({0}), offset.options());
+  if (grad_output.numel() > 0 && (output_mask[0] || output_mask[1])) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dscn_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward_impl<scalar_t>(p, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+                              offset.const_data_ptr<scalar_t>(),
+                              output_mask[0] ? grad_input.mutable_data_ptr<acc_t>() : nullptr,
+                              output_mask[1] ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr);
+    });
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dscn_backward_cpu", [&] {
-    backward_impl<scalar_t>(p, grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-                            offset.const_data_ptr<scalar_t>(),
-                            grad_input.mutable_data_ptr<at::opmath_type<scalar_t>>(),
-                            grad_offset.mutable_data_ptr<scalar_t>());
-  });
-  return {grad_input.to(input.scalar_type()), grad_offset};
+  return {output_mask[0] ? grad_input.to(input.scalar_type()) : grad_input, grad_offset};
 }
 
 }  // namespace

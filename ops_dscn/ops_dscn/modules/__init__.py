@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from ..functional import BACKENDS, dscn_strip
+from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
 
 __all__ = ["DSCNX", "DSCNY", "ToChannelsFirst", "ToChannelsLast"]
 
@@ -61,16 +61,17 @@ class _DSCNStrip(nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        for name, value in (("channels", channels), ("kernel_size", kernel_size), ("stride", stride),
-                            ("dilation", dilation), ("group", group)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int; got {value!r}")
-        if channels % group != 0:
+        # Checked here, at construction, with the op's own checks (ops_dscn.check_config), not at the first forward.
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"channels must be a positive int; got {channels!r}")
+        if isinstance(group, int) and not isinstance(group, bool) and group >= 1 and channels % group != 0:
             raise ValueError(f"channels must be divisible by group; got channels = {channels}, group = {group}")
-        if remove_center and kernel_size % 2 == 0:
-            raise ValueError(f"remove_center needs an odd kernel_size; got {kernel_size}")
+        check_config(*self._geometry(kernel_size, stride, pad, dilation), group, max(channels // max(group, 1), 1),
+                     offset_scale, remove_center, self.on_x)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+        if backend == "cpp":
+            resolve_backend(backend)  # an error now if the compiled op is not built
         dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
         self.channels = channels
         self.kernel_size = kernel_size
@@ -98,12 +99,13 @@ class _DSCNStrip(nn.Module):
         nn.init.zeros_(self.offset.weight)
         nn.init.zeros_(self.offset.bias)
 
+    @classmethod
+    def _geometry(cls, k: int, s: int, p: int, d: int) -> tuple[int, ...]:
+        # (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w) of the strip.
+        return (1, k, 1, s, 0, p, 1, d) if cls.on_x else (k, 1, s, 1, p, 0, d, 1)
+
     def _strip(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        k, s, p, d = self.kernel_size, self.stride, self.pad, self.dilation
-        if self.on_x:
-            geometry = (1, k, 1, s, 0, p, 1, d)
-        else:
-            geometry = (k, 1, s, 1, p, 0, d, 1)
+        geometry = self._geometry(self.kernel_size, self.stride, self.pad, self.dilation)
         return dscn_strip(x, offset, *geometry, self.group, self.group_channels, self.offset_scale,
                           bool(self.remove_center), self.on_x, self.backend)
 
