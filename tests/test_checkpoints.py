@@ -8,7 +8,14 @@ from conftest import BACKEND, load_tool
 from safetensors.torch import save_file
 from test_models import randomize_
 
-from dsan.models import CheckpointError, checkpoint_filter_fn, extract_state_dict, infer_groups, load_checkpoint
+from dsan.models import (
+    CheckpointError,
+    NoPretrainedWeightsError,
+    checkpoint_filter_fn,
+    extract_state_dict,
+    infer_groups,
+    load_checkpoint,
+)
 
 T_GROUPS = [(1, 4, 8, 8), (4, 8, 16, 16)]  # official code / README row of DSAN-T
 
@@ -164,6 +171,38 @@ def test_unreadable_files_are_reported(source, tmp_path):
         timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(not_sd)))
     with pytest.raises(CheckpointError, match='Expected a checkpoint dict'):
         extract_state_dict([1, 2, 3])
+
+
+@pytest.mark.parametrize('name', ['dsan_t', 'dsan_t2', 'dsan_s'])
+def test_pretrained_without_a_file_is_one_clear_error(name, monkeypatch, tmp_path):
+    """The released weights are not downloadable: `pretrained=True` alone says how to load them, downloads nothing."""
+    def no_download(*args, **kwargs):
+        raise AssertionError(f'tried to download {args} {kwargs}')
+
+    for module in (timm.models._builder, timm.models._hub, torch.hub):
+        for fn in ('load_state_dict_from_url', 'download_cached_file', 'load_state_dict_from_hf',
+                   'download_url_to_file', 'hf_hub_download'):
+            if hasattr(module, fn):
+                monkeypatch.setattr(module, fn, no_download)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('HF_HOME', str(tmp_path / 'hf'))
+    for kwargs in ({}, dict(features_only=True), dict(num_classes=10)):
+        with pytest.raises(NoPretrainedWeightsError) as e:
+            timm.create_model(name, pretrained=True, backend=BACKEND, **kwargs)
+        msg = str(e.value)
+        assert '\n' not in msg
+        assert msg.startswith(f'{name} has no downloadable pretrained weights: the released DSAN checkpoints')
+        # Where the file goes and which option / flag loads it.
+        assert f"pretrained_cfg_overlay=dict(file='{name}.pth.tar')" in msg
+        assert f'--initial-checkpoint {name}.pth.tar to classification/train.py' in msg
+        assert f'--checkpoint {name}.pth.tar to classification/validate.py' in msg
+        assert 'pretrained/dsan_{t,s}_encoder.pth' in msg
+    assert isinstance(e.value, RuntimeError)  # what timm raised before: existing handlers still catch it
+    assert not (tmp_path / 'torch').exists() and not (tmp_path / 'hf').exists()
+    # A url in the config is timm's to download (here refused), not this error.
+    with pytest.raises(AssertionError, match='tried to download'):
+        timm.create_model(name, pretrained=True, backend=BACKEND,
+                          pretrained_cfg_overlay=dict(url='https://example.invalid/dsan.pth'))
 
 
 def test_converter_writes_clean_files(source, tmp_path):

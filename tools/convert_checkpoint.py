@@ -1,10 +1,11 @@
 """Convert a DSAN checkpoint of any supported format into a clean state_dict.
 
 Reads timm CheckpointSaver files (`state_dict`, optional `state_dict_ema`), files with `model`, mm
-checkpoints (`backbone.` keys) and plain state_dicts (with or without a `module.` prefix), checks them
-against the model (groups read from the file), and writes a plain state_dict: `.safetensors` when the
-output name ends so, a torch file otherwise. `--encoder` drops the classifier, giving the backbone-only
-files the segmentation/detection configs load (`pretrained/dsan_{t,s}_encoder.pth`).
+checkpoints (the `backbone.` keys of a segmentor or detector) and plain state_dicts (with or without a `module.`
+prefix), checks them against the model (groups read from the file), and writes a plain state_dict: `.safetensors`
+when the output name ends so, a torch file otherwise. `--encoder` drops the classifier, giving the backbone-only
+files the segmentation and detection configs load (`init_cfg=dict(type='Pretrained',
+checkpoint='pretrained/dsan_{t,s}_encoder.pth')`).
 
 Examples:
     python tools/convert_checkpoint.py dsan_t.pth.tar pretrained/dsan_t.safetensors --model dsan_t
@@ -25,7 +26,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import dsan.models  # noqa: F401
 
-from dsan.models.dsan import checkpoint_filter_fn, extract_state_dict, infer_groups, read_checkpoint
+from dsan.models import checkpoint_filter_fn, extract_state_dict, infer_groups, read_checkpoint
 
 _logger = logging.getLogger('convert_checkpoint')
 
@@ -55,10 +56,11 @@ def convert(
         CheckpointError: `src` is not a checkpoint or does not fit `model_name`.
     """
     state_dict = extract_state_dict(read_checkpoint(src, weights_only=weights_only), use_ema=use_ema)
-    probe = timm.create_model(model_name, num_classes=0 if encoder else 1000)
+    # The models only check names and shapes here (no forward): the pure-PyTorch DSCN needs nothing built.
+    probe = timm.create_model(model_name, num_classes=0 if encoder else 1000, backend='pytorch')
     groups = infer_groups(state_dict, probe.kernel_sizes)
     num_classes = 0 if encoder or 'head.weight' not in state_dict else state_dict['head.weight'].shape[0]
-    model = timm.create_model(model_name, groups=groups, num_classes=num_classes)
+    model = timm.create_model(model_name, groups=groups, num_classes=num_classes, backend='pytorch')
     # Validates names and shapes (raises listing what is wrong); drops the head for an encoder.
     state_dict = checkpoint_filter_fn(state_dict, model)
     state_dict = {k: v.detach().contiguous().clone() for k, v in state_dict.items()}

@@ -12,18 +12,23 @@ Paper: `DSAN: Exploring the Relationship between Deformable Convolution and Spat
 
 Original code: https://github.com/MarcYugo/DSAN-Deformable-Spatial-Attention
 
-This is the only definition of the DSAN backbone in the repository: classification, segmentation and
-detection all build it through ``timm.create_model``. Module, parameter and buffer names match the original
-code so its released checkpoints load with ``strict=True``.
+This is the only definition of the DSAN backbone in the repository. Classification builds it with
+``timm.create_model('dsan_t')`` (``dsan_t2``, ``dsan_s``); segmentation and detection build
+``dsan.mm.backbone.DSANBackbone``, a subclass of `DSAN` registered as the OpenMMLab backbone ``DSAN``. Module,
+parameter and buffer names match the original code so its released checkpoints load with ``strict=True``.
 
 Activations are kept in ``torch.channels_last`` memory (NCHW logical shape, NHWC memory): the depthwise
 convolutions are fast in that layout and the NHWC view handed to the DSCN operator is free.
+
+The file follows timm's layout: blocks, stage parts, the model, `checkpoint_filter_fn` (with what else knows the
+architecture of a checkpoint: `describe_state_dict`, `infer_groups`), the pretrained configs and the registered
+variants. Reading checkpoint files is generic and lives in `dsan.models._checkpoint`.
 """
-import argparse
 import logging
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -36,30 +41,58 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-from ops_dscn import available_backends
+import ops_dscn
 from ops_dscn.modules import DSCNX, DSCNY
 
+from ._checkpoint import (
+    CheckpointError,
+    NoPretrainedWeightsError,
+    check_state_dict,
+    extract_state_dict,
+    read_checkpoint,
+)
+from ._checkpoint import load_checkpoint as _load_checkpoint
+
 __all__ = [
-    'DSAN', 'DSA', 'DSCNPair', 'Block', 'OverlapPatchEmbed', 'Mlp', 'CheckpointError', 'checkpoint_filter_fn',
-    'describe_state_dict', 'extract_state_dict', 'infer_groups', 'load_checkpoint', 'read_checkpoint',
+    'DSAN', 'DSA', 'DSCNPair', 'Block', 'OverlapPatchEmbed', 'Mlp', 'checkpoint_filter_fn', 'describe_state_dict',
+    'infer_groups', 'load_checkpoint',
+    # Re-exported from `_checkpoint` (imported from here by dsan.mm and the tools).
+    'CheckpointError', 'NoPretrainedWeightsError', 'extract_state_dict', 'read_checkpoint',
 ]
 
 _logger = logging.getLogger(__name__)
 
-_BACKENDS = ('auto', 'cpp', 'pytorch')
-# House-style aliases: core_op='dscn' (compiled op when built) / 'dscn_pytorch' (pure PyTorch twin).
-_BACKEND_ALIASES = {'dscn': 'auto', 'dscn_pytorch': 'pytorch'}
+# The original code's `core_op` option: 'dscn' (the compiled op) or 'dscn_pytorch' (its pure-PyTorch twin).
+_CORE_OP_BACKENDS = {'dscn': 'cpp', 'dscn_pytorch': 'pytorch'}
 
 
-def _resolve_backend(name: str) -> str:
-    backend = _BACKEND_ALIASES.get(name, name)
-    if backend not in _BACKENDS:
-        raise ValueError(f'Unknown DSCN backend {name!r}: expected one of {_BACKENDS + tuple(_BACKEND_ALIASES)}.')
-    if backend == 'cpp' and 'cpp' not in available_backends():
-        raise RuntimeError(
-            "DSCN backend 'cpp' requested but the compiled ops_dscn op is not built "
-            f'(available: {available_backends()}). Build it with `pip install --no-build-isolation ./ops_dscn` '
-            "or use backend='pytorch'.")
+def _backend_arg(backend: str | None, core_op: str | None) -> str:
+    """The DSCN backend name given as `backend` or as the deprecated `core_op`, checked by ops_dscn.
+
+    Args:
+        backend: One of `ops_dscn.BACKENDS` ('auto', 'cpp', 'pytorch'); None is 'auto'.
+        core_op: Deprecated alias: 'dscn' is backend='cpp', 'dscn_pytorch' is backend='pytorch'.
+
+    Returns:
+        The backend *name*: the DSCN modules resolve it at each call, for the device of their input.
+
+    Raises:
+        ValueError: Unknown name, or `backend` and `core_op` disagree.
+        RuntimeError: 'cpp' requested but the compiled op is not built.
+    """
+    if core_op is not None:
+        if core_op not in _CORE_OP_BACKENDS:
+            raise ValueError(f"core_op must be one of {tuple(_CORE_OP_BACKENDS)}; got {core_op!r} (core_op is "
+                             f'deprecated: use backend=, one of {ops_dscn.BACKENDS}).')
+        alias = _CORE_OP_BACKENDS[core_op]
+        if backend is not None and backend != alias:
+            raise ValueError(f'backend={backend!r} and core_op={core_op!r} (backend={alias!r}) disagree: '
+                             'give only backend=.')
+        warnings.warn(f'DSAN: core_op={core_op!r} is deprecated, use backend={alias!r}.', FutureWarning, stacklevel=3)
+        backend = alias
+    backend = 'auto' if backend is None else backend
+    if backend != 'auto':  # 'auto' is always valid; it resolves (and warns of a missing kernel) per call and device
+        ops_dscn.resolve_backend(backend)  # unknown name: ValueError; 'cpp' without the compiled op: RuntimeError
     return backend
 
 
@@ -247,7 +280,7 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class DSAN(nn.Module):
-    """DSAN backbone with a linear classifier.
+    """DSAN backbone with a linear classifier; the defaults build DSAN-T (`dsan_t`).
 
     Stage i (1..4) is `patch_embed{i}` -> `block{i}` (ModuleList of Block) -> `norm{i}` (LayerNorm over
     channels); the head averages the last stage and applies `head`.
@@ -258,17 +291,17 @@ class DSAN(nn.Module):
             in_chans: int = 3,
             num_classes: int = 1000,
             global_pool: str = 'avg',
-            embed_dims: Sequence[int] = (64, 128, 256, 512),
-            depths: Sequence[int] = (3, 4, 6, 3),
-            mlp_ratios: Sequence[float] = (4, 4, 4, 4),
+            embed_dims: Sequence[int] = (32, 64, 160, 256),
+            depths: Sequence[int] = (3, 3, 5, 2),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
             kernel_sizes: Sequence[int] = (11, 11, 7, 5),
-            dw_kernel_sizes: Sequence[int] = (5, 5, 5, 5),
+            dw_kernel_sizes: Sequence[int] = (11, 11, 7, 5),
             groups: Sequence[int] = (1, 4, 8, 8),
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             layer_scale_init_value: float = 1e-2,
             norm_eps: float = 1e-6,
-            backend: str = 'auto',
+            backend: str | None = None,
             core_op: str | None = None,
             channels_last: bool = True,
             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
@@ -288,8 +321,12 @@ class DSAN(nn.Module):
             drop_path_rate: Stochastic depth rate, linear from 0 over all blocks.
             layer_scale_init_value: Initial layer scale.
             norm_eps: Epsilon of the stage LayerNorms (1e-6 classification, 1e-5 in the mm backbones).
-            backend: DSCN operator backend: 'auto' (compiled op when built), 'cpp' or 'pytorch'.
-            core_op: Alias of `backend` ('dscn' or 'dscn_pytorch'); overrides it when given.
+            backend: DSCN operator backend, one of `ops_dscn.BACKENDS`: 'auto' (the compiled op when it is built,
+                else the pure-PyTorch one), 'cpp' (the compiled op; an error here if it is not built) or
+                'pytorch'; None is 'auto'. The DSCN modules keep the name and resolve it at each call for the
+                device of their input, so a model built on the CPU runs the right kernel after `.cuda()`.
+            core_op: Deprecated alias of `backend` from the original code (FutureWarning): 'dscn' is
+                backend='cpp', 'dscn_pytorch' backend='pytorch'; a ValueError if it disagrees with `backend`.
             channels_last: Convert the input to channels_last memory so every activation stays NHWC in memory.
             norm_layer: Builds every BatchNorm (patch embeddings, `norm1`/`norm2` of the blocks) from the
                 channel count; the mm adapter passes SyncBN or BN built from its `norm_cfg`.
@@ -305,7 +342,8 @@ class DSAN(nn.Module):
                 raise ValueError(f'DSCN kernel sizes must be odd for same padding, got {list(kernel_sizes)}.')
         if global_pool not in ('avg', ''):
             raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}.")
-        backend = _resolve_backend(core_op if core_op is not None else backend)
+        backend = _backend_arg(backend, core_op)
+        self.backend = backend
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.depths = list(depths)
@@ -360,12 +398,24 @@ class DSAN(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def set_backend(self, backend: str) -> None:
-        """Switch every DSCN module to `backend` ('auto', 'cpp', 'pytorch' or a `core_op` alias)."""
-        backend = _resolve_backend(backend)
+    def set_backend(self, backend: str | None = None, core_op: str | None = None) -> None:
+        """Switch every DSCN module to another backend.
+
+        Args:
+            backend: 'auto', 'cpp' or 'pytorch' (see the constructor).
+            core_op: Deprecated alias of `backend` ('dscn' or 'dscn_pytorch').
+
+        Raises:
+            TypeError: Neither argument given.
+            ValueError: Unknown name, or `backend` and `core_op` disagree.
+            RuntimeError: 'cpp' requested but the compiled op is not built.
+        """
+        if backend is None and core_op is None:
+            raise TypeError(f'set_backend() needs backend=, one of {ops_dscn.BACKENDS}.')
+        self.backend = _backend_arg(backend, core_op)
         for m in self.modules():
             if isinstance(m, (DSCNX, DSCNY)):
-                m.backend = backend
+                m.backend = self.backend
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -498,117 +548,10 @@ class DSAN(nn.Module):
         return take_indices
 
 
+
+
 # --------------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class CheckpointError(ValueError):
-    """A file or state_dict that is not a usable DSAN checkpoint."""
-
-
-_WRAPPER_PREFIXES = ('module.', '_orig_mod.', 'backbone.')
-
-
-def read_checkpoint(path: str | os.PathLike, weights_only: bool = True) -> Any:
-    """Read a checkpoint file (torch pickle/zip or safetensors) onto the CPU.
-
-    Args:
-        path: File path.
-        weights_only: Use torch's restricted unpickler (plus `argparse.Namespace`, which timm's
-            CheckpointSaver stores as `args`). Only pass False for files you trust.
-
-    Returns:
-        Whatever the file holds (usually a dict).
-
-    Raises:
-        FileNotFoundError: No such file.
-        CheckpointError: The file is truncated, corrupt or not a checkpoint.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'Checkpoint file not found: {path}')
-    if path.endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-            return load_file(path, device='cpu')
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f'{path} is not a readable safetensors file ({type(e).__name__}: {e}).') from e
-    try:
-        if weights_only:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location='cpu', weights_only=True)
-        return torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        size = os.path.getsize(path)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ''
-        hint = ''
-        if 'Weights only load failed' in str(e):
-            hint = ' It holds objects outside the safe list; if you trust it, pass weights_only=False.'
-        raise CheckpointError(
-            f'{path} ({size} bytes) could not be read as a torch checkpoint: it is truncated, corrupt or not a '
-            f'checkpoint ({type(e).__name__}: {first}).{hint}') from e
-
-
-def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
-    # mm checkpoints hold the backbone under 'backbone.' next to the heads: keep only the backbone there.
-    if any(k.startswith(('backbone.', 'module.backbone.')) for k in state_dict):
-        state_dict = {k: v for k, v in state_dict.items() if k.startswith(('backbone.', 'module.backbone.'))}
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _WRAPPER_PREFIXES:
-                if k.startswith(p):
-                    k = k[len(p):]
-                    changed = True
-        out[k] = v
-    return out
-
-
-def extract_state_dict(checkpoint: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Unwrap a checkpoint into a clean state_dict.
-
-    Accepts timm CheckpointSaver dicts (`state_dict`, optional `state_dict_ema`), dicts with `model`
-    (and optional `model_ema`), mm checkpoints (`state_dict` with `backbone.` keys) and plain state_dicts;
-    strips `module.`, `_orig_mod.` and `backbone.` prefixes.
-
-    Args:
-        checkpoint: Loaded checkpoint object.
-        use_ema: Take the EMA weights (`state_dict_ema` / `model_ema`); an error if there are none.
-
-    Returns:
-        Mapping of parameter/buffer name to tensor.
-
-    Raises:
-        CheckpointError: Not a checkpoint, or EMA weights requested but absent.
-    """
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointError(f'Expected a checkpoint dict, got {type(checkpoint).__name__}.')
-    if use_ema:
-        key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(checkpoint.get(k), Mapping)), None)
-        if key is None:
-            raise CheckpointError(
-                f'EMA weights requested but the checkpoint has no state_dict_ema/model_ema '
-                f'(top-level keys: {sorted(map(str, checkpoint))[:20]}).')
-        state_dict = checkpoint[key]
-    else:
-        key = next((k for k in ('state_dict', 'model') if isinstance(checkpoint.get(k), Mapping)), None)
-        state_dict = checkpoint[key] if key is not None else checkpoint
-    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        non_tensor = [str(k) for k, v in state_dict.items() if not isinstance(v, torch.Tensor)][:10]
-        raise CheckpointError(
-            'Not a DSAN checkpoint: expected a state_dict of tensors, or a dict holding one under '
-            f"'state_dict' / 'model'; top-level keys: {sorted(map(str, checkpoint))[:20]}"
-            + (f', non-tensor entries: {non_tensor}' if non_tensor else ''))
-    return _strip_prefixes(state_dict)
-
-
-_VARIANTS = {
-    'dsan_t': ([32, 64, 160, 256], [3, 3, 5, 2]),
-    'dsan_t2': ([32, 64, 160, 256], [3, 3, 8, 2]),
-    'dsan_s': ([64, 128, 320, 512], [2, 2, 5, 3]),
-}
+# Checkpoints: what knows the DSAN architecture (reading and checking files is in `_checkpoint`)
 
 
 def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -623,7 +566,8 @@ def describe_state_dict(state_dict: Mapping[str, torch.Tensor]) -> str:
         depths.append(max(blocks) + 1 if blocks else 0)
     if not dims:
         return 'no DSAN patch_embed weights'
-    match = [name for name, (d, n) in _VARIANTS.items() if d == dims and n == depths]
+    match = [name for name, args in _MODEL_ARGS.items()
+             if list(args['embed_dims']) == dims and list(args['depths']) == depths]
     return f'embed_dims {dims}, depths {depths}' + (f' (looks like {match[0]})' if match else '')
 
 
@@ -670,36 +614,6 @@ def infer_groups(state_dict: Mapping[str, torch.Tensor], kernel_sizes: Sequence[
     return groups
 
 
-def _format_keys(keys: Sequence[str], limit: int = 12) -> str:
-    keys = list(keys)
-    shown = ', '.join(keys[:limit])
-    return shown + (f', ... ({len(keys) - limit} more)' if len(keys) > limit else '')
-
-
-def _check_compatible(state_dict: Mapping[str, torch.Tensor], model: nn.Module, check_head: bool) -> None:
-    expected = model.state_dict()
-
-    def skip(k: str) -> bool:
-        return not check_head and k.startswith('head.')
-
-    missing = [k for k in expected if k not in state_dict and not skip(k)]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [
-        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}'
-        for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape and not skip(k)]
-    if missing or unexpected or mismatched:
-        lines = ['Checkpoint does not fit the model '
-                 f'({type(model).__name__}, groups={getattr(model, "groups", "?")}); checkpoint: '
-                 f'{describe_state_dict(state_dict)}:']
-        if missing:
-            lines.append(f'  missing keys ({len(missing)}): {_format_keys(missing)}')
-        if unexpected:
-            lines.append(f'  unexpected keys ({len(unexpected)}): {_format_keys(unexpected)}')
-        if mismatched:
-            lines.append(f'  mismatched shapes ({len(mismatched)}): {_format_keys(mismatched, 8)}')
-        raise CheckpointError('\n'.join(lines))
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_ema: bool = False) -> dict:
     """Turn any supported checkpoint format into a state_dict for `model` and check that it fits.
 
@@ -728,7 +642,10 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_em
     for k, v in expected.items():
         if k.endswith('num_batches_tracked') and k not in state_dict:
             state_dict[k] = v.clone()
-    _check_compatible(state_dict, model, check_head=False)
+    check_state_dict(
+        state_dict, model, ignore_prefixes=('head.',),
+        header=f'Checkpoint does not fit the model ({type(model).__name__}, groups={getattr(model, "groups", "?")}); '
+               f'checkpoint: {describe_state_dict(state_dict)}')
     return state_dict
 
 
@@ -739,7 +656,7 @@ def load_checkpoint(
         strict: bool = True,
         weights_only: bool = True,
 ) -> None:
-    """Load an original or converted DSAN checkpoint into `model`.
+    """Load an original or converted DSAN checkpoint into `model` (`checkpoint_filter_fn`, then a checked load).
 
     Args:
         model: DSAN model whose groups match the checkpoint (see `infer_groups`).
@@ -752,24 +669,77 @@ def load_checkpoint(
     Raises:
         CheckpointError: The checkpoint does not fit; the message lists what is wrong.
     """
-    if not isinstance(checkpoint, Mapping):
-        checkpoint = read_checkpoint(checkpoint, weights_only=weights_only)
-    state_dict = checkpoint_filter_fn(checkpoint, model, use_ema=use_ema)
-    if strict:
-        _check_compatible(state_dict, model, check_head=True)
-        model.load_state_dict(state_dict, strict=True)
-        return
-    expected = model.state_dict()
-    head = [k for k in expected if k.startswith('head.')]
-    if any(k not in state_dict or state_dict[k].shape != expected[k].shape for k in head):
-        _logger.info('Classifier missing or of another shape in the checkpoint: keeping the model\'s own.')
-        state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
-        state_dict.update({k: expected[k] for k in head})
-    model.load_state_dict(state_dict, strict=True)
+    _load_checkpoint(model, checkpoint, use_ema=use_ema, strict=strict, weights_only=weights_only,
+                     filter_fn=checkpoint_filter_fn, classifier='head')
 
 
 # --------------------------------------------------------------------------------------------------------
-# Configs and registration
+# Creation, configs and registration
+
+# The released weights are linked from the original README, not hosted anywhere timm can download them from.
+_RELEASED_WEIGHTS = 'https://github.com/MarcYugo/DSAN-Deformable-Spatial-Attention'
+
+
+def _no_weights_message(variant: str) -> str:
+    return (
+        f'{variant} has no downloadable pretrained weights: the released DSAN checkpoints are linked from the '
+        f'original README ({_RELEASED_WEIGHTS}) and must be downloaded by hand. Save the file (e.g. {variant}.pth.tar) '
+        f"and load it with timm.create_model('{variant}', pretrained=True, "
+        f"pretrained_cfg_overlay=dict(file='{variant}.pth.tar')), or instead of --pretrained pass "
+        f'--initial-checkpoint {variant}.pth.tar to classification/train.py or --checkpoint {variant}.pth.tar to '
+        'classification/validate.py; the segmentation and detection configs read pretrained/dsan_{t,s}_encoder.pth '
+        '(tools/convert_checkpoint.py --encoder writes it).')
+
+
+def _pretrained_state_dict(variant: str, kwargs: dict[str, Any], use_ema: bool) -> dict | None:
+    """The pretrained weights given as a file or a state_dict; None when timm downloads them (url, hub).
+
+    Raises:
+        NoPretrainedWeightsError: The pretrained config names no weights at all (the default ones).
+    """
+    pretrained_cfg = resolve_pretrained_cfg(
+        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
+    if pretrained_cfg.state_dict is not None:
+        return extract_state_dict(pretrained_cfg.state_dict, use_ema=use_ema)
+    if pretrained_cfg.file:
+        return extract_state_dict(read_checkpoint(pretrained_cfg.file), use_ema=use_ema)
+    if pretrained_cfg.url or pretrained_cfg.hf_hub_id:
+        return None
+    raise NoPretrainedWeightsError(_no_weights_message(variant))
+
+
+def _create_dsan(variant: str, pretrained: bool, model_args: Mapping[str, Any], **kwargs) -> DSAN:
+    """Build `variant` from its `model_args`, updated by the caller's `kwargs`.
+
+    With `pretrained`, the DSCN groups are read from the checkpoint unless `groups` is in `kwargs` (the
+    released DSAN-T file's grouping is not documented, see `infer_groups`).
+    """
+    use_ema = kwargs.pop('pretrained_use_ema', False)
+    if pretrained:
+        # Groups must be known before construction: read them from the checkpoint, then hand the unwrapped
+        # state_dict to timm so the file is read once (timm's own reader prefers EMA and rejects the
+        # argparse.Namespace that CheckpointSaver files hold).
+        state_dict = _pretrained_state_dict(variant, kwargs, use_ema)
+        if state_dict is not None:
+            if 'groups' not in kwargs:
+                kwargs['groups'] = infer_groups(state_dict, kwargs.get('kernel_sizes', model_args['kernel_sizes']))
+                _logger.info('%s: DSCN groups %s read from the checkpoint.', variant, kwargs['groups'])
+            overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+            overlay.update(state_dict=state_dict, custom_load=False)
+            kwargs['pretrained_cfg_overlay'] = overlay
+    model = build_model_with_cfg(
+        DSAN, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
+        **dict(model_args, **kwargs),
+    )
+    # Do not keep the weights alive inside the pretrained config.
+    for m in (model, getattr(model, 'model', None)):
+        cfg = getattr(m, 'pretrained_cfg', None)
+        if isinstance(cfg, dict):
+            cfg.pop('state_dict', None)
+    return model
 
 
 def _cfg(url: str = '', **kwargs) -> dict[str, Any]:
@@ -789,80 +759,41 @@ def _cfg(url: str = '', **kwargs) -> dict[str, Any]:
 
 
 default_cfgs = generate_default_cfgs({
-    # The released weights are linked from the original README (no direct URL); load them with
-    # pretrained_cfg_overlay=dict(file=PATH).
+    # No url: the released weights are not downloadable (`pretrained=True` alone raises NoPretrainedWeightsError);
+    # load a downloaded file with pretrained_cfg_overlay=dict(file=PATH).
     'dsan_t.in1k': _cfg(),
     'dsan_t2.in1k': _cfg(),
     'dsan_s.in1k': _cfg(),
 })
 
-
-def _pretrained_state_dict(variant: str, kwargs: dict[str, Any], use_ema: bool) -> dict | None:
-    pretrained_cfg = resolve_pretrained_cfg(
-        variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
-        pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
-    if pretrained_cfg.state_dict is not None:
-        return extract_state_dict(pretrained_cfg.state_dict, use_ema=use_ema)
-    if pretrained_cfg.file:
-        return extract_state_dict(read_checkpoint(pretrained_cfg.file), use_ema=use_ema)
-    return None
-
-
-# Groups of the official code; a pretrained checkpoint's own groups take precedence (see `infer_groups`).
-_DEFAULT_GROUPS = {'dsan_t': (1, 4, 8, 8), 'dsan_t2': (4, 8, 16, 16), 'dsan_s': (4, 8, 16, 16)}
-
-
-def _create_dsan(variant: str, pretrained: bool = False, **kwargs) -> DSAN:
-    use_ema = kwargs.pop('pretrained_use_ema', False)
-    if pretrained:
-        # Groups must be known before construction: read them from the checkpoint, then hand the unwrapped
-        # state_dict to timm so the file is read once (timm's own reader prefers EMA and rejects the
-        # argparse.Namespace that CheckpointSaver files hold).
-        state_dict = _pretrained_state_dict(variant, kwargs, use_ema)
-        if state_dict is not None:
-            if 'groups' not in kwargs:
-                kwargs['groups'] = infer_groups(state_dict, kwargs['kernel_sizes'])
-                _logger.info('%s: DSCN groups %s read from the checkpoint.', variant, kwargs['groups'])
-            overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-            overlay.update(state_dict=state_dict, custom_load=False)
-            kwargs['pretrained_cfg_overlay'] = overlay
-    kwargs.setdefault('groups', _DEFAULT_GROUPS[variant])
-    model = build_model_with_cfg(
-        DSAN, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
-        **kwargs,
-    )
-    # Do not keep the weights alive inside the pretrained config.
-    for m in (model, getattr(model, 'model', None)):
-        cfg = getattr(m, 'pretrained_cfg', None)
-        if isinstance(cfg, dict):
-            cfg.pop('state_dict', None)
-    return model
+# The variants' architectures (the official code's; `describe_state_dict` matches checkpoints against them too).
+# A pretrained checkpoint's own DSCN groups take precedence over `groups` (see `infer_groups`).
+_MODEL_ARGS: dict[str, dict[str, Any]] = {
+    'dsan_t': dict(
+        embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4),
+        kernel_sizes=(11, 11, 7, 5), dw_kernel_sizes=(11, 11, 7, 5), groups=(1, 4, 8, 8)),
+    'dsan_t2': dict(
+        embed_dims=(32, 64, 160, 256), depths=(3, 3, 8, 2), mlp_ratios=(8, 8, 4, 4),
+        kernel_sizes=(19, 15, 13, 7), dw_kernel_sizes=(19, 15, 13, 7), groups=(4, 8, 16, 16)),
+    'dsan_s': dict(
+        embed_dims=(64, 128, 320, 512), depths=(2, 2, 5, 3), mlp_ratios=(8, 8, 4, 4),
+        kernel_sizes=(15, 13, 7, 5), dw_kernel_sizes=(9, 7, 5, 5), groups=(4, 8, 16, 16)),
+}
 
 
 @register_model
 def dsan_t(pretrained: bool = False, **kwargs) -> DSAN:
     """DSAN-T: 4.48 M params, 0.94 GFLOPs at 224 with the official groups [1, 4, 8, 8]."""
-    model_args = dict(
-        embed_dims=(32, 64, 160, 256), depths=(3, 3, 5, 2), mlp_ratios=(8, 8, 4, 4),
-        kernel_sizes=(11, 11, 7, 5), dw_kernel_sizes=(11, 11, 7, 5))
-    return _create_dsan('dsan_t', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_dsan('dsan_t', pretrained, _MODEL_ARGS['dsan_t'], **kwargs)
 
 
 @register_model
 def dsan_t2(pretrained: bool = False, **kwargs) -> DSAN:
     """DSAN-T2: 6.04 M params, 1.29 GFLOPs at 224."""
-    model_args = dict(
-        embed_dims=(32, 64, 160, 256), depths=(3, 3, 8, 2), mlp_ratios=(8, 8, 4, 4),
-        kernel_sizes=(19, 15, 13, 7), dw_kernel_sizes=(19, 15, 13, 7))
-    return _create_dsan('dsan_t2', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_dsan('dsan_t2', pretrained, _MODEL_ARGS['dsan_t2'], **kwargs)
 
 
 @register_model
 def dsan_s(pretrained: bool = False, **kwargs) -> DSAN:
     """DSAN-S: 19.88 M params, 3.20 GFLOPs at 224."""
-    model_args = dict(
-        embed_dims=(64, 128, 320, 512), depths=(2, 2, 5, 3), mlp_ratios=(8, 8, 4, 4),
-        kernel_sizes=(15, 13, 7, 5), dw_kernel_sizes=(9, 7, 5, 5))
-    return _create_dsan('dsan_s', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_dsan('dsan_s', pretrained, _MODEL_ARGS['dsan_s'], **kwargs)
