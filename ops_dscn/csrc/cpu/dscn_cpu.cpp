@@ -30,6 +30,10 @@
 // compiled for AVX2 and for AVX-512 (still on 32-byte vectors, see Vec below) and picked at run time from the CPU's features. (GCC 12's target_clones resolver
 // was seen picking the baseline clone on AVX-512 AMD CPUs, hence the explicit dispatch.) The environment variable
 // DSCN_CPU_ISA=default|avx2|avx512 overrides the choice, e.g. for tests.
+#ifndef DSCN_TABLE_ENTRIES
+#define DSCN_TABLE_ENTRIES 512
+#endif
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #define DSCN_X86_DISPATCH 1
 #define DSCN_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,f16c")))
@@ -75,8 +79,20 @@ struct Vec {
 template <typename scalar_t>
 constexpr bool kVectorised = DSCN_HAS_VEC && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
 
+// The tap table is filled with vectors of at most 32 bytes (GCC 12's code for 64-byte masks and conversions was
+// measured slower); the channel loops use the full width.
+template <int Bytes>
+constexpr int kFillBytes = Bytes < 32 ? Bytes : 32;
+
 // Pixels resolved per pass along an x-strip row (bounds the table to a few KB, which stays in L1).
 constexpr int64_t kRun = 32;
+// ... but at most this many table entries (pixels * G * K'), so that the table (~40 bytes an entry) stays in L1
+// for wide strips too (DSAN-S stage 1 has G * K' = 60).
+constexpr int64_t kTableEntries = DSCN_TABLE_ENTRIES;
+
+inline int64_t x_run(const DSCNParams& p) {
+  return std::max<int64_t>(1, std::min<int64_t>(kRun, kTableEntries / (p.group * p.geom.taps)));
+}
 // Output columns per task of a y-strip (the inner loop then walks kColumns * C contiguous elements).
 constexpr int64_t kColumns = 8;
 
@@ -89,32 +105,37 @@ struct TapTable {
   using acc_t = at::opmath_type<scalar_t>;
   int64_t gk;                        // G * K', offsets per pixel
   std::vector<acc_t> tap_pos;        // (max_run * gk) k * dilation of each offset's kernel tap
-  std::vector<acc_t> origin;         // (max_run * gk) strip_origin() of the offset's pixel
+  std::vector<acc_t> rel;            // (max_run * gk) r * step * stride: the pixel's integer position in its run
+  // Neighbour indices along the axis fit in 32 bits (make_params checks the axis length), so float tables use
+  // 32-bit lanes like the float vectors; double tables use 64-bit lanes like the double vectors.
+  using idx_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
   std::vector<int64_t> group_base;   // (max_run * gk) first channel of the offset's group
-  std::vector<int64_t> e0, e1;       // element offsets of the neighbours from the line start (channel 0)
+  std::vector<idx_t> i0, i1;         // neighbours' positions along the axis (0 if not read)
   std::vector<acc_t> w0, w1;         // interpolation weights (0 if not read)
-  std::vector<acc_t> m0, m1;         // 1 if the neighbour is read, else 0 (for d value / d loc)
+  std::vector<acc_t> m0, m1;         // 1 if the neighbour is read, else 0 (for d value / d loc; backward only)
 
-  TapTable(const DSCNParams& p, int64_t max_run) : gk(p.group * p.geom.taps) {
+  // `step` is 1 for runs along an x-strip row and 0 across a y-strip (see fill()).
+  TapTable(const DSCNParams& p, int64_t max_run, int64_t step) : gk(p.group * p.geom.taps) {
     const int64_t n = max_run * gk;
-    for (auto* v : {&group_base, &e0, &e1}) v->resize(n);
-    for (auto* v : {&tap_pos, &origin, &w0, &w1, &m0, &m1}) v->resize(n);
+    group_base.resize(n);
+    i0.resize(n);
+    i1.resize(n);
+    for (auto* v : {&tap_pos, &rel, &w0, &w1, &m0, &m1}) v->resize(n);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t j = i % gk;
       tap_pos[i] = static_cast<acc_t>(tap_index(j % p.geom.taps, p.geom.center) * p.geom.dilation);
       group_base[i] = (j / p.geom.taps) * p.group_channels;
+      rel[i] = static_cast<acc_t>((i / gk) * step * p.geom.stride);
     }
   }
 
-  // Resolves the R pixels whose positions along the axis are o_axis0 + r * step (step 1 along an x-strip row, 0
-  // across a y-strip), with offsets `off` (R * gk values).
-  template <int Bytes>
+  // Resolves the R pixels whose positions along the axis are o_axis0 + r * step (the step given to the
+  // constructor), with offsets `off` (R * gk values). The m0 / m1 masks are written only when kGrad.
+  template <int Bytes, bool kGrad>
   DSCN_INLINE void fill(const StripGeometry& g, int64_t o_axis0, int64_t step, int64_t R,
-                        const scalar_t* __restrict__ off, acc_t scale, int64_t in_axis) {
+                        const scalar_t* __restrict__ off, acc_t scale) {
     const int64_t n = R * gk;
-    for (int64_t r = 0; r < R; ++r) {
-      std::fill_n(origin.begin() + r * gk, gk, strip_origin<acc_t>(g, o_axis0 + r * step, scale));
-    }
+    const int64_t c = (g.dilation * (g.kernel - 1)) / 2;
     int64_t i = 0;
 #if DSCN_HAS_VEC
     if constexpr (kVectorised<scalar_t>) {
@@ -126,11 +147,16 @@ struct TapTable {
       constexpr int64_t L = V::size;
       const scalar_t len_f = static_cast<scalar_t>(g.axis_len);
       const ilane last = static_cast<ilane>(g.axis_len - 1);
+      // strip_origin() of pixel r is float(o0 * stride - pad + c + rel) - c * s. The integer sum is split in two
+      // exactly representable parts (positions < 2^24 for float), so the result is bit-identical to strip_origin.
+      const scalar_t base = static_cast<scalar_t>(o_axis0 * g.stride - g.pad + c);
+      const scalar_t cs = static_cast<scalar_t>(c) * scale;
       const vf zero = {};
       const vf one = zero + scalar_t(1);
       const vi izero = {};
       for (; i + L <= n; i += L) {
-        const vf loc = V::load(origin.data() + i) + (V::load(tap_pos.data() + i) + V::load(off + i)) * scale;
+        const vf origin = (V::load(rel.data() + i) + base) - cs;
+        const vf loc = origin + (V::load(tap_pos.data() + i) + V::load(off + i)) * scale;
         const vi inside = (loc > scalar_t(-1)) & (loc < len_f);  // false for NaN
         const vf safe = inside ? loc : zero;                    // outside taps never reach the conversion
         const vi lo = __builtin_convertvector(safe, vi) + (safe < scalar_t(0));  // floor(); true is -1
@@ -139,34 +165,40 @@ struct TapTable {
         const vi use1 = inside & (lo + 1 <= last);
         V::store(w0.data() + i, use0 ? one - l : zero);
         V::store(w1.data() + i, use1 ? l : zero);
-        V::store(m0.data() + i, use0 ? one : zero);
-        V::store(m1.data() + i, use1 ? one : zero);
-        const vi i0 = use0 ? lo : izero;
-        const vi i1 = use1 ? lo + 1 : izero;
-        for (int64_t q = 0; q < L; ++q) {
-          e0[i + q] = static_cast<int64_t>(i0[q]) * in_axis + group_base[i + q];
-          e1[i + q] = static_cast<int64_t>(i1[q]) * in_axis + group_base[i + q];
+        if constexpr (kGrad) {
+          V::store(m0.data() + i, use0 ? one : zero);
+          V::store(m1.data() + i, use1 ? one : zero);
         }
+        // Indices only (no element offsets): the channel loops scale them, once per tap.
+        static_assert(sizeof(ilane) == sizeof(idx_t));
+        const vi lo0 = use0 ? lo : izero;
+        const vi lo1 = use1 ? lo + 1 : izero;
+        std::memcpy(i0.data() + i, &lo0, sizeof(lo0));
+        std::memcpy(i1.data() + i, &lo1, sizeof(lo1));
       }
     }
 #endif
     for (; i < n; ++i) {
-      const acc_t loc = tap_location<acc_t>(origin[i], tap_pos[i], static_cast<acc_t>(off[i]), scale);
+      const acc_t origin = strip_origin<acc_t>(g, o_axis0 + (i / gk) * step, scale);
+      const acc_t loc = tap_location<acc_t>(origin, tap_pos[i], static_cast<acc_t>(off[i]), scale);
       const LinearTap<acc_t> t = resolve_tap<acc_t>(loc, g.axis_len);
-      e0[i] = t.i0 * in_axis + group_base[i];
-      e1[i] = t.i1 * in_axis + group_base[i];
+      i0[i] = static_cast<idx_t>(t.i0);
+      i1[i] = static_cast<idx_t>(t.i1);
       w0[i] = t.w0;
       w1[i] = t.w1;
-      m0[i] = t.use0 ? acc_t(1) : acc_t(0);
-      m1[i] = t.use1 ? acc_t(1) : acc_t(0);
+      if constexpr (kGrad) {
+        m0[i] = t.use0 ? acc_t(1) : acc_t(0);
+        m1[i] = t.use1 ? acc_t(1) : acc_t(0);
+      }
     }
   }
 };
 
-// out[c] = sum_j w0[j] * x[e0[j] + c] + w1[j] * x[e1[j] + c], c in [0, n), over the `taps` entries of one group.
-template <int Bytes, typename scalar_t, typename acc_t>
-DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0, const int64_t* e1, const acc_t* w0,
-                              const acc_t* w1, int64_t taps, scalar_t* __restrict__ out, int64_t n) {
+// out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c], c in [0, n), over the `taps` entries of
+// one group; x points at the group's first channel on the input line, step is the input stride along the axis.
+template <int Bytes, typename scalar_t, typename acc_t, typename idx_t>
+DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1, const acc_t* w0,
+                              const acc_t* w1, int64_t taps, scalar_t* __restrict__ out, int64_t n, int64_t step) {
   int64_t c0 = 0;
 #if DSCN_HAS_VEC
   if constexpr (kVectorised<scalar_t>) {
@@ -178,8 +210,8 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0,
     for (; c0 + 4 * L <= n; c0 += 4 * L) {
       v_t a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
       for (int64_t j = 0; j < taps; ++j) {
-        const scalar_t* a = x + e0[j] + c0;
-        const scalar_t* b = x + e1[j] + c0;
+        const scalar_t* a = x + static_cast<int64_t>(i0[j]) * step + c0;
+        const scalar_t* b = x + static_cast<int64_t>(i1[j]) * step + c0;
         const scalar_t wa = w0[j], wb = w1[j];
         a0 += wa * V::load(a);
         a1 += wa * V::load(a + L);
@@ -198,8 +230,8 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0,
     for (; c0 + 2 * L <= n; c0 += 2 * L) {
       v_t a0 = {}, a1 = {}, b0 = {}, b1 = {};
       for (int64_t j = 0; j < taps; ++j) {
-        const scalar_t* a = x + e0[j] + c0;
-        const scalar_t* b = x + e1[j] + c0;
+        const scalar_t* a = x + static_cast<int64_t>(i0[j]) * step + c0;
+        const scalar_t* b = x + static_cast<int64_t>(i1[j]) * step + c0;
         a0 += w0[j] * V::load(a);
         a1 += w0[j] * V::load(a + L);
         b0 += w1[j] * V::load(b);
@@ -211,30 +243,32 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const int64_t* e0,
     for (; c0 + L <= n; c0 += L) {
       v_t a0 = {}, b0 = {};
       for (int64_t j = 0; j < taps; ++j) {
-        a0 += w0[j] * V::load(x + e0[j] + c0);
-        b0 += w1[j] * V::load(x + e1[j] + c0);
+        a0 += w0[j] * V::load(x + static_cast<int64_t>(i0[j]) * step + c0);
+        b0 += w1[j] * V::load(x + static_cast<int64_t>(i1[j]) * step + c0);
       }
       V::store(out + c0, a0 + b0);
     }
-    if constexpr (Bytes > 16) {
-      // A half-width step for group sizes such as 20 = 16 + 4 (DSAN-T stage 3).
-      using H = Vec<scalar_t, Bytes / 2>;
+    // Narrower steps for the rest of the group, e.g. 20 = 16 + 4 channels (DSAN-T stage 3).
+    const auto narrow_step = [&](auto bytes) DSCN_LAMBDA_INLINE {
+      using H = Vec<scalar_t, decltype(bytes)::value>;
       using h_t = typename H::type;
       for (; c0 + H::size <= n; c0 += H::size) {
         h_t a0 = {}, b0 = {};
         for (int64_t j = 0; j < taps; ++j) {
-          a0 += w0[j] * H::load(x + e0[j] + c0);
-          b0 += w1[j] * H::load(x + e1[j] + c0);
+          a0 += w0[j] * H::load(x + static_cast<int64_t>(i0[j]) * step + c0);
+          b0 += w1[j] * H::load(x + static_cast<int64_t>(i1[j]) * step + c0);
         }
         H::store(out + c0, a0 + b0);
       }
-    }
+    };
+    if constexpr (Bytes > 32) narrow_step(std::integral_constant<int, 32>{});
+    if constexpr (Bytes > 16) narrow_step(std::integral_constant<int, 16>{});
   }
 #endif
   for (; c0 < n; ++c0) {
     acc_t acc = 0;
     for (int64_t j = 0; j < taps; ++j) {
-      acc += w0[j] * static_cast<acc_t>(x[e0[j] + c0]) + w1[j] * static_cast<acc_t>(x[e1[j] + c0]);
+      acc += w0[j] * static_cast<acc_t>(x[static_cast<int64_t>(i0[j]) * step + c0]) + w1[j] * static_cast<acc_t>(x[static_cast<int64_t>(i1[j]) * step + c0]);
     }
     out[c0] = static_cast<scalar_t>(acc);
   }
@@ -320,7 +354,8 @@ template <typename Fn>
 DSCN_INLINE void for_each_run(const DSCNParams& p, const Frame& f, int64_t o0, int64_t o1, Fn run) {
   if (p.on_x) {
     for (int64_t oo = o0; oo < o1; ++oo) {
-      for (int64_t oa = 0; oa < f.n_ax; oa += kRun) run(oa, int64_t(1), oo, std::min(kRun, f.n_ax - oa));
+      const int64_t run_len = x_run(p);
+      for (int64_t oa = 0; oa < f.n_ax; oa += run_len) run(oa, int64_t(1), oo, std::min(run_len, f.n_ax - oa));
     }
   } else {
     for (int64_t oa = 0; oa < f.n_ax; ++oa) run(oa, int64_t(0), o0, o1 - o0);
@@ -338,7 +373,7 @@ void for_each_task(const DSCNParams& p, const Frame& f, Fn fn) {
   const int64_t work_per_task = std::max<int64_t>(1, block * f.n_ax * p.C * p.geom.taps);
   const int64_t grain = std::max<int64_t>(1, 32768 / work_per_task);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    TapTable<scalar_t> table(p, p.on_x ? kRun : kColumns);
+    TapTable<scalar_t> table(p, p.on_x ? x_run(p) : kColumns, p.on_x ? 1 : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks_per_image;
       const int64_t o0 = (t % blocks_per_image) * block;
@@ -355,7 +390,7 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
   for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
     const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
-    tab.template fill<Bytes>(p.geom, oa0, step, R, offset + pix0 * GK, scale, f.in_axis);
+    tab.template fill<kFillBytes<Bytes>, false>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* out_px = output + (pix0 + r) * C;
       const int64_t oo = oo0 + r * (1 - step);
@@ -367,8 +402,8 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
       const scalar_t* x = input + n * f.in_batch + line * f.in_orth;
       for (int64_t grp = 0; grp < G; ++grp) {
         const int64_t t0 = r * GK + grp * KK;
-        weighted_sum<Bytes>(x, tab.e0.data() + t0, tab.e1.data() + t0, tab.w0.data() + t0, tab.w1.data() + t0, KK,
-                            out_px + grp * gc, gc);
+        weighted_sum<Bytes>(x + grp * gc, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
+                            tab.w1.data() + t0, KK, out_px + grp * gc, gc, f.in_axis);
       }
     }
   });
@@ -387,7 +422,7 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
   const bool want_in = grad_input != nullptr, want_off = grad_offset != nullptr;
   for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
     const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
-    tab.template fill<Bytes>(p.geom, oa0, step, R, offset + pix0 * GK, scale, f.in_axis);
+    tab.template fill<kFillBytes<Bytes>, true>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* goff_px = want_off ? grad_offset + (pix0 + r) * GK : nullptr;
       const int64_t oo = oo0 + r * (1 - step);
@@ -402,16 +437,18 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
       const scalar_t* g_px = grad_out + (pix0 + r) * C;
       for (int64_t i = 0; i < GK; ++i) {
         const int64_t t = r * GK + i;
+        const int64_t e0 = static_cast<int64_t>(tab.i0[t]) * f.in_axis + tab.group_base[t];
+        const int64_t e1 = static_cast<int64_t>(tab.i1[t]) * f.in_axis + tab.group_base[t];
         const scalar_t* g = g_px + tab.group_base[t];
-        const scalar_t* a = x + tab.e0[t];
-        const scalar_t* b = x + tab.e1[t];
+        const scalar_t* a = x + e0;
+        const scalar_t* b = x + e1;
         if (want_in && want_off) {
           goff_px[i] = static_cast<scalar_t>(
-              scale * tap_backward<Bytes, true, true>(g, a, b, gin + tab.e0[t], gin + tab.e1[t], tab.w0[t],
-                                                      tab.w1[t], tab.m0[t], tab.m1[t], gc));
+              scale * tap_backward<Bytes, true, true>(g, a, b, gin + e0, gin + e1, tab.w0[t], tab.w1[t], tab.m0[t],
+                                                      tab.m1[t], gc));
         } else if (want_in) {
-          tap_backward<Bytes, true, false>(g, a, b, gin + tab.e0[t], gin + tab.e1[t], tab.w0[t], tab.w1[t],
-                                           tab.m0[t], tab.m1[t], gc);
+          tap_backward<Bytes, true, false>(g, a, b, gin + e0, gin + e1, tab.w0[t], tab.w1[t], tab.m0[t], tab.m1[t],
+                                           gc);
         } else {
           goff_px[i] = static_cast<scalar_t>(
               scale * tap_backward<Bytes, false, true>(g, a, b, static_cast<acc_t*>(nullptr),
@@ -457,7 +494,7 @@ Isa cpu_isa() {
 #define DSCN_DEFINE_ISA_DISPATCH(name)                                                   \
   template <typename scalar_t, typename... Args>                                         \
   DSCN_TARGET_AVX512 void name##_avx512(Args&&... args) {                                  \
-    name##_body<32, scalar_t>(args...);                                                  \
+    name##_body<64, scalar_t>(args...);                                                  \
   }                                                                                      \
   template <typename scalar_t, typename... Args>                                         \
   DSCN_TARGET_AVX2 void name##_avx2(Args&&... args) {                                      \
