@@ -20,6 +20,9 @@ parameter and buffer names match the original code so its released checkpoints l
 Activations are kept in ``torch.channels_last`` memory (NCHW logical shape, NHWC memory): the depthwise
 convolutions are fast in that layout and the NHWC view handed to the DSCN operator is free.
 
+For inference, `DSAN.reparameterize()` (or timm's ``timm.utils.reparameterize_model``) folds every BatchNorm and
+layer scale into a convolution (see `Block.reparameterize`).
+
 The file follows timm's layout: blocks, stage parts, the model, `checkpoint_filter_fn` (with what else knows the
 architecture of a checkpoint: `describe_state_dict`, `infer_groups`), the pretrained configs and the registered
 variants. Reading checkpoint files is generic and lives in `dsan.models._checkpoint`.
@@ -94,6 +97,101 @@ def _backend_arg(backend: str | None, core_op: str | None) -> str:
     if backend != 'auto':  # 'auto' is always valid; it resolves (and warns of a missing kernel) per call and device
         ops_dscn.resolve_backend(backend)  # unknown name: ValueError; 'cpp' without the compiled op: RuntimeError
     return backend
+
+
+# --------------------------------------------------------------------------------------------------------
+# Inference fusion: folding the BatchNorms and layer scales into the 1x1 / patch convolutions (see
+# `Block.reparameterize`). The folded weights are computed in float64 and cast back to the parameters' dtype.
+
+
+def _require_eval(module: nn.Module, what: str) -> None:
+    """Raise if `module` or any submodule is in training mode (a BatchNorm would use batch statistics).
+
+    Raises:
+        RuntimeError: Some module is in training mode.
+    """
+    if any(m.training for m in module.modules()):
+        raise RuntimeError(
+            f'{what}.reparameterize() folds the BatchNorm running statistics into the convolutions and is for '
+            'inference only: call .eval() on the model first.')
+
+
+def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The eval-mode BatchNorm as a per-channel affine map, bn(x) = scale * x + shift.
+
+    Args:
+        bn: `nn.BatchNorm2d` or `nn.SyncBatchNorm` with running statistics.
+
+    Returns:
+        (scale, shift), each (C,) float64 on the BatchNorm's device.
+
+    Raises:
+        TypeError: `bn` is not a BatchNorm (another `norm_layer` cannot be folded).
+        ValueError: The BatchNorm keeps no running statistics (it normalises with batch statistics in eval too).
+    """
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        raise TypeError(f'Only BatchNorm2d / SyncBatchNorm can be folded into a convolution, got {type(bn).__name__}.')
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError('A BatchNorm without running statistics (track_running_stats=False) cannot be folded.')
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    return scale, shift
+
+
+@torch.no_grad()
+def _set_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Overwrite the weight and bias of `conv` in place (same Parameter objects; a bias is added if it had none)."""
+    conv.weight.copy_(weight)
+    if conv.bias is None:
+        conv.bias = nn.Parameter(bias.to(conv.weight), requires_grad=conv.weight.requires_grad)
+    else:
+        conv.bias.copy_(bias)
+
+
+def _conv_bias(conv: nn.Conv2d) -> torch.Tensor:
+    """The (C_out,) float64 bias of `conv` (zeros when it has none)."""
+    if conv.bias is None:
+        return torch.zeros(conv.out_channels, dtype=torch.float64, device=conv.weight.device)
+    return conv.bias.double()
+
+
+@torch.no_grad()
+def _fold_affine_after_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make `conv(x)` compute `scale * conv(x) + shift` (per output channel).
+
+    Args:
+        conv: Any convolution; changed in place.
+        scale: (C_out,) per-channel factor.
+        shift: (C_out,) per-channel offset.
+    """
+    weight = conv.weight.double() * scale.view(-1, 1, 1, 1)
+    _set_conv(conv, weight, _conv_bias(conv) * scale + shift)
+
+
+@torch.no_grad()
+def _fold_affine_before_conv(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Make `conv(x)` compute `conv(scale * x + shift)` (per input channel).
+
+    Exact only for a dense 1x1 convolution without padding (a padded border would see `shift`, not 0), which is
+    checked.
+
+    Args:
+        conv: Dense 1x1 convolution; changed in place.
+        scale: (C_in,) per-channel factor.
+        shift: (C_in,) per-channel offset.
+
+    Raises:
+        ValueError: `conv` is not a dense, unpadded 1x1 convolution.
+    """
+    if conv.kernel_size != (1, 1) or conv.groups != 1 or conv.padding not in ((0, 0), 'valid'):
+        raise ValueError(f'Cannot fold an affine map into the input of {conv}: needs a dense 1x1 conv, no padding.')
+    weight = conv.weight.double()  # (C_out, C_in, 1, 1)
+    bias = _conv_bias(conv) + weight[:, :, 0, 0] @ shift
+    _set_conv(conv, weight * scale.view(1, -1, 1, 1), bias)
 
 
 class DWConv(nn.Module):
@@ -196,16 +294,23 @@ class DSA(nn.Module):
         self.activation = nn.GELU()
         self.spatial_gating_unit = DSCNPair(dim, kernel_size, dw_kernel_size, group, backend=backend)
         self.proj_2 = nn.Conv2d(dim, dim, 1)
+        # (C, 1, 1) factor of the inner shortcut, set by `Block.reparameterize`; None (not in the state_dict): 1.
+        self.register_buffer('shortcut_scale', None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         shortcut = x
-        x = self.spatial_gating_unit(self.activation(self.proj_1(x)))
-        return self.proj_2(x) + shortcut
+        x = self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x))))
+        if self.shortcut_scale is None:
+            return x + shortcut
+        return torch.addcmul(x, shortcut, self.shortcut_scale)
 
 
 class Block(nn.Module):
-    """DSAN block: BN -> DSA and BN -> Mlp, each with layer scale, drop path and a residual."""
+    """DSAN block: BN -> DSA and BN -> Mlp, each with layer scale, drop path and a residual.
+
+    `reparameterize` folds the BNs and layer scales into the 1x1 convolutions for inference.
+    """
 
     def __init__(
             self,
@@ -243,12 +348,49 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
         self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
+        self.fused = False  # set by `reparameterize`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
+        if self.fused:  # norm1 and layer_scale_1 live in attn, norm2 and layer_scale_2 in mlp
+            x = x + self.drop_path(self.attn(x))
+            return x + self.drop_path(self.mlp(x))
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x
+
+    def reparameterize(self) -> None:
+        """Fold the BatchNorms and layer scales into the block's 1x1 convolutions, in place, for inference.
+
+        With norm1(x) = a1 * x + b1, norm2(x) = a2 * x + b2 (running statistics) and the layer scales s1, s2,
+        all per channel, the attention branch s1 * (proj_2(z) + norm1(x)), z = sgu(gelu(proj_1(norm1(x)))),
+        becomes proj_2'(z) + (s1 * a1) * x with proj_1' = proj_1(a1 * . + b1), proj_2' = s1 * proj_2 + s1 * b1
+        and `attn.shortcut_scale` = s1 * a1 (DSA's inner shortcut adds the *normalised* input); the MLP branch
+        s2 * fc2(...(fc1(norm2(x)))) becomes fc2'(...(fc1'(x))) with fc1' = fc1(a2 * . + b2), fc2' = s2 * fc2.
+        `norm1` and `norm2` become `nn.Identity`, the layer scales None, and `forward` takes the fused path (drop
+        path still wraps each branch). The result equals the eval-mode output up to float rounding. Called on
+        every block by `DSAN.reparameterize` and by `timm.utils.reparameterize_model`; a second call does nothing.
+
+        Raises:
+            RuntimeError: The block is in training mode (the BatchNorms would use batch statistics).
+            TypeError: The norms are not BatchNorms.
+        """
+        if self.fused:
+            return
+        _require_eval(self, type(self).__name__)
+        a1, b1 = _bn_scale_shift(self.norm1)
+        a2, b2 = _bn_scale_shift(self.norm2)
+        s1, s2 = self.layer_scale_1.detach().double(), self.layer_scale_2.detach().double()
+        _fold_affine_before_conv(self.attn.proj_1, a1, b1)
+        _fold_affine_after_conv(self.attn.proj_2, s1, s1 * b1)
+        self.attn.shortcut_scale = (s1 * a1).view(-1, 1, 1).to(self.attn.proj_2.weight)
+        _fold_affine_before_conv(self.mlp.fc1, a2, b2)
+        _fold_affine_after_conv(self.mlp.fc2, s2, torch.zeros_like(s2))
+        self.norm1 = nn.Identity().eval()  # in the model's (eval) mode, as what it replaces
+        self.norm2 = nn.Identity().eval()
+        self.layer_scale_1 = None
+        self.layer_scale_2 = None
+        self.fused = True
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -277,6 +419,21 @@ class OverlapPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, embed_dim, H / stride, W / stride)."""
         return self.norm(self.proj(x))
+
+    def reparameterize(self) -> None:
+        """Fold the BatchNorm (running statistics) into `proj`, in place, and make `norm` an `nn.Identity`.
+
+        For inference; a second call does nothing (see `Block.reparameterize`).
+
+        Raises:
+            RuntimeError: The module is in training mode.
+            TypeError: `norm` is not a BatchNorm.
+        """
+        if isinstance(self.norm, nn.Identity):
+            return
+        _require_eval(self, type(self).__name__)
+        _fold_affine_after_conv(self.proj, *_bn_scale_shift(self.norm))
+        self.norm = nn.Identity().eval()
 
 
 class DSAN(nn.Module):
@@ -416,6 +573,22 @@ class DSAN(nn.Module):
         for m in self.modules():
             if isinstance(m, (DSCNX, DSCNY)):
                 m.backend = self.backend
+
+    def reparameterize(self) -> None:
+        """Fuse the model for inference, in place: every BatchNorm and layer scale goes into a convolution.
+
+        Calls `OverlapPatchEmbed.reparameterize` and `Block.reparameterize` on every stage; the fused model
+        computes the eval-mode output with no BatchNorm left and fewer parameters (the state_dict changes: no
+        `norm1`/`norm2`/`layer_scale_*`/`patch_embed*.norm` entries, an `attn.shortcut_scale` buffer per block).
+        `timm.utils.reparameterize_model(model)` does the same on a deep copy. A second call does nothing.
+
+        Raises:
+            RuntimeError: The model is in training mode (call `.eval()` first).
+        """
+        _require_eval(self, type(self).__name__)
+        for m in self.modules():
+            if isinstance(m, (OverlapPatchEmbed, Block)):
+                m.reparameterize()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -1,0 +1,173 @@
+"""Inference fusion of DSAN (BatchNorms and layer scales folded into convolutions), in timm's convention."""
+import pytest
+import timm
+import timm.utils
+import torch
+import torch.nn as nn
+from conftest import BACKEND
+
+from dsan.models import DSAN, Block, OverlapPatchEmbed
+
+SMALL = dict(depths=(1, 1, 1, 1))
+
+
+def randomize_fusables_(model: nn.Module, seed: int = 2) -> nn.Module:
+    """Non-trivial values for everything the fusion folds, keeping the network well conditioned.
+
+    BN running statistics (mean in [-0.5, 0.5], var in [0.3, 2]), BN weights (|w| in [0.5, 1.5], a fifth negative)
+    and layer scales (|s| in [0.02, 0.2], a fifth negative) per channel, and every 1-D bias in [-0.2, 0.2] (the
+    default init zeroes the conv biases, which would hide a wrong bias fold). Convolutions keep their random init.
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(t, lo, hi):
+        return (lo + (hi - lo) * torch.rand(t.shape, generator=g, dtype=torch.float64)).to(t)
+
+    def signs(t):
+        return torch.where(torch.rand(t.shape, generator=g) < 0.2, -1., 1.).to(t)
+
+    with torch.no_grad():
+        for name, t in model.named_buffers():
+            if name.endswith('running_mean'):
+                t.copy_(uniform(t, -0.5, 0.5))
+            elif name.endswith('running_var'):
+                t.copy_(uniform(t, 0.3, 2.))
+        for name, p in model.named_parameters():
+            if 'layer_scale' in name:
+                p.copy_(uniform(p, 0.02, 0.2) * signs(p))
+            elif name.endswith(('norm.weight', 'norm1.weight', 'norm2.weight')):
+                p.copy_(uniform(p, 0.5, 1.5) * signs(p))
+            elif p.dim() == 1 and name.endswith('bias'):
+                p.copy_(uniform(p, -0.2, 0.2))
+    return model
+
+
+def make_model(dtype: torch.dtype = torch.float32, **kwargs) -> DSAN:
+    """Eval-mode dsan_t (drop path on, identity in eval) with randomized BNs, layer scales and biases."""
+    model = timm.create_model('dsan_t', backend=BACKEND, drop_path_rate=0.1, **kwargs)
+    return randomize_fusables_(model).to(dtype).eval()
+
+
+def batchnorms(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def outputs(model: DSAN, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        out = dict(logits=model(x), features=model.forward_features(x))
+        final, inter = model.forward_intermediates(x, indices=[0, 1, 2, 3])
+        out['final'] = final
+        out.update({f'stage{i}': t for i, t in enumerate(inter)})
+    return out
+
+
+def test_fused_matches_unfused_float64():
+    """Exact up to rounding: 1e-10 in float64, on logits, features and every stage output."""
+    model = make_model(torch.float64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    ref = outputs(model, x)
+    fused = timm.utils.reparameterize_model(model)
+    got = outputs(fused, x)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-10, atol=1e-10, msg=lambda m, k=k: f'{k}: {m}')
+    # The output moved away from what a model without the folded terms would give.
+    assert ref['logits'].abs().max() > 0.1
+
+
+def test_fused_matches_unfused_float32():
+    """1e-5 on the logits; the LayerNorm-ed stage outputs (up to ~6) to 1e-4, the size of their float32 noise."""
+    model = make_model(torch.float32)
+    x = torch.randn(2, 3, 64, 64)
+    ref = outputs(model, x)
+    model.reparameterize()  # in place
+    got = outputs(model, x)
+    torch.testing.assert_close(got['logits'], ref['logits'], rtol=1e-5, atol=1e-5)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-4, msg=lambda m, k=k: f'{k}: {m}')
+
+
+def test_fused_model_structure_and_parameter_count():
+    model = make_model()
+    fused = timm.utils.reparameterize_model(model)  # deep copy: `model` is left as it was
+    assert batchnorms(model) and not batchnorms(fused)
+    assert not [n for n, m in fused.named_modules() if m.training]  # the Identity replacements are in eval mode too
+    blocks = [m for m in fused.modules() if isinstance(m, Block)]
+    assert len(blocks) == sum(fused.depths) and all(b.fused for b in blocks)
+    assert all(b.attn.shortcut_scale.shape == (b.attn.proj_2.out_channels, 1, 1) for b in blocks)
+    assert not any(m.fused for m in model.modules() if isinstance(m, Block))
+    # Gone: per block 2 BNs (weight, bias) and 2 layer scales (6 C), per patch embedding one BN (2 C).
+    removed = sum(6 * c * d + 2 * c for c, d in zip(fused.embed_dims, fused.depths))
+    n_model = sum(p.numel() for p in model.parameters())
+    assert sum(p.numel() for p in fused.parameters()) == n_model - removed
+    keys = fused.state_dict().keys()
+    assert not [k for k in keys if any(s in k for s in ('.norm1.', '.norm2.', '.layer_scale_', '.norm.'))]
+    assert sum(k.endswith('attn.shortcut_scale') for k in keys) == sum(fused.depths)
+    assert 'attn.shortcut_scale' not in ''.join(model.state_dict())  # unfused checkpoints keep the original names
+    # The timm conventions still hold on the fused model.
+    assert fused.feature_info == model.feature_info
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert fused.forward_features(x).shape == (1, 256, 2, 2)
+        assert [t.shape[1] for t in fused.forward_intermediates(x, intermediates_only=True)] == fused.embed_dims
+
+
+def test_reparameterize_twice_and_through_a_wrapper():
+    """timm's walker calls DSAN.reparameterize on a wrapped model and then Block.reparameterize again: a no-op."""
+    feats = timm.create_model('dsan_t', features_only=True, out_indices=(1, 3), backend=BACKEND, **SMALL)
+    randomize_fusables_(feats).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        ref = feats(x)
+        fused = timm.utils.reparameterize_model(feats)
+        state = {k: v.clone() for k, v in fused.state_dict().items()}
+        fused.model.reparameterize()
+        timm.utils.reparameterize_model(fused, inplace=True)
+        got = fused(x)
+    assert not batchnorms(fused)
+    assert fused.feature_info.channels() == [64, 256]
+    for k, v in fused.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_reparameterize_in_training_mode_raises():
+    model = make_model().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r'DSAN\.reparameterize\(\) .* inference only: call \.eval\(\)'):
+        model.reparameterize()
+    with pytest.raises(RuntimeError, match=r'OverlapPatchEmbed\.reparameterize\(\) .* call \.eval\(\)'):
+        timm.utils.reparameterize_model(model)
+    with pytest.raises(RuntimeError, match=r'Block\.reparameterize\(\) .* call \.eval\(\)'):
+        model.block1[0].reparameterize()
+    model.eval()
+    model.block1[0].norm1.train()  # one BatchNorm left in training mode is enough to refuse
+    with pytest.raises(RuntimeError, match='inference only'):
+        model.reparameterize()
+    # Nothing was folded half-way.
+    assert len(batchnorms(model)) == 2 * sum(model.depths) + model.num_stages
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_only_batchnorms_are_folded():
+    embed = OverlapPatchEmbed(3, 2, 8, 16, norm_layer=lambda c: nn.GroupNorm(1, c)).eval()
+    with pytest.raises(TypeError, match='Only BatchNorm2d / SyncBatchNorm can be folded'):
+        embed.reparameterize()
+    embed = OverlapPatchEmbed(3, 2, 8, 16, norm_layer=lambda c: nn.BatchNorm2d(c, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match='without running statistics'):
+        embed.reparameterize()
+
+
+def test_fused_model_exports():
+    """torch.export of the fused model: no batch_norm in the graph, and the exported module gives the same output."""
+    model = make_model(**SMALL)
+    fused = timm.utils.reparameterize_model(model)
+    x = torch.randn(2, 3, 64, 64)
+    ep = torch.export.export(fused, (x,))
+    targets = {str(n.target) for n in ep.graph.nodes if n.op == 'call_function'}
+    assert targets and not [t for t in targets if 'batch_norm' in t], targets
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(ep.module()(x), fused(x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ep.module()(x), ref, rtol=1e-5, atol=1e-5)
