@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from timm.utils import AverageMeter, accuracy
 from tqdm import tqdm
 from train_utils import GracefulStop, NonFiniteError, TrainingInterrupted, is_distributed, unwrap_model
 
@@ -21,6 +20,18 @@ _logger = logging.getLogger(__name__)
 def _lr_of(optimizer: torch.optim.Optimizer) -> float:
     lrs = [g['lr'] for g in optimizer.param_groups]
     return sum(lrs) / len(lrs)
+
+
+def _read_window(window: list[tuple[int, int, torch.Tensor]]) -> tuple[int, float, tuple[int, float] | None]:
+    """Read a log window's losses from the device in one transfer.
+
+    Returns:
+        ``(images, sum of loss x batch size, (step, loss) of the first NaN/Inf loss or None)``.
+    """
+    losses = torch.stack([loss.float() for _, _, loss in window]).tolist()
+    images = sum(n for _, n, _ in window)
+    bad = next(((step, v) for (step, _, _), v in zip(window, losses) if not math.isfinite(v)), None)
+    return images, sum(v * n for (_, n, _), v in zip(window, losses)), bad
 
 
 def train_one_epoch(
@@ -43,20 +54,35 @@ def train_one_epoch(
         log_interval: int = 50,
         progress: bool = True,
         channels_last: bool = False,
+        grad_accum_steps: int = 1,
 ) -> dict[str, float]:
     """Train ``model`` for one epoch.
 
-    Before each backward pass the loss is checked for NaN/Inf and the SIGTERM/SIGINT flag is polled; both are
-    agreed across ranks with one small all-reduce so every rank leaves the loop at the same step.
+    The host waits for the device only at log steps (every ``log_interval`` optimizer updates and at the last
+    batch), as timm's ``train_one_epoch`` does: the losses stay on the device until a log step, where they are
+    read in one transfer, checked for NaN/Inf, and the stop flag is agreed across ranks (one small all-reduce), all
+    before that step's backward pass. Consequences:
+
+    * A NaN/Inf loss stops training at the next log step (the error names the step where it first appeared).
+      Steps between the two may have been applied with non-finite gradients; no checkpoint is written with them
+      (checkpoints are written only at the end of an epoch and only with finite weights). With
+      ``log_interval=1`` every loss is checked before its backward pass, so nothing non-finite is ever stepped.
+    * SIGTERM/SIGINT stops a single-process run at the next step (reading the flag needs no device sync);
+      distributed runs agree on it at the next log step, so every rank leaves the loop at the same step.
+
+    With ``grad_accum_steps`` N > 1 (timm's semantics) each loss is divided by N, gradients accumulate over N
+    batches (without DDP gradient sync on the first N-1) and the optimizer, EMA and ``lr_scheduler.step_update``
+    step once per N batches; ``num_updates`` counts optimizer updates. A last group of fewer than N batches is
+    averaged over its own size.
 
     Args:
         epoch: 0-based epoch index.
-        model: The (possibly DDP-wrapped) model.
+        model: The (possibly DDP-wrapped or compiled) model.
         loader: Training loader yielding ``(input, target)``.
         optimizer: Optimizer.
         loss_fn: Training loss.
         device: Device of the model.
-        stop: Signal flag polled at every step.
+        stop: Signal flag (see above for when it is polled).
         lr_scheduler: timm scheduler; ``step_update`` is called after every optimizer step.
         mixup_fn: timm ``Mixup`` applied to each batch, or None.
         amp_autocast: Context-manager factory for mixed precision.
@@ -65,25 +91,43 @@ def train_one_epoch(
         clip_grad: Gradient clipping value, or None.
         clip_mode: 'norm', 'value' or 'agc'.
         num_updates: Optimizer steps done before this epoch.
-        log_interval: Log every this many steps.
+        log_interval: Log (and sync with the device) every this many optimizer updates.
         progress: Show a tqdm progress bar.
         channels_last: Feed channels-last inputs.
+        grad_accum_steps: Batches per optimizer update.
 
     Returns:
-        ``loss`` (mean over the epoch), ``lr`` (at the end) and ``img_per_sec`` (this rank's training throughput).
+        ``loss`` (mean over the epoch), ``lr`` (at the end), ``img_per_sec`` (training throughput of all ranks,
+        from this rank's timing) and ``num_updates`` (optimizer steps done, this epoch included).
 
     Raises:
-        NonFiniteError: the loss became NaN/Inf on any rank (nothing was stepped with it).
+        NonFiniteError: the loss became NaN/Inf on any rank.
         TrainingInterrupted: a SIGTERM/SIGINT arrived; the epoch is incomplete.
     """
     model.train()
-    losses_m, time_m = AverageMeter(), AverageMeter()
+    accum = max(1, int(grad_accum_steps))
+    log_interval = max(1, int(log_interval))
     num_batches = len(loader)
     world_size = dist.get_world_size() if is_distributed() else 1
+    # the last group of batches may be shorter than `accum`: its losses are averaged over its own size
+    last_accum = num_batches % accum
+    last_group_start = num_batches - last_accum if last_accum else num_batches
+    has_no_sync = hasattr(model, 'no_sync')
+
+    # The losses of the current log window stay on the device (a list of 0-dim tensors: no work per step) and are
+    # read in one transfer at the log step.
+    window: list[tuple[int, int, torch.Tensor]] = []  # (step, batch size, loss)
+    epoch_sum, epoch_n = 0., 0
+    loss_now = loss_avg = float('nan')
+
     bar = tqdm(total=num_batches, desc=f'train {epoch}', disable=not progress, leave=False, dynamic_ncols=True)
-    end = time.perf_counter()
+    start = window_start = last_sync = time.perf_counter()
+    img_per_sec = 0.
     batches = iter(loader)
     for step in range(num_batches):
+        if stop.signum and world_size == 1:  # a host-side flag: reading it needs no device sync
+            signum, _ = stop.check(device)
+            raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} step {step}/{num_batches}')
         try:
             inputs, target = next(batches)
         except StopIteration:
@@ -93,54 +137,82 @@ def train_one_epoch(
                 raise TrainingInterrupted(stop.signum, f'interrupted at epoch {epoch} step {step}/{num_batches}') \
                     from None
             raise
+        need_update = (step + 1) % accum == 0 or step + 1 == num_batches
+        divisor = last_accum if step >= last_group_start else accum
+        log_step = need_update and ((step // accum + 1) % log_interval == 0 or step + 1 == num_batches)
+
         inputs, target = inputs.to(device, non_blocking=True), target.to(device, non_blocking=True)
         if mixup_fn is not None:
             inputs, target = mixup_fn(inputs, target)
         if channels_last:
             inputs = inputs.contiguous(memory_format=torch.channels_last)
+        n = inputs.size(0)
 
-        with amp_autocast():
-            output = model(inputs)
-            loss = loss_fn(output, target)
+        # DDP: no gradient all-reduce on the batches that only accumulate (forward and backward inside no_sync)
+        sync_ctx = model.no_sync() if has_no_sync and not need_update else nullcontext()
+        with sync_ctx:
+            with amp_autocast():
+                output = model(inputs)
+                loss = loss_fn(output, target)
 
-        signum, nonfinite = stop.check(device, nonfinite=not bool(torch.isfinite(loss.detach())))
-        if nonfinite:
-            raise NonFiniteError(
-                f'loss is {loss.item()} (NaN/Inf on at least one rank) at epoch {epoch} step {step}/{num_batches}; '
-                'stopping without writing a checkpoint. Try a lower --lr, --clip-grad 1.0 or no --amp, and resume '
-                'from the last good checkpoint.')
-        if signum:
-            raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} step {step}/{num_batches}')
+            window.append((step, n, loss.detach()))
 
-        optimizer.zero_grad(set_to_none=True)
-        if loss_scaler is not None:
-            loss_scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=model.parameters())
-        else:
-            loss.backward()
-            if clip_grad is not None:
-                from timm.utils import dispatch_clip_grad
-                dispatch_clip_grad(model.parameters(), value=clip_grad, mode=clip_mode)
-            optimizer.step()
-        num_updates += 1
-        if model_ema is not None:
-            model_ema.update(unwrap_model(model), step=num_updates)
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+            if log_step:  # the one host <-> device sync of the log interval, before this step's backward
+                window_n, w_sum, bad = _read_window(window)
+                signum, nonfinite = stop.check(device, nonfinite=bad is not None)
+                if nonfinite:
+                    where = (f'loss is {bad[1]} at epoch {epoch} step {bad[0]}/{num_batches}'
+                             if bad is not None else f'loss is NaN/Inf on another rank at epoch {epoch}')
+                    raise NonFiniteError(
+                        f'{where} (detected at the log step {step}; NaN/Inf on at least one rank); stopping '
+                        'without writing a checkpoint. Try a lower --lr, --clip-grad 1.0 or no --amp, and resume '
+                        'from the last good checkpoint (--log-interval 1 checks every step).')
+                if signum:
+                    raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} step {step}/{num_batches}')
+                last_sync = time.perf_counter()
+                img_per_sec = window_n * world_size / max(last_sync - window_start, 1e-9)
+                epoch_sum, epoch_n = epoch_sum + w_sum, epoch_n + window_n
+                loss_now, loss_avg = w_sum / max(window_n, 1), epoch_sum / max(epoch_n, 1)
+                window.clear()
+                window_start = last_sync
 
-        losses_m.update(loss.item(), inputs.size(0))
-        now = time.perf_counter()
-        time_m.update(now - end)
-        end = now
-        img_per_sec = inputs.size(0) * world_size / max(time_m.avg, 1e-9)
-        lr = _lr_of(optimizer)
-        bar.set_postfix(loss=f'{losses_m.val:.4f}', lr=f'{lr:.3g}', img_s=f'{img_per_sec:.1f}', refresh=False)
+            if step % accum == 0:  # the first batch of an update (here rather than after the step: faster on CPU)
+                optimizer.zero_grad(set_to_none=True)
+            if divisor > 1:
+                loss = loss / divisor
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=clip_grad, clip_mode=clip_mode, parameters=model.parameters(),
+                            need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    if clip_grad is not None:
+                        from timm.utils import dispatch_clip_grad
+                        dispatch_clip_grad(model.parameters(), value=clip_grad, mode=clip_mode)
+                    optimizer.step()
+
+        if need_update:
+            num_updates += 1
+            if model_ema is not None:
+                model_ema.update(unwrap_model(model), step=num_updates)
+            if lr_scheduler is not None:
+                lr_scheduler.step_update(num_updates=num_updates, metric=None if epoch_n == 0 else loss_avg)
         bar.update()
-        if (step + 1) % log_interval == 0 or step + 1 == num_batches:
+        if log_step:
+            lr = _lr_of(optimizer)
+            bar.set_postfix(loss=f'{loss_now:.4f}', lr=f'{lr:.3g}', img_s=f'{img_per_sec:.1f}', refresh=False)
             _logger.info('Train: %d [%d/%d]  loss %.4f (%.4f)  lr %.3e  %.1f img/s', epoch, step + 1, num_batches,
-                         losses_m.val, losses_m.avg, lr, img_per_sec)
+                         loss_now, loss_avg, lr, img_per_sec)
     bar.close()
-    return OrderedDict(loss=losses_m.avg, lr=_lr_of(optimizer),
-                       img_per_sec=losses_m.count * world_size / max(time_m.sum, 1e-9), num_updates=num_updates)
+    if window:  # the loader ended early (fewer batches than len(loader)): read what no log step read
+        window_n, w_sum, bad = _read_window(window)
+        _, nonfinite = stop.check(device, nonfinite=bad is not None)
+        if nonfinite:
+            raise NonFiniteError(f'loss became NaN/Inf at epoch {epoch} (first at step {bad and bad[0]})')
+        epoch_sum, epoch_n, last_sync = epoch_sum + w_sum, epoch_n + window_n, time.perf_counter()
+        loss_avg = epoch_sum / epoch_n
+    return OrderedDict(loss=loss_avg, lr=_lr_of(optimizer),
+                       img_per_sec=epoch_n * world_size / max(last_sync - start, 1e-9), num_updates=num_updates)
 
 
 @torch.no_grad()
@@ -177,7 +249,9 @@ def evaluate(
     """
     model.eval()
     loss_fn = torch.nn.CrossEntropyLoss(reduction='sum')
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, correct@1, correct@5, count
+    # loss, correct@1, correct@5 summed on the device and read once at the end (no sync per batch)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    count = 0
     rows: dict[str, list] = {'targets': [], 'topk_idx': [], 'topk_prob': []}
     bar = tqdm(total=len(loader), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for inputs, target in loader:
@@ -188,10 +262,9 @@ def evaluate(
             output = model(inputs)
         output = output.float()
         k5 = min(5, output.shape[1])
-        acc1, acc5 = accuracy(output, target, topk=(1, k5))
-        n = inputs.size(0)
-        sums += torch.tensor([loss_fn(output, target).item(), acc1.item() * n / 100, acc5.item() * n / 100, n],
-                             dtype=torch.float64)
+        correct = output.topk(k5, dim=1).indices.eq(target[:, None])
+        sums += torch.stack([loss_fn(output, target).double(), correct[:, 0].sum().double(), correct.sum().double()])
+        count += inputs.size(0)
         if collect:
             prob, idx = output.softmax(-1).topk(min(topk, output.shape[1]), dim=-1)
             rows['targets'].extend(target.cpu().tolist())
@@ -199,10 +272,9 @@ def evaluate(
             rows['topk_prob'].extend(prob.cpu().tolist())
         bar.update()
     bar.close()
+    sums = torch.cat([sums, torch.tensor([count], dtype=torch.float64).to(device)])
     if is_distributed():
-        sums = sums.to(device)
         dist.all_reduce(sums)
-        sums = sums.cpu()
     loss_sum, c1, c5, count = sums.tolist()
     count = max(count, 1)
     out: dict[str, Any] = OrderedDict(top1=100 * c1 / count, top5=100 * c5 / count, loss=loss_sum / count,

@@ -60,7 +60,8 @@ def create(
         **kwargs: Passed to :func:`timm.create_model` (``drop_path_rate``, ``backend`` ...).
 
     Raises:
-        ModelError: unknown model name, or the checkpoint does not fit (message from the loader).
+        ModelError: unknown model name, the checkpoint does not fit (message from the loader), or ``pretrained``
+            for a DSAN model whose weights cannot be downloaded (the message says where to put them).
         FileNotFoundError: ``checkpoint`` does not exist.
     """
     _check_name(name)
@@ -68,7 +69,13 @@ def create(
     if not checkpoint:
         if num_classes is not None:
             kwargs['num_classes'] = num_classes
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        if not is_dsan(name):
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        from dsan.models import NoPretrainedWeightsError
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
+        except NoPretrainedWeightsError as e:  # no download exists: say where the files go, in one line
+            raise ModelError(str(e)) from None
 
     if is_dsan(name):
         from dsan.models import CheckpointError, extract_state_dict, read_checkpoint

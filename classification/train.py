@@ -14,7 +14,12 @@ Examples::
 
 Reliability: see ``train_utils`` (atomic end-of-epoch checkpoints, exact ``--resume``, SIGTERM/SIGINT and NaN
 handling). Outputs go to ``--output/<experiment>``: ``args.yaml``, ``log.txt``, ``summary.csv``,
-``last.pth.tar``, ``model_best.pth.tar``, ``training_curves.png`` and optional TensorBoard events.
+``last.pth.tar``, ``model_best.pth.tar``, ``checkpoint-<epoch>.pth.tar`` (the ``--checkpoint-hist`` best),
+``training_curves.png`` and optional TensorBoard events.
+
+The defaults, ``train.sh`` and ``configs/dsan_t_imagenet.yaml`` are that recipe. Its command has no AMP flag (the
+original timm 0.4.12 script then trains in float32), so AMP is off here too; ``--amp`` is available, faster, but
+not the recipe behind the published numbers.
 """
 from __future__ import annotations
 
@@ -94,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
                        help='validation batch size (default: --batch-size)')
     group.add_argument('--channels-last', action='store_true', help='use channels-last memory layout')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                       help='torch.compile the model with this backend (default when given without a value: '
+                            'inductor)')
+    group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                       help='torch.compile mode, e.g. "max-autotune" (default: torch\'s)')
 
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='adamw', type=str, metavar='OPTIMIZER', help='optimizer (default: adamw)')
@@ -104,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
     group.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='accumulate gradients over N batches per optimizer update (timm semantics: each loss is '
+                            'divided by N; the lr schedule counts optimizer updates) (default: 1)')
 
     group = parser.add_argument_group('Learning rate schedule parameters')
     group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER', help='lr scheduler')
@@ -157,12 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loading processes per rank')
     group.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
     group.add_argument('--device', default='', type=str, help='"cuda" or "cpu" (default: cuda when available)')
-    group.add_argument('--amp', action='store_true', help='mixed precision (float16 on CUDA, bfloat16 on CPU)')
+    group.add_argument('--amp', action='store_true',
+                       help='mixed precision (float16 on CUDA, bfloat16 on CPU); off by default, as in the paper\'s '
+                            'recipe')
     group.add_argument('--amp-dtype', default='', type=str, help='"float16" or "bfloat16" (default: per device)')
     group.add_argument('--output', default='output/train', type=str, metavar='PATH', help='output root folder')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='run folder name (default: <date>-<model>; on --resume, the checkpoint\'s folder)')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='"top1" or "loss"')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
+                       help='also keep the N best epoch checkpoints by --eval-metric as checkpoint-<epoch>.pth.tar, '
+                            'as timm; 0 keeps none (default: 10)')
     group.add_argument('--tensorboard', action='store_true', help='write TensorBoard events (pip install tensorboard)')
     group.add_argument('--no-plot', action='store_true', help='do not write training_curves.png')
     group.add_argument('--no-progress', action='store_true', help='no progress bar (logs only)')
@@ -184,6 +202,8 @@ def parse_args(argv: Sequence[str] | None = None):
             parser.error(f'unknown key(s) in {args_config.config}: {", ".join(unknown)}')
         parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
+    if args.grad_accum_steps < 1:
+        parser.error(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
     args.config = args_config.config
     args.data_dir = args.data_dir or args.data
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
@@ -312,8 +332,10 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     else:
         train_loss_fn = torch.nn.CrossEntropyLoss()
 
+    # with --grad-accum-steps the schedule counts optimizer updates, as timm's train.py does
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
-                                                   updates_per_epoch=len(loader_train))
+                                                   updates_per_epoch=updates_per_epoch)
 
     # ---- resume: everything the next epoch depends on
     start_epoch, best_metric, best_epoch = 0, None, None
@@ -348,6 +370,10 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if args.torchcompile:  # after DDP, as in timm; checkpoints and the EMA use the unwrapped module
+        compile_kw = {'mode': args.torchcompile_mode} if args.torchcompile_mode else {}
+        model = torch.compile(model, backend=args.torchcompile, **compile_kw)
+        _logger.info('torch.compile backend %s', args.torchcompile)
 
     writer = None
     if args.tensorboard and primary:
@@ -358,11 +384,12 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                 from e
         writer = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
 
-    _logger.info('Scheduled epochs: %d (start at %d), %d steps per epoch', num_epochs, start_epoch, len(loader_train))
+    _logger.info('Scheduled epochs: %d (start at %d), %d steps and %d optimizer updates per epoch', num_epochs,
+                 start_epoch, len(loader_train), updates_per_epoch)
     stop = tu.GracefulStop()
     summary_csv = os.path.join(out_dir, 'summary.csv')
     last_path = os.path.join(out_dir, 'last.pth.tar')
-    num_updates = start_epoch * len(loader_train)
+    num_updates = start_epoch * updates_per_epoch
     progress = primary and not args.no_progress
     decreasing = args.eval_metric == 'loss'
     eval_metrics = {}
@@ -377,7 +404,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                 epoch, model, loader_train, optimizer, train_loss_fn, device=device, stop=stop,
                 lr_scheduler=lr_scheduler, mixup_fn=mixup_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                 model_ema=model_ema, clip_grad=args.clip_grad, clip_mode=args.clip_mode, num_updates=num_updates,
-                log_interval=args.log_interval, progress=progress, channels_last=args.channels_last)
+                log_interval=args.log_interval, progress=progress, channels_last=args.channels_last,
+                grad_accum_steps=args.grad_accum_steps)
             num_updates = int(train_metrics.pop('num_updates'))
             if world_size > 1 and args.dist_bn in ('broadcast', 'reduce'):
                 distribute_bn(model, world_size, args.dist_bn == 'reduce')
@@ -413,7 +441,11 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                 tu.atomic_save(ckpt, last_path)
                 if improved:
                     tu.atomic_save(ckpt, os.path.join(out_dir, 'model_best.pth.tar'))
-                update_summary(epoch, train_metrics, eval_metrics, summary_csv, lr=train_metrics['lr'])
+                tu.keep_checkpoint_history(last_path, epoch, args.checkpoint_hist, metric, decreasing)
+                # timm 1.0.15 (the oldest requirements.txt allows) writes no header unless asked: always say it
+                write_header = not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0
+                update_summary(epoch, train_metrics, eval_metrics, summary_csv, lr=train_metrics['lr'],
+                               write_header=write_header)
                 if writer is not None:
                     for k, v in train_metrics.items():
                         writer.add_scalar(f'train/{k}', v, epoch)

@@ -6,17 +6,24 @@ Checkpoint policy (what ``--resume`` relies on):
   when the eval metric improved, ``model_best.pth.tar``. Each file is written to a temporary file in the same
   directory, flushed and fsync'ed, then moved into place with :func:`os.replace`, so a reader (or a crash)
   sees either the previous complete file or the new complete file, never a partial one.
-* SIGTERM / SIGINT in the middle of an epoch stops training at the next step boundary *without* writing the
-  partial epoch; ``--resume last.pth.tar`` restarts that epoch from the state saved at the end of the previous
-  one (model, optimizer, scheduler, EMA, AMP scaler, epoch and the python / numpy / torch RNG states of every
-  rank), so at most the partial epoch is lost and the resumed run is the run that was interrupted.
-* Weights are checked to be finite before every write; a non-finite loss stops training before that.
+* SIGTERM / SIGINT in the middle of an epoch stops training at the next step boundary (distributed runs: at the
+  next log step, where the ranks agree on it) *without* writing the partial epoch; ``--resume last.pth.tar``
+  restarts that epoch from the state saved at the end of the previous one (model, optimizer, scheduler, EMA, AMP
+  scaler, epoch and the python / numpy / torch RNG states of every rank), so at most the partial epoch is lost
+  and the resumed run is the run that was interrupted.
+* Weights are checked to be finite before every write; a non-finite loss stops training at the next log step
+  (``--log-interval``; the loss is read from the device only there), before any checkpoint.
+* ``--checkpoint-hist N`` also keeps the N best epoch checkpoints (by ``--eval-metric``, as timm) as
+  ``checkpoint-<epoch>.pth.tar`` (hard links of ``last.pth.tar`` where the file system allows, else copies); the
+  others are deleted.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
+import shutil
 import signal
 import tempfile
 from typing import Any
@@ -161,6 +168,73 @@ def atomic_save(obj: Any, path: str) -> None:
         pass
 
 
+_HISTORY_INDEX = 'checkpoint-hist.json'
+
+
+def keep_checkpoint_history(last_path: str, epoch: int, keep: int, metric: float | None,
+                            decreasing: bool = False) -> list[str]:
+    """``--checkpoint-hist``: keep the ``keep`` best epoch checkpoints as ``checkpoint-<epoch>.pth.tar``, as timm's
+    CheckpointSaver does (ranked by the eval metric; ties keep the earlier epoch).
+
+    The new file is a hard link of ``last_path`` (no copy; :func:`atomic_save` later replaces ``last_path`` with a
+    new file, the link keeps this one), or an atomic copy where the file system has no hard links. The metrics of
+    the kept files are recorded in ``checkpoint-hist.json`` beside them (written atomically), so that a resumed run
+    goes on ranking them without reading the checkpoints.
+
+    Args:
+        last_path: The checkpoint just written (``last.pth.tar``).
+        epoch: Its epoch.
+        keep: How many ``checkpoint-<N>.pth.tar`` files to keep; 0 or less keeps none and deletes none.
+        metric: Its eval metric (``--eval-metric``); None ranks last.
+        decreasing: Lower is better (a loss).
+
+    Returns:
+        The kept history files, best first.
+    """
+    if keep <= 0:
+        return []
+    directory = os.path.dirname(os.path.abspath(last_path))
+    index_path = os.path.join(directory, _HISTORY_INDEX)
+    index: list[list] = []
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = [[name, m] for name, m in json.load(f) if os.path.exists(os.path.join(directory, name))]
+    name = f'checkpoint-{epoch}.pth.tar'
+    index = [entry for entry in index if entry[0] != name] + [[name, metric]]
+
+    def rank(entry):
+        m = entry[1]
+        return (m is None, 0.0 if m is None else (m if decreasing else -m))
+
+    ranked = sorted(index, key=rank)  # stable: among equal metrics the earlier entry stays ahead
+    kept, dropped = ranked[:keep], ranked[keep:]
+    if any(entry[0] == name for entry in kept):
+        target = os.path.join(directory, name)
+        tmp = os.path.join(directory, f'.{name}.{os.getpid()}.tmp')
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        try:
+            os.link(last_path, tmp)
+        except OSError:  # no hard links here (some network / FUSE file systems): copy
+            with open(last_path, 'rb') as src, open(tmp, 'wb') as dst:
+                shutil.copyfileobj(src, dst)
+                dst.flush()
+                os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    for old, _ in dropped:
+        path = os.path.join(directory, old)
+        if os.path.exists(path):
+            os.unlink(path)
+            _logger.info('Removed checkpoint %s (not among the %d best)', old, keep)
+    tmp_index = index_path + f'.{os.getpid()}.tmp'
+    with open(tmp_index, 'w') as f:
+        json.dump(kept, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_index, index_path)
+    return [os.path.join(directory, entry[0]) for entry in kept]
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """Strip DistributedDataParallel / torch.compile wrappers."""
     while True:
@@ -231,7 +305,7 @@ class GracefulStop:
     """Turn SIGTERM / SIGINT into a flag that the training loop polls at step boundaries.
 
     A second signal of the same kind restores the default behaviour (so a second Ctrl-C kills at once).
-    In distributed runs :meth:`should_stop` all-reduces the flag so every rank stops at the same step.
+    In distributed runs :meth:`check` all-reduces the flag so every rank stops at the same step.
     """
 
     def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):

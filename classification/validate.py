@@ -61,11 +61,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
 
     group = parser.add_argument_group('Run parameters')
-    group.add_argument('-b', '--batch-size', default=64, type=int, metavar='N', help='batch size (default: 64)')
+    group.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size (default: 256)')
     group.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data-loading processes')
     group.add_argument('--device', default='', type=str, help='"cuda" or "cpu" (default: cuda when available)')
-    group.add_argument('--amp', action='store_true', help='mixed precision (float16 on CUDA, bfloat16 on CPU)')
+    group.add_argument('--amp', action='store_true', help='mixed precision (see --amp-dtype)')
+    group.add_argument('--amp-dtype', default='', type=str, choices=['', 'float16', 'bfloat16'],
+                       help='dtype of --amp: "float16" or "bfloat16" (default: float16 on CUDA, bfloat16 on CPU)')
     group.add_argument('--channels-last', action='store_true', help='channels-last memory layout')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor', metavar='BACKEND',
+                       help='torch.compile the model with this backend (default when given without a value: '
+                            'inductor)')
+    group.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE',
+                       help='torch.compile mode, e.g. "max-autotune" (default: torch\'s)')
     group.add_argument('--results-file', default='', type=str, metavar='FILENAME',
                        help='write the summary to this .json or .csv file')
     group.add_argument('--per-image-csv', default='', type=str, metavar='FILENAME',
@@ -92,6 +99,9 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.torchcompile:
+        compile_kw = {'mode': args.torchcompile_mode} if args.torchcompile_mode else {}
+        model = torch.compile(model, backend=args.torchcompile, **compile_kw)
 
     dataset = cls_data.build_dataset(args.dataset, data_dir, args.split, is_training=False,
                                      class_map=args.class_map, skip_bad_images=args.skip_bad_images)
@@ -100,11 +110,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
         use_prefetcher=device.type == 'cuda', persistent_workers=False)
-    autocast = torch.autocast
-    amp_dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
+    amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
 
     def amp_autocast():
-        return autocast(device_type=device.type, dtype=amp_dtype, enabled=args.amp)
+        return torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=args.amp)
 
     start = time.time()
     res = engine.evaluate(model, loader, device=device, amp_autocast=amp_autocast, progress=not args.no_progress,
@@ -113,7 +122,8 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     summary = dict(model=args.model, checkpoint=args.checkpoint, split=os.path.join(data_dir or '', args.split),
                    top1=round(res['top1'], 3), top5=round(res['top5'], 3), loss=round(res['loss'], 5),
                    count=res['count'], img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
-                   interpolation=data_config['interpolation'], img_per_sec=round(res['count'] / max(elapsed, 1e-9), 1))
+                   interpolation=data_config['interpolation'], img_per_sec=round(res['count'] / max(elapsed, 1e-9), 1),
+                   amp=str(amp_dtype).replace('torch.', '') if args.amp else 'off')
 
     if args.per_image_csv:
         idx_to_class = {v: k for k, v in getattr(dataset.reader, 'class_to_idx', {}).items()}

@@ -5,15 +5,25 @@ Measures what ``train.py`` spends per step on the model (no data loading), same 
 optimizer for every model, models interleaved round by round so that a busy machine slows all of them alike::
 
     python classification/tools/train_throughput.py dsan_t convnext_atto resnet18 --img-size 224 -b 32
+
+``--loop`` times ``engine.train_one_epoch`` itself (its per-step bookkeeping, logging and host-device syncs
+included) on an in-memory list of batches; ``--engine`` compares several versions of ``engine.py`` that way,
+interleaved, e.g. the committed one against the working tree::
+
+    git show HEAD:classification/engine.py > /tmp/engine_head.py
+    python classification/tools/train_throughput.py dsan_t --loop --engine /tmp/engine_head.py classification/engine.py
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import statistics
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
+from functools import partial
 
 import torch
 
@@ -22,6 +32,7 @@ if _CLS not in sys.path:
     sys.path.insert(0, _CLS)
 
 import model_factory  # noqa: E402
+import train_utils  # noqa: E402
 
 
 def _step(model, opt, x, y, loss_fn) -> None:
@@ -30,9 +41,28 @@ def _step(model, opt, x, y, loss_fn) -> None:
     opt.step()
 
 
+def _sync(dev: torch.device) -> None:
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+
+
+def load_engine(path: str):
+    """Import an ``engine.py`` (any version with the ``train_one_epoch`` of this repository) from ``path``."""
+    name = 'engine_' + os.path.abspath(path).replace(os.sep, '_').replace('.', '_').replace('-', '_')
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, warmup: int = 2, steps: int = 5,
-            rounds: int = 3, device: str = 'cpu', model_kwargs: dict[str, dict] | None = None) -> list[dict]:
-    """Return one dict per model: ``model``, ``params_m``, ``img_per_sec`` (median over rounds), ``per_round``.
+            rounds: int = 3, device: str = 'cpu', model_kwargs: dict[str, dict] | None = None,
+            engines: Sequence[str] = (), amp: bool = False, log_interval: int = 50) -> list[dict]:
+    """Return one dict per model (and engine): ``model``, ``params_m``, ``img_per_sec`` (median over rounds),
+    ``per_round``.
+
+    A round's figure is ``batch_size * steps / elapsed`` (elapsed by ``time.perf_counter``, with a device sync at
+    both ends on CUDA).
 
     Args:
         models: Model names.
@@ -43,30 +73,59 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
         rounds: Rounds; each round times every model once, in turn.
         device: Device.
         model_kwargs: Extra ``create_model`` kwargs per model name.
+        engines: Paths of ``engine.py`` versions: time ``train_one_epoch`` of each (with every model) instead of
+            the bare step; the rows then also name the ``engine``.
+        amp: Autocast (float16 on CUDA, bfloat16 on CPU) in the engine runs.
+        log_interval: ``log_interval`` of the engine runs.
     """
     dev = torch.device(device)
+    loss_fn = torch.nn.functional.cross_entropy
+    engine_modules = [(path, load_engine(path)) for path in engines]
+    amp_autocast = (partial(torch.autocast, device_type=dev.type,
+                            dtype=torch.float16 if dev.type == 'cuda' else torch.bfloat16) if amp else nullcontext)
     state = {}
     for name in models:
         m = model_factory.create(name, num_classes=1000, **(model_kwargs or {}).get(name, {})).to(dev).train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
         x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
         y = torch.randint(0, 1000, (batch_size,), device=dev)
-        for _ in range(warmup):
-            _step(m, opt, x, y, torch.nn.functional.cross_entropy)
-        state[name] = (m, opt, x, y, [])
+        params_m = sum(p.numel() for p in m.parameters()) / 1e6
+        if not engine_modules:
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
+            for _ in range(warmup):
+                _step(m, opt, x, y, loss_fn)
+
+            def run(m=m, opt=opt, x=x, y=y):
+                for _ in range(steps):
+                    _step(m, opt, x, y, loss_fn)
+            state[(name, None)] = (run, params_m, [])
+            continue
+        for path, eng in engine_modules:
+            # one model copy per engine: every engine starts from the same weights and optimizer state
+            mm = model_factory.create(name, num_classes=1000, **(model_kwargs or {}).get(name, {})).to(dev).train()
+            mm.load_state_dict(m.state_dict())
+            opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05)
+            stop = train_utils.GracefulStop(signals=())
+
+            def run(n, mm=mm, opt=opt, eng=eng, stop=stop, x=x, y=y):
+                eng.train_one_epoch(0, mm, [(x, y)] * n, opt, loss_fn, device=dev, stop=stop, progress=False,
+                                    amp_autocast=amp_autocast, log_interval=log_interval)
+            if warmup:
+                run(warmup)
+            state[(name, path)] = (partial(run, steps), params_m, [])
     for _ in range(rounds):
-        for m, opt, x, y, times in state.values():
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
+        for run, _, times in state.values():
+            _sync(dev)
             t = time.perf_counter()
-            for _ in range(steps):
-                _step(m, opt, x, y, torch.nn.functional.cross_entropy)
-            if dev.type == 'cuda':
-                torch.cuda.synchronize()
+            run()
+            _sync(dev)
             times.append(batch_size * steps / (time.perf_counter() - t))
-    return [dict(model=name, params_m=sum(p.numel() for p in m.parameters()) / 1e6,
-                 img_per_sec=statistics.median(times), per_round=times)
-            for name, (m, _, _, _, times) in state.items()]
+    rows = []
+    for (name, path), (_, params_m, times) in state.items():
+        row = dict(model=name, params_m=params_m, img_per_sec=statistics.median(times), per_round=times)
+        if path is not None:
+            row['engine'] = path
+        rows.append(row)
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -80,16 +139,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch default)')
+    p.add_argument('--loop', action='store_true', help="time engine.train_one_epoch (this checkout's engine.py)")
+    p.add_argument('--engine', nargs='+', default=[], metavar='ENGINE_PY',
+                   help='time train_one_epoch of these engine.py files, interleaved (implies --loop)')
+    p.add_argument('--amp', action='store_true', help='autocast in the --loop runs')
+    p.add_argument('--log-interval', type=int, default=50, help='log_interval of the --loop runs (default: 50)')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = measure(args.models, args.img_size, args.batch_size, args.warmup, args.steps, args.rounds, args.device)
-    print(f'Training throughput, {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
-          f'{args.img_size}x{args.img_size}, AdamW (median of {args.rounds} rounds of {args.steps} steps)')
-    print('| model | params (M) | train img/s | per round |')
-    print('|---|---|---|---|')
+    engines = args.engine or ([os.path.join(_CLS, 'engine.py')] if args.loop else [])
+    rows = measure(args.models, args.img_size, args.batch_size, args.warmup, args.steps, args.rounds, args.device,
+                   engines=engines, amp=args.amp, log_interval=args.log_interval)
+    what = 'engine.train_one_epoch' if engines else 'bare step'
+    print(f'Training throughput ({what}), {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
+          f'{args.img_size}x{args.img_size}, AdamW, amp {args.amp} '
+          f'(median of {args.rounds} rounds of {args.steps} steps)')
+    print('| model | engine | params (M) | train img/s | per round |')
+    print('|---|---|---|---|---|')
     for r in rows:
-        print(f"| {r['model']} | {r['params_m']:.2f} | {r['img_per_sec']:.1f} | "
+        print(f"| {r['model']} | {r.get('engine', '-')} | {r['params_m']:.2f} | {r['img_per_sec']:.1f} | "
               f"{' / '.join(f'{v:.1f}' for v in r['per_round'])} |")
     return rows
 
