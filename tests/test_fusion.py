@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 from conftest import BACKEND
 
+import ops_dscn
 from dsan.models import DSAN, Block, OverlapPatchEmbed
 
 SMALL = dict(depths=(1, 1, 1, 1))
@@ -171,3 +172,72 @@ def test_fused_model_exports():
         ref = model(x)
         torch.testing.assert_close(ep.module()(x), fused(x), rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(ep.module()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fused MLP kernel (ops_dscn.conv_mlp) in the model: where it runs and that it computes the same thing.
+
+requires_mlp_kernel = pytest.mark.skipif(not ops_dscn.conv_mlp_available(torch.empty(0)),
+                                         reason='ops_dscn built without the conv_mlp kernel')
+
+
+class CountMlpKernel(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts calls of ops_dscn::conv_mlp under this mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += func is torch.ops.ops_dscn.conv_mlp.default
+        return func(*args, **(kwargs or {}))
+
+
+def kernel_calls(model: nn.Module, x: torch.Tensor, grad: bool = False) -> int:
+    with torch.set_grad_enabled(grad), CountMlpKernel() as counter:
+        model(x)
+    return counter.calls
+
+
+@requires_mlp_kernel
+def test_mlp_kernel_runs_only_in_cpu_float32_inference():
+    model = make_model(**SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    assert kernel_calls(model, x) == 4  # one MLP per block
+    assert kernel_calls(model, x, grad=True) == 0  # parameters need gradients: the layers run one by one
+    assert kernel_calls(model.double(), x.double()) == 0  # float64 keeps the reference arithmetic
+    assert kernel_calls(make_model(fused_mlp=False, **SMALL), x) == 0
+    dropout = make_model(drop_rate=0.1, **SMALL).train()
+    assert kernel_calls(dropout, x) == 0  # active dropout
+    frozen = make_model(**SMALL).train().requires_grad_(False)
+    assert kernel_calls(frozen, x, grad=True) == 4  # nothing needs a gradient, no dropout: the kernel serves
+
+
+@requires_mlp_kernel
+@pytest.mark.parametrize('fuse', [False, True], ids=['bn', 'reparameterized'])
+def test_mlp_kernel_matches_the_layers_one_by_one(fuse):
+    """Logits and stage outputs of the kernel path against the layer-by-layer path (fused_mlp=False), same weights;
+    with `reparameterize` the block's residual add goes through the kernel too."""
+    model, layers = make_model(), make_model(fused_mlp=False)
+    layers.load_state_dict(model.state_dict())
+    if fuse:
+        model.reparameterize()
+        layers.reparameterize()
+    x = torch.randn(2, 3, 64, 64)
+    assert kernel_calls(model, x) == sum(model.depths)
+    got, ref = outputs(model, x), outputs(layers, x)
+    torch.testing.assert_close(got['logits'], ref['logits'], rtol=1e-5, atol=1e-5)
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-4, msg=lambda m, k=k: f'{k}: {m}')
+
+
+@requires_mlp_kernel
+def test_inference_export_keeps_the_mlp_kernel():
+    """Exported under no_grad (an inference graph), the MLP kernel is in the graph and the program runs."""
+    fused = timm.utils.reparameterize_model(make_model(**SMALL))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ep = torch.export.export(fused, (x,))
+        targets = [n.target for n in ep.graph.nodes if n.op == 'call_function']
+        assert targets.count(torch.ops.ops_dscn.conv_mlp.default) == 4
+        torch.testing.assert_close(ep.module()(x), fused(x), rtol=1e-6, atol=1e-6)

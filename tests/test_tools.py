@@ -1,4 +1,5 @@
 """Classification tools: the paper's params/FLOPs figures, the paper table, speed and memory scripts."""
+import json
 import re
 import statistics
 import subprocess
@@ -150,9 +151,109 @@ def test_get_inf_speed_runs_and_reports():
                         backend=BACKEND, channels_last=True, micro_batch=1, flops=True)
     assert [r['model'] for r in results] == ['dsan_t', 'resnet18']
     assert [r['timed'] for r in results] == [2, 2]  # iters=2 and no --min-time: exactly 2 timed calls each
+    assert [r['memory_format'] for r in results] == ['channels_last'] * 2  # --channels-last sets eager's format
     assert abs(results[0]['gflops'] - get_flops.measure('dsan_t', (64, 64))['macs'] / 1e9) < 1e-9
     model = timm.create_model('resnet18')
     assert results[1]['params'] == state_dict_params(model)
+
+
+# tiny settings of the tool's tests: a few forward calls of 2 images at 64x64
+_TINY = ['--img-size', '64', '-b', '2', '--iters', '1', '--warmup', '1']
+
+
+def test_get_inf_speed_every_eager_mode_gives_a_row_per_model():
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    modes = ('eager', 'channels_last', 'fused')
+    results = speed.run(['dsan_t', 'resnet10t'], batch_size=2, img_size=64, modes=modes, warmup=1, iters=1,
+                        backend=BACKEND)
+    assert [(r['model'], r['mode']) for r in results] == [(n, m) for n in ('dsan_t', 'resnet10t') for m in modes]
+    assert [r['memory_format'] for r in results[:3]] == ['contiguous_format', 'channels_last', 'channels_last']
+    assert all(r['img_per_s'] > 0 and r['batch_size'] == 2 and r['img_size'] == 64 for r in results)
+    table = speed.format_results(results)
+    assert all(m in table.splitlines()[0] for m in modes)
+    assert re.search(r'^resnet10t +channels_last/eager [\d.]+x +fused/eager [\d.]+x$', table, re.M)
+
+
+def _has_bn(model) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _all_channels_last(model) -> bool:
+    return all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.dim() == 4)
+
+
+def test_get_inf_speed_prepare_fuses_a_copy_in_channels_last():
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    model = timm.create_model('dsan_t', backend=BACKEND).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        ref = model(x)
+        fused = speed.prepare(model, 'fused')
+        assert fused.module is not model and fused.runner is fused.module
+        assert not _has_bn(fused.module) and _has_bn(model)  # timm's hooks reached DSAN's; the model is untouched
+        assert fused.input(x).is_contiguous(memory_format=torch.channels_last) and _all_channels_last(fused.module)
+        torch.testing.assert_close(fused(x), ref, rtol=1e-4, atol=1e-4)
+        cl = speed.prepare(model, 'channels_last')
+        assert _has_bn(cl.module) and _all_channels_last(cl.module)
+        assert cl.input(x).is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(cl(x), ref, rtol=1e-4, atol=1e-4)
+        eager = speed.prepare(model, 'eager')
+        assert eager.memory_format == torch.contiguous_format and eager.input(x).is_contiguous()
+        assert not _all_channels_last(eager.module)
+        assert speed.prepare(model, 'eager', channels_last=True).memory_format == torch.channels_last
+    assert not _all_channels_last(model)
+    with pytest.raises(ValueError, match='bogus'):
+        speed.prepare(model, 'bogus')
+
+
+@pytest.mark.slow
+def test_get_inf_speed_prepare_fused_compile_matches_eager():
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    model = timm.create_model('resnet10t').eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        prepared = speed.prepare(model, 'fused_compile')
+        assert prepared.runner is not prepared.module and _all_channels_last(prepared.module)
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_get_inf_speed_profile():
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    assert speed.profile_mode(('compile', 'fused', 'eager')) == 'fused'
+    assert speed.profile_mode(('fused_compile', 'compile')) == 'fused'
+    assert speed.profile_mode(('compile',)) == 'channels_last'
+    results = speed.run(['resnet10t'], batch_size=2, img_size=64, modes=('channels_last',), warmup=1, iters=1,
+                        profile_rows=3)
+    assert results[0]['profile']['mode'] == 'channels_last'
+    assert 'aten::' in results[0]['profile']['table'] and 'Self CPU time total' in results[0]['profile']['table']
+
+
+def test_get_inf_speed_cli_writes_json(tmp_path, capsys):
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    out = tmp_path / 'speed.json'
+    speed.main(['resnet10t', 'test_vit', '--modes', 'eager', 'fused', '--out', str(out), *_TINY])
+    rows = json.loads(out.read_text())
+    assert [(r['model'], r['mode']) for r in rows] == [(n, m) for n in ('resnet10t', 'test_vit')
+                                                       for m in ('eager', 'fused')]
+    assert rows[0]['gflops'] is None and rows[0]['img_per_s'] > 0  # NaN (no --flops) is null: strict JSON
+    assert [p.name for p in tmp_path.iterdir()] == ['speed.json']  # no temporary file left behind
+    text = capsys.readouterr().out
+    assert 'resnet10t/x' in text and 'fused/eager' in text
+
+
+def test_get_inf_speed_arguments(capsys):
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    args = speed.parse_args([])
+    assert args.models == ['dsan_t', 'efficientformer_l1', 'resnet18'] and args.modes == ['eager']
+    assert speed.parse_args(['--all-modes']).modes == list(speed.MODES)
+    for argv, words in ((['dsan_t', 'no_such_model_x'], ['argument models', "'no_such_model_x'"]),
+                        (['--modes', 'eager', 'jit'], ['argument --modes', "'jit'"]),
+                        (['--modes', 'eager', '--all-modes'], ['--all-modes'])):
+        with pytest.raises(SystemExit) as e:
+            speed.parse_args(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert all(w in err for w in words), err
 
 
 class _FakeClock:
@@ -183,10 +284,18 @@ def test_get_inf_speed_arithmetic_on_a_fake_clock(monkeypatch):
     assert r['timed'] == 3
     assert r['sec_per_batch'] == 0.25 and r['img_per_s'] == 4 / 0.25  # median 0.25 s per batch of 4
     assert r['img_per_cpu_s'] == 4 / 1.0  # median CPU time 1.0 s
-    table = speed.format_results([dict(r, model='a', mode='eager', params=10, gflops=1.0),
-                                  dict(r, model='b', mode='eager', params=20, gflops=2.0, img_per_s=4.0)])
-    row_b = table.splitlines()[2].split()
-    assert row_b[0] == 'b' and float(row_b[3]) == 4.0 and float(row_b[4]) == 16.0 / 4.0  # a's img/s over b's
+    rows = [dict(r, model='a', mode='eager', params=10, gflops=1.0),  # 16 img/s
+            dict(r, model='b', mode='eager', params=20, gflops=2.0, img_per_s=4.0),
+            dict(r, model='a', mode='compile', params=10, gflops=1.0, img_per_s=40.0),
+            dict(r, model='b', mode='compile', params=20, gflops=2.0, img_per_s=5.0)]
+    lines = speed.format_results(rows).splitlines()
+    assert lines[0].split() == ['eager', 'compile'] and lines[1].split().count('a/x') == 2
+    row_b = lines[3].split()
+    # per mode: img/s, a's img/s over b's (> 1: a is faster), img/cpu-s
+    assert row_b[:3] == ['b', '20', '2.000'] and [float(v) for v in row_b[3:]] == [4.0, 16 / 4, 4.0, 5.0, 40 / 5, 4.0]
+    assert [float(v) for v in lines[2].split()[3:]] == [16.0, 1.0, 4.0, 40.0, 1.0, 4.0]
+    # each model's speed-up over its first mode
+    assert lines[-2:] == [f'{"a":<20} compile/eager 2.50x', f'{"b":<20} compile/eager 1.25x']
 
 
 def test_train_throughput_arithmetic_on_a_fake_clock(monkeypatch):

@@ -1,26 +1,37 @@
-"""Inference throughput (images/s) of DSAN and timm models, eager and/or torch.compile'd, on CPU or GPU.
+"""Inference throughput (images/s) of DSAN and its FLOP peers, in several modes, on CPU or GPU.
 
-Every model runs in the same process with the same threads, input and settings; each is warmed up first
-(compilation included) and timed over repeated batches with device synchronisation, reporting the median.
+Every model runs in the same process with the same threads, input and settings, in every requested mode
+(see `MODES`); each is warmed up first (compilation included) and timed over repeated batches with device
+synchronisation, reporting the median. The table gives img/s per mode, the first model's img/s over each
+model's (> 1: the first model is faster) and images per CPU-second; with several modes, each model's speed-up
+of every mode over its first mode follows. `--profile N` adds a torch.profiler table per model.
 
 Examples:
+    python classification/tools/get_inf_speed.py --all-modes --threads 2 -b 32   # dsan_t vs its FLOP peers
     python classification/tools/get_inf_speed.py dsan_t convnext_atto resnet18 efficientformer_l1 fastvit_t8 \\
-        --batch-size 32 --modes eager compile
-    python classification/tools/get_inf_speed.py dsan_s --device cuda --amp --channels-last
+        --batch-size 32 --modes eager compile --out speed.json
+    python classification/tools/get_inf_speed.py dsan_s --device cuda --amp --modes channels_last --profile 15
     python classification/tools/get_inf_speed.py dsan_t --checkpoint dsan_t.pth.tar   # groups from the file
 """
 import argparse
 import contextlib
+import copy
+import dataclasses
+import json
 import logging
+import math
 import os
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
+from timm.utils import reparameterize_model
 
 try:
     import dsan.models  # noqa: F401  (registers the DSAN models with timm)
@@ -29,6 +40,15 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import dsan.models  # noqa: F401
 
 _logger = logging.getLogger('get_inf_speed')
+
+# DSAN-T and its FLOP peers (the project issue): the models when none are named.
+DEFAULT_MODELS = ('dsan_t', 'efficientformer_l1', 'resnet18')
+# eager: the model as built (NCHW, or channels_last with --channels-last); channels_last: model and input in
+# torch.channels_last; fused: channels_last after timm.utils.reparameterize_model (inference fusion, a no-op for
+# models without reparameterize/fuse hooks); compile / fused_compile: channels_last / fused, then torch.compile.
+MODES = ('eager', 'channels_last', 'fused', 'compile', 'fused_compile')
+# The mode profiled (--profile) when only compiled modes are run: the same model, not compiled.
+_UNCOMPILED = {'compile': 'channels_last', 'fused_compile': 'fused'}
 
 # glibc malloc settings for --tune-malloc: large activations are reused from the heap instead of being
 # mmap'd and page-faulted in on every call (a poor man's jemalloc/tcmalloc; applies to every model alike).
@@ -55,9 +75,62 @@ def create(name: str, checkpoint: str | None = None, backend: str | None = None)
     return timm.create_model(name, **kwargs)
 
 
+@dataclasses.dataclass
+class Prepared:
+    """A model made ready for one mode.
+
+    Attributes:
+        mode: One of `MODES`.
+        module: The eager module run in this mode (a deep copy of the given one; fused for the fused modes), in
+            `memory_format`.
+        runner: What is timed: `module`, or `torch.compile(module)` for the compiled modes.
+        memory_format: The memory format of the module's weights and of the input it is given.
+    """
+
+    mode: str
+    module: nn.Module
+    runner: Callable[[torch.Tensor], torch.Tensor]
+    memory_format: torch.memory_format
+
+    def input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in this mode's memory format (done once, outside the timed calls)."""
+        return x.contiguous(memory_format=self.memory_format)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.runner(self.input(x))
+
+
+def prepare(model: nn.Module, mode: str, channels_last: bool = False) -> Prepared:
+    """Make an eval-mode `model` ready for `mode`, on a deep copy (`model` itself is left as it is).
+
+    Args:
+        model: The model, in eval mode and on its device.
+        mode: One of `MODES`.
+        channels_last: Memory format of the 'eager' mode (the other modes are always channels_last).
+
+    Returns:
+        The `Prepared` model. The compiled modes compile lazily, on the first call; inductor's settings (e.g.
+        `freezing`) are read then.
+
+    Raises:
+        ValueError: `mode` is not one of `MODES`.
+    """
+    if mode not in MODES:
+        raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+    fmt = torch.channels_last if channels_last or mode != 'eager' else torch.contiguous_format
+    # reparameterize_model works on a deep copy and treats every model alike (timm's inference fusion hooks).
+    module = reparameterize_model(model) if mode.startswith('fused') else copy.deepcopy(model)
+    module = module.to(memory_format=fmt)
+    runner = module
+    if mode.endswith('compile'):
+        torch._dynamo.reset()
+        runner = torch.compile(module)
+    return Prepared(mode, module, runner, fmt)
+
+
 @torch.inference_mode()
 def measure(
-        model: nn.Module,
+        model: Callable[[torch.Tensor], torch.Tensor],
         x: torch.Tensor,
         warmup: int = 3,
         iters: int = 10,
@@ -101,11 +174,46 @@ def measure(
                 img_per_cpu_s=x.shape[0] / cpu_median if cpu_median > 0 else float('nan'))
 
 
+@torch.inference_mode()
+def profile(
+        model: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        row_limit: int = 20,
+        calls: int = 2,
+        amp_dtype: torch.dtype | None = None,
+) -> str:
+    """torch.profiler's op table of `calls` forward calls of `model(x)` (after one untimed call).
+
+    Returns:
+        `key_averages().table(...)` with `row_limit` rows, sorted by self CPU time, or by self device time on CUDA.
+    """
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = x.device.type == 'cuda'
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+    with amp:
+        model(x)
+        _sync(x.device)
+        with torch_profile(activities=activities) as prof:
+            for _ in range(calls):
+                model(x)
+            _sync(x.device)
+    sort_by = 'self_device_time_total' if cuda else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+
+
+def profile_mode(modes: tuple[str, ...]) -> str:
+    """The mode `--profile` profiles: the first of `modes` not compiled, else the first one, not compiled."""
+    return next((m for m in modes if m not in _UNCOMPILED), _UNCOMPILED.get(modes[0], modes[0]))
+
+
 def _gflops(model: nn.Module, img_size: int) -> float:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from get_flops import count_macs
 
-    return count_macs(model.cpu(), (img_size, img_size))[0] / 1e9
+    return count_macs(model, (img_size, img_size))[0] / 1e9
 
 
 def run(
@@ -124,13 +232,25 @@ def run(
         micro_batch: int = 0,
         flops: bool = False,
         freezing: bool = True,
+        profile_rows: int = 0,
 ) -> list[dict]:
     """Benchmark every model in every mode with identical settings; one result dict per (model, mode).
 
-    With `flops`, each model's torchprofile GMACs at `img_size` (the paper's "GFLOPs", DSCN op counted 0)
-    are added, to find the peer with the closest FLOPs. `freezing` turns on inductor's inference freezing
-    for 'compile' (weights as constants: prepacked oneDNN weights, conv + BN / activation fusion), the
-    recommended torch.compile setting for CPU inference.
+    Args:
+        models: timm model names, timed in this order (the first one is the reference of `format_results`).
+        modes: Modes of `MODES`, timed in this order for each model.
+        channels_last: Memory format of the 'eager' mode.
+        flops: Add each model's torchprofile GMACs at `img_size` (the paper's "GFLOPs", DSCN op counted 0), to
+            find the peer with the closest FLOPs.
+        freezing: Inductor's inference freezing for the compiled modes (weights as constants: prepacked oneDNN
+            weights, conv + BN / activation fusion), the recommended torch.compile setting for CPU inference.
+        profile_rows: If > 0, each model's first result also gets 'profile': {'mode', 'table'}, the `profile` table
+            (this many rows) of the first requested mode that is not compiled (for compiled-only runs: the same
+            model, not compiled).
+
+    Returns:
+        The results: timing (`measure`), model, mode, params, gflops (NaN without `flops`), memory_format,
+        warmup_s (seconds of the whole measurement, compilation included) and the run's settings.
     """
     import torch._inductor.config as inductor_config
 
@@ -138,66 +258,122 @@ def run(
     amp_dtype = (torch.float16 if dev.type == 'cuda' else torch.bfloat16) if amp else None
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, img_size, img_size, generator=g).to(dev)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    settings = dict(device=device, batch_size=batch_size, img_size=img_size, amp=amp, micro_batch=micro_batch,
+                    threads=torch.get_num_threads(), freezing=freezing)
     results = []
-    for name in models:
-        model = create(name, checkpoint if name.startswith('dsan') else None, backend).eval().to(dev)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        params = sum(p.numel() for p in model.parameters())
-        gflops = _gflops(model, img_size) if flops else float('nan')
-        for mode in modes:
-            if mode == 'compile':
-                torch._dynamo.reset()
-                inductor_config.freezing = freezing
-                runner = torch.compile(model)
-            elif mode == 'eager':
-                runner = model
-            else:
-                raise ValueError(f"mode must be 'eager' or 'compile', got {mode!r}")
-            t0 = time.perf_counter()
-            r = measure(runner, x, warmup=warmup, iters=iters, min_time=min_time, amp_dtype=amp_dtype,
-                        micro_batch=micro_batch)
-            r.update(model=name, mode=mode, params=params, gflops=gflops, warmup_s=time.perf_counter() - t0)
-            _logger.info('%-20s %-8s %8.1f img/s', name, mode, r['img_per_s'])
-            results.append(r)
-        del model
-    inductor_config.freezing = False
+    with inductor_config.patch(freezing=freezing):
+        for name in models:
+            model = create(name, checkpoint if name.startswith('dsan') else None, backend).eval()
+            params = sum(p.numel() for p in model.parameters())
+            gflops = _gflops(model, img_size) if flops else float('nan')
+            model = model.to(dev)
+            first = len(results)
+            for mode in modes:
+                prepared = prepare(model, mode, channels_last)
+                t0 = time.perf_counter()
+                r = measure(prepared.runner, prepared.input(x), warmup=warmup, iters=iters, min_time=min_time,
+                            amp_dtype=amp_dtype, micro_batch=micro_batch)
+                r.update(model=name, mode=mode, params=params, gflops=gflops,
+                         memory_format=str(prepared.memory_format).removeprefix('torch.'),
+                         warmup_s=time.perf_counter() - t0, **settings)
+                _logger.info('%-20s %-14s %8.1f img/s', name, mode, r['img_per_s'])
+                results.append(r)
+                del prepared
+            if profile_rows > 0:
+                mode = profile_mode(modes)
+                prepared = prepare(model, mode, channels_last)
+                table = profile(prepared.runner, prepared.input(x), profile_rows, amp_dtype=amp_dtype)
+                results[first]['profile'] = dict(mode=mode, table=table)
+                del prepared
+            del model
     return results
 
 
 def format_results(results: list[dict], reference: str | None = None) -> str:
-    """A table of img/s per model and mode, the ratio of `reference` (default: first model) to each, and
-    images per CPU-second (all threads of the process; less sensitive to other load on the machine)."""
+    """The speed table of `run`'s results, and with several modes each model's speed-up over its first mode.
+
+    Per mode: img/s; `<reference>/x`, the reference's img/s over the model's (> 1: the reference, by default the
+    first model, is faster than that model); img/cpu-s, images per CPU-second (all threads of the process; less
+    sensitive to other load on the machine). The speed-up lines give, per model, each mode's img/s over the
+    model's first mode's (e.g. `compile/eager 1.35x`).
+    """
     modes = list(dict.fromkeys(r['mode'] for r in results))
     by = {(r['model'], r['mode']): r for r in results}
     names = list(dict.fromkeys(r['model'] for r in results))
     reference = reference or names[0]
+    ratio_label = reference + '/x'
+    rw = max(len(ratio_label), 6)
+    group = 10 + 1 + rw + 1 + 10
+    lead = f'{"":<20} {"":>11} {"":>7}'
+    top = lead + ''.join(f'   {m:^{group}}' for m in modes)
     head = f'{"model":<20} {"params":>11} {"GFLOPs":>7}'
-    head += ''.join(f' {m + " img/s":>14} {reference + "/x":>10} {"img/cpu-s":>10}' for m in modes)
-    lines = [head]
+    head += ''.join(f'   {"img/s":>10} {ratio_label:>{rw}} {"img/cpu-s":>10}' for _ in modes)
+    lines = [top.rstrip(), head]
     for n in names:
-        first = by[(n, modes[0])]
-        line = f'{n:<20} {first["params"]:>11,} {first.get("gflops", float("nan")):>7.3f}'
+        first = next(r for m in modes if (r := by.get((n, m))))
+        gflops = first.get('gflops')
+        line = f'{n:<20} {first["params"]:>11,} {math.nan if gflops is None else gflops:>7.3f}'
         for m in modes:
             r, ref = by.get((n, m)), by.get((reference, m))
-            ratio = ref['img_per_s'] / r['img_per_s'] if r and ref else float('nan')
-            line += (f' {r["img_per_s"]:>14.1f} {ratio:>10.2f} {r["img_per_cpu_s"]:>10.1f}' if r
-                     else f' {"-":>14} {"-":>10} {"-":>10}')
+            ratio = ref['img_per_s'] / r['img_per_s'] if r and ref else math.nan
+            line += (f'   {r["img_per_s"]:>10.1f} {ratio:>{rw}.2f} {r["img_per_cpu_s"]:>10.1f}' if r
+                     else f'   {"-":>10} {"-":>{rw}} {"-":>10}')
         lines.append(line)
+    if len(modes) > 1:
+        lines += ['', f'speed-up of each mode over the model\'s first mode ({modes[0]}), img/s over img/s:']
+        for n in names:
+            base = by.get((n, modes[0]))
+            ups = []
+            for m in modes[1:]:
+                r = by.get((n, m))
+                up = r['img_per_s'] / base['img_per_s'] if r and base else math.nan
+                ups.append(f'{m}/{modes[0]} {up:.2f}x')
+            lines.append(f'{n:<20} ' + '  '.join(ups))
     return '\n'.join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def write_json(results: list[dict], path: str | os.PathLike) -> None:
+    """Write `results` to `path` as JSON, atomically (a temporary file in the same folder, then `os.replace`).
+
+    NaN (e.g. GFLOPs not counted) is written as null, so the file is strict JSON.
+    """
+    def clean(v):
+        if isinstance(v, float) and math.isnan(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(w) for k, w in v.items()}
+        return v
+
+    path = Path(path)
+    text = json.dumps([clean(r) for r in results], indent=2, allow_nan=False)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'w') as f:
+            f.write(text + '\n')
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('models', nargs='*', default=['dsan_t'], help='timm model names')
+    parser.add_argument('models', nargs='*', default=list(DEFAULT_MODELS),
+                        help=f'timm model names; the first is the reference of the ratio column '
+                             f'(default: {" ".join(DEFAULT_MODELS)})')
     parser.add_argument('-b', '--batch-size', type=int, default=32)
     parser.add_argument('--img-size', type=int, default=224)
-    parser.add_argument('--modes', nargs='+', default=['eager'], choices=['eager', 'compile'])
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument('--modes', nargs='+', default=['eager'], choices=MODES,
+                       help='modes, timed in this order in one process (default: eager)')
+    modes.add_argument('--all-modes', action='store_true', help=f'every mode: {" ".join(MODES)}')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
-    parser.add_argument('--channels-last', action='store_true', help='convert models and input to channels_last')
+    parser.add_argument('--channels-last', action='store_true',
+                        help='run the eager mode in channels_last too (the other modes always are)')
     parser.add_argument('--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
     parser.add_argument('--warmup', type=int, default=3, help='untimed calls (after compilation)')
     parser.add_argument('--iters', type=int, default=10, help='minimum timed calls')
@@ -209,9 +385,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--flops', action='store_true', help='also count torchprofile GFLOPs of every model')
     parser.add_argument('--no-freezing', dest='freezing', action='store_false',
                         help="compile without inductor's inference freezing")
+    parser.add_argument('--profile', type=int, default=0, metavar='N',
+                        help='after timing, print a torch.profiler table (N rows) of 2 forward calls per model, '
+                             'in the first requested mode that is not compiled')
+    parser.add_argument('--out', default=None, metavar='FILE.json', help='also write the results as JSON')
     parser.add_argument('--tune-malloc', action='store_true',
                         help='re-run with glibc malloc settings that keep large activations on the heap (Linux)')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments: an unknown model name or bad number is a usage error (exit status 2)."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.all_modes:
+        args.modes = list(MODES)
+    for name in args.models:
+        if not timm.is_model(name):
+            parser.error(f'argument models: unknown timm model {name!r}')
+    for flag in ('batch_size', 'img_size', 'iters'):
+        if getattr(args, flag) < 1:
+            parser.error(f'argument --{flag.replace("_", "-")}: must be >= 1, got {getattr(args, flag)}')
+    for flag in ('warmup', 'micro_batch', 'profile'):
+        if getattr(args, flag) < 0:
+            parser.error(f'argument --{flag.replace("_", "-")}: must be >= 0, got {getattr(args, flag)}')
+    return args
 
 
 def main(argv=None) -> list[dict]:
@@ -225,13 +423,19 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     results = run(args.models, args.batch_size, args.img_size, tuple(args.modes), args.device, args.channels_last,
                   args.amp, args.warmup, args.iters, args.min_time, args.checkpoint, args.backend,
-                  args.micro_batch, args.flops, args.freezing)
+                  args.micro_batch, args.flops, args.freezing, args.profile)
     print(f'device {args.device}, threads {torch.get_num_threads()}, batch {args.batch_size}, '
-          f'{args.img_size}x{args.img_size}, channels_last {args.channels_last}, amp {args.amp}, '
+          f'{args.img_size}x{args.img_size}, eager channels_last {args.channels_last}, amp {args.amp}, '
           f'micro-batch {args.micro_batch or "off"}, malloc tuned {tuned}, compile freezing {args.freezing}, '
           f'torch {torch.__version__}, '
           f'timm {timm.__version__}; median of >= {args.iters} timed batches')
     print(format_results(results))
+    for r in results:
+        if 'profile' in r:
+            print(f'\nprofile: {r["model"]} ({r["profile"]["mode"]}, 2 forward calls)\n{r["profile"]["table"]}')
+    if args.out:
+        write_json(results, args.out)
+        _logger.info('results written to %s', args.out)
     return results
 
 

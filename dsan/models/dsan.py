@@ -211,7 +211,12 @@ class DWConv(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Convolutional MLP: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv."""
+    """Convolutional MLP: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv.
+
+    In CPU float32 inference (no gradient needed, exact GELU, no active dropout) the four layers run as one fused
+    operator, `ops_dscn.conv_mlp`, which keeps the wide hidden tensor in cache; it computes the same function to
+    float rounding. ``fused_kernel=False`` (``fused_mlp=False`` on the model) always runs the layers one by one.
+    """
 
     def __init__(
             self,
@@ -220,6 +225,7 @@ class Mlp(nn.Module):
             out_features: int | None = None,
             act_layer: type[nn.Module] = nn.GELU,
             drop: float = 0.,
+            fused_kernel: bool = True,
     ):
         """
         Args:
@@ -228,6 +234,7 @@ class Mlp(nn.Module):
             out_features: Output channels (defaults to `in_features`).
             act_layer: Activation layer.
             drop: Dropout rate after the activation and after `fc2`.
+            fused_kernel: Run `ops_dscn.conv_mlp` where it applies (see the class docstring).
         """
         super().__init__()
         out_features = out_features or in_features
@@ -237,12 +244,29 @@ class Mlp(nn.Module):
         self.act = act_layer()
         self.fc2 = nn.Conv2d(hidden_features, out_features, 1)
         self.drop = nn.Dropout(drop)
+        self.fused_kernel = fused_kernel
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C_out, H, W)."""
+    def _use_fused_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        # float64 keeps the layer-by-layer path, so double-precision results stay those of the reference model.
+        if not self.fused_kernel or x.dtype != torch.float32 or not ops_dscn.conv_mlp_available(x):
+            return False
+        if type(self.act) is not nn.GELU or self.act.approximate != 'none' or (self.training and self.drop.p > 0):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
+                                        or (residual is not None and residual.requires_grad)):
+            return False  # the fused kernel has no backward
+        return True
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C_out, H, W), plus `residual` (N, C_out, H, W) when given."""
+        if self._use_fused_kernel(x, residual):
+            dw = self.dwconv.dwconv
+            return ops_dscn.conv_mlp(x, self.fc1.weight, self.fc1.bias, dw.weight, dw.bias, self.fc2.weight,
+                                     self.fc2.bias, residual, backend='cpp')
         x = self.act(self.dwconv(self.fc1(x)))
         x = self.drop(x)
-        return self.drop(self.fc2(x))
+        x = self.drop(self.fc2(x))
+        return x if residual is None else x + residual
 
 
 class DSCNPair(nn.Module):
@@ -325,6 +349,7 @@ class Block(nn.Module):
             act_layer: type[nn.Module] = nn.GELU,
             backend: str = 'auto',
             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+            fused_mlp: bool = True,
     ):
         """
         Args:
@@ -339,13 +364,14 @@ class Block(nn.Module):
             act_layer: MLP activation layer.
             backend: DSCN operator backend.
             norm_layer: Builds `norm1` / `norm2` from the channel count (BatchNorm2d; SyncBN in mm runs).
+            fused_mlp: Let the MLP run as the fused CPU inference kernel where it applies (see `Mlp`).
         """
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = DSA(dim, kernel_size, dw_kernel_size, group, backend=backend)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop, fused_kernel=fused_mlp)
         self.layer_scale_1 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.fused = False  # set by `reparameterize`
@@ -354,6 +380,8 @@ class Block(nn.Module):
         """(N, C, H, W) -> (N, C, H, W)."""
         if self.fused:  # norm1 and layer_scale_1 live in attn, norm2 and layer_scale_2 in mlp
             x = x + self.drop_path(self.attn(x))
+            if isinstance(self.drop_path, nn.Identity) or not self.training:
+                return self.mlp(x, residual=x)  # the residual add joins the fused MLP kernel's output pass
             return x + self.drop_path(self.mlp(x))
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
@@ -462,6 +490,7 @@ class DSAN(nn.Module):
             core_op: str | None = None,
             channels_last: bool = True,
             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
+            fused_mlp: bool = True,
     ):
         """
         Args:
@@ -487,6 +516,9 @@ class DSAN(nn.Module):
             channels_last: Convert the input to channels_last memory so every activation stays NHWC in memory.
             norm_layer: Builds every BatchNorm (patch embeddings, `norm1`/`norm2` of the blocks) from the
                 channel count; the mm adapter passes SyncBN or BN built from its `norm_cfg`.
+            fused_mlp: In CPU float32 inference (no gradient needed), run each MLP as one fused operator
+                (`ops_dscn.conv_mlp`: the hidden tensor stays in cache; same results to float rounding). False
+                runs its layers one by one everywhere.
         """
         super().__init__()
         num_stages = len(depths)
@@ -528,6 +560,7 @@ class DSAN(nn.Module):
                     embed_dims[i], kernel_sizes[i], dw_kernel_sizes[i], groups[i],
                     mlp_ratio=mlp_ratios[i], drop=drop_rate, drop_path=dpr[cur + j],
                     layer_scale_init_value=layer_scale_init_value, backend=backend, norm_layer=norm_layer,
+                    fused_mlp=fused_mlp,
                 )
                 for j in range(depths[i])])
             cur += depths[i]

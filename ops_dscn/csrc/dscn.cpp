@@ -1,4 +1,4 @@
-// Schema of the DSCN operators, declared once. Kernels are registered per dispatch key, one file each: cpu/, cuda/
+// Schema of the operators, declared once. Kernels are registered per dispatch key, one file each: cpu/, cuda/
 // and autocast/; autograd and the fake (meta) kernels are registered from Python (ops_dscn/functional.py).
 // _dscn_backward's output_mask says which of (grad_input, grad_offset) autograd needs; the other is not computed and
 // comes back as an empty tensor.
@@ -20,4 +20,9 @@ TORCH_LIBRARY(ops_dscn, m) {
       "_dscn_backward(Tensor grad_output, Tensor input, Tensor offset, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, "
       "float offset_scale, bool remove_center, bool on_x, bool[2] output_mask) -> (Tensor, Tensor)");
+  // DSAN's convolutional MLP (fc1 -> depthwise 3x3 -> exact GELU -> fc2, + residual) fused for CPU inference; see
+  // cpu/conv_mlp_cpu.cpp. Inference only: no autograd formula is registered.
+  m.def(
+      "conv_mlp(Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, Tensor? dw_bias, "
+      "Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual=None) -> Tensor");
 }

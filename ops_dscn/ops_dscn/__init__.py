@@ -6,8 +6,10 @@ Public API:
       parameters as the original code, so checkpoints load).
     - :class:`ops_dscn.functions.DSCNFunction`: the original 16-argument entry point, kept for compatibility.
     - :func:`ops_dscn.dscn_pytorch`: the pure-PyTorch implementation; ``backend='pytorch'`` selects it anywhere.
+    - :func:`ops_dscn.conv_mlp`: DSAN's convolutional MLP (fc1, depthwise 3x3, GELU, fc2) fused for CPU inference.
 """
 
+from .conv_mlp import check_conv_mlp_args, conv_mlp, conv_mlp_available, conv_mlp_reference
 from .functional import (
     BACKENDS,
     available_backends,
@@ -24,5 +26,6 @@ from .pytorch_impl import dscn_pytorch
 
 __version__ = "1.0.0"
 
-__all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "compiled_device_types", "dscn",
-           "dscn_pytorch", "dscn_strip", "extension_available", "extension_error", "resolve_backend"]
+__all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
+           "compiled_device_types", "conv_mlp", "conv_mlp_available", "conv_mlp_reference", "dscn", "dscn_pytorch",
+           "dscn_strip", "extension_available", "extension_error", "resolve_backend"]

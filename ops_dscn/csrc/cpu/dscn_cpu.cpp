@@ -25,56 +25,10 @@
 
 #include "../common/dscn_params.h"
 #include "../common/dscn_sampling.h"
-
-// The extension is compiled for the baseline ISA (so the build stays portable); the block functions are also
-// compiled for AVX2 and for AVX-512 (still on 32-byte vectors, see Vec below) and picked at run time from the CPU's features. (GCC 12's target_clones resolver
-// was seen picking the baseline clone on AVX-512 AMD CPUs, hence the explicit dispatch.) The environment variable
-// DSCN_CPU_ISA=default|avx2|avx512 overrides the choice, e.g. for tests.
-#ifndef DSCN_TABLE_ENTRIES
-#define DSCN_TABLE_ENTRIES 512
-#endif
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#define DSCN_X86_DISPATCH 1
-#define DSCN_TARGET_AVX2 __attribute__((target("avx2,fma,bmi,bmi2,f16c")))
-#define DSCN_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2,f16c")))
-#else
-#define DSCN_X86_DISPATCH 0
-#endif
-
-// Helpers of the hot path, lambdas included, are force-inlined into the per-ISA functions so that they are compiled
-// for that ISA too: an out-of-line copy would be baseline code (measured: 15x slower when that happened).
-#if defined(__GNUC__)
-#define DSCN_INLINE inline __attribute__((always_inline))
-#define DSCN_LAMBDA_INLINE __attribute__((always_inline))
-#else
-#define DSCN_INLINE inline
-#define DSCN_LAMBDA_INLINE
-#endif
+#include "cpu_simd.h"
 
 namespace ops_dscn {
 namespace {
-
-// SIMD vectors through the GCC/Clang vector extension: 32 bytes with AVX2 and AVX-512 (measured faster here than
-// 64-byte vectors with GCC 12's code for masks and conversions), 16 bytes on the baseline ISA. Used for float and
-// double, the types the CPU mostly runs; half and bfloat16 take the scalar path.
-#if defined(__GNUC__)
-#define DSCN_HAS_VEC 1
-template <typename T, int Bytes>
-struct Vec {
-  using type __attribute__((vector_size(Bytes))) = T;
-  using itype __attribute__((vector_size(Bytes))) = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  static constexpr int64_t size = Bytes / sizeof(T);
-  static DSCN_INLINE type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static DSCN_INLINE void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
-};
-#else
-#define DSCN_HAS_VEC 0
-#endif
 
 template <typename scalar_t>
 constexpr bool kVectorised = DSCN_HAS_VEC && (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
@@ -83,6 +37,10 @@ constexpr bool kVectorised = DSCN_HAS_VEC && (std::is_same_v<scalar_t, float> ||
 // measured slower); the channel loops use the full width.
 template <int Bytes>
 constexpr int kFillBytes = Bytes < 32 ? Bytes : 32;
+
+#ifndef DSCN_TABLE_ENTRIES
+#define DSCN_TABLE_ENTRIES 512
+#endif
 
 // Pixels resolved per pass along an x-strip row (bounds the table to a few KB, which stays in L1).
 constexpr int64_t kRun = 32;
@@ -459,65 +417,6 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
     }
   });
 }
-
-enum class Isa { kDefault, kAvx2, kAvx512 };
-
-// The best ISA of this CPU, or the one DSCN_CPU_ISA asks for (never one the CPU lacks).
-Isa cpu_isa() {
-  static const Isa isa = [] {
-    Isa best = Isa::kDefault;
-#if DSCN_X86_DISPATCH
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
-    if (best == Isa::kAvx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")) {
-      best = Isa::kAvx512;
-    }
-#endif
-    const char* env = std::getenv("DSCN_CPU_ISA");
-    if (env != nullptr && *env != '\0') {
-      const std::string want(env);
-      TORCH_CHECK(want == "default" || want == "avx2" || want == "avx512",
-                  "DSCN_CPU_ISA must be one of default, avx2, avx512; got '", want, "'");
-      const Isa asked = want == "avx512" ? Isa::kAvx512 : want == "avx2" ? Isa::kAvx2 : Isa::kDefault;
-      TORCH_CHECK(static_cast<int>(asked) <= static_cast<int>(best), "DSCN_CPU_ISA=", want,
-                  " is not supported by this CPU");
-      best = asked;
-    }
-    return best;
-  }();
-  return isa;
-}
-
-// name(args...) calls name_body<Bytes>(args...) compiled for the selected ISA.
-#if DSCN_X86_DISPATCH
-#define DSCN_DEFINE_ISA_DISPATCH(name)                                                   \
-  template <typename scalar_t, typename... Args>                                         \
-  DSCN_TARGET_AVX512 void name##_avx512(Args&&... args) {                                  \
-    name##_body<64, scalar_t>(args...);                                                  \
-  }                                                                                      \
-  template <typename scalar_t, typename... Args>                                         \
-  DSCN_TARGET_AVX2 void name##_avx2(Args&&... args) {                                      \
-    name##_body<32, scalar_t>(args...);                                                  \
-  }                                                                                      \
-  template <typename scalar_t, typename... Args>                                         \
-  void name(Args&&... args) {                                                            \
-    switch (cpu_isa()) {                                                                 \
-      case Isa::kAvx512:                                                                 \
-        return name##_avx512<scalar_t>(args...);                                         \
-      case Isa::kAvx2:                                                                   \
-        return name##_avx2<scalar_t>(args...);                                           \
-      default:                                                                           \
-        return name##_body<16, scalar_t>(args...);                                       \
-    }                                                                                    \
-  }
-#else
-#define DSCN_DEFINE_ISA_DISPATCH(name)             \
-  template <typename scalar_t, typename... Args>   \
-  void name(Args&&... args) {                      \
-    name##_body<16, scalar_t>(args...);            \
-  }
-#endif
 
 DSCN_DEFINE_ISA_DISPATCH(forward_task)
 DSCN_DEFINE_ISA_DISPATCH(backward_task)

@@ -1,0 +1,165 @@
+"""DSAN's convolutional MLP fused into one operator for CPU inference.
+
+The MLP of a DSAN block is fc1 (1x1 conv, C -> hidden) -> depthwise 3x3 conv -> exact GELU -> fc2 (1x1 conv,
+hidden -> C_out). Run as four operators, each streams the hidden tensor (4-8x wider than the input) through memory;
+``ops_dscn::conv_mlp`` computes it a few image rows at a time so that the hidden rows stay in cache (see
+``csrc/cpu/conv_mlp_cpu.cpp``). :func:`conv_mlp` picks that kernel where it applies (a CPU float32/float64 input, no
+gradient needed) and the unfused PyTorch operators, :func:`conv_mlp_reference`, elsewhere.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .functional import _dtype_name, _shape, extension_available
+
+__all__ = ["check_conv_mlp_args", "conv_mlp", "conv_mlp_available", "conv_mlp_reference"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+_BACKENDS = ("auto", "cpp", "pytorch")
+
+
+def _has_cpu_kernel() -> bool:
+    if not extension_available():
+        return False
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("ops_dscn::conv_mlp", torch._C.DispatchKey.CPU)
+    except RuntimeError:  # an older build of the extension, without the op
+        return False
+
+
+_CPU_KERNEL = _has_cpu_kernel()  # registrations are static: read once, so torch.compile does not graph-break
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def conv_mlp_available(input: torch.Tensor) -> bool:
+    """Whether the fused kernel can run `input`: built, on CPU, and float32 or float64.
+
+    The kernel has no backward, so callers also need gradients to be off (see :func:`conv_mlp`).
+    """
+    return _CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
+
+
+def check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None):
+    """Checks a conv_mlp call as the C++ kernel does (same messages) and returns the output shape.
+
+    Used by the fake kernel, so compiled and eager code reject the same calls.
+
+    Returns:
+        (N, C_out, H, W).
+
+    Raises:
+        ValueError: A shape, dtype or device that the operator does not accept, named with expected and actual.
+    """
+    if input.dim() != 4:
+        raise ValueError(f"conv_mlp: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape {_shape(input)}")
+    if input.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"conv_mlp: input dtype must be one of float32, float64; got {_dtype_name(input.dtype)}")
+    if fc1_weight.dim() != 4:
+        raise ValueError(f"conv_mlp: fc1_weight must be 4-D (hidden, C, 1, 1); got shape {_shape(fc1_weight)}")
+    if fc2_weight.dim() != 4:
+        raise ValueError(f"conv_mlp: fc2_weight must be 4-D (C_out, hidden, 1, 1); got shape {_shape(fc2_weight)}")
+    n, c, h, w = input.shape
+    hidden, c_out = fc1_weight.shape[0], fc2_weight.shape[0]
+
+    def same(t, name):
+        if t.dtype != input.dtype:
+            raise ValueError(f"conv_mlp: {name} dtype must equal input dtype {_dtype_name(input.dtype)}; got "
+                             f"{_dtype_name(t.dtype)}")
+        if t.device != input.device:
+            raise ValueError(f"conv_mlp: {name} must be on the input's device {input.device}; got {t.device}")
+
+    for t, name, expected in ((fc1_weight, "fc1_weight", (hidden, c, 1, 1)),
+                              (dw_weight, "dw_weight", (hidden, 1, 3, 3)),
+                              (fc2_weight, "fc2_weight", (c_out, hidden, 1, 1))):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"conv_mlp: {name} must have shape [{', '.join(map(str, expected))}]; got {_shape(t)}")
+        same(t, name)
+    for t, name, expected in ((fc1_bias, "fc1_bias", hidden), (dw_bias, "dw_bias", hidden),
+                              (fc2_bias, "fc2_bias", c_out)):
+        if t is None:
+            continue
+        if t.dim() != 1 or t.shape[0] != expected:
+            raise ValueError(f"conv_mlp: {name} must have shape ({expected},); got {_shape(t)}")
+        same(t, name)
+    if residual is not None:
+        if tuple(residual.shape) != (n, c_out, h, w):
+            raise ValueError(f"conv_mlp: residual must have shape [{n}, {c_out}, {h}, {w}]; got {_shape(residual)}")
+        if residual.dtype != input.dtype:
+            raise ValueError(f"conv_mlp: residual dtype must equal input dtype {_dtype_name(input.dtype)}; got "
+                             f"{_dtype_name(residual.dtype)}")
+        if residual.device != input.device:
+            raise ValueError(f"conv_mlp: residual must be on the input's device {input.device}; got {residual.device}")
+    return n, c_out, h, w
+
+
+def conv_mlp_reference(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None):
+    """The unfused MLP in PyTorch operators (any device and dtype, differentiable): what the kernel computes."""
+    x = F.conv2d(input, fc1_weight, fc1_bias)
+    x = F.gelu(F.conv2d(x, dw_weight, dw_bias, padding=1, groups=dw_weight.shape[0]))
+    x = F.conv2d(x, fc2_weight, fc2_bias)
+    return x if residual is None else x + residual
+
+
+def conv_mlp(
+        input: torch.Tensor,
+        fc1_weight: torch.Tensor,
+        fc1_bias: torch.Tensor | None,
+        dw_weight: torch.Tensor,
+        dw_bias: torch.Tensor | None,
+        fc2_weight: torch.Tensor,
+        fc2_bias: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
+        backend: str = "auto",
+) -> torch.Tensor:
+    """``fc2(gelu(dwconv3x3(fc1(input)))) [+ residual]``, fused on CPU for inference.
+
+    Args:
+        input: (N, C, H, W); channels_last memory avoids a copy.
+        fc1_weight: (hidden, C, 1, 1); fc1_bias: (hidden,) or None.
+        dw_weight: (hidden, 1, 3, 3), depthwise, padding 1; dw_bias: (hidden,) or None.
+        fc2_weight: (C_out, hidden, 1, 1); fc2_bias: (C_out,) or None.
+        residual: (N, C_out, H, W) added to the output, or None.
+        backend: 'auto' runs the fused kernel when :func:`conv_mlp_available` and no gradient is needed, else
+            :func:`conv_mlp_reference`; 'cpp' requires the kernel; 'pytorch' always runs the reference.
+
+    Returns:
+        (N, C_out, H, W); channels_last memory from the kernel.
+
+    Raises:
+        ValueError: Bad shapes, dtypes or devices (also from the reference path's checks), or an unknown backend.
+        RuntimeError: backend='cpp' where the kernel cannot run, or with gradients needed (it has no backward).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"conv_mlp: backend must be one of {_BACKENDS}; got {backend!r}")
+    tensors = (input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
+    if backend == "pytorch":
+        return conv_mlp_reference(*tensors)
+    usable = conv_mlp_available(input)
+    if backend == "auto" and (not usable or _needs_grad(*tensors)):
+        return conv_mlp_reference(*tensors)
+    if not usable:
+        raise RuntimeError(
+            f"conv_mlp: backend='cpp' needs the compiled kernel and a CPU float32/float64 input; got a "
+            f"{_dtype_name(input.dtype)} tensor on {input.device}"
+            + ("" if _CPU_KERNEL else " and ops_dscn was built without conv_mlp (rebuild ops_dscn)"))
+    if _needs_grad(*tensors):
+        raise RuntimeError("conv_mlp: the fused kernel is inference-only (it has no backward); call it under "
+                           "torch.no_grad() / torch.inference_mode(), or use backend='auto' or 'pytorch'")
+    return torch.ops.ops_dscn.conv_mlp(*tensors)
+
+
+if _CPU_KERNEL:
+
+    @torch.library.register_fake("ops_dscn::conv_mlp")
+    def _conv_mlp_fake(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None):
+        shape = check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
+        return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
+
+    def _no_backward(ctx, grad_output):
+        raise RuntimeError("ops_dscn::conv_mlp is inference-only (no backward): run it under torch.no_grad() / "
+                           "torch.inference_mode(), or use ops_dscn.conv_mlp(..., backend='pytorch') for training")
+
+    torch.library.register_autograd("ops_dscn::conv_mlp", _no_backward)

@@ -1,0 +1,225 @@
+"""Tests of ops_dscn.conv_mlp, DSAN's MLP fused for CPU inference, against an independent float64 reference."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import ops_dscn
+from ops_dscn import conv_mlp, conv_mlp_reference
+
+HAS_KERNEL = ops_dscn.conv_mlp_available(torch.empty(0))
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL and os.environ.get("DSAN_REQUIRE_CPP") != "1",
+                                  reason=f"compiled op not built: {ops_dscn.extension_error()}")
+pytestmark = needs_kernel
+
+
+def reference64(x, w1, b1, wd, bd, w2, b2, res=None):
+    """The MLP written out independently of the op's Python reference: float64, explicit zero padding and erf."""
+    d = [t.double() if t is not None else None for t in (x, w1, b1, wd, bd, w2, b2, res)]
+    x, w1, b1, wd, bd, w2, b2, res = d
+    h = torch.einsum("nchw,oc->nohw", x, w1[:, :, 0, 0])
+    if b1 is not None:
+        h = h + b1.view(1, -1, 1, 1)
+    hp = F.pad(h, (1, 1, 1, 1))
+    H, W = h.shape[2:]
+    a = sum(hp[:, :, dy:dy + H, dx:dx + W] * wd[:, 0, dy, dx].view(1, -1, 1, 1) for dy in range(3) for dx in range(3))
+    if bd is not None:
+        a = a + bd.view(1, -1, 1, 1)
+    a = 0.5 * a * (1 + torch.erf(a / 2 ** 0.5))
+    y = torch.einsum("nchw,oc->nohw", a, w2[:, :, 0, 0])
+    if b2 is not None:
+        y = y + b2.view(1, -1, 1, 1)
+    return y if res is None else y + res
+
+
+def make(n, c, h, w, ratio=4, c_out=None, bias=True, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ch, c_out = c * ratio, c_out or c
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    x = r(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    args = [x, r(ch, c, 1, 1, scale=c ** -0.5), r(ch) if bias else None, r(ch, 1, 3, 3, scale=1 / 3),
+            r(ch) if bias else None, r(c_out, ch, 1, 1, scale=ch ** -0.5), r(c_out) if bias else None]
+    return args, r(n, c_out, h, w)
+
+
+# Geometries: DSAN stage shapes, sizes that leave vector tails (C * ratio not a multiple of 16), a single row or
+# column, and images whose rows need several ring steps (W * hidden wide enough that a step holds few rows).
+CASES = [
+    (2, 32, 14, 15, 8, None), (1, 64, 7, 7, 8, None), (3, 5, 7, 9, 3, None), (2, 16, 1, 1, 2, None),
+    (1, 8, 3, 2, 4, 6), (2, 12, 1, 9, 4, None), (1, 4, 9, 1, 4, None), (1, 64, 23, 64, 8, 32), (2, 160, 5, 6, 4, None),
+]
+
+
+@pytest.mark.parametrize("n,c,h,w,ratio,c_out", CASES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_matches_float64_reference(n, c, h, w, ratio, c_out, residual):
+    args, res = make(n, c, h, w, ratio, c_out, dtype=torch.float64)
+    res = res if residual else None
+    ref = reference64(*args, res)
+    with torch.no_grad():
+        y64 = torch.ops.ops_dscn.conv_mlp(*args, res)
+        y32 = torch.ops.ops_dscn.conv_mlp(*[a.float() for a in args], None if res is None else res.float())
+        unfused32 = conv_mlp_reference(*[a.float() for a in args], None if res is None else res.float())
+    assert y64.is_contiguous(memory_format=torch.channels_last) and y64.shape == ref.shape
+    torch.testing.assert_close(y64, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y32.double(), ref, atol=2e-5, rtol=1e-5)
+    # "Numerically equal to the unfused MLP": as close to it as float32 rounding allows.
+    torch.testing.assert_close(y32, unfused32, atol=2e-5, rtol=1e-5)
+
+
+def test_without_biases_and_from_nchw_memory():
+    args, res = make(2, 8, 6, 5, 4, bias=False, dtype=torch.float64)
+    args[0] = args[0].contiguous()  # plain NCHW memory: the op makes its own channels_last copy
+    with torch.no_grad():
+        y = torch.ops.ops_dscn.conv_mlp(*args, res.contiguous())
+    torch.testing.assert_close(y, reference64(*args, res), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_bands_and_thread_counts_give_the_same_result(threads):
+    """With fewer images than threads each image is cut into bands of rows that recompute their halo rows."""
+    args, res = make(1, 16, 13, 11, 4, dtype=torch.float64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = torch.ops.ops_dscn.conv_mlp(*args, res)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y, reference64(*args, res), atol=1e-12, rtol=1e-12)
+
+
+def test_float32_gelu_is_accurate_over_its_whole_range():
+    """With identity 1x1 convs and a centre-only depthwise kernel the op is GELU itself: the float erf approximation
+    is compared with float64 GELU from -12 to 12 (the tails, where erf saturates, included)."""
+    c = 64
+    v = torch.linspace(-12, 12, 4096, dtype=torch.float64)
+    x = v.view(1, 1, 64, 64).expand(1, c, 64, 64).float().contiguous(memory_format=torch.channels_last)
+    eye = torch.eye(c).view(c, c, 1, 1)
+    wd = torch.zeros(c, 1, 3, 3)
+    wd[:, 0, 1, 1] = 1
+    with torch.no_grad():
+        y = torch.ops.ops_dscn.conv_mlp(x, eye, None, wd, None, eye, None)
+    expected = F.gelu(x.double())
+    # ATen's own float32 GELU is within 4.5e-7 of float64 here; the rational erf within 8e-7 (its largest errors are
+    # in the negative tail, where GELU itself is below 1e-3 in magnitude).
+    torch.testing.assert_close(y.double(), expected, atol=1e-6, rtol=2e-7)
+    positive = x > 0.01
+    assert ((y.double() - expected).abs() / expected.abs())[positive].max() < 3e-7
+
+
+def test_opcheck():
+    args, res = make(2, 8, 5, 6, 4)
+    torch.library.opcheck(torch.ops.ops_dscn.conv_mlp.default, (*args, res),
+                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.ops_dscn.conv_mlp.default, tuple(args),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def _bad_cases():
+    args, res = make(2, 8, 5, 6, 4)
+    x, w1, b1, wd, bd, w2, b2 = args
+    yield (x[0], w1, b1, wd, bd, w2, b2, None), "input must be 4-D"
+    yield (x.half(), w1, b1, wd, bd, w2, b2, None), "input dtype must be one of float32, float64; got float16"
+    yield (x, w1[:, :4], b1, wd, bd, w2, b2, None), r"fc1_weight must have shape \[32, 8, 1, 1\]; got \[32, 4, 1, 1\]"
+    yield (x, w1, b1, wd[:, :, :2], bd, w2, b2, None), r"dw_weight must have shape \[32, 1, 3, 3\]"
+    yield (x, w1, b1, wd, bd, w2[:, :16], b2, None), r"fc2_weight must have shape \[8, 32, 1, 1\]"
+    yield (x, w1, b1[:3], wd, bd, w2, b2, None), r"fc1_bias must have shape \(32,\); got \[3\]"
+    yield (x, w1, b1, wd, bd, w2, b2[None], None), r"fc2_bias must have shape \(8,\); got \[1, 8\]"
+    yield (x, w1.double(), b1, wd, bd, w2, b2, None), "fc1_weight dtype must equal input dtype float32; got float64"
+    yield (x, w1, b1, wd, bd.double(), w2, b2, None), "dw_bias dtype must equal input dtype float32; got float64"
+    yield (x, w1, b1, wd, bd, w2, b2, res[:, :, :2]), r"residual must have shape \[2, 8, 5, 6\]; got \[2, 8, 2, 6\]"
+    yield (x, w1, b1, wd, bd, w2, b2, res.double()), "residual dtype must equal input dtype float32; got float64"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[1][:30])
+def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
+    args, match = case
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ops_dscn.conv_mlp(*args)
+    with FakeTensorMode() as mode:
+        fake = [None if a is None else mode.from_tensor(a) for a in args]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn.conv_mlp(*fake)
+
+
+def test_inference_only():
+    args, _ = make(1, 8, 4, 4, 4)
+    args = [a.requires_grad_() if a is not None else None for a in args]
+    with pytest.raises(RuntimeError, match="inference-only"):
+        conv_mlp(*args, backend="cpp")
+    # 'auto' falls back to the differentiable reference when a gradient is needed.
+    y = conv_mlp(*args)
+    (g,) = torch.autograd.grad(y.sum(), args[1])
+    (g_ref,) = torch.autograd.grad(conv_mlp_reference(*args).sum(), args[1])
+    torch.testing.assert_close(g, g_ref)
+    # A direct call of the op gives an output whose backward says why it cannot run.
+    y = torch.ops.ops_dscn.conv_mlp(*args)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        y.sum().backward()
+    with pytest.raises(ValueError, match="backend must be one of"):
+        conv_mlp(*args, backend="cuda")
+
+
+def test_auto_uses_the_kernel_only_where_it_applies():
+    args, _ = make(1, 8, 4, 4, 4)
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            seen.append(func)
+            return func(*a, **(kw or {}))
+
+    with torch.no_grad(), Spy():
+        conv_mlp(*args)
+        conv_mlp(*[a.bfloat16() for a in args])  # no bfloat16 kernel: the reference runs
+    kernel_calls = [f for f in seen if f is torch.ops.ops_dscn.conv_mlp.default]
+    assert len(kernel_calls) == 1
+    assert torch.ops.aten.convolution.default in seen
+
+
+def test_torch_compile_fullgraph():
+    args, res = make(2, 8, 6, 6, 4)
+
+    def f(*a):
+        return conv_mlp(*a)
+
+    with torch.no_grad():
+        eager = f(*args, res)
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args, res)
+    torch.testing.assert_close(compiled, eager)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_cpu_simd_path(isa, tmp_path):
+    """The kernel's baseline, AVX2 and AVX-512 builds are each checked against float64 (vector tails included)."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import torch, ops_dscn, torch.nn.functional as F\n"
+        "torch.manual_seed(0)\n"
+        "for c, r in ((8, 4), (5, 3), (32, 8)):\n"
+        "    x = torch.randn(2, c, 6, 7, dtype=torch.float64)\n"
+        "    def rnd(*s, scale=1.0):\n"
+        "        return torch.randn(*s, dtype=torch.float64) * scale\n"
+        "    a = [x, rnd(c * r, c, 1, 1, scale=c ** -0.5), rnd(c * r), rnd(c * r, 1, 3, 3, scale=1 / 3), rnd(c * r),\n"
+        "         rnd(c, c * r, 1, 1, scale=(c * r) ** -0.5), rnd(c)]\n"
+        "    with torch.no_grad():\n"
+        "        ref = ops_dscn.conv_mlp_reference(*a)\n"
+        "        torch.testing.assert_close(torch.ops.ops_dscn.conv_mlp(*a), ref, atol=1e-11, rtol=1e-11)\n"
+        "        y = torch.ops.ops_dscn.conv_mlp(*[t.float() for t in a])\n"
+        "        torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], env=dict(os.environ, DSCN_CPU_ISA=isa), capture_output=True,
+                         text=True, timeout=300)
+    if "not supported by this CPU" in res.stderr:
+        pytest.skip(f"this CPU lacks {isa}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "ok"
