@@ -17,7 +17,7 @@ from torchprofile.handlers import HANDLER_MAP
 
 import ops_dscn
 from dsan.models.dsan import Mlp
-from ops_dscn.modules import DSCNX, DSCNY
+from ops_dscn.modules import DSCNX, DSCNY, _DSCNStrip
 
 __all__ = ['DSCN_OP', 'count_macs', 'count_params']
 
@@ -101,18 +101,23 @@ class _StandInOp:
             del m._strip
 
 
+# Flags of the modules that can run as a fused inference kernel, which torchprofile does not know.
+_FUSED_FLAGS = ((Mlp, 'fused_kernel'), (_DSCNStrip, 'fused_offsets'))
+
+
 @contextlib.contextmanager
-def _mlp_layer_by_layer(model: nn.Module):
-    """Runs every MLP of `model` as its separate layers (not the fused `ops_dscn.conv_mlp` kernel, which
-    torchprofile does not know), so its convolutions are counted as the paper counted them."""
-    mlps = [m for m in model.modules() if isinstance(m, Mlp) and m.fused_kernel]
-    for m in mlps:
-        m.fused_kernel = False
+def _layer_by_layer(model: nn.Module):
+    """Runs the MLPs and the DSCN offset branches of `model` as their separate layers (not the fused CPU inference
+    kernels `ops_dscn.conv_mlp` / `ops_dscn.strip_offsets`), so that their layers are counted as the paper did."""
+    switched = [(m, flag) for m in model.modules() for cls, flag in _FUSED_FLAGS
+                if isinstance(m, cls) and getattr(m, flag)]
+    for m, flag in switched:
+        setattr(m, flag, False)
     try:
         yield
     finally:
-        for m in mlps:
-            m.fused_kernel = True
+        for m, flag in switched:
+            setattr(m, flag, True)
 
 
 def count_params(model: nn.Module) -> int:
@@ -154,7 +159,7 @@ def count_macs(
     with warnings.catch_warnings():
         warnings.filterwarnings('ignore', message='No handlers found')
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-        with _CountDSCN(), _mlp_layer_by_layer(model), (
+        with _CountDSCN(), _layer_by_layer(model), (
                 _StandInOp(model) if use_standin else contextlib.nullcontext()):
             per_node = profile_macs(traced, x, reduction=None)
     dscn = sum(v for n, v in per_node.items() if n.operator in (DSCN_OP, _STANDIN_OP))

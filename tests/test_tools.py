@@ -74,18 +74,19 @@ def hooked_macs(model, img: int = 224) -> int:
     for i in range(1, 5):
         handles += [b.register_forward_hook(block_hook) for b in getattr(model, f'block{i}')]
     handles.append(model.head.register_forward_hook(head_hook))
-    # The hooks see the MLP's layers only when they run one by one (not as the fused inference kernel).
-    mlps = [m for m in model.modules() if getattr(m, 'fused_kernel', False)]
+    # The hooks see the layers of the MLPs and offset branches only when they run one by one (not as the fused
+    # inference kernels).
+    fused = [(m, f) for m in model.modules() for f in ('fused_kernel', 'fused_offsets') if getattr(m, f, False)]
     try:
-        for m in mlps:
-            m.fused_kernel = False
+        for m, f in fused:
+            setattr(m, f, False)
         with torch.no_grad():
             model.eval()(torch.randn(1, 3, img, img))
     finally:
         for h in handles:
             h.remove()
-        for m in mlps:
-            m.fused_kernel = True
+        for m, f in fused:
+            setattr(m, f, True)
     return total
 
 

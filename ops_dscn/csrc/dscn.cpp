@@ -25,4 +25,9 @@ TORCH_LIBRARY(ops_dscn, m) {
   m.def(
       "conv_mlp(Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, Tensor? dw_bias, "
       "Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual=None) -> Tensor");
+  // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU
+  // inference; see cpu/strip_offsets_cpu.cpp. Inference only, as conv_mlp.
+  m.def(
+      "strip_offsets(Tensor input, Tensor dw_weight, Tensor? dw_bias, Tensor ln_weight, Tensor ln_bias, float eps, "
+      "Tensor lin_weight, Tensor? lin_bias, bool on_x) -> Tensor");
 }

@@ -7,6 +7,8 @@ Public API:
     - :class:`ops_dscn.functions.DSCNFunction`: the original 16-argument entry point, kept for compatibility.
     - :func:`ops_dscn.dscn_pytorch`: the pure-PyTorch implementation; ``backend='pytorch'`` selects it anywhere.
     - :func:`ops_dscn.conv_mlp`: DSAN's convolutional MLP (fc1, depthwise 3x3, GELU, fc2) fused for CPU inference.
+    - :func:`ops_dscn.strip_offsets`: a DSCN layer's offset branch (strip conv, LayerNorm, GELU, Linear) fused
+      for CPU inference.
 """
 
 from .conv_mlp import check_conv_mlp_args, conv_mlp, conv_mlp_available, conv_mlp_reference
@@ -23,9 +25,11 @@ from .functional import (
     resolve_backend,
 )
 from .pytorch_impl import dscn_pytorch
+from .strip_offsets import check_strip_offsets_args, strip_offsets, strip_offsets_available, strip_offsets_reference
 
 __version__ = "1.0.0"
 
 __all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
            "compiled_device_types", "conv_mlp", "conv_mlp_available", "conv_mlp_reference", "dscn", "dscn_pytorch",
-           "dscn_strip", "extension_available", "extension_error", "resolve_backend"]
+           "dscn_strip", "extension_available", "extension_error", "resolve_backend", "check_strip_offsets_args",
+           "strip_offsets", "strip_offsets_available", "strip_offsets_reference"]

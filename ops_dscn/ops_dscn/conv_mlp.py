@@ -18,20 +18,32 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _BACKENDS = ("auto", "cpp", "pytorch")
 
 
-def _has_cpu_kernel() -> bool:
+def _has_cpu_kernel(op: str) -> bool:
+    """Whether the extension registered a CPU kernel for ``ops_dscn::<op>`` (False on a build without the op)."""
     if not extension_available():
         return False
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("ops_dscn::conv_mlp", torch._C.DispatchKey.CPU)
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"ops_dscn::{op}", torch._C.DispatchKey.CPU)
     except RuntimeError:  # an older build of the extension, without the op
         return False
 
 
-_CPU_KERNEL = _has_cpu_kernel()  # registrations are static: read once, so torch.compile does not graph-break
+# Registrations are static: read once, so that torch.compile does not graph-break on the dispatcher query.
+_CPU_KERNEL = _has_cpu_kernel("conv_mlp")
 
 
 def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _no_backward(op: str):
+    """An autograd formula for an inference-only op: its backward raises, saying what to do instead."""
+
+    def backward(ctx, grad_output):
+        raise RuntimeError(f"ops_dscn::{op} is inference-only (no backward): run it under torch.no_grad() / "
+                           f"torch.inference_mode(), or use ops_dscn.{op}(..., backend='pytorch') for training")
+
+    return backward
 
 
 def conv_mlp_available(input: torch.Tensor) -> bool:
@@ -158,8 +170,4 @@ if _CPU_KERNEL:
         shape = check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
         return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
 
-    def _no_backward(ctx, grad_output):
-        raise RuntimeError("ops_dscn::conv_mlp is inference-only (no backward): run it under torch.no_grad() / "
-                           "torch.inference_mode(), or use ops_dscn.conv_mlp(..., backend='pytorch') for training")
-
-    torch.library.register_autograd("ops_dscn::conv_mlp", _no_backward)
+    torch.library.register_autograd("ops_dscn::conv_mlp", _no_backward("conv_mlp"))

@@ -3,7 +3,9 @@
 import torch
 from torch import nn
 
+from ..conv_mlp import _needs_grad
 from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
+from ..strip_offsets import strip_offsets_available
 
 __all__ = ["DSCNX", "DSCNY", "ToChannelsFirst", "ToChannelsLast"]
 
@@ -93,6 +95,8 @@ class _DSCNStrip(nn.Module):
             _act(act_layer),
         )
         self.offset = nn.Linear(channels, group * (kernel_size - self.remove_center))
+        # Compute the offsets with the fused CPU inference kernel (ops_dscn.strip_offsets) where it applies.
+        self.fused_offsets = True
 
     def _reset_parameters(self) -> None:
         # Zero offsets: the layer starts as a box filter along its axis.
@@ -103,6 +107,22 @@ class _DSCNStrip(nn.Module):
     def _geometry(cls, k: int, s: int, p: int, d: int) -> tuple[int, ...]:
         # (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w) of the strip.
         return (1, k, 1, s, 0, p, 1, d) if cls.on_x else (k, 1, s, 1, p, 0, d, 1)
+
+    def _offsets(self, off_x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) offset source -> (N, H, W, G * K') offsets.
+
+        In float32 CPU inference (no gradient needed; LayerNorm and exact GELU; backend not 'pytorch') the branch
+        runs as one fused operator, ``ops_dscn::strip_offsets``, which gives the same result to float rounding;
+        ``fused_offsets = False`` runs its layers one by one.
+        """
+        conv, norm, act = self.dw_conv[0], self.dw_conv[1][-1], self.dw_conv[2]
+        if (self.fused_offsets and self.backend != "pytorch" and off_x.dtype == torch.float32
+                and strip_offsets_available(off_x) and isinstance(norm, nn.LayerNorm)
+                and type(act) is nn.GELU and act.approximate == "none" and self.dw_kernel_size % 2 == 1
+                and not _needs_grad(off_x, *self.dw_conv.parameters(), *self.offset.parameters())):
+            return torch.ops.ops_dscn.strip_offsets(off_x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps,
+                                                    self.offset.weight, self.offset.bias, self.on_x)
+        return self.offset(self.dw_conv(off_x))
 
     def _strip(self, x: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         geometry = self._geometry(self.kernel_size, self.stride, self.pad, self.dilation)
@@ -148,8 +168,7 @@ class DSCNX(_DSCNStrip):
 
     def forward(self, input: torch.Tensor, off_x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H, W_out, C)."""
-        offset = self.offset(self.dw_conv(off_x))
-        return self._strip(self.input_proj(input), offset)
+        return self._strip(self.input_proj(input), self._offsets(off_x))
 
 
 class DSCNY(_DSCNStrip):
@@ -166,5 +185,4 @@ class DSCNY(_DSCNStrip):
 
     def forward(self, input: torch.Tensor, off_x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H_out, W, C)."""
-        offset = self.offset(self.dw_conv(off_x))
-        return self._strip(input, offset)
+        return self._strip(input, self._offsets(off_x))

@@ -1,0 +1,133 @@
+"""The offset branch of a DSCN layer fused into one operator for CPU inference.
+
+DSCNX / DSCNY predict their offsets with a depthwise strip conv (1xK for the x-strip, Kx1 for the y-strip, zero
+'same' padding), a LayerNorm over channels, exact GELU and a Linear to G * K' offsets per pixel.
+``ops_dscn::strip_offsets`` computes that per block of pixels in one pass (see ``csrc/cpu/strip_offsets_cpu.cpp``);
+:func:`strip_offsets` picks it where it applies (a CPU float32/float64 input, no gradient needed) and the layers
+one by one, :func:`strip_offsets_reference`, elsewhere.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .conv_mlp import _KERNEL_DTYPES, _has_cpu_kernel, _needs_grad, _no_backward
+from .functional import _dtype_name, _shape
+
+__all__ = ["check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference"]
+
+_CPU_KERNEL = _has_cpu_kernel("strip_offsets")
+_BACKENDS = ("auto", "cpp", "pytorch")
+
+
+def strip_offsets_available(input: torch.Tensor) -> bool:
+    """Whether the fused kernel can run `input`: built, on CPU, and float32 or float64 (gradients must be off)."""
+    return _CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
+
+
+def check_strip_offsets_args(input, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias, on_x):
+    """Checks a strip_offsets call as the C++ kernel does (same messages); returns the output shape (N, H, W, GK').
+
+    Raises:
+        ValueError: A shape, dtype, device or value the operator does not accept, named with expected and actual.
+    """
+    if input.dim() != 4:
+        raise ValueError(f"strip_offsets: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape "
+                         f"{_shape(input)}")
+    if input.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"strip_offsets: input dtype must be one of float32, float64; got "
+                         f"{_dtype_name(input.dtype)}")
+    if dw_weight.dim() != 4:
+        raise ValueError(f"strip_offsets: dw_weight must be 4-D; got shape {_shape(dw_weight)}")
+    if lin_weight.dim() != 2:
+        raise ValueError(f"strip_offsets: lin_weight must be 2-D (G * K', C); got shape {_shape(lin_weight)}")
+    n, c, h, w = input.shape
+    k = dw_weight.shape[3] if on_x else dw_weight.shape[2]
+    if k % 2 != 1:
+        raise ValueError(f"strip_offsets: the depthwise kernel length must be odd ('same' padding); got {k}")
+    gk = lin_weight.shape[0]
+    params = [(dw_weight, "dw_weight", (c, 1, 1, k) if on_x else (c, 1, k, 1)), (dw_bias, "dw_bias", (c,)),
+              (ln_weight, "ln_weight", (c,)), (ln_bias, "ln_bias", (c,)), (lin_weight, "lin_weight", (gk, c)),
+              (lin_bias, "lin_bias", (gk,))]
+    for t, name, expected in params:
+        if t is None:
+            continue
+        if tuple(t.shape) != expected:
+            raise ValueError(f"strip_offsets: {name} must have shape [{', '.join(map(str, expected))}]; got "
+                             f"{_shape(t)}")
+        if t.dtype != input.dtype:
+            raise ValueError(f"strip_offsets: {name} dtype must equal input dtype {_dtype_name(input.dtype)}; got "
+                             f"{_dtype_name(t.dtype)}")
+        if t.device != input.device:
+            raise ValueError(f"strip_offsets: {name} must be on the input's device {input.device}; got {t.device}")
+    if not eps >= 0:
+        raise ValueError(f"strip_offsets: eps must be >= 0; got {eps}")
+    return n, h, w, gk
+
+
+def strip_offsets_reference(input, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias, on_x):
+    """The branch layer by layer in PyTorch operators (any device and dtype, differentiable)."""
+    k = dw_weight.shape[3] if on_x else dw_weight.shape[2]
+    padding = (0, (k - 1) // 2) if on_x else ((k - 1) // 2, 0)
+    x = F.conv2d(input, dw_weight, dw_bias, padding=padding, groups=input.shape[1]).permute(0, 2, 3, 1)
+    x = F.gelu(F.layer_norm(x, (x.shape[-1],), ln_weight, ln_bias, eps))
+    return F.linear(x, lin_weight, lin_bias)
+
+
+def strip_offsets(
+        input: torch.Tensor,
+        dw_weight: torch.Tensor,
+        dw_bias: torch.Tensor | None,
+        ln_weight: torch.Tensor,
+        ln_bias: torch.Tensor,
+        eps: float,
+        lin_weight: torch.Tensor,
+        lin_bias: torch.Tensor | None,
+        on_x: bool,
+        backend: str = "auto",
+) -> torch.Tensor:
+    """``linear(gelu(layer_norm(dwconv_strip(input))))``: a DSCN layer's offsets, fused on CPU for inference.
+
+    Args:
+        input: (N, C, H, W) offset source; channels_last memory avoids a copy.
+        dw_weight: (C, 1, 1, K) for the x-strip (`on_x`), (C, 1, K, 1) for the y-strip; K odd, 'same' zero padding.
+        dw_bias: (C,) or None.
+        ln_weight, ln_bias: (C,) LayerNorm affine parameters; eps: its epsilon.
+        lin_weight: (G * K', C); lin_bias: (G * K',) or None.
+        on_x: The strip runs along W (True) or H (False).
+        backend: 'auto' runs the fused kernel when :func:`strip_offsets_available` and no gradient is needed,
+            else :func:`strip_offsets_reference`; 'cpp' requires the kernel; 'pytorch' always runs the reference.
+
+    Returns:
+        (N, H, W, G * K') offsets, contiguous.
+
+    Raises:
+        ValueError: Bad shapes, dtypes, devices or values, or an unknown backend.
+        RuntimeError: backend='cpp' where the kernel cannot run, or with gradients needed (it has no backward).
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"strip_offsets: backend must be one of {_BACKENDS}; got {backend!r}")
+    args = (input, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias, on_x)
+    if backend == "pytorch":
+        return strip_offsets_reference(*args)
+    usable = strip_offsets_available(input)
+    grad = _needs_grad(input, dw_weight, dw_bias, ln_weight, ln_bias, lin_weight, lin_bias)
+    if backend == "auto" and (not usable or grad):
+        return strip_offsets_reference(*args)
+    if not usable:
+        raise RuntimeError(
+            f"strip_offsets: backend='cpp' needs the compiled kernel and a CPU float32/float64 input; got a "
+            f"{_dtype_name(input.dtype)} tensor on {input.device}"
+            + ("" if _CPU_KERNEL else " and ops_dscn was built without strip_offsets (rebuild ops_dscn)"))
+    if grad:
+        raise RuntimeError("strip_offsets: the fused kernel is inference-only (it has no backward); call it under "
+                           "torch.no_grad() / torch.inference_mode(), or use backend='auto' or 'pytorch'")
+    return torch.ops.ops_dscn.strip_offsets(*args)
+
+
+if _CPU_KERNEL:
+
+    @torch.library.register_fake("ops_dscn::strip_offsets")
+    def _strip_offsets_fake(*args):
+        return args[0].new_empty(check_strip_offsets_args(*args))
+
+    torch.library.register_autograd("ops_dscn::strip_offsets", _no_backward("strip_offsets"))

@@ -1,0 +1,187 @@
+"""Tests of ops_dscn.strip_offsets, a DSCN layer's offset branch fused for CPU inference, against float64."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import ops_dscn
+from ops_dscn import strip_offsets, strip_offsets_reference
+from ops_dscn.modules import DSCNX, DSCNY
+
+HAS_KERNEL = ops_dscn.strip_offsets_available(torch.empty(0))
+pytestmark = pytest.mark.skipif(not HAS_KERNEL and os.environ.get("DSAN_REQUIRE_CPP") != "1",
+                                reason=f"compiled op not built: {ops_dscn.extension_error()}")
+
+
+def reference64(x, dw, dwb, lnw, lnb, eps, lw, lb, on_x):
+    """The branch written out independently of the op's Python reference: float64, explicit taps and moments."""
+    x, dw, lnw, lnb, lw = (t.double() for t in (x, dw, lnw, lnb, lw))
+    k = dw.shape[3] if on_x else dw.shape[2]
+    p = (k - 1) // 2
+    xp = F.pad(x, (p, p, 0, 0) if on_x else (0, 0, p, p))
+    h, w = x.shape[2:]
+    taps = dw.reshape(dw.shape[0], k)
+    a = sum((xp[:, :, :, t:t + w] if on_x else xp[:, :, t:t + h, :]) * taps[:, t].view(1, -1, 1, 1) for t in range(k))
+    if dwb is not None:
+        a = a + dwb.double().view(1, -1, 1, 1)
+    a = a.permute(0, 2, 3, 1)
+    mean = a.mean(-1, keepdim=True)
+    var = ((a - mean) ** 2).mean(-1, keepdim=True)
+    a = (a - mean) / torch.sqrt(var + eps) * lnw + lnb.double()
+    a = 0.5 * a * (1 + torch.erf(a / 2 ** 0.5))
+    y = a @ lw.t()
+    return y if lb is None else y + lb.double()
+
+
+def make(n, c, h, w, k, gk, on_x, bias=True, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0, shift=0.0):
+        return (torch.randn(*s, generator=g, dtype=torch.float64) * scale + shift).to(dtype)
+
+    x = r(n, c, h, w).contiguous(memory_format=torch.channels_last)
+    dw = r(c, 1, 1, k, scale=1 / k) if on_x else r(c, 1, k, 1, scale=1 / k)
+    return [x, dw, r(c) if bias else None, r(c, scale=0.3, shift=1.0), r(c, scale=0.2), 1e-6,
+            r(gk, c, scale=c ** -0.5), r(gk) if bias else None, on_x]
+
+
+# DSAN's branches (C, Kd, G * K') and sizes that leave vector tails, windows longer than the image, a single pixel.
+CASES = [(2, 32, 9, 13, 11, 11), (1, 64, 6, 5, 11, 44), (2, 160, 4, 5, 7, 56), (1, 256, 3, 3, 5, 40),
+         (2, 5, 4, 3, 5, 10), (1, 16, 1, 1, 3, 4), (1, 20, 2, 7, 9, 3)]
+
+
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+@pytest.mark.parametrize("n,c,h,w,k,gk", CASES)
+def test_matches_float64_reference(n, c, h, w, k, gk, on_x):
+    args = make(n, c, h, w, k, gk, on_x)
+    ref = reference64(*args)
+    with torch.no_grad():
+        y64 = torch.ops.ops_dscn.strip_offsets(*args)
+        a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        y32 = torch.ops.ops_dscn.strip_offsets(*a32)
+        layers32 = strip_offsets_reference(*a32)
+    assert y64.shape == (n, h, w, gk) and y64.is_contiguous()
+    torch.testing.assert_close(y64, ref, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y32.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y32, layers32, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+def test_without_biases_from_nchw_memory_and_any_thread_count(on_x):
+    args = make(3, 12, 7, 6, 5, 9, on_x, bias=False)
+    args[0] = args[0].contiguous()
+    ref = reference64(*args)
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            with torch.no_grad():
+                torch.testing.assert_close(torch.ops.ops_dscn.strip_offsets(*args), ref, atol=1e-12, rtol=1e-12)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_opcheck():
+    for on_x in (True, False):
+        args = make(2, 8, 5, 6, 3, 6, on_x, dtype=torch.float32)
+        torch.library.opcheck(torch.ops.ops_dscn.strip_offsets.default, tuple(args),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def _bad_cases():
+    x, dw, dwb, lnw, lnb, eps, lw, lb, on_x = make(2, 8, 5, 6, 3, 6, True, dtype=torch.float32)
+    yield (x[0], dw, dwb, lnw, lnb, eps, lw, lb, on_x), "input must be 4-D"
+    yield (x.half(), dw, dwb, lnw, lnb, eps, lw, lb, on_x), "input dtype must be one of float32, float64; got float16"
+    yield (x, dw, dwb, lnw, lnb, eps, lw, lb, False), r"dw_weight must have shape \[8, 1, 1, 1\]; got \[8, 1, 1, 3\]"
+    yield (x, dw[..., :2], dwb, lnw, lnb, eps, lw, lb, on_x), "kernel length must be odd"
+    yield (x, dw, dwb[:3], lnw, lnb, eps, lw, lb, on_x), r"dw_bias must have shape \[8\]; got \[3\]"
+    yield (x, dw, dwb, lnw.double(), lnb, eps, lw, lb, on_x), "ln_weight dtype must equal input dtype float32"
+    yield (x, dw, dwb, lnw, lnb, eps, lw[:, :4], lb, on_x), r"lin_weight must have shape \[6, 8\]; got \[6, 4\]"
+    yield (x, dw, dwb, lnw, lnb, eps, lw[0], lb, on_x), "lin_weight must be 2-D"
+    yield (x, dw, dwb, lnw, lnb, eps, lw, lb[:2], on_x), r"lin_bias must have shape \[6\]; got \[2\]"
+    yield (x, dw, dwb, lnw, lnb, -1.0, lw, lb, on_x), "eps must be >= 0; got -1"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[1][:30])
+def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
+    args, match = case
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ops_dscn.strip_offsets(*args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn.strip_offsets(*fake)
+
+
+def test_inference_only():
+    args = make(1, 8, 4, 4, 3, 6, True, dtype=torch.float32)
+    args[6].requires_grad_()
+    with pytest.raises(RuntimeError, match="inference-only"):
+        strip_offsets(*args, backend="cpp")
+    (g,) = torch.autograd.grad(strip_offsets(*args).sum(), args[6])  # 'auto' falls back to the layers
+    (g_ref,) = torch.autograd.grad(strip_offsets_reference(*args).sum(), args[6])
+    torch.testing.assert_close(g, g_ref)
+    with pytest.raises(RuntimeError, match="inference-only"):
+        torch.ops.ops_dscn.strip_offsets(*args).sum().backward()
+
+
+@pytest.mark.parametrize("cls", [DSCNX, DSCNY])
+def test_modules_use_the_kernel_only_in_float32_inference_and_agree(cls):
+    torch.manual_seed(0)
+    layer = cls(32, 11, 11, pad=5, group=4).eval()
+    with torch.no_grad():
+        layer.offset.weight.normal_(0, 0.3)  # non-zero offsets: the branch matters
+    x = torch.randn(2, 32, 9, 10).contiguous(memory_format=torch.channels_last)
+    inp = torch.randn(2, 9, 10, 32)
+    calls = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func is torch.ops.ops_dscn.strip_offsets.default)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Spy():
+        fused = layer(inp, x)
+    assert sum(calls) == 1
+    calls.clear()
+    layer.fused_offsets = False
+    with torch.no_grad(), Spy():
+        layers = layer(inp, x)
+    assert sum(calls) == 0
+    torch.testing.assert_close(fused, layers, atol=1e-5, rtol=1e-5)
+    layer.fused_offsets = True
+    calls.clear()
+    with Spy():
+        layer(inp, x)  # parameters need gradients
+        layer.double()(inp.double(), x.double())  # float64 keeps the layers
+    assert sum(calls) == 0
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+def test_every_cpu_simd_path(isa, tmp_path):
+    """The kernel's baseline, AVX2 and AVX-512 builds against float64 (channel counts with vector tails)."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_strip_offsets import make, reference64\n"
+        "for c, on_x in ((5, True), (32, False), (40, True)):\n"
+        "    args = make(2, c, 5, 6, 5, 7, on_x)\n"
+        "    ref = reference64(*args)\n"
+        "    with torch.no_grad():\n"
+        "        torch.testing.assert_close(torch.ops.ops_dscn.strip_offsets(*args), ref, atol=1e-11, rtol=1e-11)\n"
+        "        a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]\n"
+        "        y = torch.ops.ops_dscn.strip_offsets(*a32)\n"
+        "        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run([sys.executable, str(script)], env=dict(os.environ, DSCN_CPU_ISA=isa), capture_output=True,
+                         text=True, timeout=300)
+    if "not supported by this CPU" in res.stderr:
+        pytest.skip(f"this CPU lacks {isa}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip() == "ok"
