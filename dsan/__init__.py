@@ -1,6 +1,8 @@
-"""DSAN: Deformable Spatial Attention Network (backbone, checkpoints, tools).
+"""DSAN: Deformable Spatial Attention Network.
 
-Importing `dsan` (or `dsan.models`) registers `dsan_t`, `dsan_t2` and `dsan_s` with timm.
+Subpackages: `dsan.models` (the backbone and checkpoint loading; importing `dsan` or `dsan.models` registers
+`dsan_t`, `dsan_t2` and `dsan_s` with timm), `dsan.mm` (the OpenMMLab backbone adapter and mm tool helpers),
+`dsan.data` (the bundled demo dataset) and `dsan.flops` (parameter and FLOP counting as in the paper).
 """
 from . import models  # noqa: F401  (registers the timm models)
 

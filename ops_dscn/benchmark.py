@@ -8,6 +8,11 @@ ratios. Memory is the bytes a forward+backward holds: tensors saved for backward
     python ops_dscn/benchmark.py                       # CPU, batch 1 and 32
     python ops_dscn/benchmark.py --device cuda         # CUDA rows (cpp and conv; pytorch with --with-pytorch)
     python ops_dscn/benchmark.py --batch 32 --models dsan_t --threads 2
+    python ops_dscn/benchmark.py --fused --threads 2   # the fused CPU inference kernels against their layers
+
+With ``--fused`` it times instead the two fused CPU inference kernels against the same layers run one by one (in
+channels_last memory): ``conv_mlp`` (the block MLP) and ``strip_offsets`` (a DSCN layer's offset branch), and
+prints the speed-up and the largest difference between the two results.
 """
 
 import argparse
@@ -25,6 +30,8 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     sys.path.pop(0)
 import ops_dscn  # noqa: E402
 
+# MLP expansion per stage (both variants)
+MLP_RATIOS = (8, 8, 4, 4)
 # (channels, spatial size at 224, kernel, groups) per stage, from the model definitions
 STAGES = {
     "dsan_t": [(32, 56, 11, 1), (64, 28, 11, 4), (160, 14, 7, 8), (256, 7, 5, 8)],
@@ -90,6 +97,45 @@ def _cases(c, s, k, g, batch, axis, device, dtype):
     return {kind: make(kind) for kind in ("conv", "cpp", "pytorch")}
 
 
+def _fused_cases(c, s, k, g, ratio, batch):
+    """{name: (fused_fn, layers_fn)} for the MLP and the two offset branches of one stage (float32 CPU)."""
+    gen = torch.Generator().manual_seed(0)
+
+    def r(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen) * scale
+
+    x = r(batch, c, s, s).contiguous(memory_format=torch.channels_last)
+    ch = c * ratio
+    mlp = (x, r(ch, c, 1, 1, scale=c ** -0.5), r(ch), r(ch, 1, 3, 3, scale=1 / 3), r(ch),
+           r(c, ch, 1, 1, scale=ch ** -0.5), r(c), x)
+    cases = {"mlp": (lambda: torch.ops.ops_dscn.conv_mlp(*mlp), lambda: ops_dscn.conv_mlp_reference(*mlp))}
+    for axis, on_x in (("x", True), ("y", False)):
+        dw = r(c, 1, 1, k, scale=1 / k) if on_x else r(c, 1, k, 1, scale=1 / k)
+        off = (x, dw, r(c), 1 + r(c, scale=0.1), r(c, scale=0.1), 1e-6, r(g * k, c, scale=c ** -0.5), r(g * k), on_x)
+        cases[f"offsets {axis}"] = (lambda off=off: torch.ops.ops_dscn.strip_offsets(*off),
+                                    lambda off=off: ops_dscn.strip_offsets_reference(*off))
+    return cases
+
+
+def fused_main(args) -> None:
+    """Times the fused CPU inference kernels against their layers (--fused)."""
+    print(f"fused CPU inference kernels, float32, threads={torch.get_num_threads()} torch={torch.__version__}")
+    header = f"{'model':7} {'st':>2} {'N':>3} {'kernel':>10} {'shape (HxWxC)':>14} | {'layers':>10} {'fused':>10} |" \
+             f" layers/fused | max |diff|"
+    print(header)
+    print("-" * len(header))
+    cpu = torch.device("cpu")
+    for batch in args.batch:
+        for model in args.models:
+            for i, ((c, s, k, g), ratio) in enumerate(zip(STAGES[model], MLP_RATIOS), start=1):
+                for name, (fused, layers) in _fused_cases(c, s, k, g, ratio, batch).items():
+                    with torch.inference_mode():
+                        t_layers, t_fused = _time(layers, cpu, args.repeat), _time(fused, cpu, args.repeat)
+                        diff = (fused() - layers()).abs().max().item()
+                    print(f"{model:7} {i:>2} {batch:>3} {name:>10} {f'{s}x{s}x{c}':>14} | {t_layers:8.3f}ms "
+                          f"{t_fused:8.3f}ms | {t_layers / t_fused:11.2f}x | {diff:.1e}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -101,6 +147,8 @@ def main() -> None:
     parser.add_argument("--with-pytorch", action="store_true", help="also time the pure-PyTorch op on CUDA")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the (slow) pure-PyTorch op")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--fused", action="store_true",
+                        help="time the fused CPU inference kernels (conv_mlp, strip_offsets) against their layers")
     args = parser.parse_args()
 
     if not ops_dscn.extension_available():
@@ -108,6 +156,8 @@ def main() -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fused:
+        return fused_main(args)
     dtype = getattr(torch, args.dtype)
     kinds = ["conv", "cpp"]
     if not args.no_pytorch and (device.type == "cpu" or args.with_pytorch):
