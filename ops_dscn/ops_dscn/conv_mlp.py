@@ -46,6 +46,31 @@ def _no_backward(op: str):
     return backward
 
 
+def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.Tensor, tensors) -> bool:
+    """Whether `backend` runs the fused kernel of ``ops_dscn::<op>`` (True) or its reference (False).
+
+    Raises:
+        ValueError: Unknown backend.
+        RuntimeError: backend='cpp' where the kernel cannot run (`usable` False) or with gradients needed.
+    """
+    if backend not in _BACKENDS:
+        raise ValueError(f"{op}: backend must be one of {_BACKENDS}; got {backend!r}")
+    if backend == "pytorch":
+        return False
+    grad = _needs_grad(*(t for t in tensors if isinstance(t, torch.Tensor)))
+    if backend == "auto":
+        return usable and not grad
+    if not usable:
+        raise RuntimeError(
+            f"{op}: backend='cpp' needs the compiled kernel and a CPU float32/float64 input; got a "
+            f"{_dtype_name(input.dtype)} tensor on {input.device}"
+            + ("" if built else f" and ops_dscn was built without {op} (rebuild ops_dscn)"))
+    if grad:
+        raise RuntimeError(f"{op}: the fused kernel is inference-only (it has no backward); call it under "
+                           "torch.no_grad() / torch.inference_mode(), or use backend='auto' or 'pytorch'")
+    return True
+
+
 def conv_mlp_available(input: torch.Tensor) -> bool:
     """Whether the fused kernel can run `input`: built, on CPU, and float32 or float64.
 
@@ -144,22 +169,9 @@ def conv_mlp(
         ValueError: Bad shapes, dtypes or devices (also from the reference path's checks), or an unknown backend.
         RuntimeError: backend='cpp' where the kernel cannot run, or with gradients needed (it has no backward).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"conv_mlp: backend must be one of {_BACKENDS}; got {backend!r}")
     tensors = (input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
-    if backend == "pytorch":
+    if not _use_kernel("conv_mlp", backend, conv_mlp_available(input), _CPU_KERNEL, input, tensors):
         return conv_mlp_reference(*tensors)
-    usable = conv_mlp_available(input)
-    if backend == "auto" and (not usable or _needs_grad(*tensors)):
-        return conv_mlp_reference(*tensors)
-    if not usable:
-        raise RuntimeError(
-            f"conv_mlp: backend='cpp' needs the compiled kernel and a CPU float32/float64 input; got a "
-            f"{_dtype_name(input.dtype)} tensor on {input.device}"
-            + ("" if _CPU_KERNEL else " and ops_dscn was built without conv_mlp (rebuild ops_dscn)"))
-    if _needs_grad(*tensors):
-        raise RuntimeError("conv_mlp: the fused kernel is inference-only (it has no backward); call it under "
-                           "torch.no_grad() / torch.inference_mode(), or use backend='auto' or 'pytorch'")
     return torch.ops.ops_dscn.conv_mlp(*tensors)
 
 

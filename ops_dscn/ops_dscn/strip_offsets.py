@@ -10,13 +10,12 @@ one by one, :func:`strip_offsets_reference`, elsewhere.
 import torch
 import torch.nn.functional as F
 
-from .conv_mlp import _KERNEL_DTYPES, _has_cpu_kernel, _needs_grad, _no_backward
+from .conv_mlp import _KERNEL_DTYPES, _has_cpu_kernel, _no_backward, _use_kernel
 from .functional import _dtype_name, _shape
 
 __all__ = ["check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("strip_offsets")
-_BACKENDS = ("auto", "cpp", "pytorch")
 
 
 def strip_offsets_available(input: torch.Tensor) -> bool:
@@ -104,23 +103,9 @@ def strip_offsets(
         ValueError: Bad shapes, dtypes, devices or values, or an unknown backend.
         RuntimeError: backend='cpp' where the kernel cannot run, or with gradients needed (it has no backward).
     """
-    if backend not in _BACKENDS:
-        raise ValueError(f"strip_offsets: backend must be one of {_BACKENDS}; got {backend!r}")
     args = (input, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias, on_x)
-    if backend == "pytorch":
+    if not _use_kernel("strip_offsets", backend, strip_offsets_available(input), _CPU_KERNEL, input, args):
         return strip_offsets_reference(*args)
-    usable = strip_offsets_available(input)
-    grad = _needs_grad(input, dw_weight, dw_bias, ln_weight, ln_bias, lin_weight, lin_bias)
-    if backend == "auto" and (not usable or grad):
-        return strip_offsets_reference(*args)
-    if not usable:
-        raise RuntimeError(
-            f"strip_offsets: backend='cpp' needs the compiled kernel and a CPU float32/float64 input; got a "
-            f"{_dtype_name(input.dtype)} tensor on {input.device}"
-            + ("" if _CPU_KERNEL else " and ops_dscn was built without strip_offsets (rebuild ops_dscn)"))
-    if grad:
-        raise RuntimeError("strip_offsets: the fused kernel is inference-only (it has no backward); call it under "
-                           "torch.no_grad() / torch.inference_mode(), or use backend='auto' or 'pytorch'")
     return torch.ops.ops_dscn.strip_offsets(*args)
 
 

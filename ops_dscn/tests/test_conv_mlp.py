@@ -1,11 +1,10 @@
 """Tests of ops_dscn.conv_mlp, DSAN's MLP fused for CPU inference, against an independent float64 reference."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from isa_check import ISAS, run_under_isa
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ops_dscn
@@ -197,11 +196,10 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(compiled, eager)
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_simd_path(isa, tmp_path):
     """The kernel's baseline, AVX2 and AVX-512 builds are each checked against float64 (vector tails included)."""
-    script = tmp_path / "check.py"
-    script.write_text(
+    script_text = (
         "import torch, ops_dscn, torch.nn.functional as F\n"
         "torch.manual_seed(0)\n"
         "for c, r in ((8, 4), (5, 3), (32, 8)):\n"
@@ -217,9 +215,4 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "        torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)\n"
         "print('ok')\n"
     )
-    res = subprocess.run([sys.executable, str(script)], env=dict(os.environ, DSCN_CPU_ISA=isa), capture_output=True,
-                         text=True, timeout=300)
-    if "not supported by this CPU" in res.stderr:
-        pytest.skip(f"this CPU lacks {isa}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == "ok"
+    run_under_isa(isa, script_text, tmp_path)

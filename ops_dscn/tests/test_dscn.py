@@ -4,8 +4,6 @@ independent float64 reference written from the definition."""
 import itertools
 import os
 import re
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -14,6 +12,7 @@ import torch
 from dscn_reference import dscn_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from isa_check import ISAS, run_under_isa
 
 import ops_dscn
 from ops_dscn import dscn
@@ -221,11 +220,10 @@ def test_backends_agree_in_float32():
 
 
 @needs_ext
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_simd_path(isa, tmp_path):
     """The CPU kernel has a baseline, an AVX2 and an AVX-512 build; each is checked against the float64 twin."""
-    script = tmp_path / "check.py"
-    script.write_text(
+    script_text = (
         "import torch, ops_dscn\n"
         "torch.manual_seed(0)\n"
         "for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):\n"
@@ -240,12 +238,7 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "            torch.testing.assert_close(a, r, atol=tol * 10, rtol=tol)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, DSCN_CPU_ISA=isa)
-    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
-    if "not supported by this CPU" in res.stderr:
-        pytest.skip(f"this CPU lacks {isa}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == "ok"
+    run_under_isa(isa, script_text, tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Tests of ops_dscn.strip_offsets, a DSCN layer's offset branch fused for CPU inference, against float64."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from isa_check import ISAS, run_under_isa
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ops_dscn
@@ -161,13 +160,11 @@ def test_modules_use_the_kernel_only_in_float32_inference_and_agree(cls):
     assert sum(calls) == 0
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_simd_path(isa, tmp_path):
     """The kernel's baseline, AVX2 and AVX-512 builds against float64 (channel counts with vector tails)."""
-    script = tmp_path / "check.py"
-    script.write_text(
-        "import sys, torch\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+    script_text = (
+        "import torch\n"
         "from test_strip_offsets import make, reference64\n"
         "for c, on_x in ((5, True), (32, False), (40, True)):\n"
         "    args = make(2, c, 5, 6, 5, 7, on_x)\n"
@@ -179,9 +176,4 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)\n"
         "print('ok')\n"
     )
-    res = subprocess.run([sys.executable, str(script)], env=dict(os.environ, DSCN_CPU_ISA=isa), capture_output=True,
-                         text=True, timeout=300)
-    if "not supported by this CPU" in res.stderr:
-        pytest.skip(f"this CPU lacks {isa}")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip() == "ok"
+    run_under_isa(isa, script_text, tmp_path)
