@@ -82,6 +82,18 @@ def _build_runner(cfg: Config) -> Runner:
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
+def _close_process_group() -> None:
+    """Destroy the default process group after a run that finished on every rank.
+
+    Left to interpreter exit, gloo's worker threads can outlive the Python objects they hold and abort the process
+    ("terminate called without an active exception"), failing a run whose work is already saved. Only called on
+    success: after an error on one rank the others may still sit in a collective, and destroying would hang them.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     """`tools/train.py CONFIG [--work-dir DIR] [--resume [CKPT]] [--amp] [--cfg-options ...] [--launcher ...]`."""
     if task not in TASKS:
@@ -121,6 +133,7 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
         cfg.resume = True
         cfg.load_from = args.resume
     _build_runner(cfg).train()
+    _close_process_group()
 
 
 def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
@@ -182,3 +195,4 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     runner.test()
+    _close_process_group()
