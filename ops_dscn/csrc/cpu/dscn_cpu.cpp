@@ -27,6 +27,10 @@
 #include "../common/dscn_sampling.h"
 #include "cpu_simd.h"
 
+#if DSCN_X86_DISPATCH
+#include <immintrin.h>
+#endif
+
 namespace ops_dscn {
 namespace {
 
@@ -53,6 +57,44 @@ inline int64_t x_run(const DSCNParams& p) {
 }
 // Output columns per task of a y-strip (the inner loop then walks kColumns * C contiguous elements).
 constexpr int64_t kColumns = 8;
+
+#if DSCN_X86_DISPATCH
+// TapTable::fill's float pair form with AVX-512 mask registers, 16 entries per step; returns how many of the n
+// entries it resolved (a multiple of 16). GCC 12 turns the generic vector code's 64-byte compares and selects into
+// scalar code, so the generic loop is capped at 32 bytes (kFillBytes) and this routine does the wide fill instead.
+// The arithmetic is the generic loop's, operation for operation (origin + t * scale is one FMA there too, as GCC
+// contracts it on FMA targets). Deliberately not inlined: it is called once per run of pixels from code that may
+// be compiled for the baseline ISA.
+DSCN_TARGET_AVX512 __attribute__((noinline)) int64_t fill_pair_avx512(
+    const float* __restrict__ rel, const float* __restrict__ tap_pos, const float* __restrict__ off,
+    int32_t* __restrict__ i0, float* __restrict__ w0, float* __restrict__ w1, int64_t n, float base, float cs,
+    float scale, float len_f, int32_t last) {
+  const __m512 vbase = _mm512_set1_ps(base), vcs = _mm512_set1_ps(cs), vscale = _mm512_set1_ps(scale);
+  const __m512 vlen = _mm512_set1_ps(len_f), vm1 = _mm512_set1_ps(-1.0f), vone = _mm512_set1_ps(1.0f);
+  const __m512 vzero = _mm512_setzero_ps();
+  const __m512i ione = _mm512_set1_epi32(1), ilast1 = _mm512_set1_epi32(last - 1);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 origin = _mm512_sub_ps(_mm512_add_ps(_mm512_loadu_ps(rel + i), vbase), vcs);
+    const __m512 t = _mm512_add_ps(_mm512_loadu_ps(tap_pos + i), _mm512_loadu_ps(off + i));
+    const __m512 loc = _mm512_fmadd_ps(t, vscale, origin);
+    // Ordered compares: false for NaN, so NaN counts as outside.
+    const __mmask16 inside = _mm512_cmp_ps_mask(loc, vm1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(loc, vlen, _CMP_LT_OQ);
+    const __m512 safe = _mm512_maskz_mov_ps(inside, loc);
+    const __mmask16 below = _mm512_cmp_ps_mask(safe, vzero, _CMP_LT_OQ);  // floor = -1
+    const __m512i lo = _mm512_mask_sub_epi32(_mm512_cvttps_epi32(safe), below, _mm512_cvttps_epi32(safe), ione);
+    const __m512 l = _mm512_sub_ps(safe, _mm512_cvtepi32_ps(lo));
+    const __mmask16 top = _mm512_cmpgt_epi32_mask(lo, ilast1);  // floor = len - 1
+    const __m512 lw = _mm512_maskz_mov_ps(inside, l);
+    const __m512 hw = _mm512_maskz_mov_ps(inside, _mm512_sub_ps(vone, l));
+    _mm512_storeu_ps(w0 + i, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~top), hw), below, lw));
+    _mm512_storeu_ps(w1 + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_mask_mov_ps(lw, top, hw)));
+    _mm512_storeu_si512(i0 + i, _mm512_maskz_mov_epi32(static_cast<__mmask16>(~below),
+                                                       _mm512_mask_sub_epi32(lo, top, lo, ione)));
+  }
+  return i;
+}
+#endif
 
 // Tap table of a run of R pixels that are consecutive in the output / offset tensors: for each of their
 // R * G * K' offsets, both neighbours' element offsets from the start of the pixel's input line, their weights,
@@ -88,8 +130,15 @@ struct TapTable {
   }
 
   // Resolves the R pixels whose positions along the axis are o_axis0 + r * step (the step given to the
-  // constructor), with offsets `off` (R * gk values). The m0 / m1 masks are written only when kGrad.
-  template <int Bytes, bool kGrad>
+  // constructor), with offsets `off` (R * gk values).
+  //
+  // kGrad (backward, and the forward on a line of one pixel): both neighbours' indices, weights and read masks.
+  // Otherwise (forward, axis_len >= 2) a pair form that needs no i1 and no masks: i0 is the first of two adjacent
+  // elements p, p + 1 both inside the line and w0 / w1 their weights. Inside taps with both neighbours in the line
+  // are unchanged (p = floor(loc)); at the ends the one real neighbour is moved into the pair (floor = -1: p = 0 with
+  // weight l; floor = len - 1: p = len - 2 and p + 1 gets 1 - l) and the other element of the pair gets weight 0.
+  // That saves the forward a table load and an index computation per tap and the fill two stores per entry.
+  template <int FullBytes, bool kGrad>
   DSCN_INLINE void fill(const StripGeometry& g, int64_t o_axis0, int64_t step, int64_t R,
                         const scalar_t* __restrict__ off, acc_t scale) {
     const int64_t n = R * gk;
@@ -98,7 +147,7 @@ struct TapTable {
 #if DSCN_HAS_VEC
     if constexpr (kVectorised<scalar_t>) {
       // resolve_tap() lane by lane, with integer lanes as wide as the float lanes.
-      using V = Vec<scalar_t, Bytes>;
+      using V = Vec<scalar_t, kFillBytes<FullBytes>>;
       using vf = typename V::type;
       using vi = typename V::itype;
       using ilane = std::remove_reference_t<decltype(vi{}[0])>;
@@ -112,6 +161,12 @@ struct TapTable {
       const vf zero = {};
       const vf one = zero + scalar_t(1);
       const vi izero = {};
+#if DSCN_X86_DISPATCH
+      if constexpr (FullBytes == 64 && std::is_same_v<scalar_t, float> && !kGrad) {
+        i = fill_pair_avx512(rel.data(), tap_pos.data(), off, i0.data(), w0.data(), w1.data(), n, base, cs, scale,
+                             len_f, last);
+      }
+#endif
       for (; i + L <= n; i += L) {
         const vf origin = (V::load(rel.data() + i) + base) - cs;
         const vf loc = origin + (V::load(tap_pos.data() + i) + V::load(off + i)) * scale;
@@ -119,20 +174,29 @@ struct TapTable {
         const vf safe = inside ? loc : zero;                    // outside taps never reach the conversion
         const vi lo = __builtin_convertvector(safe, vi) + (safe < scalar_t(0));  // floor(); true is -1
         const vf l = safe - __builtin_convertvector(lo, vf);
-        const vi use0 = inside & (lo >= 0);
-        const vi use1 = inside & (lo + 1 <= last);
-        V::store(w0.data() + i, use0 ? one - l : zero);
-        V::store(w1.data() + i, use1 ? l : zero);
-        if constexpr (kGrad) {
-          V::store(m0.data() + i, use0 ? one : zero);
-          V::store(m1.data() + i, use1 ? one : zero);
-        }
         // Indices only (no element offsets): the channel loops scale them, once per tap.
         static_assert(sizeof(ilane) == sizeof(idx_t));
-        const vi lo0 = use0 ? lo : izero;
-        const vi lo1 = use1 ? lo + 1 : izero;
-        std::memcpy(i0.data() + i, &lo0, sizeof(lo0));
-        std::memcpy(i1.data() + i, &lo1, sizeof(lo1));
+        if constexpr (kGrad) {
+          const vi use0 = inside & (lo >= 0);
+          const vi use1 = inside & (lo + 1 <= last);
+          V::store(w0.data() + i, use0 ? one - l : zero);
+          V::store(w1.data() + i, use1 ? l : zero);
+          V::store(m0.data() + i, use0 ? one : zero);
+          V::store(m1.data() + i, use1 ? one : zero);
+          const vi lo0 = use0 ? lo : izero;
+          const vi lo1 = use1 ? lo + 1 : izero;
+          std::memcpy(i0.data() + i, &lo0, sizeof(lo0));
+          std::memcpy(i1.data() + i, &lo1, sizeof(lo1));
+        } else {
+          const vi below = lo < 0;         // floor = -1: the pair (0, 1) with x[0] as the upper neighbour
+          const vi top = lo + 1 > last;    // floor = len - 1: the pair (len - 2, len - 1)
+          const vf lw = inside ? l : zero;
+          const vf hw = inside ? one - l : zero;
+          V::store(w0.data() + i, below ? lw : (top ? zero : hw));
+          V::store(w1.data() + i, below ? zero : (top ? hw : lw));
+          const vi pair = below ? izero : (top ? lo - 1 : lo);
+          std::memcpy(i0.data() + i, &pair, sizeof(pair));
+        }
       }
     }
 #endif
@@ -140,84 +204,89 @@ struct TapTable {
       const acc_t origin = strip_origin<acc_t>(g, o_axis0 + (i / gk) * step, scale);
       const acc_t loc = tap_location<acc_t>(origin, tap_pos[i], static_cast<acc_t>(off[i]), scale);
       const LinearTap<acc_t> t = resolve_tap<acc_t>(loc, g.axis_len);
-      i0[i] = static_cast<idx_t>(t.i0);
-      i1[i] = static_cast<idx_t>(t.i1);
-      w0[i] = t.w0;
-      w1[i] = t.w1;
       if constexpr (kGrad) {
+        i0[i] = static_cast<idx_t>(t.i0);
+        i1[i] = static_cast<idx_t>(t.i1);
+        w0[i] = t.w0;
+        w1[i] = t.w1;
         m0[i] = t.use0 ? acc_t(1) : acc_t(0);
         m1[i] = t.use1 ? acc_t(1) : acc_t(0);
+      } else if (t.use0) {  // floor in [0, len - 2], or len - 1 (then the pair ends at it)
+        const bool top = !t.use1;
+        i0[i] = static_cast<idx_t>(top ? t.i0 - 1 : t.i0);
+        w0[i] = top ? acc_t(0) : t.w0;
+        w1[i] = top ? t.w0 : t.w1;
+      } else {  // floor = -1 (x[0] is the upper neighbour), or outside: w1 = 0 and weight 0 throughout
+        i0[i] = 0;
+        w0[i] = t.w1;
+        w1[i] = 0;
       }
     }
   }
 };
 
+// NV vectors of out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c], starting at x and out.
+// The lower and the upper neighbour accumulate separately, and for fewer than four vectors the taps alternate
+// between two accumulator sets: with one vector per group (16 channels on AVX-512, the common DSAN case) a single
+// chain of K dependent FMAs per neighbour was latency-bound at about a third of the FMA throughput. The final sum
+// order is fixed, so results stay deterministic.
+template <int NV, bool kPair, typename V, typename scalar_t, typename acc_t, typename idx_t>
+DSCN_INLINE void weighted_sum_block(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
+                                    const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
+                                    int64_t step) {
+  using v_t = typename V::type;
+  constexpr int64_t L = V::size;
+  constexpr int S = NV >= 4 ? 1 : 2;  // accumulator sets (tap phases)
+  v_t a[S][NV], b[S][NV];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) a[s][v] = b[s][v] = v_t{};
+  }
+  const auto tap = [&](int s, int64_t j) DSCN_LAMBDA_INLINE {
+    const scalar_t* pa = x + static_cast<int64_t>(i0[j]) * step;
+    const scalar_t* pb = kPair ? pa + step : x + static_cast<int64_t>(i1[j]) * step;
+    const scalar_t wa = w0[j], wb = w1[j];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      a[s][v] += wa * V::load(pa + v * L);
+      b[s][v] += wb * V::load(pb + v * L);
+    }
+  };
+  int64_t j = 0;
+  for (; j + S <= taps; j += S) {
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) tap(s, j + s);
+  }
+  for (; j < taps; ++j) tap(0, j);
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    v_t sum = a[0][v] + b[0][v];
+#pragma GCC unroll 8
+    for (int s = 1; s < S; ++s) sum += a[s][v] + b[s][v];
+    V::store(out + v * L, sum);
+  }
+}
+
 // out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c], c in [0, n), over the `taps` entries of
 // one group; x points at the group's first channel on the input line, step is the input stride along the axis.
-template <int Bytes, typename scalar_t, typename acc_t, typename idx_t>
+// kPair: the table is in pair form (TapTable::fill), i1[j] = i0[j] + 1 and i1 is not read.
+template <int Bytes, bool kPair, typename scalar_t, typename acc_t, typename idx_t>
 DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1, const acc_t* w0,
                               const acc_t* w1, int64_t taps, scalar_t* __restrict__ out, int64_t n, int64_t step) {
   int64_t c0 = 0;
 #if DSCN_HAS_VEC
   if constexpr (kVectorised<scalar_t>) {
     using V = Vec<scalar_t, Bytes>;
-    using v_t = typename V::type;
     constexpr int64_t L = V::size;
-    // Up to four vectors of channels per pass, so the tap table is read once per pass. The lower and the upper
-    // neighbour accumulate separately: every tap is then two independent FMA chains (no add after a multiply).
-    for (; c0 + 4 * L <= n; c0 += 4 * L) {
-      v_t a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
-      for (int64_t j = 0; j < taps; ++j) {
-        const scalar_t* a = x + static_cast<int64_t>(i0[j]) * step + c0;
-        const scalar_t* b = x + static_cast<int64_t>(i1[j]) * step + c0;
-        const scalar_t wa = w0[j], wb = w1[j];
-        a0 += wa * V::load(a);
-        a1 += wa * V::load(a + L);
-        a2 += wa * V::load(a + 2 * L);
-        a3 += wa * V::load(a + 3 * L);
-        b0 += wb * V::load(b);
-        b1 += wb * V::load(b + L);
-        b2 += wb * V::load(b + 2 * L);
-        b3 += wb * V::load(b + 3 * L);
-      }
-      V::store(out + c0, a0 + b0);
-      V::store(out + c0 + L, a1 + b1);
-      V::store(out + c0 + 2 * L, a2 + b2);
-      V::store(out + c0 + 3 * L, a3 + b3);
-    }
-    for (; c0 + 2 * L <= n; c0 += 2 * L) {
-      v_t a0 = {}, a1 = {}, b0 = {}, b1 = {};
-      for (int64_t j = 0; j < taps; ++j) {
-        const scalar_t* a = x + static_cast<int64_t>(i0[j]) * step + c0;
-        const scalar_t* b = x + static_cast<int64_t>(i1[j]) * step + c0;
-        a0 += w0[j] * V::load(a);
-        a1 += w0[j] * V::load(a + L);
-        b0 += w1[j] * V::load(b);
-        b1 += w1[j] * V::load(b + L);
-      }
-      V::store(out + c0, a0 + b0);
-      V::store(out + c0 + L, a1 + b1);
-    }
-    for (; c0 + L <= n; c0 += L) {
-      v_t a0 = {}, b0 = {};
-      for (int64_t j = 0; j < taps; ++j) {
-        a0 += w0[j] * V::load(x + static_cast<int64_t>(i0[j]) * step + c0);
-        b0 += w1[j] * V::load(x + static_cast<int64_t>(i1[j]) * step + c0);
-      }
-      V::store(out + c0, a0 + b0);
-    }
+    // Up to four vectors of channels per pass, so the tap table is read once per pass.
+    for (; c0 + 4 * L <= n; c0 += 4 * L) weighted_sum_block<4, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
+    for (; c0 + 2 * L <= n; c0 += 2 * L) weighted_sum_block<2, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
+    for (; c0 + L <= n; c0 += L) weighted_sum_block<1, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
     // Narrower steps for the rest of the group, e.g. 20 = 16 + 4 channels (DSAN-T stage 3).
     const auto narrow_step = [&](auto bytes) DSCN_LAMBDA_INLINE {
       using H = Vec<scalar_t, decltype(bytes)::value>;
-      using h_t = typename H::type;
-      for (; c0 + H::size <= n; c0 += H::size) {
-        h_t a0 = {}, b0 = {};
-        for (int64_t j = 0; j < taps; ++j) {
-          a0 += w0[j] * H::load(x + static_cast<int64_t>(i0[j]) * step + c0);
-          b0 += w1[j] * H::load(x + static_cast<int64_t>(i1[j]) * step + c0);
-        }
-        H::store(out + c0, a0 + b0);
-      }
+      for (; c0 + H::size <= n; c0 += H::size) weighted_sum_block<1, kPair, H>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
     };
     if constexpr (Bytes > 32) narrow_step(std::integral_constant<int, 32>{});
     if constexpr (Bytes > 16) narrow_step(std::integral_constant<int, 16>{});
@@ -226,7 +295,8 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, c
   for (; c0 < n; ++c0) {
     acc_t acc = 0;
     for (int64_t j = 0; j < taps; ++j) {
-      acc += w0[j] * static_cast<acc_t>(x[static_cast<int64_t>(i0[j]) * step + c0]) + w1[j] * static_cast<acc_t>(x[static_cast<int64_t>(i1[j]) * step + c0]);
+      const int64_t e0 = static_cast<int64_t>(i0[j]) * step, e1 = kPair ? e0 + step : static_cast<int64_t>(i1[j]) * step;
+      acc += w0[j] * static_cast<acc_t>(x[e0 + c0]) + w1[j] * static_cast<acc_t>(x[e1 + c0]);
     }
     out[c0] = static_cast<scalar_t>(acc);
   }
@@ -346,9 +416,15 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = p.group, gc = p.group_channels, C = p.C, KK = p.geom.taps, GK = G * KK;
   const acc_t scale = static_cast<acc_t>(p.offset_scale);
+  // The pair form needs two elements on the line; a line of one pixel takes the general table.
+  const bool pair = p.geom.axis_len >= 2;
   for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
     const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
-    tab.template fill<kFillBytes<Bytes>, false>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
+    if (pair) {
+      tab.template fill<Bytes, false>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
+    } else {
+      tab.template fill<Bytes, true>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
+    }
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* out_px = output + (pix0 + r) * C;
       const int64_t oo = oo0 + r * (1 - step);
@@ -360,8 +436,13 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
       const scalar_t* x = input + n * f.in_batch + line * f.in_orth;
       for (int64_t grp = 0; grp < G; ++grp) {
         const int64_t t0 = r * GK + grp * KK;
-        weighted_sum<Bytes>(x + grp * gc, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
-                            tab.w1.data() + t0, KK, out_px + grp * gc, gc, f.in_axis);
+        if (pair) {
+          weighted_sum<Bytes, true>(x + grp * gc, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
+                                    tab.w1.data() + t0, KK, out_px + grp * gc, gc, f.in_axis);
+        } else {
+          weighted_sum<Bytes, false>(x + grp * gc, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
+                                     tab.w1.data() + t0, KK, out_px + grp * gc, gc, f.in_axis);
+        }
       }
     }
   });
@@ -380,7 +461,7 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
   const bool want_in = grad_input != nullptr, want_off = grad_offset != nullptr;
   for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
     const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
-    tab.template fill<kFillBytes<Bytes>, true>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
+    tab.template fill<Bytes, true>(p.geom, oa0, step, R, offset + pix0 * GK, scale);
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* goff_px = want_off ? grad_offset + (pix0 + r) * GK : nullptr;
       const int64_t oo = oo0 + r * (1 - step);
