@@ -225,7 +225,9 @@ struct TapTable {
   }
 };
 
-// NV vectors of out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c], starting at x and out.
+// NV vectors of out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c], starting at x and out;
+// vector v starts at channel v * L, except the last, which starts at `last` (it may overlap the one before: lanes
+// that compute the same channel do the same operations in the same order, so they store the same value).
 // The lower and the upper neighbour accumulate separately, and for fewer than four vectors the taps alternate
 // between two accumulator sets: with one vector per group (16 channels on AVX-512, the common DSAN case) a single
 // chain of K dependent FMAs per neighbour was latency-bound at about a third of the FMA throughput. The final sum
@@ -233,9 +235,10 @@ struct TapTable {
 template <int NV, bool kPair, typename V, typename scalar_t, typename acc_t, typename idx_t>
 DSCN_INLINE void weighted_sum_block(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
                                     const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
-                                    int64_t step) {
+                                    int64_t step, int64_t last = (NV - 1) * V::size) {
   using v_t = typename V::type;
   constexpr int64_t L = V::size;
+  const auto at = [&](int v) DSCN_LAMBDA_INLINE { return v == NV - 1 ? last : v * L; };
   constexpr int S = NV >= 4 ? 1 : 2;  // accumulator sets (tap phases)
   v_t a[S][NV], b[S][NV];
 #pragma GCC unroll 8
@@ -249,8 +252,8 @@ DSCN_INLINE void weighted_sum_block(const scalar_t* __restrict__ x, const idx_t*
     const scalar_t wa = w0[j], wb = w1[j];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      a[s][v] += wa * V::load(pa + v * L);
-      b[s][v] += wb * V::load(pb + v * L);
+      a[s][v] += wa * V::load(pa + at(v));
+      b[s][v] += wb * V::load(pb + at(v));
     }
   };
   int64_t j = 0;
@@ -264,7 +267,56 @@ DSCN_INLINE void weighted_sum_block(const scalar_t* __restrict__ x, const idx_t*
     v_t sum = a[0][v] + b[0][v];
 #pragma GCC unroll 8
     for (int s = 1; s < S; ++s) sum += a[s][v] + b[s][v];
-    V::store(out + v * L, sum);
+    V::store(out + at(v), sum);
+  }
+}
+
+// weighted_sum() of M consecutive groups of NV vectors each (gc channels, L < gc <= NV * L; vector NV - 1 starts at
+// channel `last`, as in weighted_sum_block), in one tap loop: group m reads x + m * gc, writes out + m * gc, and its
+// table entries start at m * taps. Used where a group is one or two vectors (16 or 20 channels on AVX-512: DSAN-T
+// stages 2-3, DSAN-S stages 1-3). One group per loop was measured at about 4 cycles a tap, twice what its loads and
+// FMAs need: each group's short loop and final reduction ended a dependency window the next group could not
+// overlap. Every group sums in weighted_sum_block's order, so results do not depend on M.
+template <int M, int NV, bool kPair, typename V, typename scalar_t, typename acc_t, typename idx_t>
+DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
+                                     const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
+                                     int64_t step, int64_t gc, int64_t last) {
+  static_assert(NV <= 2, "weighted_sum_block's order has two tap phases for NV <= 2");
+  using v_t = typename V::type;
+  constexpr int64_t L = V::size;
+  const auto at = [&](int v) DSCN_LAMBDA_INLINE { return v == NV - 1 ? last : v * L; };
+  v_t a[2][M][NV], b[2][M][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) a[0][m][v] = a[1][m][v] = b[0][m][v] = b[1][m][v] = v_t{};
+  }
+  const auto tap = [&](int s, int64_t j) DSCN_LAMBDA_INLINE {
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const int64_t e = m * taps + j;
+      const scalar_t* pa = x + m * gc + static_cast<int64_t>(i0[e]) * step;
+      const scalar_t* pb = kPair ? pa + step : x + m * gc + static_cast<int64_t>(i1[e]) * step;
+      const scalar_t wa = w0[e], wb = w1[e];
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) {
+        a[s][m][v] += wa * V::load(pa + at(v));
+        b[s][m][v] += wb * V::load(pb + at(v));
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 2 <= taps; j += 2) {
+    tap(0, j);
+    tap(1, j + 1);
+  }
+  if (j < taps) tap(0, j);
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      V::store(out + m * gc + at(v), (a[0][m][v] + b[0][m][v]) + (a[1][m][v] + b[1][m][v]));
+    }
   }
 }
 
@@ -279,11 +331,27 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, c
   if constexpr (kVectorised<scalar_t>) {
     using V = Vec<scalar_t, Bytes>;
     constexpr int64_t L = V::size;
-    // Up to four vectors of channels per pass, so the tap table is read once per pass.
+    // Up to four vectors of channels per pass, so the tap table is read once per pass. A group that is not a whole
+    // number of vectors ends with a vector overlapping the one before, in the same pass (20 channels = vectors at 0
+    // and 4: DSAN-T/S stage 3 on AVX-512), rather than in a pass of narrower vectors that reads the table again.
     for (; c0 + 4 * L <= n; c0 += 4 * L) weighted_sum_block<4, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
-    for (; c0 + 2 * L <= n; c0 += 2 * L) weighted_sum_block<2, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
-    for (; c0 + L <= n; c0 += L) weighted_sum_block<1, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
-    // Narrower steps for the rest of the group, e.g. 20 = 16 + 4 channels (DSAN-T stage 3).
+    const int64_t rest = n - c0;
+    if (rest >= L) {
+      const auto blk = [&](auto nv) DSCN_LAMBDA_INLINE {
+        weighted_sum_block<decltype(nv)::value, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step, rest - L);
+      };
+      if (rest == L) {
+        blk(std::integral_constant<int, 1>{});
+      } else if (rest <= 2 * L) {
+        blk(std::integral_constant<int, 2>{});
+      } else if (rest <= 3 * L) {
+        blk(std::integral_constant<int, 3>{});
+      } else {
+        blk(std::integral_constant<int, 4>{});
+      }
+      c0 = n;
+    }
+    // Less than one vector left (groups narrower than a vector, or after whole passes of four): narrower vectors.
     const auto narrow_step = [&](auto bytes) DSCN_LAMBDA_INLINE {
       using H = Vec<scalar_t, decltype(bytes)::value>;
       for (; c0 + H::size <= n; c0 += H::size) weighted_sum_block<1, kPair, H>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
@@ -434,7 +502,39 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
         continue;
       }
       const scalar_t* x = input + n * f.in_batch + line * f.in_orth;
-      for (int64_t grp = 0; grp < G; ++grp) {
+      int64_t grp = 0;
+#if DSCN_HAS_VEC
+      if constexpr (kVectorised<scalar_t>) {
+        using V = Vec<scalar_t, Bytes>;
+        constexpr int64_t L = V::size;
+        // Groups of one vector four (two, one) at a time; of two vectors (the second may overlap) two at a time.
+        const auto groups = [&](auto m, auto nv) DSCN_LAMBDA_INLINE {
+          constexpr int M = decltype(m)::value, NV = decltype(nv)::value;
+          for (; grp + M <= G; grp += M) {
+            const int64_t t0 = r * GK + grp * KK;
+            const scalar_t* xg = x + grp * gc;
+            if (pair) {
+              weighted_sum_groups<M, NV, true, V>(xg, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
+                                                  tab.w1.data() + t0, KK, out_px + grp * gc, f.in_axis, gc, gc - L);
+            } else {
+              weighted_sum_groups<M, NV, false, V>(xg, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
+                                                   tab.w1.data() + t0, KK, out_px + grp * gc, f.in_axis, gc, gc - L);
+            }
+          }
+        };
+        using one = std::integral_constant<int, 1>;
+        using two = std::integral_constant<int, 2>;
+        if (gc == L) {
+          groups(std::integral_constant<int, 4>{}, one{});
+          groups(two{}, one{});
+          groups(one{}, one{});
+        } else if (gc > L && gc <= 2 * L) {
+          groups(two{}, two{});
+          groups(one{}, two{});
+        }
+      }
+#endif
+      for (; grp < G; ++grp) {
         const int64_t t0 = r * GK + grp * KK;
         if (pair) {
           weighted_sum<Bytes, true>(x + grp * gc, tab.i0.data() + t0, tab.i1.data() + t0, tab.w0.data() + t0,
