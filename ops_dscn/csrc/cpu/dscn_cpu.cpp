@@ -225,71 +225,33 @@ struct TapTable {
   }
 };
 
-// NV vectors of out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c], starting at x and out;
-// vector v starts at channel v * L, except the last, which starts at `last` (it may overlap the one before: lanes
+// NV vectors of out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c] for each of M groups, in
+// one tap loop: group m reads x + m * gc, writes out + m * gc, and its `taps` table entries start at m * taps.
+// Vector v starts at channel v * L, except the last, which starts at `last` (it may overlap the one before: lanes
 // that compute the same channel do the same operations in the same order, so they store the same value).
+//
 // The lower and the upper neighbour accumulate separately, and for fewer than four vectors the taps alternate
-// between two accumulator sets: with one vector per group (16 channels on AVX-512, the common DSAN case) a single
-// chain of K dependent FMAs per neighbour was latency-bound at about a third of the FMA throughput. The final sum
-// order is fixed, so results stay deterministic.
-template <int NV, bool kPair, typename V, typename scalar_t, typename acc_t, typename idx_t>
-DSCN_INLINE void weighted_sum_block(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
-                                    const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
-                                    int64_t step, int64_t last = (NV - 1) * V::size) {
-  using v_t = typename V::type;
-  constexpr int64_t L = V::size;
-  const auto at = [&](int v) DSCN_LAMBDA_INLINE { return v == NV - 1 ? last : v * L; };
-  constexpr int S = NV >= 4 ? 1 : 2;  // accumulator sets (tap phases)
-  v_t a[S][NV], b[S][NV];
-#pragma GCC unroll 8
-  for (int s = 0; s < S; ++s) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) a[s][v] = b[s][v] = v_t{};
-  }
-  const auto tap = [&](int s, int64_t j) DSCN_LAMBDA_INLINE {
-    const scalar_t* pa = x + static_cast<int64_t>(i0[j]) * step;
-    const scalar_t* pb = kPair ? pa + step : x + static_cast<int64_t>(i1[j]) * step;
-    const scalar_t wa = w0[j], wb = w1[j];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      a[s][v] += wa * V::load(pa + at(v));
-      b[s][v] += wb * V::load(pb + at(v));
-    }
-  };
-  int64_t j = 0;
-  for (; j + S <= taps; j += S) {
-#pragma GCC unroll 8
-    for (int s = 0; s < S; ++s) tap(s, j + s);
-  }
-  for (; j < taps; ++j) tap(0, j);
-#pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) {
-    v_t sum = a[0][v] + b[0][v];
-#pragma GCC unroll 8
-    for (int s = 1; s < S; ++s) sum += a[s][v] + b[s][v];
-    V::store(out + at(v), sum);
-  }
-}
-
-// weighted_sum() of M consecutive groups of NV vectors each (gc channels, L < gc <= NV * L; vector NV - 1 starts at
-// channel `last`, as in weighted_sum_block), in one tap loop: group m reads x + m * gc, writes out + m * gc, and its
-// table entries start at m * taps. Used where a group is one or two vectors (16 or 20 channels on AVX-512: DSAN-T
-// stages 2-3, DSAN-S stages 1-3). One group per loop was measured at about 4 cycles a tap, twice what its loads and
-// FMAs need: each group's short loop and final reduction ended a dependency window the next group could not
-// overlap. Every group sums in weighted_sum_block's order, so results do not depend on M.
+// between two accumulator sets: with one vector a single chain of K dependent FMAs per neighbour was latency-bound.
+// Several groups per loop (M > 1) are used where a group is one or two vectors (16 or 20 channels on AVX-512:
+// DSAN-T stages 2-3, DSAN-S stages 1-3): one such group per loop was measured at about 4 cycles a tap, against the
+// 2-2.5 its loads and FMAs need, as each group's short loop and final reduction ended a dependency window that the
+// next group could not overlap. The sum order of a group does not depend on M, so neither do the results.
 template <int M, int NV, bool kPair, typename V, typename scalar_t, typename acc_t, typename idx_t>
 DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
                                      const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
                                      int64_t step, int64_t gc, int64_t last) {
-  static_assert(NV <= 2, "weighted_sum_block's order has two tap phases for NV <= 2");
   using v_t = typename V::type;
   constexpr int64_t L = V::size;
+  constexpr int S = NV >= 4 ? 1 : 2;  // accumulator sets (tap phases)
   const auto at = [&](int v) DSCN_LAMBDA_INLINE { return v == NV - 1 ? last : v * L; };
-  v_t a[2][M][NV], b[2][M][NV];
+  v_t a[S][M][NV], b[S][M][NV];
 #pragma GCC unroll 8
-  for (int m = 0; m < M; ++m) {
+  for (int s = 0; s < S; ++s) {
 #pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) a[0][m][v] = a[1][m][v] = b[0][m][v] = b[1][m][v] = v_t{};
+    for (int m = 0; m < M; ++m) {
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) a[s][m][v] = b[s][m][v] = v_t{};
+    }
   }
   const auto tap = [&](int s, int64_t j) DSCN_LAMBDA_INLINE {
 #pragma GCC unroll 8
@@ -306,16 +268,19 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
     }
   };
   int64_t j = 0;
-  for (; j + 2 <= taps; j += 2) {
-    tap(0, j);
-    tap(1, j + 1);
+  for (; j + S <= taps; j += S) {
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) tap(s, j + s);
   }
-  if (j < taps) tap(0, j);
+  for (; j < taps; ++j) tap(0, j);
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
-      V::store(out + m * gc + at(v), (a[0][m][v] + b[0][m][v]) + (a[1][m][v] + b[1][m][v]));
+      v_t sum = a[0][m][v] + b[0][m][v];
+#pragma GCC unroll 8
+      for (int s = 1; s < S; ++s) sum += a[s][m][v] + b[s][m][v];
+      V::store(out + m * gc + at(v), sum);
     }
   }
 }
@@ -334,11 +299,12 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, c
     // Up to four vectors of channels per pass, so the tap table is read once per pass. A group that is not a whole
     // number of vectors ends with a vector overlapping the one before, in the same pass (20 channels = vectors at 0
     // and 4: DSAN-T/S stage 3 on AVX-512), rather than in a pass of narrower vectors that reads the table again.
-    for (; c0 + 4 * L <= n; c0 += 4 * L) weighted_sum_block<4, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
+    for (; c0 + 4 * L <= n; c0 += 4 * L) weighted_sum_groups<1, 4, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step, 0, 3 * L);
     const int64_t rest = n - c0;
     if (rest >= L) {
       const auto blk = [&](auto nv) DSCN_LAMBDA_INLINE {
-        weighted_sum_block<decltype(nv)::value, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step, rest - L);
+        weighted_sum_groups<1, decltype(nv)::value, kPair, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step, 0,
+                                                              rest - L);
       };
       if (rest == L) {
         blk(std::integral_constant<int, 1>{});
@@ -354,7 +320,9 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, c
     // Less than one vector left (groups narrower than a vector, or after whole passes of four): narrower vectors.
     const auto narrow_step = [&](auto bytes) DSCN_LAMBDA_INLINE {
       using H = Vec<scalar_t, decltype(bytes)::value>;
-      for (; c0 + H::size <= n; c0 += H::size) weighted_sum_block<1, kPair, H>(x + c0, i0, i1, w0, w1, taps, out + c0, step);
+      for (; c0 + H::size <= n; c0 += H::size) {
+        weighted_sum_groups<1, 1, kPair, H>(x + c0, i0, i1, w0, w1, taps, out + c0, step, 0, 0);
+      }
     };
     if constexpr (Bytes > 32) narrow_step(std::integral_constant<int, 32>{});
     if constexpr (Bytes > 16) narrow_step(std::integral_constant<int, 16>{});
