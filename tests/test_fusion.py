@@ -8,6 +8,7 @@ from conftest import BACKEND
 
 import ops_dscn
 from dsan.models import DSAN, Block, OverlapPatchEmbed
+from dsan.models.dsan import Mlp
 
 SMALL = dict(depths=(1, 1, 1, 1))
 
@@ -200,17 +201,46 @@ def kernel_calls(model: nn.Module, x: torch.Tensor, grad: bool = False) -> int:
 
 
 @requires_mlp_kernel
-def test_mlp_kernel_runs_only_in_cpu_float32_inference():
+def test_mlp_kernel_runs_where_it_applies(monkeypatch):
     model = make_model(**SMALL)
     x = torch.randn(1, 3, 64, 64)
     assert kernel_calls(model, x) == 4  # one MLP per block
-    assert kernel_calls(model, x, grad=True) == 0  # parameters need gradients: the layers run one by one
+    # With gradients needed the kernel serves maps of at least Mlp.fused_train_min_pixels (28x28) pixels only:
+    assert kernel_calls(model, x, grad=True) == 0  # stage 1 is 16x16
+    assert kernel_calls(model, torch.randn(1, 3, 112, 112), grad=True) == 1  # stage 1 is 28x28
+    monkeypatch.setattr(Mlp, 'fused_train_min_pixels', 1)
+    assert kernel_calls(model, x, grad=True) == 4
     assert kernel_calls(model.double(), x.double()) == 0  # float64 keeps the reference arithmetic
     assert kernel_calls(make_model(fused_mlp=False, **SMALL), x) == 0
     dropout = make_model(drop_rate=0.1, **SMALL).train()
     assert kernel_calls(dropout, x) == 0  # active dropout
     frozen = make_model(**SMALL).train().requires_grad_(False)
     assert kernel_calls(frozen, x, grad=True) == 4  # nothing needs a gradient, no dropout: the kernel serves
+
+
+@requires_mlp_kernel
+def test_mlp_kernel_trains_like_the_layers_one_by_one(monkeypatch):
+    """A training step (train-mode BatchNorm, drop path) through the kernel's backward gives the gradients of the
+    layer-by-layer model with the same weights, to float32 rounding."""
+    monkeypatch.setattr(Mlp, 'fused_train_min_pixels', 1)  # the kernel in every stage
+    torch.manual_seed(0)
+    model, layers = make_model(**SMALL), make_model(fused_mlp=False, **SMALL)
+    layers.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for m in (model, layers):
+        m.train()
+        torch.manual_seed(1)  # the same drop-path draws in both models
+        with CountMlpKernel() as counter:
+            torch.nn.functional.cross_entropy(m(x), torch.tensor([1, 7])).backward()
+        grads.append((counter.calls, {k: p.grad for k, p in m.named_parameters()}))
+    (calls, got), (no_calls, ref) = grads
+    assert calls == 4 and no_calls == 0
+    assert got.keys() == ref.keys()
+    for k in ref:
+        scale = ref[k].abs().max().item()
+        # (the bias of a conv before a train-mode BatchNorm has a zero gradient up to rounding: the 1e-6 floor)
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-4, atol=1e-5 * scale + 1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @requires_mlp_kernel

@@ -213,9 +213,11 @@ class DWConv(nn.Module):
 class Mlp(nn.Module):
     """Convolutional MLP: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv.
 
-    In CPU float32 inference (no gradient needed, exact GELU, no active dropout) the four layers run as one fused
-    operator, `ops_dscn.conv_mlp`, which keeps the wide hidden tensor in cache; it computes the same function to
-    float rounding. ``fused_kernel=False`` (``fused_mlp=False`` on the model) always runs the layers one by one.
+    On CPU in float32 (exact GELU, no active dropout) the four layers run as one fused operator,
+    `ops_dscn.conv_mlp`, which keeps the wide hidden tensor in cache; it computes the same function to float
+    rounding. In training its backward recomputes the hidden tensor from the input, so autograd keeps only that
+    (not the three hidden tensors of the unfused layers). ``fused_kernel=False`` (``fused_mlp=False`` on the
+    model) always runs the layers one by one.
     """
 
     def __init__(
@@ -246,16 +248,21 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fused_kernel = fused_kernel
 
+    # Least H * W at which the fused kernel runs when gradients are needed. Its backward recomputes the hidden rows
+    # image by image; on small maps (DSAN-T stage 3-4 at 224: 14x14, 7x7) the unfused layers were as fast or faster
+    # (`python ops_dscn/benchmark.py --fused --train`), on large ones it is the faster (stage 1: 2-2.6x).
+    fused_train_min_pixels = 28 * 28
+
     def _use_fused_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         # float64 keeps the layer-by-layer path, so double-precision results stay those of the reference model.
         if not self.fused_kernel or x.dtype != torch.float32 or not ops_dscn.conv_mlp_available(x):
             return False
         if type(self.act) is not nn.GELU or self.act.approximate != 'none' or (self.training and self.drop.p > 0):
             return False
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())
-                                        or (residual is not None and residual.requires_grad)):
-            return False  # the fused kernel has no backward
-        return True
+        if x.shape[2] * x.shape[3] >= self.fused_train_min_pixels or not torch.is_grad_enabled():
+            return True
+        return not (x.requires_grad or any(p.requires_grad for p in self.parameters())
+                    or (residual is not None and residual.requires_grad))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(N, C, H, W) -> (N, C_out, H, W), plus `residual` (N, C_out, H, W) when given."""
@@ -364,7 +371,7 @@ class Block(nn.Module):
             act_layer: MLP activation layer.
             backend: DSCN operator backend.
             norm_layer: Builds `norm1` / `norm2` from the channel count (BatchNorm2d; SyncBN in mm runs).
-            fused_mlp: Let the MLP run as the fused CPU inference kernel where it applies (see `Mlp`).
+            fused_mlp: Let the MLP run as the fused CPU kernel where it applies (see `Mlp`).
         """
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -516,9 +523,9 @@ class DSAN(nn.Module):
             channels_last: Convert the input to channels_last memory so every activation stays NHWC in memory.
             norm_layer: Builds every BatchNorm (patch embeddings, `norm1`/`norm2` of the blocks) from the
                 channel count; the mm adapter passes SyncBN or BN built from its `norm_cfg`.
-            fused_mlp: In CPU float32 inference (no gradient needed), run each MLP as one fused operator
-                (`ops_dscn.conv_mlp`: the hidden tensor stays in cache; same results to float rounding). False
-                runs its layers one by one everywhere.
+            fused_mlp: On CPU in float32, training and inference, run each MLP as one fused operator
+                (`ops_dscn.conv_mlp`: the hidden tensor stays in cache, and training keeps only the MLP's input
+                for the backward; same results to float rounding). False runs its layers one by one everywhere.
         """
         super().__init__()
         num_stages = len(depths)

@@ -20,13 +20,17 @@ TORCH_LIBRARY(ops_dscn, m) {
       "_dscn_backward(Tensor grad_output, Tensor input, Tensor offset, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, int group, int group_channels, "
       "float offset_scale, bool remove_center, bool on_x, bool[2] output_mask) -> (Tensor, Tensor)");
-  // DSAN's convolutional MLP (fc1 -> depthwise 3x3 -> exact GELU -> fc2, + residual) fused for CPU inference; see
-  // cpu/conv_mlp_cpu.cpp. Inference only: no autograd formula is registered.
+  // DSAN's convolutional MLP (fc1 -> depthwise 3x3 -> exact GELU -> fc2, + residual) fused for CPU; see
+  // cpu/conv_mlp_cpu.cpp. Its backward recomputes the hidden rows from the input and returns the gradients of input,
+  // fc1 weight / bias, dw weight / bias, fc2 weight / bias (the residual's is grad_output).
   m.def(
       "conv_mlp(Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, Tensor? dw_bias, "
       "Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual=None) -> Tensor");
+  m.def(
+      "_conv_mlp_backward(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
+      "Tensor? dw_bias, Tensor fc2_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU
-  // inference; see cpu/strip_offsets_cpu.cpp. Inference only, as conv_mlp.
+  // inference; see cpu/strip_offsets_cpu.cpp. Inference only: no autograd formula is registered.
   m.def(
       "strip_offsets(Tensor input, Tensor dw_weight, Tensor? dw_bias, Tensor ln_weight, Tensor ln_bias, float eps, "
       "Tensor lin_weight, Tensor? lin_bias, bool on_x) -> Tensor");

@@ -1,10 +1,12 @@
-"""DSAN's convolutional MLP fused into one operator for CPU inference.
+"""DSAN's convolutional MLP fused into one operator on CPU, forward and backward.
 
 The MLP of a DSAN block is fc1 (1x1 conv, C -> hidden) -> depthwise 3x3 conv -> exact GELU -> fc2 (1x1 conv,
-hidden -> C_out). Run as four operators, each streams the hidden tensor (4-8x wider than the input) through memory;
-``ops_dscn::conv_mlp`` computes it a few image rows at a time so that the hidden rows stay in cache (see
-``csrc/cpu/conv_mlp_cpu.cpp``). :func:`conv_mlp` picks that kernel where it applies (a CPU float32/float64 input, no
-gradient needed) and the unfused PyTorch operators, :func:`conv_mlp_reference`, elsewhere.
+hidden -> C_out). Run as four operators, each streams the hidden tensor (4-8x wider than the input) through memory,
+forward and backward, and autograd keeps three of them; ``ops_dscn::conv_mlp`` computes it a few image rows at a
+time so that the hidden rows stay in cache, and its backward (``ops_dscn::_conv_mlp_backward``) recomputes them
+from the input, the only tensor autograd keeps (see ``csrc/cpu/conv_mlp_cpu.cpp``). :func:`conv_mlp` picks that
+kernel where it applies (a CPU float32/float64 input) and the unfused PyTorch operators, :func:`conv_mlp_reference`,
+elsewhere.
 """
 
 import torch
@@ -46,18 +48,24 @@ def _no_backward(op: str):
     return backward
 
 
-def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.Tensor, tensors) -> bool:
+def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.Tensor, tensors,
+                has_backward: bool = False) -> bool:
     """Whether `backend` runs the fused kernel of ``ops_dscn::<op>`` (True) or its reference (False).
+
+    Args:
+        has_backward: The op has a backward kernel; without one, a call that needs gradients runs the reference
+            ('auto') or is an error ('cpp').
 
     Raises:
         ValueError: Unknown backend.
-        RuntimeError: backend='cpp' where the kernel cannot run (`usable` False) or with gradients needed.
+        RuntimeError: backend='cpp' where the kernel cannot run (`usable` False), or with gradients needed by an op
+            without a backward.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"{op}: backend must be one of {_BACKENDS}; got {backend!r}")
     if backend == "pytorch":
         return False
-    grad = _needs_grad(*(t for t in tensors if isinstance(t, torch.Tensor)))
+    grad = not has_backward and _needs_grad(*(t for t in tensors if isinstance(t, torch.Tensor)))
     if backend == "auto":
         return usable and not grad
     if not usable:
@@ -72,17 +80,16 @@ def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.T
 
 
 def conv_mlp_available(input: torch.Tensor) -> bool:
-    """Whether the fused kernel can run `input`: built, on CPU, and float32 or float64.
-
-    The kernel has no backward, so callers also need gradients to be off (see :func:`conv_mlp`).
-    """
+    """Whether the fused kernel (forward and backward) can run `input`: built, on CPU, and float32 or float64."""
     return _CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
 
 
-def check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None):
+def check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None,
+                        residual_name="residual"):
     """Checks a conv_mlp call as the C++ kernel does (same messages) and returns the output shape.
 
-    Used by the fake kernel, so compiled and eager code reject the same calls.
+    Used by the fake kernels, so compiled and eager code reject the same calls (the backward's grad_output is
+    checked as a residual, named `residual_name`).
 
     Returns:
         (N, C_out, H, W).
@@ -122,13 +129,14 @@ def check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_wei
             raise ValueError(f"conv_mlp: {name} must have shape ({expected},); got {_shape(t)}")
         same(t, name)
     if residual is not None:
+        name = residual_name
         if tuple(residual.shape) != (n, c_out, h, w):
-            raise ValueError(f"conv_mlp: residual must have shape [{n}, {c_out}, {h}, {w}]; got {_shape(residual)}")
+            raise ValueError(f"conv_mlp: {name} must have shape [{n}, {c_out}, {h}, {w}]; got {_shape(residual)}")
         if residual.dtype != input.dtype:
-            raise ValueError(f"conv_mlp: residual dtype must equal input dtype {_dtype_name(input.dtype)}; got "
+            raise ValueError(f"conv_mlp: {name} dtype must equal input dtype {_dtype_name(input.dtype)}; got "
                              f"{_dtype_name(residual.dtype)}")
         if residual.device != input.device:
-            raise ValueError(f"conv_mlp: residual must be on the input's device {input.device}; got {residual.device}")
+            raise ValueError(f"conv_mlp: {name} must be on the input's device {input.device}; got {residual.device}")
     return n, c_out, h, w
 
 
@@ -159,18 +167,20 @@ def conv_mlp(
         dw_weight: (hidden, 1, 3, 3), depthwise, padding 1; dw_bias: (hidden,) or None.
         fc2_weight: (C_out, hidden, 1, 1); fc2_bias: (C_out,) or None.
         residual: (N, C_out, H, W) added to the output, or None.
-        backend: 'auto' runs the fused kernel when :func:`conv_mlp_available` and no gradient is needed, else
-            :func:`conv_mlp_reference`; 'cpp' requires the kernel; 'pytorch' always runs the reference.
+        backend: 'auto' runs the fused kernel when :func:`conv_mlp_available`, else :func:`conv_mlp_reference`;
+            'cpp' requires the kernel; 'pytorch' always runs the reference. The kernel is differentiable (first
+            order) in every input.
 
     Returns:
         (N, C_out, H, W); channels_last memory from the kernel.
 
     Raises:
         ValueError: Bad shapes, dtypes or devices (also from the reference path's checks), or an unknown backend.
-        RuntimeError: backend='cpp' where the kernel cannot run, or with gradients needed (it has no backward).
+        RuntimeError: backend='cpp' where the kernel cannot run.
     """
     tensors = (input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
-    if not _use_kernel("conv_mlp", backend, conv_mlp_available(input), _CPU_KERNEL, input, tensors):
+    if not _use_kernel("conv_mlp", backend, conv_mlp_available(input), _CPU_KERNEL, input, tensors,
+                       has_backward=True):
         return conv_mlp_reference(*tensors)
     return torch.ops.ops_dscn.conv_mlp(*tensors)
 
@@ -182,4 +192,29 @@ if _CPU_KERNEL:
         shape = check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
         return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
 
-    torch.library.register_autograd("ops_dscn::conv_mlp", _no_backward("conv_mlp"))
+    @torch.library.register_fake("ops_dscn::_conv_mlp_backward")
+    def _conv_mlp_backward_fake(grad_output, input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight):
+        check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, None, grad_output,
+                            residual_name="grad_output")
+        hidden, c_out = fc1_weight.shape[0], fc2_weight.shape[0]
+        new = fc1_weight.new_empty
+        return (torch.empty(input.shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last),
+                new(fc1_weight.shape), new(hidden), new(dw_weight.shape), new(hidden), new(fc2_weight.shape),
+                new(c_out))
+
+    def _setup_context(ctx, inputs, output):
+        input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual = inputs
+        # Only the input and the weights are kept: the backward recomputes the hidden rows.
+        ctx.save_for_backward(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight)
+        ctx.has_bias = (fc1_bias is not None, dw_bias is not None, fc2_bias is not None)
+        ctx.has_residual = residual is not None
+
+    def _backward(ctx, grad_output):
+        input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight = ctx.saved_tensors
+        g_in, g_w1, g_b1, g_wd, g_bd, g_w2, g_b2 = torch.ops.ops_dscn._conv_mlp_backward(
+            grad_output, input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight)
+        has_b1, has_bd, has_b2 = ctx.has_bias
+        return (g_in, g_w1, g_b1 if has_b1 else None, g_wd, g_bd if has_bd else None, g_w2, g_b2 if has_b2 else None,
+                grad_output if ctx.has_residual else None)
+
+    torch.library.register_autograd("ops_dscn::conv_mlp", _backward, setup_context=_setup_context)

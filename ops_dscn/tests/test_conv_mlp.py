@@ -1,4 +1,5 @@
-"""Tests of ops_dscn.conv_mlp, DSAN's MLP fused for CPU inference, against an independent float64 reference."""
+"""Tests of ops_dscn.conv_mlp, DSAN's MLP fused on CPU (forward and backward), against an independent float64
+reference and with gradcheck."""
 import os
 
 import pytest
@@ -149,22 +150,125 @@ def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
             torch.ops.ops_dscn.conv_mlp(*fake)
 
 
-def test_inference_only():
+def grads64(args, res, grad):
+    """Gradients of `reference64` (float64 autograd of the independent reference) w.r.t. the non-None args and res."""
+    leaves = [None if a is None else a.detach().double().requires_grad_() for a in (*args, res)]
+    y = reference64(*leaves)
+    present = [t for t in leaves if t is not None]
+    return torch.autograd.grad(y, present, grad.double())
+
+
+def kernel_grads(args, res, grad):
+    """Gradients through the fused op (autograd formula registered from Python, C++ backward kernel)."""
+    leaves = [None if a is None else a.detach().requires_grad_() for a in (*args, res)]
+    y = conv_mlp(*leaves, backend="cpp")
+    present = [t for t in leaves if t is not None]
+    return torch.autograd.grad(y, present, grad)
+
+
+# Backward geometries: DSAN-like shapes, vector tails, one row / column, several steps per image and, with more
+# threads than images, images cut into bands; (n, c, h, w, ratio, c_out).
+GRAD_CASES = [
+    (2, 16, 9, 10, 4, None), (3, 5, 7, 9, 3, None), (1, 8, 3, 2, 4, 6), (2, 12, 1, 9, 4, None),
+    (1, 4, 9, 1, 4, None), (1, 64, 23, 64, 8, 32), (2, 32, 12, 12, 8, None), (5, 8, 2, 3, 2, None),
+]
+
+
+@pytest.mark.parametrize("n,c,h,w,ratio,c_out", GRAD_CASES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_matches_float64_reference(n, c, h, w, ratio, c_out, residual):
+    args, res = make(n, c, h, w, ratio, c_out, dtype=torch.float64, seed=1)
+    res = res.contiguous(memory_format=torch.channels_last) if residual else None
+    grad = make(n, c_out or c, h, w, 1, dtype=torch.float64, seed=2)[0][0]
+    expected = grads64(args, res, grad)
+    got64 = kernel_grads(args, res, grad)
+    got32 = kernel_grads([None if a is None else a.float() for a in args], None if res is None else res.float(),
+                         grad.float())
+    assert len(got64) == len(expected) == (8 if residual else 7)
+    assert got64[0].is_contiguous(memory_format=torch.channels_last)
+    for g64, g32, e in zip(got64, got32, expected):
+        assert g64.shape == e.shape and g32.dtype == torch.float32
+        torch.testing.assert_close(g64, e, atol=1e-11, rtol=1e-11)
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g32.double(), e, atol=2e-6 * scale, rtol=1e-5)
+
+
+def test_gradcheck():
+    for (n, c, h, w, ratio), bias in (((2, 4, 5, 6, 2), True), ((1, 3, 4, 3, 3), False)):
+        args, res = make(n, c, h, w, ratio, bias=bias, dtype=torch.float64, seed=3)
+        leaves = [None if a is None else a.requires_grad_() for a in (*args, res)]
+        assert torch.autograd.gradcheck(lambda *t: conv_mlp(*t, backend="cpp"), leaves)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+def test_backward_bands_and_thread_counts(threads):
+    """Bands (fewer images than threads) and per-thread weight-gradient buffers give the float64 reference."""
+    args, res = make(2, 16, 13, 11, 4, dtype=torch.float64, seed=4)
+    grad = make(2, 16, 13, 11, 1, dtype=torch.float64, seed=5)[0][0]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = kernel_grads(args, None, grad)
+    finally:
+        torch.set_num_threads(old)
+    for g, e in zip(got, grads64(args, None, grad)):
+        torch.testing.assert_close(g, e, atol=1e-11, rtol=1e-11)
+
+
+def test_backward_keeps_only_the_input():
+    """Autograd saves the input and the weights, no hidden tensor (what the fused backward is for); the unfused
+    reference saves three."""
+    args, _ = make(2, 8, 6, 6, 8)
+    hidden_shape = (2, 64, 6, 6)
+
+    def saved_shapes(fn):
+        leaves = [a.detach().requires_grad_() for a in args]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+            fn(*leaves)
+        return saved
+
+    fused = saved_shapes(lambda *t: conv_mlp(*t, backend="cpp"))
+    assert (2, 8, 6, 6) in fused and hidden_shape not in fused
+    assert saved_shapes(conv_mlp_reference).count(hidden_shape) >= 3
+
+
+def test_backward_bad_grad_output_is_named():
+    args, res = make(2, 8, 5, 6, 4)
+    g = res
+    for bad, match in ((g[:, :, :2], r"grad_output must have shape \[2, 8, 5, 6\]; got \[2, 8, 2, 6\]"),
+                       (g.double(), "grad_output dtype must equal input dtype float32; got float64")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn._conv_mlp_backward(bad, *args[:6])
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(t) if t is not None else None for t in (bad, *args[:6])]
+            with pytest.raises(ValueError, match=match):
+                torch.ops.ops_dscn._conv_mlp_backward(*fake)
+
+
+def test_backends():
     args, _ = make(1, 8, 4, 4, 4)
-    args = [a.requires_grad_() if a is not None else None for a in args]
-    with pytest.raises(RuntimeError, match="inference-only"):
-        conv_mlp(*args, backend="cpp")
-    # 'auto' falls back to the differentiable reference when a gradient is needed.
-    y = conv_mlp(*args)
-    (g,) = torch.autograd.grad(y.sum(), args[1])
-    (g_ref,) = torch.autograd.grad(conv_mlp_reference(*args).sum(), args[1])
-    torch.testing.assert_close(g, g_ref)
-    # A direct call of the op gives an output whose backward says why it cannot run.
-    y = torch.ops.ops_dscn.conv_mlp(*args)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        y.sum().backward()
+    leaves = [a.requires_grad_() for a in args]
+    # 'cpp' and 'auto' run the kernel with gradients needed; 'pytorch' the reference; all agree.
+    g = {}
+    for backend in ("cpp", "auto", "pytorch"):
+        y = conv_mlp(*leaves, backend=backend)
+        g[backend] = torch.autograd.grad(y.square().sum(), leaves)
+    for a, b, c in zip(g["cpp"], g["auto"], g["pytorch"]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="backend must be one of"):
         conv_mlp(*args, backend="cuda")
+
+
+def test_opcheck_with_autograd():
+    args, res = make(2, 8, 5, 6, 4, dtype=torch.float64)
+    leaves = [a.requires_grad_() for a in args]
+    torch.library.opcheck(torch.ops.ops_dscn.conv_mlp.default, (*leaves, res.requires_grad_()))
+    torch.library.opcheck(torch.ops.ops_dscn.conv_mlp.default, tuple(leaves))
+    g = make(2, 8, 5, 6, 1, dtype=torch.float64)[0][0]
+    torch.library.opcheck(torch.ops.ops_dscn._conv_mlp_backward.default, (g, *args[:6]),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_auto_uses_the_kernel_only_where_it_applies():
@@ -194,6 +298,13 @@ def test_torch_compile_fullgraph():
         eager = f(*args, res)
         compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(*args, res)
     torch.testing.assert_close(compiled, eager)
+    # Training through the compiled graph: the registered autograd formula and the backward's fake kernel.
+    leaves = [a.detach().requires_grad_() for a in args]
+    g_eager = torch.autograd.grad(f(*leaves, res).square().sum(), leaves)
+    g_comp = torch.autograd.grad(torch.compile(f, fullgraph=True, backend="aot_eager")(*leaves, res).square().sum(),
+                                 leaves)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -213,6 +324,14 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "        torch.testing.assert_close(torch.ops.ops_dscn.conv_mlp(*a), ref, atol=1e-11, rtol=1e-11)\n"
         "        y = torch.ops.ops_dscn.conv_mlp(*[t.float() for t in a])\n"
         "        torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)\n"
+        "    g = torch.randn(ref.shape, dtype=torch.float64)\n"
+        "    for dt, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):\n"
+        "        leaves = [t.to(dt).requires_grad_() for t in a]\n"
+        "        got = torch.autograd.grad(ops_dscn.conv_mlp(*leaves, backend='cpp'), leaves, g.to(dt))\n"
+        "        leaves = [t.detach().requires_grad_() for t in a]\n"
+        "        exp = torch.autograd.grad(ops_dscn.conv_mlp_reference(*leaves), leaves, g)\n"
+        "        for u, v in zip(got, exp):\n"
+        "            torch.testing.assert_close(u.double(), v, atol=tol * v.abs().max().item(), rtol=tol)\n"
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "../common/dscn_params.h"
@@ -36,6 +37,8 @@ namespace {
 // Hidden rows kept per step are sized so that the ring (step + 2 halo rows) plus the step's activations take about
 // this many bytes, which stays in a core's L2 (1-2 MB on current x86 server cores).
 constexpr int64_t kStepBytes = 1 << 20;
+// Least depth (pixels) of the backward's weight-gradient matrix products (see GradStage).
+constexpr int64_t kGradDepth = 512;
 
 struct MlpDims {
   int64_t N, H, W, C, Ch, Co;
@@ -52,10 +55,12 @@ struct MlpWeights {
   std::vector<scalar_t> b2;     // (Co,) zeros when there is no bias
 };
 
-// Activations of output row r, columns [0, W): gelu(bias + sum of the 3x3 taps over the hidden rows up / mid /
-// down, each (W, Ch); nullptr for a row outside the image, which the conv's zero padding makes 0).
-template <int Bytes, typename scalar_t>
-DSCN_INLINE void dw_gelu_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* wdw,
+// Output row r, columns [0, W), of the depthwise 3x3 conv: bias + sum of the 3x3 taps `wdw` ((9, Ch), tap-major)
+// over the rows up / mid / down, each (W, Ch); nullptr for a row outside the image, which the conv's zero padding
+// makes 0. With Gelu, the exact GELU of that (the forward's activations); without, the conv alone (the backward's
+// pre-activations, and with the flipped taps its input gradient).
+template <int Bytes, bool Gelu, typename scalar_t>
+DSCN_INLINE void dw_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* wdw,
                              const scalar_t* bdw, scalar_t* out, int64_t W, int64_t Ch) {
   const scalar_t* rows[3] = {up, mid, down};
   // Scalar tap sum of one element, used for the channels the vectors do not cover and the first / last column.
@@ -69,7 +74,7 @@ DSCN_INLINE void dw_gelu_row(const scalar_t* up, const scalar_t* mid, const scal
         acc += rows[dy][ww * Ch + c] * wdw[(dy * 3 + dx) * Ch + c];
       }
     }
-    return gelu_scalar(acc);
+    return Gelu ? gelu_scalar(acc) : acc;
   };
   int64_t c0 = 0;
 #if DSCN_HAS_VEC
@@ -92,12 +97,44 @@ DSCN_INLINE void dw_gelu_row(const scalar_t* up, const scalar_t* mid, const scal
         acc += VT::load(r) * k[dy * 3 + 1];
         if (right) acc += VT::load(r + Ch) * k[dy * 3 + 2];
       }
-      VT::store(out + w * Ch + c0, gelu_vec<scalar_t, Bytes>(acc));
+      if constexpr (Gelu) acc = gelu_vec<scalar_t, Bytes>(acc);
+      VT::store(out + w * Ch + c0, acc);
     }
   }
 #endif
   for (int64_t c = c0; c < Ch; ++c) {
     for (int64_t w = 0; w < W; ++w) out[w * Ch + c] = one(w, c);
+  }
+}
+
+// A window of consecutive image rows in `buf` (row `lo` first) moves to the rows [need_lo, need_hi): the rows it
+// already holds in [need_lo, keep_hi) move to the front. Returns the end of the rows kept (need_lo when none); the
+// caller computes the rows from there to need_hi.
+template <typename scalar_t>
+DSCN_INLINE int64_t slide_rows(std::vector<scalar_t>& buf, int64_t& lo, int64_t& hi, int64_t need_lo, int64_t need_hi,
+                               int64_t keep_hi, int64_t row) {
+  int64_t have_hi = need_lo;
+  if (hi > lo && need_lo >= lo && need_lo < hi) {
+    have_hi = std::max(need_lo, std::min({hi, need_hi, keep_hi}));
+    std::memmove(buf.data(), buf.data() + (need_lo - lo) * row, (have_hi - need_lo) * row * sizeof(scalar_t));
+  }
+  lo = need_lo;
+  hi = need_hi;
+  return have_hi;
+}
+
+// fc1 of image n's rows [lo, hi) into `out` ((hi - lo) * W, Ch): (rows * W, C) @ (C, Ch) + b1.
+template <typename scalar_t>
+DSCN_INLINE void fc1_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* x, int64_t n, int64_t lo,
+                          int64_t hi, scalar_t* out, const at::TensorOptions& opts) {
+  if (hi <= lo) return;
+  const int64_t m = (hi - lo) * d.W;
+  const at::Tensor a = at::from_blob(const_cast<scalar_t*>(x) + ((n * d.H + lo) * d.W) * d.C, {m, d.C}, opts);
+  at::Tensor h = at::from_blob(out, {m, d.Ch}, opts);
+  if (wt.b1 != nullptr) {
+    at::addmm_out(h, at::from_blob(const_cast<scalar_t*>(wt.b1), {d.Ch}, opts), a, wt.w1t);
+  } else {
+    at::mm_out(h, a, wt.w1t);
   }
 }
 
@@ -112,28 +149,12 @@ DSCN_INLINE void mlp_task_body(const MlpDims& d, const MlpWeights<scalar_t>& wt,
   for (int64_t s0 = r0; s0 < r1; s0 += step) {
     const int64_t s1 = std::min(s0 + step, r1);
     const int64_t need_lo = std::max<int64_t>(s0 - 1, 0), need_hi = std::min(s1 + 1, d.H);
-    // The halo rows the previous step already computed move to the front of the ring.
-    int64_t have_hi = need_lo;
-    if (buf_hi > buf_lo && need_lo >= buf_lo && need_lo < buf_hi) {
-      have_hi = std::min(buf_hi, need_hi);
-      std::memmove(ring.data(), ring.data() + (need_lo - buf_lo) * hid_row,
-                   (have_hi - need_lo) * hid_row * sizeof(scalar_t));
-    }
-    if (have_hi < need_hi) {  // fc1 for the missing rows: (rows * W, C) @ (C, Ch) + b1
-      const int64_t m = (need_hi - have_hi) * d.W;
-      const at::Tensor a = at::from_blob(const_cast<scalar_t*>(x) + ((n * d.H + have_hi) * d.W) * d.C, {m, d.C}, opts);
-      at::Tensor h = at::from_blob(ring.data() + (have_hi - need_lo) * hid_row, {m, d.Ch}, opts);
-      if (wt.b1 != nullptr) {
-        at::addmm_out(h, at::from_blob(const_cast<scalar_t*>(wt.b1), {d.Ch}, opts), a, wt.w1t);
-      } else {
-        at::mm_out(h, a, wt.w1t);
-      }
-    }
-    buf_lo = need_lo;
-    buf_hi = need_hi;
+    // The halo rows the previous step already computed move to the front of the ring; fc1 computes the others.
+    const int64_t have_hi = slide_rows(ring, buf_lo, buf_hi, need_lo, need_hi, need_hi, hid_row);
+    fc1_rows(d, wt, x, n, have_hi, need_hi, ring.data() + (have_hi - need_lo) * hid_row, opts);
     for (int64_t r = s0; r < s1; ++r) {
       const scalar_t* mid = ring.data() + (r - need_lo) * hid_row;
-      dw_gelu_row<Bytes>(r > 0 ? mid - hid_row : nullptr, mid, r + 1 < d.H ? mid + hid_row : nullptr, wt.wdw.data(),
+      dw_row<Bytes, true>(r > 0 ? mid - hid_row : nullptr, mid, r + 1 < d.H ? mid + hid_row : nullptr, wt.wdw.data(),
                          wt.bdw.data(), act.data() + (r - s0) * hid_row, d.W, d.Ch);
     }
     // fc2: (rows * W, Ch) @ (Ch, Co), then + b2 (+ residual) in the same, cache-hot, output rows.
@@ -158,6 +179,217 @@ DSCN_INLINE void mlp_task_body(const MlpDims& d, const MlpWeights<scalar_t>& wt,
 
 DSCN_DEFINE_ISA_DISPATCH(mlp_task)
 
+// How the images are cut into tasks: `bands` bands of `band_h` rows per image, walked `step` rows at a time, where a
+// step keeps about `rows_per_step * step + fixed_rows` hidden rows. Images are split into bands only when there
+// are fewer images than threads (each band recomputes the halo rows at its ends).
+struct TaskSplit {
+  int64_t bands, band_h, step;
+};
+
+TaskSplit split_tasks(const MlpDims& d, int64_t elem_bytes, int64_t rows_per_step, int64_t fixed_rows) {
+  const int64_t row_bytes = d.W * d.Ch * elem_bytes;
+  const int64_t step_cap = std::max<int64_t>(1, (kStepBytes / row_bytes - fixed_rows) / rows_per_step);
+  const int64_t threads = at::get_num_threads();
+  const int64_t bands = d.N >= threads ? 1 : std::min<int64_t>(d.H, (threads + d.N - 1) / d.N);
+  const int64_t band_h = (d.H + bands - 1) / bands;
+  return {bands, band_h, std::min(step_cap, band_h)};
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward. Autograd keeps only the MLP's input (not the three wide hidden tensors the unfused layers keep), and the
+// backward recomputes the hidden rows a few at a time, as the forward computes them, so that no hidden tensor is
+// ever written to memory. With h = fc1(x), p = dwconv(h), a = gelu(p), y = fc2(a) and g = dL/dy, per image row:
+//   da = g @ W2, dp = da * gelu'(p), dh = dwconv with the flipped taps (dp), dx = dh @ W1,
+//   dW2 += g^T a, dWdw += sum of dp times the shifted h, dW1 += dh^T x (the biases: the sums of g, dp and dh).
+// dh of row r needs dp of rows r - 1..r + 1, and those need h of rows r - 2..r + 2: each step of rows [s0, s1)
+// slides windows of h ([s0 - 2, s1 + 2)), dp ([s0 - 1, s1 + 1)) and a ([s0, s1 + 1)) down the image, so every row
+// of each is computed once per task. A thread accumulates its weight gradients in its own buffer; the buffers are
+// summed at the end in thread order (deterministic for a given thread count).
+
+// grad (in place) becomes grad * gelu'(pre) over `count` elements; `act`, when not nullptr, receives gelu(pre).
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void gelu_backward_row(const scalar_t* pre, scalar_t* grad, scalar_t* act, int64_t count) {
+  int64_t i = 0;
+#if DSCN_HAS_VEC
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  for (; i + VT::size <= count; i += VT::size) {
+    V a, dg;
+    gelu_and_grad_vec<scalar_t, Bytes>(VT::load(pre + i), a, dg);
+    VT::store(grad + i, VT::load(grad + i) * dg);
+    if (act != nullptr) VT::store(act + i, a);
+  }
+#endif
+  for (; i < count; ++i) {
+    scalar_t a, dg;
+    gelu_and_grad_scalar<scalar_t>(pre[i], a, dg);
+    grad[i] *= dg;
+    if (act != nullptr) act[i] = a;
+  }
+}
+
+// Weight gradient of the depthwise conv from one output row: gw[t * Ch + c] += sum over w of dp[w, c] times the
+// input at tap t = dy * 3 + dx (rows up / mid / down as in dw_row, columns w + dx - 1), and gb[c] += sum of dp[w, c].
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void dw_weight_grad_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* dp,
+                                    scalar_t* gw, scalar_t* gb, int64_t W, int64_t Ch) {
+  const scalar_t* rows[3] = {up, mid, down};
+  int64_t c0 = 0;
+#if DSCN_HAS_VEC
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
+  for (; c0 + L <= Ch; c0 += L) {
+    V acc[9] = {}, accb = {};  // the chunk's 9 tap sums and its bias sum stay in registers along the row
+    for (int64_t w = 0; w < W; ++w) {
+      const V g = VT::load(dp + w * Ch + c0);
+      accb += g;
+      const bool left = w > 0, right = w + 1 < W;
+      for (int dy = 0; dy < 3; ++dy) {
+        const scalar_t* r = rows[dy];
+        if (r == nullptr) continue;
+        r += w * Ch + c0;
+        if (left) acc[dy * 3] += VT::load(r - Ch) * g;
+        acc[dy * 3 + 1] += VT::load(r) * g;
+        if (right) acc[dy * 3 + 2] += VT::load(r + Ch) * g;
+      }
+    }
+    for (int t = 0; t < 9; ++t) VT::store(gw + t * Ch + c0, VT::load(gw + t * Ch + c0) + acc[t]);
+    VT::store(gb + c0, VT::load(gb + c0) + accb);
+  }
+#endif
+  for (int64_t c = c0; c < Ch; ++c) {
+    for (int64_t w = 0; w < W; ++w) {
+      const scalar_t g = dp[w * Ch + c];
+      gb[c] += g;
+      for (int dy = 0; dy < 3; ++dy) {
+        if (rows[dy] == nullptr) continue;
+        for (int dx = 0; dx < 3; ++dx) {
+          const int64_t ww = w + dx - 1;
+          if (ww >= 0 && ww < W) gw[(dy * 3 + dx) * Ch + c] += rows[dy][ww * Ch + c] * g;
+        }
+      }
+    }
+  }
+}
+
+// One thread's weight gradients, all in one zeroed buffer: dW1 (Ch, C), db1 (Ch), dWdw (9, Ch) tap-major, dbdw (Ch),
+// dW2 (Co, Ch).
+template <typename scalar_t>
+struct MlpGrads {
+  scalar_t *w1, *b1, *wdw, *bdw, *w2;
+  static int64_t size(const MlpDims& d) { return d.Ch * d.C + d.Ch + 9 * d.Ch + d.Ch + d.Co * d.Ch; }
+  explicit MlpGrads(scalar_t* p, const MlpDims& d)
+      : w1(p), b1(w1 + d.Ch * d.C), wdw(b1 + d.Ch), bdw(wdw + 9 * d.Ch), w2(bdw + d.Ch) {}
+};
+
+// The weight-gradient products dW1 += dh^T x and dW2 += g^T a are deferred until a thread has `cap` consecutive image
+// rows (global index n * H + r) of dh and a staged: one image's rows give those matrix products a depth of only
+// H * W (49 at DSAN's last stage), too shallow for the BLAS to beat the memory traffic of the (hidden, C)
+// accumulators. The staged rows of x and g are those of the inputs themselves (a thread's tasks are consecutive).
+template <typename scalar_t>
+struct GradStage {
+  std::vector<scalar_t> dh, act;  // (cap * W, Ch) each
+  int64_t cap, row0 = 0, count = 0;
+};
+
+// Adds the staged rows' products to the thread's weight gradients and empties the stage.
+template <typename scalar_t>
+DSCN_INLINE void flush_stage(const MlpDims& d, GradStage<scalar_t>& st, const scalar_t* x, const scalar_t* g,
+                             const MlpGrads<scalar_t>& gr, const at::TensorOptions& opts) {
+  if (st.count == 0) return;
+  const int64_t m = st.count * d.W;
+  auto mat = [&](const scalar_t* p, int64_t rows, int64_t cols) {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, opts);
+  };
+  const at::Tensor dhm = mat(st.dh.data(), m, d.Ch);
+  mat(gr.w1, d.Ch, d.C).addmm_(dhm.t(), mat(x + st.row0 * d.W * d.C, m, d.C));
+  mat(gr.w2, d.Co, d.Ch).addmm_(mat(g + st.row0 * d.W * d.Co, m, d.Co).t(), mat(st.act.data(), m, d.Ch));
+  mat(gr.b1, 1, d.Ch).add_(dhm.sum(0, /*keepdim=*/true));
+  st.count = 0;
+}
+
+// One backward task: the input gradient of rows [r0, r1) of image n (written to gx) and those rows' share of the
+// weight gradients (added to gr, directly or through the stage), in steps of `step` rows. g is the output gradient
+// (N, H, W, Co).
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* wflip,
+                                   const scalar_t* x, const scalar_t* g, scalar_t* gx, const MlpGrads<scalar_t>& gr,
+                                   GradStage<scalar_t>& st, int64_t n, int64_t r0, int64_t r1, int64_t step,
+                                   const at::TensorOptions& opts) {
+  const int64_t hid_row = d.W * d.Ch;
+  auto mat = [&](const scalar_t* p, int64_t rows, int64_t cols) DSCN_LAMBDA_INLINE {
+    return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, opts);
+  };
+  std::vector<scalar_t> h((step + 4) * hid_row), dp((step + 2) * hid_row), act((step + 1) * hid_row);
+  std::vector<scalar_t> pre(hid_row);
+  const std::vector<scalar_t> zeros(d.Ch, scalar_t(0));
+  int64_t h_lo = 0, h_hi = 0, p_lo = 0, p_hi = 0, a_lo = 0, a_hi = 0;
+  const at::Tensor w1 = wt.w1t.t(), w2 = wt.w2t.t();  // (Ch, C), (Co, Ch)
+  for (int64_t s0 = r0; s0 < r1; s0 += step) {
+    const int64_t s1 = std::min(s0 + step, r1);
+    const int64_t hn_lo = std::max<int64_t>(s0 - 2, 0), hn_hi = std::min(s1 + 2, d.H);
+    const int64_t pn_lo = std::max<int64_t>(s0 - 1, 0), pn_hi = std::min(s1 + 1, d.H);
+    const int64_t h_have = slide_rows(h, h_lo, h_hi, hn_lo, hn_hi, hn_hi, hid_row);
+    fc1_rows(d, wt, x, n, h_have, hn_hi, h.data() + (h_have - hn_lo) * hid_row, opts);
+    const int64_t p_have = slide_rows(dp, p_lo, p_hi, pn_lo, pn_hi, pn_hi, hid_row);
+    slide_rows(act, a_lo, a_hi, s0, pn_hi, pn_hi, hid_row);  // keeps row s0 exactly when dp kept it
+    if (p_have < pn_hi) {
+      // da = g @ W2 for the missing rows, then dp = da * gelu'(p) in place (and a = gelu(p) for rows >= s0).
+      const int64_t m = (pn_hi - p_have) * d.W;
+      at::Tensor da = mat(dp.data() + (p_have - pn_lo) * hid_row, m, d.Ch);
+      at::mm_out(da, mat(g + ((n * d.H + p_have) * d.W) * d.Co, m, d.Co), w2);
+      for (int64_t q = p_have; q < pn_hi; ++q) {
+        const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
+        dw_row<Bytes, false>(q > 0 ? hm - hid_row : nullptr, hm, q + 1 < d.H ? hm + hid_row : nullptr, wt.wdw.data(),
+                             wt.bdw.data(), pre.data(), d.W, d.Ch);
+        gelu_backward_row<Bytes>(pre.data(), dp.data() + (q - pn_lo) * hid_row,
+                                 q >= s0 ? act.data() + (q - s0) * hid_row : nullptr, hid_row);
+      }
+    }
+    // The step's rows join the stage (flushed first if they do not follow its rows or do not fit).
+    const int64_t grow0 = n * d.H + s0;
+    if (st.count > 0 && (st.row0 + st.count != grow0 || st.count + (s1 - s0) > st.cap)) {
+      flush_stage(d, st, x, g, gr, opts);
+    }
+    if (st.count == 0) st.row0 = grow0;
+    scalar_t* dh = st.dh.data() + st.count * hid_row;
+    std::memcpy(st.act.data() + st.count * hid_row, act.data(), (s1 - s0) * hid_row * sizeof(scalar_t));
+    st.count += s1 - s0;
+    for (int64_t q = s0; q < s1; ++q) {
+      const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
+      const scalar_t* pm = dp.data() + (q - pn_lo) * hid_row;
+      const bool up = q > 0, down = q + 1 < d.H;
+      dw_weight_grad_row<Bytes>(up ? hm - hid_row : nullptr, hm, down ? hm + hid_row : nullptr, pm, gr.wdw, gr.bdw,
+                                d.W, d.Ch);
+      dw_row<Bytes, false>(up ? pm - hid_row : nullptr, pm, down ? pm + hid_row : nullptr, wflip, zeros.data(),
+                           dh + (q - s0) * hid_row, d.W, d.Ch);
+    }
+    const int64_t m = (s1 - s0) * d.W;
+    at::Tensor gxm = mat(gx + grow0 * d.W * d.C, m, d.C);
+    at::mm_out(gxm, mat(dh, m, d.Ch), w1);
+  }
+}
+
+// A thread's share of the backward: tasks [begin, end) (task t is band t % bands of image t / bands).
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void mlp_backward_chunk_body(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* wflip,
+                                         const scalar_t* x, const scalar_t* g, scalar_t* gx,
+                                         const MlpGrads<scalar_t>& gr, const TaskSplit& sp, int64_t begin, int64_t end,
+                                         const at::TensorOptions& opts) {
+  GradStage<scalar_t> st;
+  st.cap = std::max(sp.step, (kGradDepth + d.W - 1) / d.W);
+  st.dh.resize(st.cap * d.W * d.Ch);
+  st.act.resize(st.cap * d.W * d.Ch);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t n = t / sp.bands, r0 = (t % sp.bands) * sp.band_h, r1 = std::min(d.H, r0 + sp.band_h);
+    if (r0 < r1) mlp_backward_rows<Bytes>(d, wt, wflip, x, g, gx, gr, st, n, r0, r1, sp.step, opts);
+  }
+  flush_stage(d, st, x, g, gr, opts);
+}
+
+DSCN_DEFINE_ISA_DISPATCH(mlp_backward_chunk)
+
 // Checks a 1-D bias of `expected` elements (the message names the argument, the expected and the actual shape).
 void check_bias(const std::optional<at::Tensor>& bias, const char* name, int64_t expected, const at::Tensor& input) {
   if (!bias.has_value()) return;
@@ -180,40 +412,74 @@ void check_weight(const at::Tensor& weight, const char* name, const std::vector<
                     input.device(), "; got ", weight.device());
 }
 
-// Returns (N, Co, H, W) in channels_last memory. The Python wrapper (ops_dscn/conv_mlp.py) and the fake kernel run
+// Checks the arguments of a conv_mlp call (the forward's; the backward's grad_output is checked as a residual would
+// be, under its own name) and returns the sizes. The Python wrapper (ops_dscn/conv_mlp.py) and the fake kernels run
 // the same checks with the same messages.
-at::Tensor conv_mlp_cpu(const at::Tensor& input_, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                        const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
-                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                        const std::optional<at::Tensor>& residual_) {
-  TORCH_CHECK_VALUE(input_.dim() == 4, "conv_mlp: input must be 4-D (N, C, H, W); got ", input_.dim(),
-                    "-D with shape ", input_.sizes());
-  TORCH_CHECK_VALUE(input_.scalar_type() == at::kFloat || input_.scalar_type() == at::kDouble,
-                    "conv_mlp: input dtype must be one of float32, float64; got ", dtype_name(input_.scalar_type()));
+MlpDims check_mlp_args(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                       const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                       const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                       const std::optional<at::Tensor>& residual, const char* residual_name) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "conv_mlp: input must be 4-D (N, C, H, W); got ", input.dim(),
+                    "-D with shape ", input.sizes());
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                    "conv_mlp: input dtype must be one of float32, float64; got ", dtype_name(input.scalar_type()));
   TORCH_CHECK_VALUE(fc1_weight.dim() == 4, "conv_mlp: fc1_weight must be 4-D (hidden, C, 1, 1); got shape ",
                     fc1_weight.sizes());
   TORCH_CHECK_VALUE(fc2_weight.dim() == 4, "conv_mlp: fc2_weight must be 4-D (C_out, hidden, 1, 1); got shape ",
                     fc2_weight.sizes());
-  const MlpDims d{input_.size(0), input_.size(2), input_.size(3), input_.size(1), fc1_weight.size(0),
-                  fc2_weight.size(0)};
-  check_weight(fc1_weight, "fc1_weight", {d.Ch, d.C, 1, 1}, input_);
-  check_weight(dw_weight, "dw_weight", {d.Ch, 1, 3, 3}, input_);
-  check_weight(fc2_weight, "fc2_weight", {d.Co, d.Ch, 1, 1}, input_);
-  check_bias(fc1_bias, "fc1_bias", d.Ch, input_);
-  check_bias(dw_bias, "dw_bias", d.Ch, input_);
-  check_bias(fc2_bias, "fc2_bias", d.Co, input_);
-  if (residual_.has_value()) {
+  const MlpDims d{input.size(0), input.size(2), input.size(3), input.size(1), fc1_weight.size(0), fc2_weight.size(0)};
+  check_weight(fc1_weight, "fc1_weight", {d.Ch, d.C, 1, 1}, input);
+  check_weight(dw_weight, "dw_weight", {d.Ch, 1, 3, 3}, input);
+  check_weight(fc2_weight, "fc2_weight", {d.Co, d.Ch, 1, 1}, input);
+  check_bias(fc1_bias, "fc1_bias", d.Ch, input);
+  check_bias(dw_bias, "dw_bias", d.Ch, input);
+  check_bias(fc2_bias, "fc2_bias", d.Co, input);
+  if (residual.has_value()) {
     const std::vector<int64_t> expected{d.N, d.Co, d.H, d.W};
-    TORCH_CHECK_VALUE(residual_->sizes() == at::IntArrayRef(expected), "conv_mlp: residual must have shape ",
-                      at::IntArrayRef(expected), "; got ", residual_->sizes());
-    TORCH_CHECK_VALUE(residual_->scalar_type() == input_.scalar_type(),
-                      "conv_mlp: residual dtype must equal input dtype ", dtype_name(input_.scalar_type()), "; got ",
-                      dtype_name(residual_->scalar_type()));
-    TORCH_CHECK_VALUE(residual_->device() == input_.device(), "conv_mlp: residual must be on the input's device ",
-                      input_.device(), "; got ", residual_->device());
+    TORCH_CHECK_VALUE(residual->sizes() == at::IntArrayRef(expected), "conv_mlp: ", residual_name,
+                      " must have shape ", at::IntArrayRef(expected), "; got ", residual->sizes());
+    TORCH_CHECK_VALUE(residual->scalar_type() == input.scalar_type(), "conv_mlp: ", residual_name,
+                      " dtype must equal input dtype ", dtype_name(input.scalar_type()), "; got ",
+                      dtype_name(residual->scalar_type()));
+    TORCH_CHECK_VALUE(residual->device() == input.device(), "conv_mlp: ", residual_name,
+                      " must be on the input's device ", input.device(), "; got ", residual->device());
   }
-  TORCH_CHECK(input_.device().is_cpu(), "conv_mlp: input must be a CPU tensor for the CPU kernel; got ",
-              input_.device());
+  TORCH_CHECK(input.device().is_cpu(), "conv_mlp: input must be a CPU tensor for the CPU kernel; got ",
+              input.device());
+  return d;
+}
+
+// The weights as the kernels read them (plain copies / views: no autograd history).
+template <typename scalar_t>
+MlpWeights<scalar_t> make_weights(const MlpDims& d, const at::Tensor& fc1_weight, const at::Tensor& b1,
+                                  const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias) {
+  MlpWeights<scalar_t> wt;
+  wt.w1t = fc1_weight.detach().reshape({d.Ch, d.C}).contiguous().t();
+  wt.w2t = fc2_weight.detach().reshape({d.Co, d.Ch}).contiguous().t();
+  wt.b1 = b1.defined() ? b1.const_data_ptr<scalar_t>() : nullptr;
+  const at::Tensor wdw = dw_weight.detach().reshape({d.Ch, 9}).t().contiguous();
+  wt.wdw.assign(wdw.const_data_ptr<scalar_t>(), wdw.const_data_ptr<scalar_t>() + 9 * d.Ch);
+  wt.bdw.assign(d.Ch, scalar_t(0));
+  if (dw_bias.has_value()) {
+    const at::Tensor b = dw_bias->detach().contiguous();
+    std::copy_n(b.const_data_ptr<scalar_t>(), d.Ch, wt.bdw.begin());
+  }
+  wt.b2.assign(d.Co, scalar_t(0));
+  if (fc2_bias.has_value()) {
+    const at::Tensor b = fc2_bias->detach().contiguous();
+    std::copy_n(b.const_data_ptr<scalar_t>(), d.Co, wt.b2.begin());
+  }
+  return wt;
+}
+
+// Returns (N, Co, H, W) in channels_last memory.
+at::Tensor conv_mlp_cpu(const at::Tensor& input_, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                        const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                        const std::optional<at::Tensor>& residual_) {
+  const MlpDims d = check_mlp_args(input_, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual_,
+                                   "residual");
   const auto cl = at::MemoryFormat::ChannelsLast;
   const at::Tensor input = input_.contiguous(cl);
   at::Tensor output = at::empty({d.N, d.Co, d.H, d.W}, input.options().memory_format(cl));
@@ -221,52 +487,88 @@ at::Tensor conv_mlp_cpu(const at::Tensor& input_, const at::Tensor& fc1_weight, 
   const at::Tensor residual = residual_.has_value() ? residual_->contiguous(cl) : at::Tensor();
   // Plain (no autograd history) views, so the BLAS calls from the worker threads see ordinary tensors.
   const at::TensorOptions opts = input.options().requires_grad(false);
+  const at::Tensor b1 = fc1_bias.has_value() ? fc1_bias->detach().contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_mlp_cpu", [&] {
-    MlpWeights<scalar_t> wt;
-    const at::Tensor w1 = fc1_weight.detach().reshape({d.Ch, d.C}).contiguous();
-    const at::Tensor w2 = fc2_weight.detach().reshape({d.Co, d.Ch}).contiguous();
-    wt.w1t = w1.t();
-    wt.w2t = w2.t();
-    const at::Tensor b1 = fc1_bias.has_value() ? fc1_bias->detach().contiguous() : at::Tensor();
-    wt.b1 = b1.defined() ? b1.const_data_ptr<scalar_t>() : nullptr;
-    const at::Tensor wdw = dw_weight.detach().reshape({d.Ch, 9}).t().contiguous();
-    wt.wdw.assign(wdw.const_data_ptr<scalar_t>(), wdw.const_data_ptr<scalar_t>() + 9 * d.Ch);
-    wt.bdw.assign(d.Ch, scalar_t(0));
-    if (dw_bias.has_value()) {
-      const at::Tensor b = dw_bias->detach().contiguous();
-      std::copy_n(b.const_data_ptr<scalar_t>(), d.Ch, wt.bdw.begin());
-    }
-    wt.b2.assign(d.Co, scalar_t(0));
-    if (fc2_bias.has_value()) {
-      const at::Tensor b = fc2_bias->detach().contiguous();
-      std::copy_n(b.const_data_ptr<scalar_t>(), d.Co, wt.b2.begin());
-    }
+    const MlpWeights<scalar_t> wt = make_weights<scalar_t>(d, fc1_weight, b1, dw_weight, dw_bias, fc2_weight,
+                                                           fc2_bias);
     // Rows per step: the ring (step + 2 rows) and the activations (step rows) in about kStepBytes.
-    const int64_t row_bytes = d.W * d.Ch * static_cast<int64_t>(sizeof(scalar_t));
-    const int64_t step_cap = std::max<int64_t>(1, (kStepBytes / row_bytes - 2) / 2);
-    // Images are split into bands of rows only when there are fewer images than threads (each band recomputes one
-    // halo row of fc1 at each of its ends).
-    const int64_t threads = at::get_num_threads();
-    const int64_t bands = d.N >= threads ? 1 : std::min<int64_t>(d.H, (threads + d.N - 1) / d.N);
-    const int64_t band_h = (d.H + bands - 1) / bands;
-    const int64_t step = std::min(step_cap, band_h);
+    const TaskSplit sp = split_tasks(d, sizeof(scalar_t), 2, 2);
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* res = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, d.N * bands, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, d.N * sp.bands, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / bands, r0 = (t % bands) * band_h, r1 = std::min(d.H, r0 + band_h);
-        if (r0 < r1) mlp_task<scalar_t>(d, wt, x, res, y, n, r0, r1, step, opts);
+        const int64_t n = t / sp.bands, r0 = (t % sp.bands) * sp.band_h, r1 = std::min(d.H, r0 + sp.band_h);
+        if (r0 < r1) mlp_task<scalar_t>(d, wt, x, res, y, n, r0, r1, sp.step, opts);
       }
     });
   });
   return output;
 }
 
+// Gradients of conv_mlp without its residual (whose gradient is grad_output itself): returns (grad_input,
+// grad_fc1_weight, grad_fc1_bias, grad_dw_weight, grad_dw_bias, grad_fc2_weight, grad_fc2_bias), the inputs' shapes
+// (the bias gradients always (Ch,) / (Co,), also for a call without biases), grad_input in channels_last memory.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> conv_mlp_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& fc1_weight,
+    const std::optional<at::Tensor>& fc1_bias, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+    const at::Tensor& fc2_weight) {
+  const MlpDims d = check_mlp_args(input_, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, std::nullopt,
+                                   grad_output_, "grad_output");
+  const auto cl = at::MemoryFormat::ChannelsLast;
+  const at::Tensor input = input_.contiguous(cl);
+  const at::Tensor grad = grad_output_.contiguous(cl);
+  const at::TensorOptions opts = input.options().requires_grad(false);
+  // Every row of every image is written by one task.
+  at::Tensor grad_input = at::empty({d.N, d.C, d.H, d.W}, input.options().memory_format(cl));
+  const int64_t threads = at::get_num_threads();
+  // One zeroed buffer of weight gradients per thread (summed below): see MlpGrads.
+  at::Tensor partial = at::zeros({threads, MlpGrads<float>::size(d)}, opts);
+  if (d.N * d.H * d.W > 0) {
+    const at::Tensor b1 = fc1_bias.has_value() ? fc1_bias->detach().contiguous() : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_mlp_backward_cpu", [&] {
+      const MlpWeights<scalar_t> wt = make_weights<scalar_t>(d, fc1_weight, b1, dw_weight, dw_bias, fc2_weight,
+                                                             std::nullopt);
+      // The depthwise conv's input gradient is the conv of the output gradient with the taps flipped (t -> 8 - t).
+      std::vector<scalar_t> wflip(9 * d.Ch);
+      for (int t = 0; t < 9; ++t) std::copy_n(wt.wdw.data() + (8 - t) * d.Ch, d.Ch, wflip.data() + t * d.Ch);
+      // Hidden rows per step: h (step + 4), dp (step + 2), a (step + 1) and one row of p (dh and the staged a are
+      // written once and read by the matrix products).
+      const TaskSplit sp = split_tasks(d, sizeof(scalar_t), 3, 7);
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      const scalar_t* g = grad.const_data_ptr<scalar_t>();
+      scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
+      scalar_t* part = partial.mutable_data_ptr<scalar_t>();
+      const int64_t part_size = partial.size(1);
+      at::parallel_for(0, d.N * sp.bands, 1, [&](int64_t begin, int64_t end) {
+        const MlpGrads<scalar_t> gr(part + at::get_thread_num() * part_size, d);
+        mlp_backward_chunk<scalar_t>(d, wt, wflip.data(), x, g, gx, gr, sp, begin, end, opts);
+      });
+    });
+  }
+  const at::Tensor total = partial.sum(0);
+  int64_t at_ = 0;
+  auto take = [&](std::vector<int64_t> shape) {
+    int64_t count = 1;
+    for (int64_t s : shape) count *= s;
+    at::Tensor t = total.narrow(0, at_, count);
+    at_ += count;
+    return t.view(shape).clone();  // separate tensors: outputs of an op must not alias each other
+  };
+  at::Tensor g_w1 = take({d.Ch, d.C}).view({d.Ch, d.C, 1, 1});
+  at::Tensor g_b1 = take({d.Ch});
+  at::Tensor g_wdw = take({9, d.Ch}).t().contiguous().view({d.Ch, 1, 3, 3});
+  at::Tensor g_bdw = take({d.Ch});
+  at::Tensor g_w2 = take({d.Co, d.Ch}).view({d.Co, d.Ch, 1, 1});
+  at::Tensor g_b2 = grad.sum({0, 2, 3});
+  return {grad_input, g_w1, g_b1, g_wdw, g_bdw, g_w2, g_b2};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ops_dscn, CPU, m) {
   m.impl("conv_mlp", &conv_mlp_cpu);
+  m.impl("_conv_mlp_backward", &conv_mlp_backward_cpu);
 }
 
 }  // namespace ops_dscn

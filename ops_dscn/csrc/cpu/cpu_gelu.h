@@ -1,7 +1,10 @@
-// Exact (erf) GELU for the CPU kernels (conv_mlp_cpu.cpp, strip_offsets_cpu.cpp): scalar and SIMD versions.
+// Exact (erf) GELU and its derivative for the CPU kernels (conv_mlp_cpu.cpp, strip_offsets_cpu.cpp): scalar and SIMD
+// versions.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "cpu_simd.h"
@@ -38,7 +41,76 @@ DSCN_INLINE scalar_t gelu_scalar(scalar_t x) {
   }
 }
 
+// exp for float: Cephes' expf (2^n * a degree-6 polynomial on |r| <= ln2 / 2; relative error < 2e-7), arguments
+// clamped to [-87, 88] (exp(-87) ~ 1.6e-38 is the smallest result, which is all the GELU derivative needs).
+template <typename V, typename IV>
+DSCN_INLINE V exp_cephes(V x) {
+  x = x < V{} + 88.f ? x : V{} + 88.f;
+  x = x > V{} - 87.f ? x : V{} - 87.f;
+  const V t = x * 1.44269504088896341f;
+  // round to nearest: convertvector truncates toward zero
+  const IV n = __builtin_convertvector(t + (t >= V{} ? V{} + 0.5f : V{} - 0.5f), IV);
+  const V nf = __builtin_convertvector(n, V);
+  const V r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+  V p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = r * p + 8.3334519073e-3f;
+  p = r * p + 4.1665795894e-2f;
+  p = r * p + 1.6666665459e-1f;
+  p = r * p + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const IV bits = (n + 127) << 23;  // 2^n as a float's bit pattern (n in [-126, 127] after the clamp)
+  V scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// The exact GELU and its derivative at once: gelu(z) = z * cdf(z), gelu'(z) = cdf(z) + z * pdf(z), with cdf and pdf
+// the standard normal's. Scalar version (float64 uses std::erf / std::exp).
+template <typename scalar_t>
+DSCN_INLINE void gelu_and_grad_scalar(scalar_t z, scalar_t& act, scalar_t& grad) {
+  constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+  scalar_t cdf, pdf;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    cdf = 0.5f * (1.f + erf_rational(z * static_cast<float>(M_SQRT1_2)));
+#if defined(__GNUC__)
+    // scalar exp through the same code as the vectors, so tails and vector lanes agree bit for bit
+    using V1 = float __attribute__((vector_size(4)));
+    using I1 = int32_t __attribute__((vector_size(4)));
+    const V1 v = {-0.5f * z * z};
+    pdf = static_cast<float>(kInvSqrt2Pi) * exp_cephes<V1, I1>(v)[0];
+#else
+    pdf = static_cast<float>(kInvSqrt2Pi) * std::exp(-0.5f * z * z);
+#endif
+  } else {
+    cdf = 0.5 * (1. + std::erf(z * M_SQRT1_2));
+    pdf = kInvSqrt2Pi * std::exp(-0.5 * z * z);
+  }
+  act = z * cdf;
+  grad = cdf + z * pdf;
+}
+
 #if DSCN_HAS_VEC
+// Vector version of gelu_and_grad_scalar.
+template <typename scalar_t, int Bytes>
+DSCN_INLINE void gelu_and_grad_vec(typename Vec<scalar_t, Bytes>::type z, typename Vec<scalar_t, Bytes>::type& act,
+                                   typename Vec<scalar_t, Bytes>::type& grad) {
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    const V cdf = 0.5f * (1.f + erf_rational<V>(z * static_cast<float>(M_SQRT1_2)));
+    const V pdf = 0.39894228040143267794f * exp_cephes<V, typename VT::itype>(-0.5f * z * z);
+    act = z * cdf;
+    grad = cdf + z * pdf;
+  } else {
+    for (int i = 0; i < VT::size; ++i) {
+      scalar_t a, g;
+      gelu_and_grad_scalar<scalar_t>(z[i], a, g);
+      act[i] = a;
+      grad[i] = g;
+    }
+  }
+}
+
 template <typename scalar_t, int Bytes>
 DSCN_INLINE typename Vec<scalar_t, Bytes>::type gelu_vec(typename Vec<scalar_t, Bytes>::type x) {
   using V = typename Vec<scalar_t, Bytes>::type;
