@@ -9,10 +9,13 @@ ratios. Memory is the bytes a forward+backward holds: tensors saved for backward
     python ops_dscn/benchmark.py --device cuda         # CUDA rows (cpp and conv; pytorch with --with-pytorch)
     python ops_dscn/benchmark.py --batch 32 --models dsan_t --threads 2
     python ops_dscn/benchmark.py --fused --threads 2   # the fused CPU inference kernels against their layers
+    python ops_dscn/benchmark.py --fused --train --batch 16 --threads 2   # the fused MLP's forward+backward
 
 With ``--fused`` it times instead the two fused CPU inference kernels against the same layers run one by one (in
 channels_last memory): ``conv_mlp`` (the block MLP) and ``strip_offsets`` (a DSCN layer's offset branch), and
-prints the speed-up and the largest difference between the two results.
+prints the speed-up and the largest difference between the two results. ``--fused --train`` times a training
+forward+backward of the MLP (``conv_mlp`` with its fused backward against the layers and autograd) and prints the
+largest difference between the two input gradients.
 """
 
 import argparse
@@ -117,9 +120,27 @@ def _fused_cases(c, s, k, g, ratio, batch):
     return cases
 
 
+def _mlp_train_case(c, s, ratio, batch):
+    """(fused_fn, layers_fn) of one MLP forward+backward (float32 CPU); each returns the input gradient."""
+    gen = torch.Generator().manual_seed(0)
+    ch = c * ratio
+    shapes_scales = (((batch, c, s, s), 1.0), ((ch, c, 1, 1), c ** -0.5), ((ch,), 1.0), ((ch, 1, 3, 3), 1 / 3),
+                     ((ch,), 1.0), ((c, ch, 1, 1), ch ** -0.5), ((c,), 1.0))
+    leaves = [(torch.randn(*shape, generator=gen) * scale).requires_grad_() for shape, scale in shapes_scales]
+    leaves[0] = leaves[0].detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(batch, c, s, s, generator=gen).contiguous(memory_format=torch.channels_last)
+
+    def run(backend):
+        y = ops_dscn.conv_mlp(*leaves, backend=backend)
+        return torch.autograd.grad(y, leaves, grad)[0]
+
+    return (lambda: run("cpp")), (lambda: run("pytorch"))
+
+
 def fused_main(args) -> None:
-    """Times the fused CPU inference kernels against their layers (--fused)."""
-    print(f"fused CPU inference kernels, float32, threads={torch.get_num_threads()} torch={torch.__version__}")
+    """Times the fused CPU kernels against their layers (--fused; --train: the MLP's forward+backward)."""
+    what = "MLP forward+backward" if args.train else "inference kernels"
+    print(f"fused CPU {what}, float32, threads={torch.get_num_threads()} torch={torch.__version__}")
     header = f"{'model':7} {'st':>2} {'N':>3} {'kernel':>10} {'shape (HxWxC)':>14} | {'layers':>10} {'fused':>10} |" \
              f" layers/fused | max |diff|"
     print(header)
@@ -128,8 +149,10 @@ def fused_main(args) -> None:
     for batch in args.batch:
         for model in args.models:
             for i, ((c, s, k, g), ratio) in enumerate(zip(STAGES[model], MLP_RATIOS), start=1):
-                for name, (fused, layers) in _fused_cases(c, s, k, g, ratio, batch).items():
-                    with torch.inference_mode():
+                cases = ({"mlp train": _mlp_train_case(c, s, ratio, batch)} if args.train
+                         else _fused_cases(c, s, k, g, ratio, batch))
+                for name, (fused, layers) in cases.items():
+                    with torch.inference_mode(not args.train):
                         t_layers, t_fused = _time(layers, cpu, args.repeat), _time(fused, cpu, args.repeat)
                         diff = (fused() - layers()).abs().max().item()
                     print(f"{model:7} {i:>2} {batch:>3} {name:>10} {f'{s}x{s}x{c}':>14} | {t_layers:8.3f}ms "
@@ -149,6 +172,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--fused", action="store_true",
                         help="time the fused CPU inference kernels (conv_mlp, strip_offsets) against their layers")
+    parser.add_argument("--train", action="store_true",
+                        help="with --fused: time the MLP's forward+backward (fused backward against autograd)")
     args = parser.parse_args()
 
     if not ops_dscn.extension_available():

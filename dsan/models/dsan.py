@@ -248,9 +248,10 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.fused_kernel = fused_kernel
 
-    # Least H * W at which the fused kernel runs when gradients are needed. Its backward recomputes the hidden rows
-    # image by image; on small maps (DSAN-T stage 3-4 at 224: 14x14, 7x7) the unfused layers were as fast or faster
-    # (`python ops_dscn/benchmark.py --fused --train`), on large ones it is the faster (stage 1: 2-2.6x).
+    # Least H * W at which the fused kernel runs when gradients are needed. It works image by image, and on small
+    # maps (DSAN-T stages 3-4 at 224: 14x14, 7x7) its matrix products are too small: there the layers were 1.0-1.25x
+    # as fast, at 28x28 and 56x56 the fused forward+backward 1.3-2.7x (`python ops_dscn/benchmark.py --fused --train
+    # --batch 16 --threads 2`).
     fused_train_min_pixels = 28 * 28
 
     def _use_fused_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:

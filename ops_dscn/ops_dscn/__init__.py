@@ -6,7 +6,8 @@ Public API:
       parameters as the original code, so checkpoints load).
     - :class:`ops_dscn.functions.DSCNFunction`: the original 16-argument entry point, kept for compatibility.
     - :func:`ops_dscn.dscn_pytorch`: the pure-PyTorch implementation; ``backend='pytorch'`` selects it anywhere.
-    - :func:`ops_dscn.conv_mlp`: DSAN's convolutional MLP (fc1, depthwise 3x3, GELU, fc2) fused for CPU inference.
+    - :func:`ops_dscn.conv_mlp`: DSAN's convolutional MLP (fc1, depthwise 3x3, GELU, fc2) fused on CPU, with a fused
+      backward.
     - :func:`ops_dscn.strip_offsets`: a DSCN layer's offset branch (strip conv, LayerNorm, GELU, Linear) fused
       for CPU inference.
 """

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <optional>
+#include <utility>
 #include <tuple>
 #include <vector>
 
@@ -123,13 +124,14 @@ DSCN_INLINE int64_t slide_rows(std::vector<scalar_t>& buf, int64_t& lo, int64_t&
   return have_hi;
 }
 
-// fc1 of image n's rows [lo, hi) into `out` ((hi - lo) * W, Ch): (rows * W, C) @ (C, Ch) + b1.
+// fc1 of the rows [lo, hi) into `out` ((hi - lo) * W, Ch): (rows * W, C) @ (C, Ch) + b1. Rows are global, image n's
+// row r being n * H + r: NHWC memory holds the rows of consecutive images one after the other.
 template <typename scalar_t>
-DSCN_INLINE void fc1_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* x, int64_t n, int64_t lo,
-                          int64_t hi, scalar_t* out, const at::TensorOptions& opts) {
+DSCN_INLINE void fc1_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* x, int64_t lo, int64_t hi,
+                          scalar_t* out, const at::TensorOptions& opts) {
   if (hi <= lo) return;
   const int64_t m = (hi - lo) * d.W;
-  const at::Tensor a = at::from_blob(const_cast<scalar_t*>(x) + ((n * d.H + lo) * d.W) * d.C, {m, d.C}, opts);
+  const at::Tensor a = at::from_blob(const_cast<scalar_t*>(x) + lo * d.W * d.C, {m, d.C}, opts);
   at::Tensor h = at::from_blob(out, {m, d.Ch}, opts);
   if (wt.b1 != nullptr) {
     at::addmm_out(h, at::from_blob(const_cast<scalar_t*>(wt.b1), {d.Ch}, opts), a, wt.w1t);
@@ -138,28 +140,43 @@ DSCN_INLINE void fc1_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, cons
   }
 }
 
-// One task: output rows [r0, r1) of image n, in steps of `step` rows.
+// The rows [s0 - halo, s1 + halo) a step of global rows [s0, s1) needs around it, cut at the image edges (the conv's
+// zero padding): as many halo rows before s0 as image s0 has, after s1 as image s1 - 1 has.
+DSCN_INLINE std::pair<int64_t, int64_t> with_halo(const MlpDims& d, int64_t s0, int64_t s1, int64_t halo) {
+  const int64_t first = (s0 / d.H) * d.H, end = ((s1 - 1) / d.H + 1) * d.H;
+  return {std::max(s0 - halo, first), std::min(s1 + halo, end)};
+}
+
+// Pointers to the rows above and below global row q of a window of rows (nullptr at the image's top / bottom edge).
+template <typename scalar_t>
+DSCN_INLINE std::pair<const scalar_t*, const scalar_t*> neighbours(const MlpDims& d, int64_t q, const scalar_t* row,
+                                                                   int64_t row_size) {
+  const int64_t r = q % d.H;
+  return {r > 0 ? row - row_size : nullptr, r + 1 < d.H ? row + row_size : nullptr};
+}
+
+// One task: the output rows [r0, r1) (global rows, within one image), in steps of `step` rows.
 template <int Bytes, typename scalar_t>
 DSCN_INLINE void mlp_task_body(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* x,
-                               const scalar_t* residual, scalar_t* y, int64_t n, int64_t r0, int64_t r1, int64_t step,
+                               const scalar_t* residual, scalar_t* y, int64_t r0, int64_t r1, int64_t step,
                                const at::TensorOptions& opts) {
   const int64_t hid_row = d.W * d.Ch;  // elements of one hidden row
   std::vector<scalar_t> ring((step + 2) * hid_row), act(step * hid_row);
   int64_t buf_lo = 0, buf_hi = 0;  // the hidden rows [buf_lo, buf_hi) are in `ring`, row buf_lo first
   for (int64_t s0 = r0; s0 < r1; s0 += step) {
     const int64_t s1 = std::min(s0 + step, r1);
-    const int64_t need_lo = std::max<int64_t>(s0 - 1, 0), need_hi = std::min(s1 + 1, d.H);
+    const auto [need_lo, need_hi] = with_halo(d, s0, s1, 1);
     // The halo rows the previous step already computed move to the front of the ring; fc1 computes the others.
     const int64_t have_hi = slide_rows(ring, buf_lo, buf_hi, need_lo, need_hi, need_hi, hid_row);
-    fc1_rows(d, wt, x, n, have_hi, need_hi, ring.data() + (have_hi - need_lo) * hid_row, opts);
+    fc1_rows(d, wt, x, have_hi, need_hi, ring.data() + (have_hi - need_lo) * hid_row, opts);
     for (int64_t r = s0; r < s1; ++r) {
       const scalar_t* mid = ring.data() + (r - need_lo) * hid_row;
-      dw_row<Bytes, true>(r > 0 ? mid - hid_row : nullptr, mid, r + 1 < d.H ? mid + hid_row : nullptr, wt.wdw.data(),
-                         wt.bdw.data(), act.data() + (r - s0) * hid_row, d.W, d.Ch);
+      const auto [up, down] = neighbours(d, r, mid, hid_row);
+      dw_row<Bytes, true>(up, mid, down, wt.wdw.data(), wt.bdw.data(), act.data() + (r - s0) * hid_row, d.W, d.Ch);
     }
     // fc2: (rows * W, Ch) @ (Ch, Co), then + b2 (+ residual) in the same, cache-hot, output rows.
     const int64_t m = (s1 - s0) * d.W;
-    const int64_t first = (n * d.H + s0) * d.W * d.Co;
+    const int64_t first = s0 * d.W * d.Co;
     at::Tensor out = at::from_blob(y + first, {m, d.Co}, opts);
     at::mm_out(out, at::from_blob(act.data(), {m, d.Ch}, opts), wt.w2t);
     scalar_t* o = y + first;
@@ -179,11 +196,16 @@ DSCN_INLINE void mlp_task_body(const MlpDims& d, const MlpWeights<scalar_t>& wt,
 
 DSCN_DEFINE_ISA_DISPATCH(mlp_task)
 
-// How the images are cut into tasks: `bands` bands of `band_h` rows per image, walked `step` rows at a time, where a
-// step keeps about `rows_per_step * step + fixed_rows` hidden rows. Images are split into bands only when there
-// are fewer images than threads (each band recomputes the halo rows at its ends).
+// How the images are cut into tasks, each a range of global rows walked `step` rows at a time, where a step keeps
+// about `rows_per_step * step + fixed_rows` hidden rows. Each image is one task or, with fewer images than threads,
+// `bands` bands of rows (each band recomputes the halo rows at its ends).
 struct TaskSplit {
-  int64_t bands, band_h, step;
+  int64_t tasks, bands, band_h, step;
+  // The global rows [r0, r1) of task t: band t % bands of image t / bands (empty for a band past the image's end).
+  std::pair<int64_t, int64_t> rows(const MlpDims& d, int64_t t) const {
+    const int64_t n = t / bands, r0 = (t % bands) * band_h;
+    return {n * d.H + std::min(r0, d.H), n * d.H + std::min(r0 + band_h, d.H)};
+  }
 };
 
 TaskSplit split_tasks(const MlpDims& d, int64_t elem_bytes, int64_t rows_per_step, int64_t fixed_rows) {
@@ -192,7 +214,7 @@ TaskSplit split_tasks(const MlpDims& d, int64_t elem_bytes, int64_t rows_per_ste
   const int64_t threads = at::get_num_threads();
   const int64_t bands = d.N >= threads ? 1 : std::min<int64_t>(d.H, (threads + d.N - 1) / d.N);
   const int64_t band_h = (d.H + bands - 1) / bands;
-  return {bands, band_h, std::min(step_cap, band_h)};
+  return {d.N * bands, bands, band_h, std::min(step_cap, band_h)};
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -309,13 +331,13 @@ DSCN_INLINE void flush_stage(const MlpDims& d, GradStage<scalar_t>& st, const sc
   st.count = 0;
 }
 
-// One backward task: the input gradient of rows [r0, r1) of image n (written to gx) and those rows' share of the
+// One backward task: the input gradient of the global rows [r0, r1) (written to gx) and those rows' share of the
 // weight gradients (added to gr, directly or through the stage), in steps of `step` rows. g is the output gradient
 // (N, H, W, Co).
 template <int Bytes, typename scalar_t>
 DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* wflip,
                                    const scalar_t* x, const scalar_t* g, scalar_t* gx, const MlpGrads<scalar_t>& gr,
-                                   GradStage<scalar_t>& st, int64_t n, int64_t r0, int64_t r1, int64_t step,
+                                   GradStage<scalar_t>& st, int64_t r0, int64_t r1, int64_t step,
                                    const at::TensorOptions& opts) {
   const int64_t hid_row = d.W * d.Ch;
   auto mat = [&](const scalar_t* p, int64_t rows, int64_t cols) DSCN_LAMBDA_INLINE {
@@ -328,50 +350,48 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
   const at::Tensor w1 = wt.w1t.t(), w2 = wt.w2t.t();  // (Ch, C), (Co, Ch)
   for (int64_t s0 = r0; s0 < r1; s0 += step) {
     const int64_t s1 = std::min(s0 + step, r1);
-    const int64_t hn_lo = std::max<int64_t>(s0 - 2, 0), hn_hi = std::min(s1 + 2, d.H);
-    const int64_t pn_lo = std::max<int64_t>(s0 - 1, 0), pn_hi = std::min(s1 + 1, d.H);
+    const auto [hn_lo, hn_hi] = with_halo(d, s0, s1, 2);
+    const auto [pn_lo, pn_hi] = with_halo(d, s0, s1, 1);
     const int64_t h_have = slide_rows(h, h_lo, h_hi, hn_lo, hn_hi, hn_hi, hid_row);
-    fc1_rows(d, wt, x, n, h_have, hn_hi, h.data() + (h_have - hn_lo) * hid_row, opts);
+    fc1_rows(d, wt, x, h_have, hn_hi, h.data() + (h_have - hn_lo) * hid_row, opts);
     const int64_t p_have = slide_rows(dp, p_lo, p_hi, pn_lo, pn_hi, pn_hi, hid_row);
     slide_rows(act, a_lo, a_hi, s0, pn_hi, pn_hi, hid_row);  // keeps row s0 exactly when dp kept it
     if (p_have < pn_hi) {
       // da = g @ W2 for the missing rows, then dp = da * gelu'(p) in place (and a = gelu(p) for rows >= s0).
       const int64_t m = (pn_hi - p_have) * d.W;
       at::Tensor da = mat(dp.data() + (p_have - pn_lo) * hid_row, m, d.Ch);
-      at::mm_out(da, mat(g + ((n * d.H + p_have) * d.W) * d.Co, m, d.Co), w2);
+      at::mm_out(da, mat(g + p_have * d.W * d.Co, m, d.Co), w2);
       for (int64_t q = p_have; q < pn_hi; ++q) {
         const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
-        dw_row<Bytes, false>(q > 0 ? hm - hid_row : nullptr, hm, q + 1 < d.H ? hm + hid_row : nullptr, wt.wdw.data(),
-                             wt.bdw.data(), pre.data(), d.W, d.Ch);
+        const auto [up, down] = neighbours(d, q, hm, hid_row);
+        dw_row<Bytes, false>(up, hm, down, wt.wdw.data(), wt.bdw.data(), pre.data(), d.W, d.Ch);
         gelu_backward_row<Bytes>(pre.data(), dp.data() + (q - pn_lo) * hid_row,
                                  q >= s0 ? act.data() + (q - s0) * hid_row : nullptr, hid_row);
       }
     }
     // The step's rows join the stage (flushed first if they do not follow its rows or do not fit).
-    const int64_t grow0 = n * d.H + s0;
-    if (st.count > 0 && (st.row0 + st.count != grow0 || st.count + (s1 - s0) > st.cap)) {
+    if (st.count > 0 && (st.row0 + st.count != s0 || st.count + (s1 - s0) > st.cap)) {
       flush_stage(d, st, x, g, gr, opts);
     }
-    if (st.count == 0) st.row0 = grow0;
+    if (st.count == 0) st.row0 = s0;
     scalar_t* dh = st.dh.data() + st.count * hid_row;
     std::memcpy(st.act.data() + st.count * hid_row, act.data(), (s1 - s0) * hid_row * sizeof(scalar_t));
     st.count += s1 - s0;
     for (int64_t q = s0; q < s1; ++q) {
       const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
       const scalar_t* pm = dp.data() + (q - pn_lo) * hid_row;
-      const bool up = q > 0, down = q + 1 < d.H;
-      dw_weight_grad_row<Bytes>(up ? hm - hid_row : nullptr, hm, down ? hm + hid_row : nullptr, pm, gr.wdw, gr.bdw,
-                                d.W, d.Ch);
-      dw_row<Bytes, false>(up ? pm - hid_row : nullptr, pm, down ? pm + hid_row : nullptr, wflip, zeros.data(),
-                           dh + (q - s0) * hid_row, d.W, d.Ch);
+      const auto [h_up, h_down] = neighbours(d, q, hm, hid_row);
+      const auto [p_up, p_down] = neighbours(d, q, pm, hid_row);
+      dw_weight_grad_row<Bytes>(h_up, hm, h_down, pm, gr.wdw, gr.bdw, d.W, d.Ch);
+      dw_row<Bytes, false>(p_up, pm, p_down, wflip, zeros.data(), dh + (q - s0) * hid_row, d.W, d.Ch);
     }
     const int64_t m = (s1 - s0) * d.W;
-    at::Tensor gxm = mat(gx + grow0 * d.W * d.C, m, d.C);
+    at::Tensor gxm = mat(gx + s0 * d.W * d.C, m, d.C);
     at::mm_out(gxm, mat(dh, m, d.Ch), w1);
   }
 }
 
-// A thread's share of the backward: tasks [begin, end) (task t is band t % bands of image t / bands).
+// A thread's share of the backward: tasks [begin, end) of the split `sp`.
 template <int Bytes, typename scalar_t>
 DSCN_INLINE void mlp_backward_chunk_body(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* wflip,
                                          const scalar_t* x, const scalar_t* g, scalar_t* gx,
@@ -382,8 +402,8 @@ DSCN_INLINE void mlp_backward_chunk_body(const MlpDims& d, const MlpWeights<scal
   st.dh.resize(st.cap * d.W * d.Ch);
   st.act.resize(st.cap * d.W * d.Ch);
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t n = t / sp.bands, r0 = (t % sp.bands) * sp.band_h, r1 = std::min(d.H, r0 + sp.band_h);
-    if (r0 < r1) mlp_backward_rows<Bytes>(d, wt, wflip, x, g, gx, gr, st, n, r0, r1, sp.step, opts);
+    const auto [r0, r1] = sp.rows(d, t);
+    if (r0 < r1) mlp_backward_rows<Bytes>(d, wt, wflip, x, g, gx, gr, st, r0, r1, sp.step, opts);
   }
   flush_stage(d, st, x, g, gr, opts);
 }
@@ -496,10 +516,10 @@ at::Tensor conv_mlp_cpu(const at::Tensor& input_, const at::Tensor& fc1_weight, 
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     const scalar_t* res = residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, d.N * sp.bands, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, sp.tasks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t n = t / sp.bands, r0 = (t % sp.bands) * sp.band_h, r1 = std::min(d.H, r0 + sp.band_h);
-        if (r0 < r1) mlp_task<scalar_t>(d, wt, x, res, y, n, r0, r1, sp.step, opts);
+        const auto [r0, r1] = sp.rows(d, t);
+        if (r0 < r1) mlp_task<scalar_t>(d, wt, x, res, y, r0, r1, sp.step, opts);
       }
     });
   });
@@ -540,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
       scalar_t* part = partial.mutable_data_ptr<scalar_t>();
       const int64_t part_size = partial.size(1);
-      at::parallel_for(0, d.N * sp.bands, 1, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, sp.tasks, 1, [&](int64_t begin, int64_t end) {
         const MlpGrads<scalar_t> gr(part + at::get_thread_num() * part_size, d);
         mlp_backward_chunk<scalar_t>(d, wt, wflip.data(), x, g, gx, gr, sp, begin, end, opts);
       });
