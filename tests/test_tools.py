@@ -164,6 +164,40 @@ def test_get_inf_speed_runs_and_reports():
     assert results[1]['params'] == state_dict_params(model)
 
 
+def test_get_inf_speed_interleaved_rounds_merge_every_timed_call(monkeypatch):
+    """--rounds: every (model, mode) is timed once per round, in model/mode order, and its figures come from all
+    its timed calls (a fake clock makes the arithmetic exact)."""
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    order = []
+    clock = [0.0]
+
+    def fake_measure(runner, x, warmup=3, iters=10, min_time=0., amp_dtype=None, micro_batch=0):
+        order.append(runner.tag)
+        clock[0] += 1
+        # call k of a model takes k seconds, so the merged median is checkable
+        times = [clock[0]] * iters
+        return speed._summary(times, [2 * t for t in times], x.shape[0])
+
+    real_prepare = speed.prepare
+
+    def tagged_prepare(model, mode, channels_last=False):
+        prepared = real_prepare(model, mode, channels_last)
+        prepared.runner.tag = (type(model).__name__, mode)
+        return prepared
+
+    monkeypatch.setattr(speed, 'measure', fake_measure)
+    monkeypatch.setattr(speed, 'prepare', tagged_prepare)
+    results = speed.run(['resnet10t', 'dsan_t'], batch_size=2, img_size=64, modes=('eager', 'fused'), iters=2,
+                        backend=BACKEND, rounds=3)
+    pairs = [('ResNet', 'eager'), ('ResNet', 'fused'), ('DSAN', 'eager'), ('DSAN', 'fused')]
+    assert order == pairs * 3  # prepared and timed in turn, then two more interleaved rounds
+    assert [r['timed'] for r in results] == [6] * 4 and all(r['rounds'] == 3 for r in results)
+    # resnet10t eager ran at clock 1, 5 and 9 (2 calls each): median 5 s per batch of 2
+    assert results[0]['sec_per_batch'] == 5 and results[0]['img_per_s'] == 2 / 5
+    assert results[0]['img_per_cpu_s'] == 2 / 10
+    assert results[3]['sec_per_batch'] == 8  # dsan_t fused: 4, 8, 12
+
+
 # tiny settings of the tool's tests: a few forward calls of 2 images at 64x64
 _TINY = ['--img-size', '64', '-b', '2', '--iters', '1', '--warmup', '1']
 

@@ -7,7 +7,7 @@ model's (> 1: the first model is faster) and images per CPU-second; with several
 of every mode over its first mode follows. `--profile N` adds a torch.profiler table per model.
 
 Examples:
-    python classification/tools/get_inf_speed.py --all-modes --threads 2 -b 32   # dsan_t vs its FLOP peers
+    python classification/tools/get_inf_speed.py --all-modes --threads 2 -b 32 --rounds 5   # dsan_t vs its peers
     python classification/tools/get_inf_speed.py dsan_t convnext_atto resnet18 efficientformer_l1 fastvit_t8 \\
         --batch-size 32 --modes eager compile --out speed.json
     python classification/tools/get_inf_speed.py dsan_s --device cuda --amp --modes channels_last --profile 15
@@ -167,11 +167,17 @@ def measure(
             _sync(device)
             times.append(time.perf_counter() - t0)
             cpu_times.append(time.process_time() - c0)
+    return _summary(times, cpu_times, x.shape[0])
+
+
+def _summary(times: list[float], cpu_times: list[float], batch_size: int) -> dict:
+    """`measure`'s result from the wall and CPU seconds of the timed calls (kept, so rounds can be merged)."""
     median = statistics.median(times)
     # Images per CPU-second of this process (all threads): a load-independent figure on a shared machine.
     cpu_median = statistics.median(cpu_times)
-    return dict(sec_per_batch=median, img_per_s=x.shape[0] / median, timed=len(times),
-                img_per_cpu_s=x.shape[0] / cpu_median if cpu_median > 0 else float('nan'))
+    return dict(sec_per_batch=median, img_per_s=batch_size / median, timed=len(times),
+                img_per_cpu_s=batch_size / cpu_median if cpu_median > 0 else float('nan'),
+                times=times, cpu_times=cpu_times)
 
 
 @torch.inference_mode()
@@ -233,8 +239,14 @@ def run(
         flops: bool = False,
         freezing: bool = True,
         profile_rows: int = 0,
+        rounds: int = 1,
 ) -> list[dict]:
     """Benchmark every model in every mode with identical settings; one result dict per (model, mode).
+
+    With `rounds` > 1 every (model, mode) is prepared and warmed up first, then timed in `rounds` interleaved rounds
+    of `iters` calls each (model after model, mode after mode, round after round), and its result is the median
+    over all its timed calls: load that comes and goes on a shared machine then slows every model alike, which
+    keeps the ratios between them meaningful.
 
     Args:
         models: timm model names, timed in this order (the first one is the reference of `format_results`).
@@ -261,6 +273,7 @@ def run(
     settings = dict(device=device, batch_size=batch_size, img_size=img_size, amp=amp, micro_batch=micro_batch,
                     threads=torch.get_num_threads(), freezing=freezing)
     results = []
+    kept = []  # (result, prepared model) pairs timed again in the later rounds
     with inductor_config.patch(freezing=freezing):
         for name in models:
             model = create(name, checkpoint if name.startswith('dsan') else None, backend).eval()
@@ -278,6 +291,8 @@ def run(
                          warmup_s=time.perf_counter() - t0, **settings)
                 _logger.info('%-20s %-14s %8.1f img/s', name, mode, r['img_per_s'])
                 results.append(r)
+                if rounds > 1:
+                    kept.append((r, prepared))
                 del prepared
             if profile_rows > 0:
                 mode = profile_mode(modes)
@@ -286,6 +301,14 @@ def run(
                 results[first]['profile'] = dict(mode=mode, table=table)
                 del prepared
             del model
+        for i in range(1, rounds):
+            for r, prepared in kept:
+                more = measure(prepared.runner, prepared.input(x), warmup=0, iters=iters, min_time=min_time,
+                               amp_dtype=amp_dtype, micro_batch=micro_batch)
+                r.update(_summary(r['times'] + more['times'], r['cpu_times'] + more['cpu_times'], batch_size))
+            _logger.info('round %d of %d done', i + 1, rounds)
+    for r in results:
+        r['rounds'] = rounds
     return results
 
 
@@ -378,6 +401,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--warmup', type=int, default=3, help='untimed calls (after compilation)')
     parser.add_argument('--iters', type=int, default=10, help='minimum timed calls')
     parser.add_argument('--min-time', type=float, default=0., help='minimum seconds of timed calls')
+    parser.add_argument('--rounds', type=int, default=1,
+                        help='interleaved rounds of --iters calls per model and mode (all kept in memory); '
+                             'the median is over all rounds: steadier ratios on a shared machine')
     parser.add_argument('--checkpoint', default=None, help='weights (and DSCN groups) for the DSAN models')
     parser.add_argument('--backend', default=None, help="DSCN backend of the DSAN models ('cpp', 'pytorch')")
     parser.add_argument('--micro-batch', type=int, default=0,
@@ -403,7 +429,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in args.models:
         if not timm.is_model(name):
             parser.error(f'argument models: unknown timm model {name!r}')
-    for flag in ('batch_size', 'img_size', 'iters'):
+    for flag in ('batch_size', 'img_size', 'iters', 'rounds'):
         if getattr(args, flag) < 1:
             parser.error(f'argument --{flag.replace("_", "-")}: must be >= 1, got {getattr(args, flag)}')
     for flag in ('warmup', 'micro_batch', 'profile'):
@@ -423,12 +449,13 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     results = run(args.models, args.batch_size, args.img_size, tuple(args.modes), args.device, args.channels_last,
                   args.amp, args.warmup, args.iters, args.min_time, args.checkpoint, args.backend,
-                  args.micro_batch, args.flops, args.freezing, args.profile)
+                  args.micro_batch, args.flops, args.freezing, args.profile, args.rounds)
     print(f'device {args.device}, threads {torch.get_num_threads()}, batch {args.batch_size}, '
           f'{args.img_size}x{args.img_size}, eager channels_last {args.channels_last}, amp {args.amp}, '
           f'micro-batch {args.micro_batch or "off"}, malloc tuned {tuned}, compile freezing {args.freezing}, '
           f'torch {torch.__version__}, '
-          f'timm {timm.__version__}; median of >= {args.iters} timed batches')
+          f'timm {timm.__version__}; median of >= {args.iters} timed batches'
+          + (f' in each of {args.rounds} interleaved rounds' if args.rounds > 1 else ''))
     print(format_results(results))
     for r in results:
         if 'profile' in r:
