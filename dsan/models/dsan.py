@@ -45,6 +45,7 @@ from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 import ops_dscn
+from ops_dscn import DepthwiseConv2d
 from ops_dscn.modules import DSCNX, DSCNY
 
 from ._checkpoint import (
@@ -203,7 +204,7 @@ class DWConv(nn.Module):
             dim: Number of channels.
         """
         super().__init__()
-        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+        self.dwconv = DepthwiseConv2d(dim, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
@@ -291,7 +292,7 @@ class DSCNPair(nn.Module):
         """
         super().__init__()
         pad = (kernel_size - 1) // 2
-        self.conv0 = nn.Conv2d(dim, dim, kernel_size=5, padding=2, groups=dim)
+        self.conv0 = DepthwiseConv2d(dim, kernel_size=5, padding=2)
         self.dscn_x = DSCNX(
             dim, kernel_size, dw_kernel_size, stride=1, pad=pad, dilation=1, group=group, backend=backend)
         self.dscn_y = DSCNY(

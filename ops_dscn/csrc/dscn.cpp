@@ -29,6 +29,11 @@ TORCH_LIBRARY(ops_dscn, m) {
   m.def(
       "_conv_mlp_backward(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
       "Tensor? dw_bias, Tensor fc2_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The weight gradient of a depthwise conv2d (groups = C, zero padding) on channels_last tensors, for the backward
+  // of ops_dscn.DepthwiseConv2d; see cpu/dw_conv_cpu.cpp.
+  m.def(
+      "_dw_conv_weight_grad(Tensor grad_output, Tensor input, int kernel_h, int kernel_w, int stride_h, "
+      "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w) -> Tensor");
   // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU
   // inference; see cpu/strip_offsets_cpu.cpp. Inference only: no autograd formula is registered.
   m.def(

@@ -10,9 +10,12 @@ Public API:
       backward.
     - :func:`ops_dscn.strip_offsets`: a DSCN layer's offset branch (strip conv, LayerNorm, GELU, Linear) fused
       for CPU inference.
+    - :class:`ops_dscn.DepthwiseConv2d`: ``nn.Conv2d`` with groups = channels whose CPU weight gradient runs in a
+      channels_last kernel (:func:`ops_dscn.dw_conv_weight_grad`).
 """
 
 from .conv_mlp import check_conv_mlp_args, conv_mlp, conv_mlp_available, conv_mlp_reference
+from .depthwise import DepthwiseConv2d, dw_conv_weight_grad, dw_conv_weight_grad_reference
 from .functional import (
     BACKENDS,
     available_backends,
@@ -30,7 +33,8 @@ from .strip_offsets import check_strip_offsets_args, strip_offsets, strip_offset
 
 __version__ = "1.0.0"
 
-__all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
+__all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
            "compiled_device_types", "conv_mlp", "conv_mlp_available", "conv_mlp_reference", "dscn", "dscn_pytorch",
            "dscn_strip", "extension_available", "extension_error", "resolve_backend", "check_strip_offsets_args",
-           "strip_offsets", "strip_offsets_available", "strip_offsets_reference"]
+           "strip_offsets", "strip_offsets_available", "strip_offsets_reference", "dw_conv_weight_grad",
+           "dw_conv_weight_grad_reference"]

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..conv_mlp import _needs_grad
+from ..depthwise import DepthwiseConv2d
 from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
 from ..strip_offsets import strip_offsets_available
 
@@ -90,7 +91,7 @@ class _DSCNStrip(nn.Module):
         dw = (1, dw_kernel_size) if self.on_x else (dw_kernel_size, 1)
         dw_pad = (0, (dw_kernel_size - 1) // 2) if self.on_x else ((dw_kernel_size - 1) // 2, 0)
         self.dw_conv = nn.Sequential(
-            nn.Conv2d(channels, channels, kernel_size=dw, padding=dw_pad, groups=channels),
+            DepthwiseConv2d(channels, kernel_size=dw, padding=dw_pad),
             _norm_nchw_to_nhwc(channels, norm_layer),
             _act(act_layer),
         )
