@@ -368,6 +368,24 @@ def test_train_throughput_arithmetic_on_a_fake_clock(monkeypatch):
     assert [r['img_per_sec'] for r in rows] == [16.0, 64.0]
 
 
+def test_train_throughput_compile_mode(monkeypatch):
+    """--modes eager compile: a row per model and mode; the compiled one runs torch.compile'd training steps from the
+    same weights (aot_eager here, so the test stays fast)."""
+    tool = load_tool('classification/tools/train_throughput.py')
+    compiled = []
+    real_compile = torch.compile
+
+    def spy_compile(model, **kwargs):
+        compiled.append(model)
+        return real_compile(model, backend='aot_eager')
+
+    monkeypatch.setattr(tool.torch, 'compile', spy_compile)
+    rows = tool.measure(['resnet10t'], img_size=32, batch_size=2, warmup=1, steps=1, rounds=2,
+                        modes=('eager', 'compile'))
+    assert [(r['model'], r['mode']) for r in rows] == [('resnet10t', 'eager'), ('resnet10t', 'compile')]
+    assert len(compiled) == 1 and all(len(r['per_round']) == 2 and r['img_per_sec'] > 0 for r in rows)
+
+
 def test_train_throughput_times_the_training_loop():
     tool = load_tool('classification/tools/train_throughput.py')
     engine_py = str(ROOT / 'classification' / 'engine.py')

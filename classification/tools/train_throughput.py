@@ -5,6 +5,7 @@ Measures what ``train.py`` spends per step on the model (no data loading), same 
 optimizer for every model, models interleaved round by round so that a busy machine slows all of them alike::
 
     python classification/tools/train_throughput.py dsan_t convnext_atto resnet18 --img-size 224 -b 32
+    python classification/tools/train_throughput.py dsan_t resnet18 -b 16 --modes eager compile   # torch.compile
 
 ``--loop`` times ``engine.train_one_epoch`` itself (its per-step bookkeeping, logging and host-device syncs
 included) on an in-memory list of batches; ``--engine`` compares several versions of ``engine.py`` that way,
@@ -16,6 +17,7 @@ interleaved, e.g. the committed one against the working tree::
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import statistics
@@ -57,9 +59,10 @@ def load_engine(path: str):
 
 def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, warmup: int = 2, steps: int = 5,
             rounds: int = 3, device: str = 'cpu', model_kwargs: dict[str, dict] | None = None,
-            engines: Sequence[str] = (), amp: bool = False, log_interval: int = 50) -> list[dict]:
-    """Return one dict per model (and engine): ``model``, ``params_m``, ``img_per_sec`` (median over rounds),
-    ``per_round``.
+            engines: Sequence[str] = (), amp: bool = False, log_interval: int = 50,
+            modes: Sequence[str] = ('eager',)) -> list[dict]:
+    """Return one dict per model (and engine or mode): ``model``, ``params_m``, ``img_per_sec`` (median over rounds),
+    ``per_round`` (and ``mode`` for the bare step).
 
     A round's figure is ``batch_size * steps / elapsed`` (elapsed by ``time.perf_counter``, with a device sync at
     both ends on CUDA).
@@ -77,6 +80,8 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
             the bare step; the rows then also name the ``engine``.
         amp: Autocast (float16 on CUDA, bfloat16 on CPU) in the engine runs.
         log_interval: ``log_interval`` of the engine runs.
+        modes: For the bare step: 'eager' and / or 'compile' (the model wrapped in ``torch.compile``, as
+            ``train.py --torchcompile`` does; compilation happens in the warmup steps).
     """
     dev = torch.device(device)
     loss_fn = torch.nn.functional.cross_entropy
@@ -90,14 +95,17 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
         y = torch.randint(0, 1000, (batch_size,), device=dev)
         params_m = sum(p.numel() for p in m.parameters()) / 1e6
         if not engine_modules:
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.05)
-            for _ in range(warmup):
-                _step(m, opt, x, y, loss_fn)
+            for mode in modes:
+                mm = m if mode == modes[0] else copy.deepcopy(m)  # every mode starts from the same weights
+                opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05)
+                fn = torch.compile(mm) if mode == 'compile' else mm
+                for _ in range(max(warmup, 2 if mode == 'compile' else 0)):  # forward and backward compiled
+                    _step(fn, opt, x, y, loss_fn)
 
-            def run(m=m, opt=opt, x=x, y=y):
-                for _ in range(steps):
-                    _step(m, opt, x, y, loss_fn)
-            state[(name, None)] = (run, params_m, [])
+                def run(fn=fn, opt=opt, x=x, y=y):
+                    for _ in range(steps):
+                        _step(fn, opt, x, y, loss_fn)
+                state[(name, ('mode', mode))] = (run, params_m, [])
             continue
         for path, eng in engine_modules:
             # one model copy per engine: every engine starts from the same weights and optimizer state
@@ -120,10 +128,12 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
             _sync(dev)
             times.append(batch_size * steps / (time.perf_counter() - t))
     rows = []
-    for (name, path), (_, params_m, times) in state.items():
+    for (name, key), (_, params_m, times) in state.items():
         row = dict(model=name, params_m=params_m, img_per_sec=statistics.median(times), per_round=times)
-        if path is not None:
-            row['engine'] = path
+        if isinstance(key, tuple):
+            row['mode'] = key[1]
+        else:
+            row['engine'] = key
         rows.append(row)
     return rows
 
@@ -144,20 +154,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help='time train_one_epoch of these engine.py files, interleaved (implies --loop)')
     p.add_argument('--amp', action='store_true', help='autocast in the --loop runs')
     p.add_argument('--log-interval', type=int, default=50, help='log_interval of the --loop runs (default: 50)')
+    p.add_argument('--modes', nargs='+', default=['eager'], choices=['eager', 'compile'],
+                   help='bare-step modes, each timed for every model (compile: torch.compile, as train.py '
+                        '--torchcompile)')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     engines = args.engine or ([os.path.join(_CLS, 'engine.py')] if args.loop else [])
     rows = measure(args.models, args.img_size, args.batch_size, args.warmup, args.steps, args.rounds, args.device,
-                   engines=engines, amp=args.amp, log_interval=args.log_interval)
+                   engines=engines, amp=args.amp, log_interval=args.log_interval, modes=args.modes)
     what = 'engine.train_one_epoch' if engines else 'bare step'
     print(f'Training throughput ({what}), {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
           f'{args.img_size}x{args.img_size}, AdamW, amp {args.amp} '
           f'(median of {args.rounds} rounds of {args.steps} steps)')
-    print('| model | engine | params (M) | train img/s | per round |')
+    print('| model | engine / mode | params (M) | train img/s | per round |')
     print('|---|---|---|---|---|')
     for r in rows:
-        print(f"| {r['model']} | {r.get('engine', '-')} | {r['params_m']:.2f} | {r['img_per_sec']:.1f} | "
+        print(f"| {r['model']} | {r.get('engine', r.get('mode'))} | {r['params_m']:.2f} | {r['img_per_sec']:.1f} | "
               f"{' / '.join(f'{v:.1f}' for v in r['per_round'])} |")
     return rows
 
