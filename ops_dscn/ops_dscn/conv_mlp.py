@@ -79,6 +79,18 @@ def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.T
     return True
 
 
+def _check_kernel_input(op: str, input: torch.Tensor) -> None:
+    """The input checks the CPU kernels of conv_mlp, strip_offsets and _dw_conv_weight_grad share (same messages).
+
+    Raises:
+        ValueError: `input` is not 4-D (N, C, H, W), or not float32 / float64.
+    """
+    if input.dim() != 4:
+        raise ValueError(f"{op}: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape {_shape(input)}")
+    if input.dtype not in _KERNEL_DTYPES:
+        raise ValueError(f"{op}: input dtype must be one of float32, float64; got {_dtype_name(input.dtype)}")
+
+
 def conv_mlp_available(input: torch.Tensor) -> bool:
     """Whether the fused kernel (forward and backward) can run `input`: built, on CPU, and float32 or float64."""
     return _CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
@@ -97,10 +109,7 @@ def check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_wei
     Raises:
         ValueError: A shape, dtype or device that the operator does not accept, named with expected and actual.
     """
-    if input.dim() != 4:
-        raise ValueError(f"conv_mlp: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape {_shape(input)}")
-    if input.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"conv_mlp: input dtype must be one of float32, float64; got {_dtype_name(input.dtype)}")
+    _check_kernel_input("conv_mlp", input)
     if fc1_weight.dim() != 4:
         raise ValueError(f"conv_mlp: fc1_weight must be 4-D (hidden, C, 1, 1); got shape {_shape(fc1_weight)}")
     if fc2_weight.dim() != 4:

@@ -14,13 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_mlp import _has_cpu_kernel
-from .functional import _dtype_name, _shape
+from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel
 
 __all__ = ["DepthwiseConv2d", "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("_dw_conv_weight_grad")
-_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 
 def dw_conv_weight_grad_reference(grad_output, input, kernel_size, stride, padding, dilation):
@@ -109,10 +107,5 @@ if _CPU_KERNEL:
     @torch.library.register_fake("ops_dscn::_dw_conv_weight_grad")
     def _dw_conv_weight_grad_fake(grad_output, input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                   dilation_h, dilation_w):
-        if input.dim() != 4:
-            raise ValueError(f"dw_conv_weight_grad: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape "
-                             f"{_shape(input)}")
-        if input.dtype not in _KERNEL_DTYPES:
-            raise ValueError(f"dw_conv_weight_grad: input dtype must be one of float32, float64; got "
-                             f"{_dtype_name(input.dtype)}")
+        _check_kernel_input("dw_conv_weight_grad", input)
         return input.new_empty((input.shape[1], 1, kernel_h, kernel_w))

@@ -10,7 +10,7 @@ one by one, :func:`strip_offsets_reference`, elsewhere.
 import torch
 import torch.nn.functional as F
 
-from .conv_mlp import _KERNEL_DTYPES, _has_cpu_kernel, _no_backward, _use_kernel
+from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel, _no_backward, _use_kernel
 from .functional import _dtype_name, _shape
 
 __all__ = ["check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference"]
@@ -29,12 +29,7 @@ def check_strip_offsets_args(input, dw_weight, dw_bias, ln_weight, ln_bias, eps,
     Raises:
         ValueError: A shape, dtype, device or value the operator does not accept, named with expected and actual.
     """
-    if input.dim() != 4:
-        raise ValueError(f"strip_offsets: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape "
-                         f"{_shape(input)}")
-    if input.dtype not in _KERNEL_DTYPES:
-        raise ValueError(f"strip_offsets: input dtype must be one of float32, float64; got "
-                         f"{_dtype_name(input.dtype)}")
+    _check_kernel_input("strip_offsets", input)
     if dw_weight.dim() != 4:
         raise ValueError(f"strip_offsets: dw_weight must be 4-D; got shape {_shape(dw_weight)}")
     if lin_weight.dim() != 2:
