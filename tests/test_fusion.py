@@ -271,3 +271,34 @@ def test_inference_export_keeps_the_mlp_kernel():
         targets = [n.target for n in ep.graph.nodes if n.op == 'call_function']
         assert targets.count(torch.ops.ops_dscn.conv_mlp.default) == 4
         torch.testing.assert_close(ep.module()(x), fused(x), rtol=1e-6, atol=1e-6)
+
+
+def test_pointwise_conv_single_image_matmul_path():
+    """A single channels_last image in float32 inference runs the 1x1 conv as F.linear (same result); batches,
+    gradients, float64 and NCHW memory take nn.Conv2d's path."""
+    from dsan.models.dsan import PointwiseConv2d
+    torch.manual_seed(0)
+    conv = PointwiseConv2d(16, 24, 1)
+    ref = nn.Conv2d(16, 24, 1)
+    ref.load_state_dict(conv.state_dict())
+    seen = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    def path(x, grad=False):
+        seen.clear()
+        with torch.set_grad_enabled(grad), Spy():
+            y = conv(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-5, atol=1e-5)
+        return 'conv' if torch.ops.aten.convolution.default in seen else 'matmul'
+
+    x = torch.randn(1, 16, 7, 9).contiguous(memory_format=torch.channels_last)
+    assert path(x) == 'matmul'
+    assert path(x, grad=True) == 'conv'  # the weight needs a gradient
+    assert path(torch.cat([x, x])) == 'conv'
+    assert path(x.contiguous()) == 'conv'
+    conv.double(), ref.double()
+    assert path(x.double()) == 'conv'
