@@ -1,5 +1,6 @@
-// CPU kernel of ops_dscn::conv_mlp: DSAN's convolutional MLP, fc1 (1x1 conv) -> depthwise 3x3 conv -> exact GELU ->
-// fc2 (1x1 conv), optionally plus a residual, in one pass over the image, for inference.
+// CPU kernels of ops_dscn::conv_mlp and ops_dscn::_conv_mlp_backward: DSAN's convolutional MLP, fc1 (1x1 conv) ->
+// depthwise 3x3 conv -> exact GELU -> fc2 (1x1 conv), optionally plus a residual, in one pass over the image, and
+// its gradients in another (see "Backward" below).
 //
 // Why: the hidden tensor is mlp_ratio (4-8) times wider than the input. Run as four separate operators, each of
 // them streams it through memory (fc1 writes it, the depthwise conv reads and writes it, GELU reads and writes it,
