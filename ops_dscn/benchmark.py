@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(STAGES), choices=list(STAGES))
     parser.add_argument("--axes", nargs="+", default=["x", "y"], choices=["x", "y"])
     parser.add_argument("--repeat", type=int, default=5, help="minimum timed repetitions per measurement")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="interleaved rounds per shape; each figure is the best round's median")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--with-pytorch", action="store_true", help="also time the pure-PyTorch op on CUDA")
     parser.add_argument("--no-pytorch", action="store_true", help="skip the (slow) pure-PyTorch op")
@@ -200,17 +202,22 @@ def main() -> None:
             for i, (c, s, k, g) in enumerate(STAGES[model], start=1):
                 for axis in args.axes:
                     runs = _cases(c, s, k, g, batch, axis, device, dtype)
+                    # The kinds take turns, round after round, and each keeps its best round: a burst of load
+                    # on a shared machine then slows one round of every kind rather than all of one kind.
                     res = {}
-                    for kind in kinds:
-                        run = runs[kind]
+                    for _ in range(args.rounds):
+                        for kind in kinds:
+                            run = runs[kind]
 
-                        def fwd_bwd(run=run):
-                            out, inputs = run(True)
-                            torch.autograd.grad(out, inputs, torch.ones_like(out))
+                            def fwd_bwd(run=run):
+                                out, inputs = run(True)
+                                torch.autograd.grad(out, inputs, torch.ones_like(out))
 
-                        with torch.no_grad():
-                            res[kind, "fwd"] = _time(run, device, args.repeat)
-                        res[kind, "fb"] = _time(fwd_bwd, device, args.repeat)
+                            with torch.no_grad():
+                                fwd = _time(run, device, args.repeat)
+                            fb = _time(fwd_bwd, device, args.repeat)
+                            res[kind, "fwd"] = min(res.get((kind, "fwd"), fwd), fwd)
+                            res[kind, "fb"] = min(res.get((kind, "fb"), fb), fb)
                     mem = {kind: _held_bytes(lambda run=runs[kind]: run(True)) for kind in ("conv", "cpp")}
                     line = f"{model:7} {i:>2} {axis:>2} {batch:>3} {f'{s}x{s}x{c} {k:>2} {g:>2}':>20} |"
                     for kind in kinds:
