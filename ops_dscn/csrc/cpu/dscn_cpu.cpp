@@ -23,7 +23,9 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
+#endif
 
 #include "../common/dscn_params.h"
 #include "../common/dscn_sampling.h"
@@ -69,7 +71,11 @@ inline int64_t x_run(const DSCNParams& p) {
 constexpr int64_t kMaxColumns = 8;
 inline int64_t column_bytes() {
   static const int64_t bytes = [] {
-    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);  // 0 or -1 where the C library cannot tell
+#ifdef _SC_LEVEL1_DCACHE_SIZE  // glibc; elsewhere (and where it answers 0 or -1) the 32 KB budget
+    const long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+#else
+    const long l1 = 0;
+#endif
     return l1 >= 48 * 1024 ? int64_t(40960) : int64_t(10240);
   }();
   return bytes;
