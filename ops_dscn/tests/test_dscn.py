@@ -272,6 +272,40 @@ def test_every_cpu_simd_path_group_widths_and_line_ends(isa, tmp_path):
 
 
 @needs_ext
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cpu_simd_path_backward_group_widths(isa, tmp_path):
+    """The backward's per-group fast path (groups of one or two whole vectors) and its general path, in every SIMD
+    build, for each gradient alone and both together, against autograd through the float64 pure-PyTorch twin.
+
+    gc = 4, 8, 16, 32 are one and two vectors of float and double on the 16-, 32- and 64-byte builds; 20 and 3
+    take the general path (a whole vector plus narrower ones, and scalars only)."""
+    script_text = (
+        "import torch, ops_dscn\n"
+        "torch.manual_seed(0)\n"
+        "for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):\n"
+        "    for gc in (4, 8, 16, 32, 20, 3):\n"
+        "        for axis in ('x', 'y'):\n"
+        "            for need in ((True, True), (True, False), (False, True)):\n"
+        "                g, k = 3, 5\n"
+        "                x = torch.randn(2, 6, 7, g * gc, dtype=dtype)\n"
+        "                off = torch.randn(2, 6, 7, g * k, dtype=dtype) * 3\n"
+        "                go = torch.randn(2, 6, 7, g * gc, dtype=dtype)\n"
+        "                grads = []\n"
+        "                for b, t in (('cpp', dtype), ('pytorch', torch.float64)):\n"
+        "                    xi = x.to(t).requires_grad_(need[0])\n"
+        "                    oi = off.to(t).requires_grad_(need[1])\n"
+        "                    y = ops_dscn.dscn(xi, oi, k, pad=k // 2, group=g, axis=axis, backend=b)\n"
+        "                    wrt = [v for v, n in zip((xi, oi), need) if n]\n"
+        "                    grads.append(torch.autograd.grad(y, wrt, go.to(t)))\n"
+        "                for a, r in zip(*grads):\n"
+        "                    torch.testing.assert_close(a.double(), r, atol=tol * 10, rtol=tol,\n"
+        "                                               msg=lambda m: f'{dtype} gc={gc} {axis} {need}: {m}')\n"
+        "print('ok')\n"
+    )
+    run_under_isa(isa, script_text, tmp_path)
+
+
+@needs_ext
 @pytest.mark.parametrize("gc, groups", [(16, 7), (20, 5), (8, 6)])
 def test_groups_batched_in_one_loop_give_the_per_group_result(gc, groups):
     """Several groups share one tap loop in the CPU forward; each must come out bit for bit as when run alone."""

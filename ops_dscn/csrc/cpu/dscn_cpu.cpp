@@ -421,6 +421,43 @@ DSCN_INLINE acc_t tap_backward(const scalar_t* __restrict__ g, const scalar_t* a
   return red + (mb * db - ma * da);
 }
 
+#if DSCN_HAS_VEC
+// tap_backward over all `taps` entries of one group whose gc channels are exactly NV vectors: the group's output
+// gradient is loaded once into registers for all its taps, and the per-tap index arithmetic, width checks and
+// branches of the general path are gone (they cost more than the arithmetic for 16- and 32-channel groups). Same
+// operations in the same order as tap_backward, so the same results. x, gin point at the group's first channel on
+// the input line; goff receives the group's `taps` offset gradients (times scale).
+template <int NV, bool kInput, bool kOffset, typename V, typename scalar_t, typename acc_t, typename idx_t>
+DSCN_INLINE void group_backward(const scalar_t* __restrict__ g, const scalar_t* x, acc_t* gin, const idx_t* i0,
+                                const idx_t* i1, const acc_t* w0, const acc_t* w1, const acc_t* m0, const acc_t* m1,
+                                int64_t taps, int64_t step, scalar_t* goff, acc_t scale) {
+  using v_t = typename V::type;
+  constexpr int64_t L = V::size;
+  v_t gv[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) gv[v] = V::load(g + v * L);
+  for (int64_t j = 0; j < taps; ++j) {
+    const int64_t e0 = static_cast<int64_t>(i0[j]) * step, e1 = static_cast<int64_t>(i1[j]) * step;
+    v_t pa = {}, pb = {};
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      if constexpr (kOffset) {
+        pa += gv[v] * V::load(x + e0 + v * L);
+        pb += gv[v] * V::load(x + e1 + v * L);
+      }
+      if constexpr (kInput) {
+        // Lower neighbour first: when both are unread they are the same element (index 0, weight 0).
+        V::store(gin + e0 + v * L, V::load(gin + e0 + v * L) + w0[j] * gv[v]);
+        V::store(gin + e1 + v * L, V::load(gin + e1 + v * L) + w1[j] * gv[v]);
+      }
+    }
+    if constexpr (kOffset) {
+      goff[j] = static_cast<scalar_t>(scale * hsum<scalar_t, static_cast<int>(sizeof(v_t))>(m1[j] * pb - m0[j] * pa));
+    }
+  }
+}
+#endif
+
 // Strides of the canonical frame for channels-last tensors, in elements (input) or pixels (output / offset).
 struct Frame {
   int64_t in_axis;    // input step along the sampling axis
@@ -612,6 +649,40 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
       const scalar_t* x = input + line_off;
       acc_t* gin = want_in ? grad_input + line_off : nullptr;
       const scalar_t* g_px = grad_out + (pix0 + r) * C;
+#if DSCN_HAS_VEC
+      if constexpr (kVectorised<scalar_t>) {
+        using V = Vec<scalar_t, Bytes>;
+        constexpr int64_t L = V::size;
+        if (gc == L || gc == 2 * L) {  // groups of one or two whole vectors: group_backward
+          const auto groups = [&](auto nv, auto in, auto off) DSCN_LAMBDA_INLINE {
+            for (int64_t grp = 0; grp < G; ++grp) {
+              const int64_t t0 = r * GK + grp * KK;
+              group_backward<decltype(nv)::value, decltype(in)::value, decltype(off)::value, V>(
+                  g_px + grp * gc, x + grp * gc, want_in ? gin + grp * gc : nullptr, tab.i0.data() + t0,
+                  tab.i1.data() + t0, tab.w0.data() + t0, tab.w1.data() + t0, tab.m0.data() + t0,
+                  tab.m1.data() + t0, KK, f.in_axis, want_off ? goff_px + grp * KK : nullptr, scale);
+            }
+          };
+          const auto by_mask = [&](auto nv) DSCN_LAMBDA_INLINE {
+            using yes = std::true_type;
+            using no = std::false_type;
+            if (want_in && want_off) {
+              groups(nv, yes{}, yes{});
+            } else if (want_in) {
+              groups(nv, yes{}, no{});
+            } else {
+              groups(nv, no{}, yes{});
+            }
+          };
+          if (gc == L) {
+            by_mask(std::integral_constant<int, 1>{});
+          } else {
+            by_mask(std::integral_constant<int, 2>{});
+          }
+          continue;
+        }
+      }
+#endif
       for (int64_t i = 0; i < GK; ++i) {
         const int64_t t = r * GK + i;
         const int64_t e0 = static_cast<int64_t>(tab.i0[t]) * f.in_axis + tab.group_base[t];
