@@ -422,20 +422,25 @@ DSCN_INLINE acc_t tap_backward(const scalar_t* __restrict__ g, const scalar_t* a
 }
 
 #if DSCN_HAS_VEC
-// tap_backward over all `taps` entries of one group whose gc channels are exactly NV vectors: the group's output
-// gradient is loaded once into registers for all its taps, and the per-tap index arithmetic, width checks and
-// branches of the general path are gone (they cost more than the arithmetic for 16- and 32-channel groups). Same
-// operations in the same order as tap_backward, so the same results. x, gin point at the group's first channel on
-// the input line; goff receives the group's `taps` offset gradients (times scale).
-template <int NV, bool kInput, bool kOffset, typename V, typename scalar_t, typename acc_t, typename idx_t>
+// tap_backward over all `taps` entries of one group whose gc channels are NV whole vectors plus, when TB > 0, one
+// narrower vector of TB bytes (20 floats on AVX-512: 16 + 4): the group's output gradient is loaded once into
+// registers for all its taps, and the per-tap index arithmetic, width checks and branches of the general path are
+// gone (they cost more than the arithmetic for DSAN's 16-, 20- and 32-channel groups). Same operations in the same
+// order as tap_backward, so the same results. x, gin point at the group's first channel on the input line; goff
+// receives the group's `taps` offset gradients (times scale).
+template <int NV, int TB, bool kInput, bool kOffset, typename V, typename scalar_t, typename acc_t, typename idx_t>
 DSCN_INLINE void group_backward(const scalar_t* __restrict__ g, const scalar_t* x, acc_t* gin, const idx_t* i0,
                                 const idx_t* i1, const acc_t* w0, const acc_t* w1, const acc_t* m0, const acc_t* m1,
                                 int64_t taps, int64_t step, scalar_t* goff, acc_t scale) {
   using v_t = typename V::type;
-  constexpr int64_t L = V::size;
+  using T = Vec<scalar_t, TB == 0 ? 16 : TB>;  // the tail vector (unused when TB == 0)
+  using t_t = typename T::type;
+  constexpr int64_t L = V::size, TL = NV * L;
   v_t gv[NV];
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) gv[v] = V::load(g + v * L);
+  t_t gt = {};
+  if constexpr (TB > 0) gt = T::load(g + TL);
   for (int64_t j = 0; j < taps; ++j) {
     const int64_t e0 = static_cast<int64_t>(i0[j]) * step, e1 = static_cast<int64_t>(i1[j]) * step;
     v_t pa = {}, pb = {};
@@ -451,8 +456,17 @@ DSCN_INLINE void group_backward(const scalar_t* __restrict__ g, const scalar_t* 
         V::store(gin + e1 + v * L, V::load(gin + e1 + v * L) + w1[j] * gv[v]);
       }
     }
+    if constexpr (kInput && TB > 0) {
+      T::store(gin + e0 + TL, T::load(gin + e0 + TL) + w0[j] * gt);
+      T::store(gin + e1 + TL, T::load(gin + e1 + TL) + w1[j] * gt);
+    }
     if constexpr (kOffset) {
-      goff[j] = static_cast<scalar_t>(scale * hsum<scalar_t, static_cast<int>(sizeof(v_t))>(m1[j] * pb - m0[j] * pa));
+      acc_t red = hsum<scalar_t, static_cast<int>(sizeof(v_t))>(m1[j] * pb - m0[j] * pa);
+      if constexpr (TB > 0) {
+        const t_t ta = gt * T::load(x + e0 + TL), tb = gt * T::load(x + e1 + TL);
+        red += hsum<scalar_t, TB>(m1[j] * tb - m0[j] * ta);
+      }
+      goff[j] = static_cast<scalar_t>(scale * red);
     }
   }
 }
@@ -653,31 +667,45 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
       if constexpr (kVectorised<scalar_t>) {
         using V = Vec<scalar_t, Bytes>;
         constexpr int64_t L = V::size;
-        if (gc == L || gc == 2 * L) {  // groups of one or two whole vectors: group_backward
-          const auto groups = [&](auto nv, auto in, auto off) DSCN_LAMBDA_INLINE {
+        // Groups of one or two whole vectors, plus at most one narrower vector: group_backward.
+        const int64_t nv = gc / L, tail_bytes = (gc - nv * L) * static_cast<int64_t>(sizeof(scalar_t));
+        const bool tail_ok = tail_bytes == 0 || ((tail_bytes == 16 || tail_bytes == 32) && tail_bytes < Bytes);
+        if ((nv == 1 || nv == 2) && tail_ok) {
+          const auto groups = [&](auto nvc, auto tb, auto in, auto off) DSCN_LAMBDA_INLINE {
             for (int64_t grp = 0; grp < G; ++grp) {
               const int64_t t0 = r * GK + grp * KK;
-              group_backward<decltype(nv)::value, decltype(in)::value, decltype(off)::value, V>(
+              group_backward<decltype(nvc)::value, decltype(tb)::value, decltype(in)::value, decltype(off)::value, V>(
                   g_px + grp * gc, x + grp * gc, want_in ? gin + grp * gc : nullptr, tab.i0.data() + t0,
                   tab.i1.data() + t0, tab.w0.data() + t0, tab.w1.data() + t0, tab.m0.data() + t0,
                   tab.m1.data() + t0, KK, f.in_axis, want_off ? goff_px + grp * KK : nullptr, scale);
             }
           };
-          const auto by_mask = [&](auto nv) DSCN_LAMBDA_INLINE {
+          const auto by_mask = [&](auto nvc, auto tb) DSCN_LAMBDA_INLINE {
             using yes = std::true_type;
             using no = std::false_type;
             if (want_in && want_off) {
-              groups(nv, yes{}, yes{});
+              groups(nvc, tb, yes{}, yes{});
             } else if (want_in) {
-              groups(nv, yes{}, no{});
+              groups(nvc, tb, yes{}, no{});
             } else {
-              groups(nv, no{}, yes{});
+              groups(nvc, tb, no{}, yes{});
             }
           };
-          if (gc == L) {
-            by_mask(std::integral_constant<int, 1>{});
+          const auto by_tail = [&](auto nvc) DSCN_LAMBDA_INLINE {
+            if (tail_bytes == 0) {
+              by_mask(nvc, std::integral_constant<int, 0>{});
+            } else if constexpr (Bytes > 16) {
+              if (tail_bytes == 16) {
+                by_mask(nvc, std::integral_constant<int, 16>{});
+              } else if constexpr (Bytes > 32) {
+                by_mask(nvc, std::integral_constant<int, 32>{});
+              }
+            }
+          };
+          if (nv == 1) {
+            by_tail(std::integral_constant<int, 1>{});
           } else {
-            by_mask(std::integral_constant<int, 2>{});
+            by_tail(std::integral_constant<int, 2>{});
           }
           continue;
         }
