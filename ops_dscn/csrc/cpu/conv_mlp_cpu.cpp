@@ -61,19 +61,25 @@ struct MlpWeights {
 // over the rows up / mid / down, each (W, Ch); nullptr for a row outside the image, which the conv's zero padding
 // makes 0. With Gelu, the exact GELU of that (the forward's activations); without, the conv alone (the backward's
 // pre-activations, and with the flipped taps its input gradient).
+//
+// b1, when not null, is a per-channel value added to every hidden element the taps read: fc1's bias, which the
+// forward's fc1 leaves out, as adding it in the matrix product (addmm) is one more pass over the hidden rows (6-7 %
+// of the fused MLP at DSAN-T stages 1-2, batch 32). The vector loop adds it as b1 * the sum of the taps inside the
+// image, per column case, in the accumulator's initial value: equal to the per-element sum up to float rounding.
 template <int Bytes, bool Gelu, typename scalar_t>
 DSCN_INLINE void dw_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* wdw,
-                             const scalar_t* bdw, scalar_t* out, int64_t W, int64_t Ch) {
+                        const scalar_t* bdw, scalar_t* out, int64_t W, int64_t Ch, const scalar_t* b1 = nullptr) {
   const scalar_t* rows[3] = {up, mid, down};
   // Scalar tap sum of one element, used for the channels the vectors do not cover and the first / last column.
   auto one = [&](int64_t w, int64_t c) DSCN_LAMBDA_INLINE {
     scalar_t acc = bdw[c];
+    const scalar_t bias = b1 != nullptr ? b1[c] : scalar_t(0);
     for (int dy = 0; dy < 3; ++dy) {
       if (rows[dy] == nullptr) continue;
       for (int dx = 0; dx < 3; ++dx) {
         const int64_t ww = w + dx - 1;
         if (ww < 0 || ww >= W) continue;
-        acc += rows[dy][ww * Ch + c] * wdw[(dy * 3 + dx) * Ch + c];
+        acc += (rows[dy][ww * Ch + c] + bias) * wdw[(dy * 3 + dx) * Ch + c];
       }
     }
     return Gelu ? gelu_scalar(acc) : acc;
@@ -87,10 +93,21 @@ DSCN_INLINE void dw_row(const scalar_t* up, const scalar_t* mid, const scalar_t*
     // The chunk's 9 tap weights and its bias stay in registers while the loop walks along the row.
     V k[9];
     for (int t = 0; t < 9; ++t) k[t] = VT::load(wdw + t * Ch + c0);
+    // Initial values: the conv's bias plus b1 times the taps that read inside the image, per column case.
+    V side[3] = {};  // b1 * the sum of the column's taps (dx = 0, 1, 2) over the rows inside the image
+    if (b1 != nullptr) {
+      const V bias = VT::load(b1 + c0);
+      for (int dy = 0; dy < 3; ++dy) {
+        if (rows[dy] == nullptr) continue;
+        for (int dx = 0; dx < 3; ++dx) side[dx] += k[dy * 3 + dx] * bias;
+      }
+    }
     const V b = VT::load(bdw + c0);
+    const V b_mid = b + (side[0] + side[1] + side[2]), b_first = b + (side[1] + side[2]);
+    const V b_last = b + (side[0] + side[1]), b_only = b + side[1];
     for (int64_t w = 0; w < W; ++w) {
-      V acc = b;
       const bool left = w > 0, right = w + 1 < W;
+      V acc = left ? (right ? b_mid : b_last) : (right ? b_first : b_only);
       for (int dy = 0; dy < 3; ++dy) {
         const scalar_t* r = rows[dy];
         if (r == nullptr) continue;
@@ -125,16 +142,16 @@ DSCN_INLINE int64_t slide_rows(std::vector<scalar_t>& buf, int64_t& lo, int64_t&
   return have_hi;
 }
 
-// fc1 of the rows [lo, hi) into `out` ((hi - lo) * W, Ch): (rows * W, C) @ (C, Ch) + b1. Rows are global, image n's
-// row r being n * H + r: NHWC memory holds the rows of consecutive images one after the other.
+// fc1 of the rows [lo, hi) into `out` ((hi - lo) * W, Ch): (rows * W, C) @ (C, Ch), + b1 when with_bias. Rows are
+// global, image n's row r being n * H + r: NHWC memory holds the rows of consecutive images one after the other.
 template <typename scalar_t>
 DSCN_INLINE void fc1_rows(const MlpDims& d, const MlpWeights<scalar_t>& wt, const scalar_t* x, int64_t lo, int64_t hi,
-                          scalar_t* out, const at::TensorOptions& opts) {
+                          scalar_t* out, const at::TensorOptions& opts, bool with_bias = true) {
   if (hi <= lo) return;
   const int64_t m = (hi - lo) * d.W;
   const at::Tensor a = at::from_blob(const_cast<scalar_t*>(x) + lo * d.W * d.C, {m, d.C}, opts);
   at::Tensor h = at::from_blob(out, {m, d.Ch}, opts);
-  if (wt.b1 != nullptr) {
+  if (with_bias && wt.b1 != nullptr) {
     at::addmm_out(h, at::from_blob(const_cast<scalar_t*>(wt.b1), {d.Ch}, opts), a, wt.w1t);
   } else {
     at::mm_out(h, a, wt.w1t);
@@ -169,11 +186,14 @@ DSCN_INLINE void mlp_task_body(const MlpDims& d, const MlpWeights<scalar_t>& wt,
     const auto [need_lo, need_hi] = with_halo(d, s0, s1, 1);
     // The halo rows the previous step already computed move to the front of the ring; fc1 computes the others.
     const int64_t have_hi = slide_rows(ring, buf_lo, buf_hi, need_lo, need_hi, need_hi, hid_row);
-    fc1_rows(d, wt, x, have_hi, need_hi, ring.data() + (have_hi - need_lo) * hid_row, opts);
+    // The ring holds fc1 without its bias, which dw_row adds (the backward's rows keep it: its depthwise weight
+    // gradient reads them).
+    fc1_rows(d, wt, x, have_hi, need_hi, ring.data() + (have_hi - need_lo) * hid_row, opts, /*with_bias=*/false);
     for (int64_t r = s0; r < s1; ++r) {
       const scalar_t* mid = ring.data() + (r - need_lo) * hid_row;
       const auto [up, down] = neighbours(d, r, mid, hid_row);
-      dw_row<Bytes, true>(up, mid, down, wt.wdw.data(), wt.bdw.data(), act.data() + (r - s0) * hid_row, d.W, d.Ch);
+      dw_row<Bytes, true>(up, mid, down, wt.wdw.data(), wt.bdw.data(), act.data() + (r - s0) * hid_row, d.W, d.Ch,
+                          wt.b1);
     }
     // fc2: (rows * W, Ch) @ (Ch, Co), then + b2 (+ residual) in the same, cache-hot, output rows.
     const int64_t m = (s1 - s0) * d.W;
