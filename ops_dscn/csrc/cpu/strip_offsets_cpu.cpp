@@ -80,7 +80,7 @@ DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scal
       vsum += acc;
     }
     acc_t sum = 0;
-    for (int i = 0; i < L; ++i) sum += vsum[i];
+    sum += hsum<scalar_t, Bytes>(vsum);  // a tree: lane by lane was a chain of L dependent adds per pixel
 #else
     acc_t sum = 0;
 #endif
@@ -100,7 +100,7 @@ DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scal
         const V dev = VT::load(a + c0) - mean;
         vsq += dev * dev;
       }
-      for (int i = 0; i < L; ++i) sq += vsq[i];
+      sq += hsum<scalar_t, Bytes>(vsq);
     }
 #endif
     for (int64_t c = c0; c < C; ++c) sq += (a[c] - mean) * (a[c] - mean);
