@@ -246,8 +246,9 @@ def test_every_cpu_simd_path(isa, tmp_path):
 def test_every_cpu_simd_path_group_widths_and_line_ends(isa, tmp_path):
     """The forward's fast paths, in every SIMD build, against the float64 reference.
 
-    Group widths of one vector, two vectors, one and a fraction (the overlapping last vector), and narrower than a
-    vector, on 4-, 8- and 16-lane builds; group counts that batch 4 + 2 + 1 groups per tap loop; lines of 1, 2, 3
+    Group widths of one vector, two vectors, one and a fraction (the overlapping last vector), one or two vectors
+    and a 16-byte tail (12 and 20 floats on AVX2, 20 floats and 10 doubles on AVX-512), and narrower than a vector,
+    on 4-, 8- and 16-lane builds; group counts that batch 4 + 2 + 1 groups per tap loop; lines of 1, 2, 3
     and 7 pixels with offsets that put taps just below 0, just below the line end and outside (the pair-form
     table's special cases)."""
     script_text = (
@@ -255,7 +256,7 @@ def test_every_cpu_simd_path_group_widths_and_line_ends(isa, tmp_path):
         "from dscn_reference import dscn_reference\n"
         "torch.manual_seed(0)\n"
         "for dtype, tol in ((torch.float32, 2e-5), (torch.float64, 1e-12)):\n"
-        "    for gc, g in ((4, 7), (8, 7), (16, 7), (20, 3), (24, 2), (32, 1), (40, 3)):\n"
+        "    for gc, g in ((4, 7), (8, 7), (10, 3), (12, 3), (16, 7), (20, 3), (24, 2), (32, 1), (40, 3)):\n"
         "        for length, axis in ((1, 'x'), (2, 'y'), (3, 'x'), (7, 'y')):\n"
         "            k = 3\n"
         "            hw = (2, length) if axis == 'x' else (length, 2)\n"
