@@ -70,8 +70,10 @@ def test_matches_float64_reference(n, c, h, w, k, gk, on_x):
 
 
 @pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
-def test_without_biases_from_nchw_memory_and_any_thread_count(on_x):
-    args = make(3, 12, 7, 6, 5, 9, on_x, bias=False)
+@pytest.mark.parametrize("n,h,w", [(3, 7, 6), (2, 24, 23)], ids=["small", "several-blocks-per-thread"])
+def test_without_biases_from_nchw_memory_and_any_thread_count(on_x, n, h, w):
+    """Pixel blocks are cut per thread count (126 pixels: one block per thread; 1104: several of at most 256)."""
+    args = make(n, 12, h, w, 5, 9, on_x, bias=False)
     args[0] = args[0].contiguous()
     ref = reference64(*args)
     old = torch.get_num_threads()

@@ -191,12 +191,17 @@ at::Tensor strip_offsets_cpu(const at::Tensor& input_, const at::Tensor& dw_weig
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     const int64_t pixels = d.N * d.H * d.W;
-    const int64_t blocks = (pixels + kBlockPixels - 1) / kBlockPixels;
+    // A multiple of the thread count of equal blocks of at most kBlockPixels: in 256-pixel blocks one image of
+    // DSAN's 14x14 or 7x7 stages was one block, which left the other threads idle at batch 1 (and a 28x28 image
+    // four blocks, the last of 16 pixels).
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t rounds = (pixels + threads * kBlockPixels - 1) / (threads * kBlockPixels);
+    const int64_t block = std::max<int64_t>(1, (pixels + threads * rounds - 1) / (threads * rounds));
+    const int64_t blocks = (pixels + block - 1) / block;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> act(kBlockPixels * C);
+      std::vector<scalar_t> act(block * C);
       for (int64_t b = begin; b < end; ++b) {
-        offsets_task<scalar_t>(d, wt, x, y, b * kBlockPixels, std::min(pixels, (b + 1) * kBlockPixels), act.data(),
-                               opts);
+        offsets_task<scalar_t>(d, wt, x, y, b * block, std::min(pixels, (b + 1) * block), act.data(), opts);
       }
     });
   });
