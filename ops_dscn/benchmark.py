@@ -9,13 +9,13 @@ ratios. Memory is the bytes a forward+backward holds: tensors saved for backward
     python ops_dscn/benchmark.py --device cuda         # CUDA rows (cpp and conv; pytorch with --with-pytorch)
     python ops_dscn/benchmark.py --batch 32 --models dsan_t --threads 2
     python ops_dscn/benchmark.py --fused --threads 2   # the fused CPU inference kernels against their layers
-    python ops_dscn/benchmark.py --fused --train --batch 16 --threads 2   # the fused MLP's forward+backward
+    python ops_dscn/benchmark.py --fused --train --batch 16 --threads 2   # fused forward+backward
 
 With ``--fused`` it times instead the two fused CPU inference kernels against the same layers run one by one (in
 channels_last memory): ``conv_mlp`` (the block MLP) and ``strip_offsets`` (a DSCN layer's offset branch), and
 prints the speed-up and the largest difference between the two results. ``--fused --train`` times a training
-forward+backward of the MLP (``conv_mlp`` with its fused backward against the layers and autograd) and prints the
-largest difference between the two input gradients.
+forward+backward of the MLP and of the two offset branches (``conv_mlp`` / ``strip_offsets`` with their fused
+backwards against the layers and autograd) and prints the largest difference between the two input gradients.
 """
 
 import argparse
@@ -137,9 +137,32 @@ def _mlp_train_case(c, s, ratio, batch):
     return (lambda: run("cpp")), (lambda: run("pytorch"))
 
 
+def _offsets_train_cases(c, s, k, g, batch):
+    """{name: (fused_fn, layers_fn)}: forward+backward of the two offset branches of one stage (float32 CPU); each
+    returns the input gradient."""
+    gen = torch.Generator().manual_seed(0)
+    cases = {}
+    for axis, on_x in (("x", True), ("y", False)):
+        x = torch.randn(batch, c, s, s, generator=gen).contiguous(memory_format=torch.channels_last)
+        dw = torch.randn(*((c, 1, 1, k) if on_x else (c, 1, k, 1)), generator=gen) / k
+        params = [dw, torch.randn(c, generator=gen), 1 + 0.1 * torch.randn(c, generator=gen),
+                  0.1 * torch.randn(c, generator=gen), torch.randn(g * k, c, generator=gen) * c ** -0.5,
+                  torch.randn(g * k, generator=gen)]
+        leaves = [t.requires_grad_() for t in [x, *params]]
+        grad = torch.randn(batch, s, s, g * k, generator=gen)
+
+        def run(backend, leaves=leaves, grad=grad, on_x=on_x):
+            x, dw, db, lnw, lnb, lw, lb = leaves
+            y = ops_dscn.strip_offsets(x, dw, db, lnw, lnb, 1e-6, lw, lb, on_x, backend=backend)
+            return torch.autograd.grad(y, leaves, grad)[0]
+
+        cases[f"off {axis} train"] = (lambda run=run: run("cpp")), (lambda run=run: run("pytorch"))
+    return cases
+
+
 def fused_main(args) -> None:
-    """Times the fused CPU kernels against their layers (--fused; --train: the MLP's forward+backward)."""
-    what = "MLP forward+backward" if args.train else "inference kernels"
+    """Times the fused CPU kernels against their layers (--fused; --train: their forward+backward)."""
+    what = "forward+backward (MLP, offset branches)" if args.train else "inference kernels"
     print(f"fused CPU {what}, float32, threads={torch.get_num_threads()} torch={torch.__version__}")
     header = f"{'model':7} {'st':>2} {'N':>3} {'kernel':>10} {'shape (HxWxC)':>14} | {'layers':>10} {'fused':>10} |" \
              f" layers/fused | max |diff|"
@@ -149,8 +172,8 @@ def fused_main(args) -> None:
     for batch in args.batch:
         for model in args.models:
             for i, ((c, s, k, g), ratio) in enumerate(zip(STAGES[model], MLP_RATIOS), start=1):
-                cases = ({"mlp train": _mlp_train_case(c, s, ratio, batch)} if args.train
-                         else _fused_cases(c, s, k, g, ratio, batch))
+                cases = ({"mlp train": _mlp_train_case(c, s, ratio, batch), **_offsets_train_cases(c, s, k, g, batch)}
+                         if args.train else _fused_cases(c, s, k, g, ratio, batch))
                 for name, (fused, layers) in cases.items():
                     with torch.inference_mode(not args.train):
                         t_layers, t_fused = _time(layers, cpu, args.repeat), _time(fused, cpu, args.repeat)
@@ -175,7 +198,8 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true",
                         help="time the fused CPU inference kernels (conv_mlp, strip_offsets) against their layers")
     parser.add_argument("--train", action="store_true",
-                        help="with --fused: time the MLP's forward+backward (fused backward against autograd)")
+                        help="with --fused: time forward+backward of the MLP and the offset branches (fused "
+                             "backwards against autograd through their layers)")
     args = parser.parse_args()
 
     if not ops_dscn.extension_available():

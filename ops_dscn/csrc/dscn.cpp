@@ -34,9 +34,14 @@ TORCH_LIBRARY(ops_dscn, m) {
   m.def(
       "_dw_conv_weight_grad(Tensor grad_output, Tensor input, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w) -> Tensor");
-  // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU
-  // inference; see cpu/strip_offsets_cpu.cpp. Inference only: no autograd formula is registered.
+  // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU;
+  // see cpu/strip_offsets_cpu.cpp. Its backward recomputes the branch from the input and returns the gradients of
+  // the conv's output (N, C, H, W; channels_last memory), ln_weight, ln_bias, lin_weight and lin_bias.
   m.def(
       "strip_offsets(Tensor input, Tensor dw_weight, Tensor? dw_bias, Tensor ln_weight, Tensor ln_bias, float eps, "
       "Tensor lin_weight, Tensor? lin_bias, bool on_x) -> Tensor");
+  m.def(
+      "_strip_offsets_backward(Tensor grad_output, Tensor input, Tensor dw_weight, Tensor? dw_bias, "
+      "Tensor ln_weight, Tensor ln_bias, float eps, Tensor lin_weight, bool on_x) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

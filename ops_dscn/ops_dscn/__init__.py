@@ -9,7 +9,7 @@ Public API:
     - :func:`ops_dscn.conv_mlp`: DSAN's convolutional MLP (fc1, depthwise 3x3, GELU, fc2) fused on CPU, with a fused
       backward.
     - :func:`ops_dscn.strip_offsets`: a DSCN layer's offset branch (strip conv, LayerNorm, GELU, Linear) fused
-      for CPU inference.
+      on CPU, with a fused backward.
     - :class:`ops_dscn.DepthwiseConv2d`: ``nn.Conv2d`` with groups = channels whose CPU weight gradient runs in a
       channels_last kernel (:func:`ops_dscn.dw_conv_weight_grad`).
 """

@@ -38,44 +38,24 @@ def _needs_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _no_backward(op: str):
-    """An autograd formula for an inference-only op: its backward raises, saying what to do instead."""
-
-    def backward(ctx, grad_output):
-        raise RuntimeError(f"ops_dscn::{op} is inference-only (no backward): run it under torch.no_grad() / "
-                           f"torch.inference_mode(), or use ops_dscn.{op}(..., backend='pytorch') for training")
-
-    return backward
-
-
-def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.Tensor, tensors,
-                has_backward: bool = False) -> bool:
+def _use_kernel(op: str, backend: str, usable: bool, built: bool, input: torch.Tensor) -> bool:
     """Whether `backend` runs the fused kernel of ``ops_dscn::<op>`` (True) or its reference (False).
-
-    Args:
-        has_backward: The op has a backward kernel; without one, a call that needs gradients runs the reference
-            ('auto') or is an error ('cpp').
 
     Raises:
         ValueError: Unknown backend.
-        RuntimeError: backend='cpp' where the kernel cannot run (`usable` False), or with gradients needed by an op
-            without a backward.
+        RuntimeError: backend='cpp' where the kernel cannot run (`usable` False).
     """
     if backend not in _BACKENDS:
         raise ValueError(f"{op}: backend must be one of {_BACKENDS}; got {backend!r}")
     if backend == "pytorch":
         return False
-    grad = not has_backward and _needs_grad(*(t for t in tensors if isinstance(t, torch.Tensor)))
     if backend == "auto":
-        return usable and not grad
+        return usable
     if not usable:
         raise RuntimeError(
             f"{op}: backend='cpp' needs the compiled kernel and a CPU float32/float64 input; got a "
             f"{_dtype_name(input.dtype)} tensor on {input.device}"
             + ("" if built else f" and ops_dscn was built without {op} (rebuild ops_dscn)"))
-    if grad:
-        raise RuntimeError(f"{op}: the fused kernel is inference-only (it has no backward); call it under "
-                           "torch.no_grad() / torch.inference_mode(), or use backend='auto' or 'pytorch'")
     return True
 
 
@@ -188,8 +168,7 @@ def conv_mlp(
         RuntimeError: backend='cpp' where the kernel cannot run.
     """
     tensors = (input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
-    if not _use_kernel("conv_mlp", backend, conv_mlp_available(input), _CPU_KERNEL, input, tensors,
-                       has_backward=True):
+    if not _use_kernel("conv_mlp", backend, conv_mlp_available(input), _CPU_KERNEL, input):
         return conv_mlp_reference(*tensors)
     return torch.ops.ops_dscn.conv_mlp(*tensors)
 

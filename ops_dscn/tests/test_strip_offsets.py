@@ -1,4 +1,4 @@
-"""Tests of ops_dscn.strip_offsets, a DSCN layer's offset branch fused for CPU inference, against float64."""
+"""Tests of ops_dscn.strip_offsets, a DSCN layer's offset branch fused for CPU (forward, backward), against float64."""
 import os
 
 import pytest
@@ -118,20 +118,100 @@ def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
             torch.ops.ops_dscn.strip_offsets(*fake)
 
 
-def test_inference_only():
+def _grads(fn, args, grad_output):
+    """The gradients of every tensor argument of fn(*args) (fresh leaves) for the given output gradient."""
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    return torch.autograd.grad(fn(*leaves), tensors, grad_output)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+@pytest.mark.parametrize("n,c,h,w,k,gk", CASES)
+def test_gradients_match_float64_reference(n, c, h, w, k, gk, on_x, bias):
+    """All seven gradients (input, conv weight and bias, LayerNorm weight and bias, Linear weight and bias)."""
+    args = make(n, c, h, w, k, gk, on_x, bias=bias)
+    g = torch.randn(n, h, w, gk, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _grads(reference64, args, g)
+    got64 = _grads(torch.ops.ops_dscn.strip_offsets, args, g)
+    a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+    got32 = _grads(torch.ops.ops_dscn.strip_offsets, a32, g.float())
+    layers32 = _grads(strip_offsets_reference, a32, g.float())
+    assert len(got64) == len(ref) == (7 if bias else 5)
+    for r, k64, k32, l32 in zip(ref, got64, got32, layers32):
+        assert k64.shape == r.shape and k64.dtype == torch.float64
+        torch.testing.assert_close(k64, r, atol=1e-10, rtol=1e-10)
+        scale = r.abs().max().item() + 1
+        torch.testing.assert_close(k32.double(), r, atol=2e-5 * scale, rtol=1e-4)
+        torch.testing.assert_close(k32, l32, atol=2e-5 * scale, rtol=1e-4)
+
+
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+def test_gradcheck(on_x):
+    args = make(2, 20, 5, 6, 5, 8, on_x)
+    leaves = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+    assert torch.autograd.gradcheck(torch.ops.ops_dscn.strip_offsets, leaves)
+
+
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+def test_backward_any_thread_count_is_deterministic(on_x):
+    """1104 pixels: several blocks per thread; the per-thread parameter gradients are summed in thread order."""
+    args = make(2, 12, 24, 23, 5, 9, on_x)
+    g = torch.randn(2, 24, 23, 9, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    ref = _grads(reference64, args, g)
+    a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            for r, k in zip(ref, _grads(torch.ops.ops_dscn.strip_offsets, args, g)):
+                torch.testing.assert_close(k, r, atol=1e-10, rtol=1e-10)
+            first = _grads(torch.ops.ops_dscn.strip_offsets, a32, g.float())
+            again = _grads(torch.ops.ops_dscn.strip_offsets, a32, g.float())
+            assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_backward_opcheck_and_bad_grad_output():
+    for on_x in (True, False):
+        x, dw, dwb, lnw, lnb, eps, lw, lb, _ = make(2, 8, 5, 6, 3, 6, on_x, dtype=torch.float32)
+        g = torch.randn(2, 5, 6, 6)
+        torch.library.opcheck(torch.ops.ops_dscn._strip_offsets_backward.default,
+                              (g, x, dw, dwb, lnw, lnb, eps, lw, on_x), test_utils=("test_schema", "test_faketensor"))
+        bad = (g[:, :, :, :4], x, dw, dwb, lnw, lnb, eps, lw, on_x)
+        match = r"grad_output must have shape \[2, 5, 6, 6\]; got \[2, 5, 6, 4\]"
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn._strip_offsets_backward(*bad)
+        with FakeTensorMode() as mode:
+            fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in bad]
+            with pytest.raises(ValueError, match=match):
+                torch.ops.ops_dscn._strip_offsets_backward(*fake)
+
+
+def test_backend_choice_under_gradients():
     args = make(1, 8, 4, 4, 3, 6, True, dtype=torch.float32)
     args[6].requires_grad_()
-    with pytest.raises(RuntimeError, match="inference-only"):
-        strip_offsets(*args, backend="cpp")
-    (g,) = torch.autograd.grad(strip_offsets(*args).sum(), args[6])  # 'auto' falls back to the layers
-    (g_ref,) = torch.autograd.grad(strip_offsets_reference(*args).sum(), args[6])
-    torch.testing.assert_close(g, g_ref)
-    with pytest.raises(RuntimeError, match="inference-only"):
-        torch.ops.ops_dscn.strip_offsets(*args).sum().backward()
+    calls = []
+
+    class Spy(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            calls.append(func)
+            return func(*args, **(kwargs or {}))
+
+    grads = {}
+    for backend in ("auto", "cpp", "pytorch"):
+        calls.clear()
+        with Spy():
+            (grads[backend],) = torch.autograd.grad(strip_offsets(*args, backend=backend).sum(), args[6])
+        fused = torch.ops.ops_dscn._strip_offsets_backward.default in calls
+        assert fused == (backend != "pytorch"), backend
+    torch.testing.assert_close(grads["auto"], grads["pytorch"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["cpp"], grads["auto"], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("cls", [DSCNX, DSCNY])
-def test_modules_use_the_kernel_only_in_float32_inference_and_agree(cls):
+def test_modules_use_the_kernel_in_float32_inference_and_training_and_agree(cls):
     torch.manual_seed(0)
     layer = cls(32, 11, 11, pad=5, group=4).eval()
     with torch.no_grad():
@@ -154,10 +234,24 @@ def test_modules_use_the_kernel_only_in_float32_inference_and_agree(cls):
         layers = layer(inp, x)
     assert sum(calls) == 0
     torch.testing.assert_close(fused, layers, atol=1e-5, rtol=1e-5)
+
+    # Training: the same gradients from the kernel's backward as from the layers'.
+    def grads(fused_offsets):
+        layer.fused_offsets = fused_offsets
+        layer.zero_grad(set_to_none=True)
+        xg = x.detach().clone().requires_grad_()
+        layer(inp, xg).square().sum().backward()
+        return [xg.grad] + [p.grad for p in layer.parameters()]
+
+    calls.clear()
+    with Spy():
+        fused_grads = grads(True)
+    assert sum(calls) == 1
+    for a, b in zip(fused_grads, grads(False)):  # float32 sums of up to 180 terms of size ~1e3: relative to the max
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
     layer.fused_offsets = True
     calls.clear()
     with Spy():
-        layer(inp, x)  # parameters need gradients
         layer.double()(inp.double(), x.double())  # float64 keeps the layers
     assert sum(calls) == 0
 
@@ -176,6 +270,13 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "        a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]\n"
         "        y = torch.ops.ops_dscn.strip_offsets(*a32)\n"
         "        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)\n"
+        "    g = torch.randn(2, 5, 6, 7, dtype=torch.float64)\n"
+        "    leaves = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]\n"
+        "    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]\n"
+        "    ref = torch.autograd.grad(reference64(*leaves), tensors, g)\n"
+        "    got = torch.autograd.grad(torch.ops.ops_dscn.strip_offsets(*leaves), tensors, g)\n"
+        "    for r, k in zip(ref, got):\n"
+        "        torch.testing.assert_close(k, r, atol=1e-10, rtol=1e-10)\n"
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)

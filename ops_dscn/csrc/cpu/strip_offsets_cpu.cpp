@@ -1,12 +1,16 @@
-// CPU kernel of ops_dscn::strip_offsets: the offset branch of a DSCN layer (DSCNX / DSCNY) in one pass, for
-// inference: depthwise 1xK (x-strip) or Kx1 (y-strip) conv with zero 'same' padding -> LayerNorm over channels ->
-// exact GELU -> Linear(C -> G * K').
+// CPU kernels of ops_dscn::strip_offsets and ops_dscn::_strip_offsets_backward: the offset branch of a DSCN layer
+// (DSCNX / DSCNY) in one pass: depthwise 1xK (x-strip) or Kx1 (y-strip) conv with zero 'same' padding -> LayerNorm
+// over channels -> exact GELU -> Linear(C -> G * K').
 //
 // Why: run as separate operators, the branch makes four passes over a (N, H, W, C) tensor for an output of only
 // G * K' values per pixel, and the LayerNorm over few (32-64) channels costs more in its own pass than the
-// arithmetic does. Here a task takes a block of pixels: per pixel, the conv, the norm and GELU are vector loops
-// over its channels held in L1; the block's (pixels, C) activations then go through the Linear as one matrix
-// product (ATen's BLAS) straight into the output.
+// arithmetic does; in training autograd also keeps three (N, H, W, C) tensors and makes as many passes again
+// backwards. Here a task takes a block of pixels: per pixel, the conv, the norm and GELU are vector loops over its
+// channels held in L1; the block's (pixels, C) activations then go through the Linear as one matrix product
+// (ATen's BLAS) straight into the output. The backward recomputes a block's activations from the input (the forward
+// keeps nothing else), takes the offsets' gradient back through the Linear, GELU and the LayerNorm in the same
+// block, and writes the gradient of the conv's output, from which the conv's gradients are one depthwise conv
+// (input) and ops_dscn::_dw_conv_weight_grad (weight) in ops_dscn/strip_offsets.py.
 //
 // Layout: the input is an NCHW tensor in channels_last memory (NHWC), the output (N, H, W, G * K') contiguous, as
 // the layer-by-layer branch produces it. Numerics: the same operations in the same precision (LayerNorm: mean, then
@@ -19,6 +23,8 @@
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../common/dscn_params.h"
@@ -41,73 +47,161 @@ template <typename scalar_t>
 struct OffsetWeights {
   std::vector<scalar_t> wdw;  // (K, C): tap-major
   std::vector<scalar_t> bdw;  // (C,), zeros without a bias
+  at::Tensor ln_w_t, ln_b_t, lin_w_t, lin_b_t;  // contiguous owners of the pointers below
   const scalar_t* ln_w;       // (C,)
   const scalar_t* ln_b;       // (C,)
   double eps;
-  at::Tensor lin_wt;          // (C, GK) view of the Linear's weight
+  at::Tensor lin_w;           // (GK, C), the Linear's weight
+  at::Tensor lin_wt;          // (C, GK) view of it
   const scalar_t* lin_b;      // (GK,) or nullptr
+
+  OffsetWeights(const OffsetDims& d, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps_,
+                const at::Tensor& lin_weight, const std::optional<at::Tensor>& lin_bias)
+      : eps(eps_) {
+    const at::Tensor w = dw_weight.detach().reshape({d.C, d.K}).t().contiguous();
+    wdw.assign(w.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>() + d.K * d.C);
+    bdw.assign(d.C, scalar_t(0));
+    if (dw_bias.has_value()) {
+      const at::Tensor b = dw_bias->detach().contiguous();
+      std::copy_n(b.const_data_ptr<scalar_t>(), d.C, bdw.begin());
+    }
+    ln_w_t = ln_weight.detach().contiguous();
+    ln_b_t = ln_bias.detach().contiguous();
+    ln_w = ln_w_t.const_data_ptr<scalar_t>();
+    ln_b = ln_b_t.const_data_ptr<scalar_t>();
+    lin_w = lin_weight.detach().contiguous();
+    lin_wt = lin_w.t();
+    lin_b_t = lin_bias.has_value() ? lin_bias->detach().contiguous() : at::Tensor();
+    lin_b = lin_b_t.defined() ? lin_b_t.const_data_ptr<scalar_t>() : nullptr;
+  }
 };
+
+// Tasks of equal blocks of pixels, at most kBlockPixels each, their count a multiple of the thread count: in
+// 256-pixel blocks one image of DSAN's 14x14 or 7x7 stages was one block, which left the other threads idle at
+// batch 1 (and a 28x28 image four blocks, the last of 16 pixels).
+struct PixelBlocks {
+  int64_t pixels, block, count;
+  PixelBlocks(int64_t pixels_, int64_t max_block) : pixels(pixels_) {
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t rounds = (pixels + threads * max_block - 1) / (threads * max_block);
+    block = std::max<int64_t>(1, (pixels + threads * rounds - 1) / (threads * rounds));
+    count = (pixels + block - 1) / block;
+  }
+  int64_t begin(int64_t b) const { return b * block; }
+  int64_t end(int64_t b) const { return std::min(pixels, (b + 1) * block); }
+};
+
+#if DSCN_HAS_VEC
+// NV vectors of channels [c0, c0 + NV * L) of one pixel's depthwise conv (taps [t0, t1)) into d; adds them to vsum.
+// Each vector has two accumulators, for even and odd taps: one chain of K dependent FMAs per vector (a pixel of
+// DSAN-T stage 1 is two vectors, K = 11) was latency-bound.
+template <int NV, typename VT, typename scalar_t>
+DSCN_INLINE void conv_vectors(const scalar_t* centre, const scalar_t* wdw, const scalar_t* bdw, int64_t C,
+                              int64_t step, int64_t pad, int64_t t0, int64_t t1, int64_t c0, scalar_t* d,
+                              typename VT::type& vsum) {
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
+  V a[NV], b[NV];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    a[v] = VT::load(bdw + c0 + v * L);
+    b[v] = V{};
+  }
+  const auto tap = [&](V* acc, int64_t t) DSCN_LAMBDA_INLINE {
+    const scalar_t* xt = centre + (t - pad) * step + c0;
+    const scalar_t* wt = wdw + t * C + c0;
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[v] += VT::load(xt + v * L) * VT::load(wt + v * L);
+  };
+  int64_t t = t0;
+  for (; t + 2 <= t1; t += 2) {
+    tap(a, t);
+    tap(b, t + 1);
+  }
+  if (t < t1) tap(a, t);
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const V r = a[v] + b[v];
+    VT::store(d + c0 + v * L, r);
+    vsum += r;
+  }
+}
+#endif
+
+// The depthwise conv of pixel p (flattened (n, h, w)) into d (C values); returns its LayerNorm mean and 1 / std.
+// Shared by the forward and the backward (which recomputes it), so both see the same values.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE std::pair<scalar_t, scalar_t> conv_and_stats(const OffsetDims& dims, const OffsetWeights<scalar_t>& wt,
+                                                        const scalar_t* x, int64_t p, scalar_t* d) {
+  using acc_t = scalar_t;
+  const int64_t C = dims.C, pad = (dims.K - 1) / 2;
+  const scalar_t* wdw = wt.wdw.data();
+  const scalar_t* bdw = wt.bdw.data();
+  // Taps read along W (x-strip) or H (y-strip): the element stride of one step along that axis.
+  const int64_t axis_len = dims.on_x ? dims.W : dims.H;
+  const int64_t step = dims.on_x ? C : dims.W * C;
+  const int64_t w = p % dims.W, h = (p / dims.W) % dims.H;
+  const int64_t pos = dims.on_x ? w : h;
+  // Valid taps t in [t0, t1): the neighbour pos + t - pad lies inside the axis.
+  const int64_t t0 = std::max<int64_t>(0, pad - pos), t1 = std::min<int64_t>(dims.K, axis_len + pad - pos);
+  const scalar_t* centre = x + p * C;
+  int64_t c0 = 0;
+  acc_t sum = 0;
+#if DSCN_HAS_VEC
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
+  V vsum = V{};
+  for (; c0 + 4 * L <= C; c0 += 4 * L) conv_vectors<4, VT>(centre, wdw, bdw, C, step, pad, t0, t1, c0, d, vsum);
+  const int64_t rest = (C - c0) / L;
+  if (rest == 3) {
+    conv_vectors<3, VT>(centre, wdw, bdw, C, step, pad, t0, t1, c0, d, vsum);
+  } else if (rest == 2) {
+    conv_vectors<2, VT>(centre, wdw, bdw, C, step, pad, t0, t1, c0, d, vsum);
+  } else if (rest == 1) {
+    conv_vectors<1, VT>(centre, wdw, bdw, C, step, pad, t0, t1, c0, d, vsum);
+  }
+  c0 += rest * L;
+  sum += hsum<scalar_t, Bytes>(vsum);  // a tree: lane by lane was a chain of L dependent adds per pixel
+#endif
+  for (int64_t c = c0; c < C; ++c) {
+    acc_t acc = bdw[c];
+    for (int64_t t = t0; t < t1; ++t) acc += centre[(t - pad) * step + c] * wdw[t * C + c];
+    d[c] = acc;
+    sum += acc;
+  }
+  const acc_t mean = sum / static_cast<acc_t>(C);
+  acc_t sq = 0;
+  c0 = 0;
+#if DSCN_HAS_VEC
+  {
+    V vsq = V{};
+    for (; c0 + L <= C; c0 += L) {
+      const V dev = VT::load(d + c0) - mean;
+      vsq += dev * dev;
+    }
+    sq += hsum<scalar_t, Bytes>(vsq);
+  }
+#endif
+  for (int64_t c = c0; c < C; ++c) sq += (d[c] - mean) * (d[c] - mean);
+  return {mean, static_cast<acc_t>(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(wt.eps))};
+}
 
 // Output pixels [p0, p1) (flattened (n, h, w)): their activations into `act` ((p1 - p0, C)), then the Linear.
 template <int Bytes, typename scalar_t>
 DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scalar_t>& wt, const scalar_t* x,
                                    scalar_t* out, int64_t p0, int64_t p1, scalar_t* act,
                                    const at::TensorOptions& opts) {
-  using acc_t = scalar_t;
-  const int64_t C = d.C, pad = (d.K - 1) / 2;
-  const scalar_t* wdw = wt.wdw.data();
-  const scalar_t* bdw = wt.bdw.data();
-  // Taps read along W (x-strip) or H (y-strip): the element stride of one step along that axis.
-  const int64_t axis_len = d.on_x ? d.W : d.H;
-  const int64_t step = d.on_x ? C : d.W * C;
+  const int64_t C = d.C;
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t w = p % d.W, h = (p / d.W) % d.H;
-    const int64_t pos = d.on_x ? w : h;
-    // Valid taps t in [t0, t1): the neighbour pos + t - pad lies inside the axis.
-    const int64_t t0 = std::max<int64_t>(0, pad - pos), t1 = std::min<int64_t>(d.K, axis_len + pad - pos);
-    const scalar_t* centre = x + p * C;
     scalar_t* a = act + (p - p0) * C;
+    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p, a);
     int64_t c0 = 0;
 #if DSCN_HAS_VEC
     using VT = Vec<scalar_t, Bytes>;
     using V = typename VT::type;
-    constexpr int64_t L = VT::size;
-    V vsum = V{};
-    for (; c0 + L <= C; c0 += L) {
-      V acc = VT::load(bdw + c0);
-      for (int64_t t = t0; t < t1; ++t) acc += VT::load(centre + (t - pad) * step + c0) * VT::load(wdw + t * C + c0);
-      VT::store(a + c0, acc);
-      vsum += acc;
-    }
-    acc_t sum = 0;
-    sum += hsum<scalar_t, Bytes>(vsum);  // a tree: lane by lane was a chain of L dependent adds per pixel
-#else
-    acc_t sum = 0;
-#endif
-    for (int64_t c = c0; c < C; ++c) {
-      acc_t acc = bdw[c];
-      for (int64_t t = t0; t < t1; ++t) acc += centre[(t - pad) * step + c] * wdw[t * C + c];
-      a[c] = acc;
-      sum += acc;
-    }
-    const acc_t mean = sum / static_cast<acc_t>(C);
-    acc_t sq = 0;
-    c0 = 0;
-#if DSCN_HAS_VEC
-    {
-      V vsq = V{};
-      for (; c0 + L <= C; c0 += L) {
-        const V dev = VT::load(a + c0) - mean;
-        vsq += dev * dev;
-      }
-      sq += hsum<scalar_t, Bytes>(vsq);
-    }
-#endif
-    for (int64_t c = c0; c < C; ++c) sq += (a[c] - mean) * (a[c] - mean);
-    const acc_t rstd = static_cast<acc_t>(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(wt.eps));
-    c0 = 0;
-#if DSCN_HAS_VEC
-    for (; c0 + L <= C; c0 += L) {
+    for (; c0 + VT::size <= C; c0 += VT::size) {
       const V v = (VT::load(a + c0) - mean) * rstd * VT::load(wt.ln_w + c0) + VT::load(wt.ln_b + c0);
       VT::store(a + c0, gelu_vec<scalar_t, Bytes>(v));
     }
@@ -130,6 +224,134 @@ DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scal
 
 DSCN_DEFINE_ISA_DISPATCH(offsets_task)
 
+// One thread's parameter gradients, in one zeroed buffer: the Linear's weight (GK, C) and bias (GK), the
+// LayerNorm's weight (C) and bias (C).
+template <typename scalar_t>
+struct OffsetGrads {
+  scalar_t* lin_w;
+  scalar_t* lin_b;
+  scalar_t* ln_w;
+  scalar_t* ln_b;
+  static int64_t size(const OffsetDims& d) { return d.GK * d.C + d.GK + 2 * d.C; }
+  OffsetGrads(scalar_t* base, const OffsetDims& d)
+      : lin_w(base), lin_b(base + d.GK * d.C), ln_w(lin_b + d.GK), ln_b(ln_w + d.C) {}
+};
+
+// A backward task's scratch, for a block of pixels: (block, C) rows of the normalised conv output, the activations,
+// the GELU derivatives and the activations' gradient; 1 / std per pixel; the block's LayerNorm and Linear bias
+// gradients.
+template <typename scalar_t>
+struct OffsetScratch {
+  std::vector<scalar_t> nrm, act, dgelu, grad, rstd, ln_w, ln_b, lin_b;
+  OffsetScratch(int64_t block, const OffsetDims& d)
+      : nrm(block * d.C), act(block * d.C), dgelu(block * d.C), grad(block * d.C), rstd(block), ln_w(d.C),
+        ln_b(d.C), lin_b(d.GK) {}
+};
+
+// Backward of output pixels [p0, p1): recomputes their conv, LayerNorm and GELU, then takes the gradient g of the
+// offsets back through the Linear (one matrix product for the block, one for the weight gradient), GELU and the
+// LayerNorm, into gd ((N, H, W, C): the gradient of the conv's output). The parameter gradients are summed per block,
+// then added to the thread's buffer `gr`, which keeps float sums over few terms.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWeights<scalar_t>& wt,
+                                            const scalar_t* x, const scalar_t* g, scalar_t* gd, int64_t p0,
+                                            int64_t p1, OffsetScratch<scalar_t>& s, const OffsetGrads<scalar_t>& gr,
+                                            const at::TensorOptions& opts) {
+  const int64_t C = d.C, m = p1 - p0;
+#if DSCN_HAS_VEC
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
+#endif
+  // The forward again: n = (conv - mean) / std, z = n * ln_w + ln_b, act = gelu(z), and gelu'(z).
+  for (int64_t i = 0; i < m; ++i) {
+    scalar_t* nr = s.nrm.data() + i * C;
+    scalar_t* a = s.act.data() + i * C;
+    scalar_t* dg = s.dgelu.data() + i * C;
+    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p0 + i, nr);
+    s.rstd[i] = rstd;
+    int64_t c0 = 0;
+#if DSCN_HAS_VEC
+    for (; c0 + L <= C; c0 += L) {
+      const V n = (VT::load(nr + c0) - mean) * rstd;
+      V act, grad;
+      gelu_and_grad_vec<scalar_t, Bytes>(n * VT::load(wt.ln_w + c0) + VT::load(wt.ln_b + c0), act, grad);
+      VT::store(nr + c0, n);
+      VT::store(a + c0, act);
+      VT::store(dg + c0, grad);
+    }
+#endif
+    for (int64_t c = c0; c < C; ++c) {
+      nr[c] = (nr[c] - mean) * rstd;
+      gelu_and_grad_scalar<scalar_t>(nr[c] * wt.ln_w[c] + wt.ln_b[c], a[c], dg[c]);
+    }
+  }
+  // The Linear: d act = g W, d W += g^T act, d b += the column sums of g.
+  const scalar_t* gb = g + p0 * d.GK;
+  const at::Tensor gm = at::from_blob(const_cast<scalar_t*>(gb), {m, d.GK}, opts);
+  at::Tensor ga = at::from_blob(s.grad.data(), {m, C}, opts);
+  at::mm_out(ga, gm, wt.lin_w);
+  at::from_blob(gr.lin_w, {d.GK, C}, opts).addmm_(gm.t(), at::from_blob(s.act.data(), {m, C}, opts));
+  std::fill(s.lin_b.begin(), s.lin_b.end(), scalar_t(0));
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < d.GK; ++j) s.lin_b[j] += gb[i * d.GK + j];
+  }
+  for (int64_t j = 0; j < d.GK; ++j) gr.lin_b[j] += s.lin_b[j];
+  // GELU and LayerNorm: with dn = dz * ln_w, d conv = (dn - mean(dn) - n * mean(dn * n)) / std.
+  std::fill(s.ln_w.begin(), s.ln_w.end(), scalar_t(0));
+  std::fill(s.ln_b.begin(), s.ln_b.end(), scalar_t(0));
+  const scalar_t inv_c = static_cast<scalar_t>(1) / static_cast<scalar_t>(C);
+  for (int64_t i = 0; i < m; ++i) {
+    const scalar_t* nr = s.nrm.data() + i * C;
+    const scalar_t* dg = s.dgelu.data() + i * C;
+    scalar_t* dn = s.grad.data() + i * C;  // d act in, d n out
+    scalar_t s1 = 0, s2 = 0;
+    int64_t c0 = 0;
+#if DSCN_HAS_VEC
+    {
+      V v1 = V{}, v2 = V{};
+      for (; c0 + L <= C; c0 += L) {
+        const V dz = VT::load(dn + c0) * VT::load(dg + c0);
+        const V n = VT::load(nr + c0);
+        VT::store(s.ln_w.data() + c0, VT::load(s.ln_w.data() + c0) + dz * n);
+        VT::store(s.ln_b.data() + c0, VT::load(s.ln_b.data() + c0) + dz);
+        const V dnv = dz * VT::load(wt.ln_w + c0);
+        VT::store(dn + c0, dnv);
+        v1 += dnv;
+        v2 += dnv * n;
+      }
+      s1 += hsum<scalar_t, Bytes>(v1);
+      s2 += hsum<scalar_t, Bytes>(v2);
+    }
+#endif
+    for (int64_t c = c0; c < C; ++c) {
+      const scalar_t dz = dn[c] * dg[c];
+      s.ln_w[c] += dz * nr[c];
+      s.ln_b[c] += dz;
+      dn[c] = dz * wt.ln_w[c];
+      s1 += dn[c];
+      s2 += dn[c] * nr[c];
+    }
+    s1 *= inv_c;
+    s2 *= inv_c;
+    const scalar_t rstd = s.rstd[i];
+    scalar_t* out = gd + (p0 + i) * C;
+    c0 = 0;
+#if DSCN_HAS_VEC
+    for (; c0 + L <= C; c0 += L) {
+      VT::store(out + c0, (VT::load(dn + c0) - s1 - VT::load(nr + c0) * s2) * rstd);
+    }
+#endif
+    for (int64_t c = c0; c < C; ++c) out[c] = (dn[c] - s1 - nr[c] * s2) * rstd;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    gr.ln_w[c] += s.ln_w[c];
+    gr.ln_b[c] += s.ln_b[c];
+  }
+}
+
+DSCN_DEFINE_ISA_DISPATCH(offsets_backward_task)
+
 void check_param(const at::Tensor& t, const char* name, const std::vector<int64_t>& expected, const at::Tensor& input) {
   TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(expected), "strip_offsets: ", name, " must have shape ",
                     at::IntArrayRef(expected), "; got ", t.sizes());
@@ -140,78 +362,111 @@ void check_param(const at::Tensor& t, const char* name, const std::vector<int64_
                     input.device(), "; got ", t.device());
 }
 
-// Returns (N, H, W, G * K') contiguous. The fake kernel (ops_dscn/strip_offsets.py) runs the same checks with the
-// same messages.
+// The checks of a call's arguments (forward and backward); returns its dimensions. The fake kernels
+// (ops_dscn/strip_offsets.py) run the same checks with the same messages.
+OffsetDims check_args(const at::Tensor& input, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+                      const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+                      const at::Tensor& lin_weight, const std::optional<at::Tensor>& lin_bias, bool on_x) {
+  TORCH_CHECK_VALUE(input.dim() == 4, "strip_offsets: input must be 4-D (N, C, H, W); got ", input.dim(),
+                    "-D with shape ", input.sizes());
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
+                    "strip_offsets: input dtype must be one of float32, float64; got ",
+                    dtype_name(input.scalar_type()));
+  TORCH_CHECK_VALUE(dw_weight.dim() == 4, "strip_offsets: dw_weight must be 4-D; got shape ", dw_weight.sizes());
+  TORCH_CHECK_VALUE(lin_weight.dim() == 2, "strip_offsets: lin_weight must be 2-D (G * K', C); got shape ",
+                    lin_weight.sizes());
+  const int64_t C = input.size(1), K = on_x ? dw_weight.size(3) : dw_weight.size(2);
+  TORCH_CHECK_VALUE(K % 2 == 1, "strip_offsets: the depthwise kernel length must be odd ('same' padding); got ", K);
+  const OffsetDims d{input.size(0), input.size(2), input.size(3), C, K, lin_weight.size(0), on_x};
+  check_param(dw_weight, "dw_weight", on_x ? std::vector<int64_t>{C, 1, 1, K} : std::vector<int64_t>{C, 1, K, 1},
+              input);
+  if (dw_bias.has_value()) check_param(*dw_bias, "dw_bias", {C}, input);
+  check_param(ln_weight, "ln_weight", {C}, input);
+  check_param(ln_bias, "ln_bias", {C}, input);
+  check_param(lin_weight, "lin_weight", {d.GK, C}, input);
+  if (lin_bias.has_value()) check_param(*lin_bias, "lin_bias", {d.GK}, input);
+  TORCH_CHECK_VALUE(eps >= 0, "strip_offsets: eps must be >= 0; got ", eps);
+  TORCH_CHECK(input.device().is_cpu(), "strip_offsets: input must be a CPU tensor for the CPU kernel; got ",
+              input.device());
+  return d;
+}
+
+// Returns (N, H, W, G * K') contiguous.
 at::Tensor strip_offsets_cpu(const at::Tensor& input_, const at::Tensor& dw_weight,
                              const std::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight,
                              const at::Tensor& ln_bias, double eps, const at::Tensor& lin_weight,
                              const std::optional<at::Tensor>& lin_bias, bool on_x) {
-  TORCH_CHECK_VALUE(input_.dim() == 4, "strip_offsets: input must be 4-D (N, C, H, W); got ", input_.dim(),
-                    "-D with shape ", input_.sizes());
-  TORCH_CHECK_VALUE(input_.scalar_type() == at::kFloat || input_.scalar_type() == at::kDouble,
-                    "strip_offsets: input dtype must be one of float32, float64; got ",
-                    dtype_name(input_.scalar_type()));
-  TORCH_CHECK_VALUE(dw_weight.dim() == 4, "strip_offsets: dw_weight must be 4-D; got shape ", dw_weight.sizes());
-  TORCH_CHECK_VALUE(lin_weight.dim() == 2, "strip_offsets: lin_weight must be 2-D (G * K', C); got shape ",
-                    lin_weight.sizes());
-  const int64_t C = input_.size(1), K = on_x ? dw_weight.size(3) : dw_weight.size(2);
-  TORCH_CHECK_VALUE(K % 2 == 1, "strip_offsets: the depthwise kernel length must be odd ('same' padding); got ", K);
-  const OffsetDims d{input_.size(0), input_.size(2), input_.size(3), C, K, lin_weight.size(0), on_x};
-  check_param(dw_weight, "dw_weight", on_x ? std::vector<int64_t>{C, 1, 1, K} : std::vector<int64_t>{C, 1, K, 1},
-              input_);
-  if (dw_bias.has_value()) check_param(*dw_bias, "dw_bias", {C}, input_);
-  check_param(ln_weight, "ln_weight", {C}, input_);
-  check_param(ln_bias, "ln_bias", {C}, input_);
-  check_param(lin_weight, "lin_weight", {d.GK, C}, input_);
-  if (lin_bias.has_value()) check_param(*lin_bias, "lin_bias", {d.GK}, input_);
-  TORCH_CHECK_VALUE(eps >= 0, "strip_offsets: eps must be >= 0; got ", eps);
-  TORCH_CHECK(input_.device().is_cpu(), "strip_offsets: input must be a CPU tensor for the CPU kernel; got ",
-              input_.device());
+  const OffsetDims d = check_args(input_, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias, on_x);
   const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
   at::Tensor output = at::empty({d.N, d.H, d.W, d.GK}, input.options());
   if (output.numel() == 0) return output;
   const at::TensorOptions opts = input.options().requires_grad(false);
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "strip_offsets_cpu", [&] {
-    OffsetWeights<scalar_t> wt;
-    const at::Tensor wdw = dw_weight.detach().reshape({C, K}).t().contiguous();
-    wt.wdw.assign(wdw.const_data_ptr<scalar_t>(), wdw.const_data_ptr<scalar_t>() + K * C);
-    wt.bdw.assign(C, scalar_t(0));
-    if (dw_bias.has_value()) {
-      const at::Tensor b = dw_bias->detach().contiguous();
-      std::copy_n(b.const_data_ptr<scalar_t>(), C, wt.bdw.begin());
-    }
-    const at::Tensor lnw = ln_weight.detach().contiguous(), lnb = ln_bias.detach().contiguous();
-    wt.ln_w = lnw.const_data_ptr<scalar_t>();
-    wt.ln_b = lnb.const_data_ptr<scalar_t>();
-    wt.eps = eps;
-    const at::Tensor lw = lin_weight.detach().contiguous();
-    wt.lin_wt = lw.t();
-    const at::Tensor lb = lin_bias.has_value() ? lin_bias->detach().contiguous() : at::Tensor();
-    wt.lin_b = lb.defined() ? lb.const_data_ptr<scalar_t>() : nullptr;
+    const OffsetWeights<scalar_t> wt(d, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias);
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
-    const int64_t pixels = d.N * d.H * d.W;
-    // A multiple of the thread count of equal blocks of at most kBlockPixels: in 256-pixel blocks one image of
-    // DSAN's 14x14 or 7x7 stages was one block, which left the other threads idle at batch 1 (and a 28x28 image
-    // four blocks, the last of 16 pixels).
-    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    const int64_t rounds = (pixels + threads * kBlockPixels - 1) / (threads * kBlockPixels);
-    const int64_t block = std::max<int64_t>(1, (pixels + threads * rounds - 1) / (threads * rounds));
-    const int64_t blocks = (pixels + block - 1) / block;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> act(block * C);
+    const PixelBlocks blocks(d.N * d.H * d.W, kBlockPixels);
+    at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> act(blocks.block * d.C);
       for (int64_t b = begin; b < end; ++b) {
-        offsets_task<scalar_t>(d, wt, x, y, b * block, std::min(pixels, (b + 1) * block), act.data(), opts);
+        offsets_task<scalar_t>(d, wt, x, y, blocks.begin(b), blocks.end(b), act.data(), opts);
       }
     });
   });
   return output;
 }
 
+// Returns the gradients of (the depthwise conv's output (N, C, H, W) in channels_last memory, ln_weight, ln_bias,
+// lin_weight, lin_bias); the conv's own input and parameter gradients follow from the first (ops_dscn/
+// strip_offsets.py). lin_bias is not needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_offsets_backward_cpu(
+    const at::Tensor& grad_output_, const at::Tensor& input_, const at::Tensor& dw_weight,
+    const std::optional<at::Tensor>& dw_bias, const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps,
+    const at::Tensor& lin_weight, bool on_x) {
+  const OffsetDims d =
+      check_args(input_, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, std::nullopt, on_x);
+  const std::vector<int64_t> out_shape{d.N, d.H, d.W, d.GK};
+  TORCH_CHECK_VALUE(grad_output_.sizes() == at::IntArrayRef(out_shape),
+                    "strip_offsets backward: grad_output must have shape ", at::IntArrayRef(out_shape), "; got ",
+                    grad_output_.sizes());
+  check_param(grad_output_, "grad_output", out_shape, input_);
+  const at::Tensor input = input_.contiguous(at::MemoryFormat::ChannelsLast);
+  const at::Tensor grad_output = grad_output_.contiguous();
+  const at::TensorOptions opts = input.options().requires_grad(false);
+  at::Tensor grad_conv = at::empty({d.N, d.H, d.W, d.C}, opts);
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // One zeroed buffer of parameter gradients per thread, summed below in thread order (see OffsetGrads).
+  at::Tensor partial = at::zeros({threads, OffsetGrads<float>::size(d)}, opts);
+  if (grad_conv.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "strip_offsets_backward_cpu", [&] {
+      const OffsetWeights<scalar_t> wt(d, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, std::nullopt);
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
+      scalar_t* gd = grad_conv.mutable_data_ptr<scalar_t>();
+      scalar_t* part = partial.mutable_data_ptr<scalar_t>();
+      // The forward's blocks: 64-1024 pixels were measured alike (within noise) for DSAN-T's shapes at batch 16.
+      const PixelBlocks blocks(d.N * d.H * d.W, kBlockPixels);
+      at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+        OffsetScratch<scalar_t> scratch(blocks.block, d);
+        const OffsetGrads<scalar_t> gr(part + at::get_thread_num() * partial.size(1), d);
+        for (int64_t b = begin; b < end; ++b) {
+          offsets_backward_task<scalar_t>(d, wt, x, g, gd, blocks.begin(b), blocks.end(b), scratch, gr, opts);
+        }
+      });
+    });
+  }
+  const at::Tensor total = partial.sum(0);
+  const int64_t lw = d.GK * d.C;
+  return {grad_conv.permute({0, 3, 1, 2}), total.narrow(0, lw + d.GK, d.C).clone(),
+          total.narrow(0, lw + d.GK + d.C, d.C).clone(), total.narrow(0, 0, lw).view({d.GK, d.C}).clone(),
+          total.narrow(0, lw, d.GK).clone()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ops_dscn, CPU, m) {
   m.impl("strip_offsets", &strip_offsets_cpu);
+  m.impl("_strip_offsets_backward", &strip_offsets_backward_cpu);
 }
 
 }  // namespace ops_dscn

@@ -3,7 +3,6 @@
 import torch
 from torch import nn
 
-from ..conv_mlp import _needs_grad
 from ..depthwise import DepthwiseConv2d
 from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
 from ..strip_offsets import strip_offsets_available
@@ -112,15 +111,15 @@ class _DSCNStrip(nn.Module):
     def _offsets(self, off_x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) offset source -> (N, H, W, G * K') offsets.
 
-        In float32 CPU inference (no gradient needed; LayerNorm and exact GELU; backend not 'pytorch') the branch
-        runs as one fused operator, ``ops_dscn::strip_offsets``, which gives the same result to float rounding;
-        ``fused_offsets = False`` runs its layers one by one.
+        On CPU in float32 (LayerNorm and exact GELU; backend not 'pytorch') the branch runs as one fused operator,
+        ``ops_dscn::strip_offsets``, which gives the same result to float rounding, for inference and training (its
+        backward recomputes the branch, so autograd keeps only ``off_x``); ``fused_offsets = False`` runs its layers
+        one by one.
         """
         conv, norm, act = self.dw_conv[0], self.dw_conv[1][-1], self.dw_conv[2]
         if (self.fused_offsets and self.backend != "pytorch" and off_x.dtype == torch.float32
                 and strip_offsets_available(off_x) and isinstance(norm, nn.LayerNorm)
-                and type(act) is nn.GELU and act.approximate == "none" and self.dw_kernel_size % 2 == 1
-                and not _needs_grad(off_x, *self.dw_conv.parameters(), *self.offset.parameters())):
+                and type(act) is nn.GELU and act.approximate == "none" and self.dw_kernel_size % 2 == 1):
             return torch.ops.ops_dscn.strip_offsets(off_x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps,
                                                     self.offset.weight, self.offset.bias, self.on_x)
         return self.offset(self.dw_conv(off_x))
