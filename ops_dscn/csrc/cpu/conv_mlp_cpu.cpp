@@ -32,6 +32,7 @@
 #include "../common/dscn_params.h"
 #include "cpu_gelu.h"
 #include "cpu_simd.h"
+#include "cpu_weights.h"
 
 namespace ops_dscn {
 namespace {
@@ -499,18 +500,9 @@ MlpWeights<scalar_t> make_weights(const MlpDims& d, const at::Tensor& fc1_weight
   wt.w1t = fc1_weight.detach().reshape({d.Ch, d.C}).contiguous().t();
   wt.w2t = fc2_weight.detach().reshape({d.Co, d.Ch}).contiguous().t();
   wt.b1 = b1.defined() ? b1.const_data_ptr<scalar_t>() : nullptr;
-  const at::Tensor wdw = dw_weight.detach().reshape({d.Ch, 9}).t().contiguous();
-  wt.wdw.assign(wdw.const_data_ptr<scalar_t>(), wdw.const_data_ptr<scalar_t>() + 9 * d.Ch);
-  wt.bdw.assign(d.Ch, scalar_t(0));
-  if (dw_bias.has_value()) {
-    const at::Tensor b = dw_bias->detach().contiguous();
-    std::copy_n(b.const_data_ptr<scalar_t>(), d.Ch, wt.bdw.begin());
-  }
-  wt.b2.assign(d.Co, scalar_t(0));
-  if (fc2_bias.has_value()) {
-    const at::Tensor b = fc2_bias->detach().contiguous();
-    std::copy_n(b.const_data_ptr<scalar_t>(), d.Co, wt.b2.begin());
-  }
+  tap_major(dw_weight, d.Ch, 9, wt.wdw);
+  values_or_zeros(dw_bias, d.Ch, wt.bdw);
+  values_or_zeros(fc2_bias, d.Co, wt.b2);
   return wt;
 }
 

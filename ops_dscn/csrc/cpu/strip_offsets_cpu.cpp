@@ -30,6 +30,7 @@
 #include "../common/dscn_params.h"
 #include "cpu_gelu.h"
 #include "cpu_simd.h"
+#include "cpu_weights.h"
 
 namespace ops_dscn {
 namespace {
@@ -59,13 +60,8 @@ struct OffsetWeights {
                 const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps_,
                 const at::Tensor& lin_weight, const std::optional<at::Tensor>& lin_bias)
       : eps(eps_) {
-    const at::Tensor w = dw_weight.detach().reshape({d.C, d.K}).t().contiguous();
-    wdw.assign(w.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>() + d.K * d.C);
-    bdw.assign(d.C, scalar_t(0));
-    if (dw_bias.has_value()) {
-      const at::Tensor b = dw_bias->detach().contiguous();
-      std::copy_n(b.const_data_ptr<scalar_t>(), d.C, bdw.begin());
-    }
+    tap_major(dw_weight, d.C, d.K, wdw);
+    values_or_zeros(dw_bias, d.C, bdw);
     ln_w_t = ln_weight.detach().contiguous();
     ln_b_t = ln_bias.detach().contiguous();
     ln_w = ln_w_t.const_data_ptr<scalar_t>();

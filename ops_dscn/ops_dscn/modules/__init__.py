@@ -114,10 +114,11 @@ class _DSCNStrip(nn.Module):
         On CPU in float32 (LayerNorm and exact GELU; backend not 'pytorch') the branch runs as one fused operator,
         ``ops_dscn::strip_offsets``, which gives the same result to float rounding, for inference and training (its
         backward recomputes the branch, so autograd keeps only ``off_x``); ``fused_offsets = False`` runs its layers
-        one by one.
+        one by one. Under autocast the layers run too, so that the offsets come out in autocast's dtype.
         """
         conv, norm, act = self.dw_conv[0], self.dw_conv[1][-1], self.dw_conv[2]
         if (self.fused_offsets and self.backend != "pytorch" and off_x.dtype == torch.float32
+                and not torch.is_autocast_enabled(off_x.device.type)
                 and strip_offsets_available(off_x) and isinstance(norm, nn.LayerNorm)
                 and type(act) is nn.GELU and act.approximate == "none" and self.dw_kernel_size % 2 == 1):
             return torch.ops.ops_dscn.strip_offsets(off_x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps,
