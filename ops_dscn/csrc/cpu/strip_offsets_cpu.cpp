@@ -48,7 +48,7 @@ template <typename scalar_t>
 struct OffsetWeights {
   std::vector<scalar_t> wdw;  // (K, C): tap-major
   std::vector<scalar_t> bdw;  // (C,), zeros without a bias
-  at::Tensor ln_w_t, ln_b_t, lin_w_t, lin_b_t;  // contiguous owners of the pointers below
+  at::Tensor ln_w_t, ln_b_t, lin_b_t;  // contiguous owners of the pointers below
   const scalar_t* ln_w;       // (C,)
   const scalar_t* ln_b;       // (C,)
   double eps;
