@@ -31,6 +31,11 @@ TORCH_LIBRARY(ops_dscn, m) {
       "Tensor? dw_bias, Tensor fc2_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The weight gradient of a depthwise conv2d (groups = C, zero padding) on channels_last tensors, for the backward
   // of ops_dscn.DepthwiseConv2d; see cpu/dw_conv_cpu.cpp.
+  // A depthwise conv2d (groups = C, zero padding) forward on channels_last tensors, for ops_dscn.DepthwiseConv2d;
+  // see cpu/dw_conv_cpu.cpp.
+  m.def(
+      "dw_conv2d(Tensor input, Tensor weight, Tensor? bias, int stride_h, int stride_w, int pad_h, int pad_w, "
+      "int dilation_h, int dilation_w) -> Tensor");
   m.def(
       "_dw_conv_weight_grad(Tensor grad_output, Tensor input, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w) -> Tensor");

@@ -15,7 +15,7 @@ Public API:
 """
 
 from .conv_mlp import check_conv_mlp_args, conv_mlp, conv_mlp_available, conv_mlp_reference
-from .depthwise import DepthwiseConv2d, dw_conv_weight_grad, dw_conv_weight_grad_reference
+from .depthwise import DepthwiseConv2d, dw_conv2d, dw_conv_weight_grad, dw_conv_weight_grad_reference
 from .functional import (
     BACKENDS,
     available_backends,
@@ -36,5 +36,5 @@ __version__ = "1.0.0"
 __all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
            "compiled_device_types", "conv_mlp", "conv_mlp_available", "conv_mlp_reference", "dscn", "dscn_pytorch",
            "dscn_strip", "extension_available", "extension_error", "resolve_backend", "check_strip_offsets_args",
-           "strip_offsets", "strip_offsets_available", "strip_offsets_reference", "dw_conv_weight_grad",
-           "dw_conv_weight_grad_reference"]
+           "strip_offsets", "strip_offsets_available", "strip_offsets_reference", "dw_conv2d",
+           "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]

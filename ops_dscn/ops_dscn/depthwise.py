@@ -1,4 +1,4 @@
-"""A depthwise conv2d whose CPU weight gradient runs in ops_dscn's kernel.
+"""A depthwise conv2d whose CPU weight gradient, and its forward on one or two images, run in ops_dscn's kernels.
 
 ATen's (oneDNN's) weight gradient of a depthwise convolution on channels_last CPU tensors was measured at about ten
 times the time of the same conv's input gradient (12 ms against 1.3 ms: DSAN-T's stage-1 5x5 conv, batch 16, 2
@@ -8,6 +8,11 @@ backward takes the input gradient from ATen and the weight gradient from ``ops_d
 (``csrc/cpu/dw_conv_cpu.cpp``) for CPU float32/float64 tensors; elsewhere it is ``nn.Conv2d`` exactly. Both
 gradients are computed on channels_last tensors, which also keeps a ``torch.compile``-d backward (whose tensors
 inductor lays out as plain NCHW, as its backward graph has no forward convolution to follow) on the fast path.
+
+The forward of one or two images (batch <= ``FORWARD_MAX_BATCH``, CPU float32/float64, channels_last) runs in
+``ops_dscn::dw_conv2d``: on so little work oneDNN's depthwise conv spends most of its time outside the arithmetic,
+and the kernel was 2.3-3.4x as fast on DSAN-T's attention 5x5 convs at batch 1 (2 threads); from batch 4 on oneDNN
+is as fast or faster, so it keeps larger batches.
 """
 
 import torch
@@ -16,9 +21,12 @@ from torch import nn
 
 from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel
 
-__all__ = ["DepthwiseConv2d", "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]
+__all__ = ["DepthwiseConv2d", "FORWARD_MAX_BATCH", "dw_conv2d", "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("_dw_conv_weight_grad")
+_FORWARD_KERNEL = _has_cpu_kernel("dw_conv2d")
+# Largest batch whose forward DepthwiseConv2d runs in ops_dscn::dw_conv2d (see the module doc).
+FORWARD_MAX_BATCH = 2
 
 
 def dw_conv_weight_grad_reference(grad_output, input, kernel_size, stride, padding, dilation):
@@ -46,6 +54,39 @@ def dw_conv_weight_grad(grad_output, input, kernel_size, stride=(1, 1), padding=
     return dw_conv_weight_grad_reference(grad_output, input, kernel_size, stride, padding, dilation)
 
 
+def dw_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """``F.conv2d(input, weight, bias, stride, padding, dilation, groups=C)`` by ops_dscn's CPU kernel.
+
+    Args:
+        input: (N, C, H, W), CPU float32 or float64; channels_last memory avoids a copy.
+        weight: (C, 1, kh, kw), same dtype; kh at most 16.
+        bias: (C,) or None.
+        stride, padding, dilation: (h, w) pairs (zero padding).
+
+    Returns:
+        (N, C, Ho, Wo) in channels_last memory; differentiable (the gradients of :class:`DepthwiseConv2d`).
+
+    Raises:
+        ValueError: a shape, dtype or geometry the kernel does not take, named with the value it got.
+    """
+    return torch.ops.ops_dscn.dw_conv2d(input, weight, bias, *stride, *padding, *dilation)
+
+
+def _conv_backward(grad, x, weight, has_bias, stride, padding, dilation, needs):
+    """(input, weight, bias) gradients of a depthwise conv2d; None where `needs` (three bools) says not needed."""
+    cl = torch.channels_last
+    grad, x = grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl)
+    g_x = g_w = g_b = None
+    if needs[0]:
+        g_x = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
+                                                  [0, 0], x.shape[1], [True, False, False])[0]
+    if needs[1]:
+        g_w = dw_conv_weight_grad(grad, x, weight.shape[2:], stride, padding, dilation)
+    if has_bias and needs[2]:
+        g_b = grad.sum((0, 2, 3))
+    return g_x, g_w, g_b
+
+
 class _DepthwiseConv2dFunction(torch.autograd.Function):
     """conv2d(x, weight, bias, stride, padding, dilation, groups=C) with the backward described in the module doc."""
 
@@ -63,18 +104,8 @@ class _DepthwiseConv2dFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        stride, padding, dilation = ctx.geometry
-        cl = torch.channels_last
-        grad, x = grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl)
-        g_x = g_w = g_b = None
-        if ctx.needs_input_grad[0]:
-            g_x = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False,
-                                                      [0, 0], x.shape[1], [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            g_w = dw_conv_weight_grad(grad, x, weight.shape[2:], stride, padding, dilation)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            g_b = grad.sum((0, 2, 3))
-        return g_x, g_w, g_b, None, None, None
+        return (*_conv_backward(grad, x, weight, ctx.has_bias, *ctx.geometry, ctx.needs_input_grad[:3]),
+                None, None, None)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -82,7 +113,8 @@ class DepthwiseConv2d(nn.Conv2d):
 
     Same constructor (``groups`` is fixed to the channel count), parameters, state_dict and forward as
     ``nn.Conv2d``; only the backward differs (see the module doc), and only where gradients are needed, the padding
-    is numeric zero padding and the input is 4-D.
+    is numeric zero padding and the input is 4-D. Without gradients, a channels_last CPU float32/float64 batch of
+    at most ``FORWARD_MAX_BATCH`` images runs in ``ops_dscn::dw_conv2d`` (equal to float rounding).
 
     Args:
         channels: C, input and output channels.
@@ -99,6 +131,11 @@ class DepthwiseConv2d(nn.Conv2d):
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4):
             return _DepthwiseConv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding,
                                                   self.dilation)
+        if (_FORWARD_KERNEL and x.dim() == 4 and x.shape[0] <= FORWARD_MAX_BATCH and x.device.type == "cpu"
+                and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype and self.padding_mode == "zeros"
+                and not isinstance(self.padding, str) and x.is_contiguous(memory_format=torch.channels_last)):
+            return torch.ops.ops_dscn.dw_conv2d(x, self.weight, self.bias, *self.stride, *self.padding,
+                                                *self.dilation)
         return super().forward(x)
 
 
@@ -109,3 +146,28 @@ if _CPU_KERNEL:
                                   dilation_h, dilation_w):
         _check_kernel_input("dw_conv_weight_grad", input)
         return input.new_empty((input.shape[1], 1, kernel_h, kernel_w))
+
+if _FORWARD_KERNEL:
+
+    @torch.library.register_fake("ops_dscn::dw_conv2d")
+    def _dw_conv2d_fake(input, weight, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
+        _check_kernel_input("dw_conv2d", input)
+        n, c, h, w = input.shape
+        kh, kw = weight.shape[2:]
+        ho = (h + 2 * pad_h - dilation_h * (kh - 1) - 1) // stride_h + 1
+        wo = (w + 2 * pad_w - dilation_w * (kw - 1) - 1) // stride_w + 1
+        return torch.empty((n, c, ho, wo), dtype=input.dtype, device=input.device,
+                           memory_format=torch.channels_last)
+
+    def _dw_conv2d_setup_context(ctx, inputs, output):
+        input, weight, bias, *geometry = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.has_bias = bias is not None
+        ctx.geometry = ((geometry[0], geometry[1]), (geometry[2], geometry[3]), (geometry[4], geometry[5]))
+
+    def _dw_conv2d_backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return (*_conv_backward(grad, x, weight, ctx.has_bias, *ctx.geometry, ctx.needs_input_grad[:3]),
+                *([None] * 6))
+
+    torch.library.register_autograd("ops_dscn::dw_conv2d", _dw_conv2d_backward, setup_context=_dw_conv2d_setup_context)

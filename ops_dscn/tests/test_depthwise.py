@@ -1,4 +1,4 @@
-"""Tests of ops_dscn.DepthwiseConv2d and its CPU weight-gradient kernel, against float64 references and gradcheck."""
+"""Tests of ops_dscn.DepthwiseConv2d and its CPU kernels (forward, weight gradient): float64 references, gradcheck."""
 import os
 
 import pytest
@@ -8,7 +8,7 @@ from isa_check import ISAS, run_under_isa
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ops_dscn
-from ops_dscn import DepthwiseConv2d, dw_conv_weight_grad
+from ops_dscn import DepthwiseConv2d, dw_conv2d, dw_conv_weight_grad
 
 HAS_KERNEL = ops_dscn.depthwise._CPU_KERNEL
 pytestmark = pytest.mark.skipif(not HAS_KERNEL and os.environ.get("DSAN_REQUIRE_CPP") != "1",
@@ -29,6 +29,23 @@ def weight_grad64(grad, x, kernel, stride, padding, dilation):
     return out
 
 
+def conv64(x, weight, bias, stride, padding, dilation):
+    """The depthwise conv written out independently: for each tap, the weight times the shifted input, summed."""
+    x = F.pad(x.double(), (padding[1], padding[1], padding[0], padding[0]))
+    kernel = weight.shape[2:]
+    ho = (x.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (x.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    out = torch.zeros(x.shape[0], x.shape[1], ho, wo, dtype=torch.float64)
+    if bias is not None:
+        out += bias.double().view(1, -1, 1, 1)
+    for ky in range(kernel[0]):
+        for kx in range(kernel[1]):
+            y0, x0 = ky * dilation[0], kx * dilation[1]
+            patch = x[:, :, y0:y0 + (ho - 1) * stride[0] + 1:stride[0], x0:x0 + (wo - 1) * stride[1] + 1:stride[1]]
+            out += patch * weight[:, 0, ky, kx].double().view(1, -1, 1, 1)
+    return out
+
+
 # (n, c, h, w, kernel, stride, padding, dilation): DSAN's depthwise convs (3x3, 5x5, 1xK and Kx1 strips), channel
 # counts that leave vector tails, images narrower than the kernel, strides and dilations, a kernel without a
 # register specialisation (2x4).
@@ -39,6 +56,11 @@ CASES = [
     (2, 17, 6, 5, (2, 4), (1, 1), (1, 2), (1, 1)), (2, 24, 11, 10, (3, 3), (2, 2), (1, 1), (1, 1)),
     (1, 48, 12, 13, (3, 3), (1, 2), (2, 2), (2, 2)), (2, 8, 5, 4, (7, 1), (1, 1), (3, 0), (1, 1)),
     (1, 64, 3, 3, (5, 5), (1, 1), (2, 2), (1, 1)), (1, 3, 1, 1, (1, 1), (1, 1), (0, 0), (1, 1)),
+    # the forward's blocks: widths with 8- and 4-column blocks and an overlapping last block (DSAN-T's 5x5 at 56, 28,
+    # 14 and 7), a 7x7 kernel, and an interior as wide as one block
+    (1, 32, 4, 56, (5, 5), (1, 1), (2, 2), (1, 1)), (2, 16, 5, 14, (5, 5), (1, 1), (2, 2), (1, 1)),
+    (1, 48, 7, 7, (5, 5), (1, 1), (2, 2), (1, 1)), (1, 20, 9, 19, (7, 7), (1, 1), (3, 3), (1, 1)),
+    (1, 24, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1)), (1, 16, 6, 13, (3, 3), (1, 1), (0, 2), (1, 1)),
 ]
 
 
@@ -66,6 +88,106 @@ def test_weight_grad_matches_float64(case):
     # ATen's float64 weight gradient agrees (the reference function above is independent of it)
     torch.testing.assert_close(ops_dscn.dw_conv_weight_grad_reference(g, x, kernel, stride, padding, dilation),
                                expected, atol=1e-11, rtol=1e-11)
+
+
+def make_weights(c, kernel, dtype, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(c, 1, *kernel, generator=gen, dtype=torch.float64)
+    return w.to(dtype), torch.randn(c, generator=gen, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_forward_matches_float64(case):
+    n, c, h, w, kernel, stride, padding, dilation = case
+    x, _ = make(*case, dtype=torch.float64)
+    weight, bias = make_weights(c, kernel, torch.float64)
+    for b in (bias, None):
+        expected = conv64(x, weight, b, stride, padding, dilation)
+        got = dw_conv2d(x, weight, b, stride, padding, dilation)
+        assert got.shape == expected.shape and got.is_contiguous(memory_format=CL)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+    # float32, from NCHW memory (the kernel makes a channels_last copy)
+    got32 = dw_conv2d(x.float().contiguous(), weight.float(), bias.float(), stride, padding, dilation)
+    expected = conv64(x, weight, bias, stride, padding, dilation)
+    torch.testing.assert_close(got32.double(), expected, atol=1e-5 * max(1, kernel[0] * kernel[1]) ** 0.5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_forward_thread_counts_agree(threads):
+    x, _ = make(3, 32, 10, 12, (5, 5), (1, 1), (2, 2), (1, 1), dtype=torch.float64)
+    weight, bias = make_weights(32, (5, 5), torch.float64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = dw_conv2d(x, weight, bias, (1, 1), (2, 2), (1, 1))
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got, conv64(x, weight, bias, (1, 1), (2, 2), (1, 1)), atol=1e-12, rtol=1e-12)
+
+
+def test_module_forward_uses_the_kernel_up_to_the_batch_limit(monkeypatch):
+    ours, ref = conv_pair(24, 5, 2, dtype=torch.float32)
+    limit = ops_dscn.depthwise.FORWARD_MAX_BATCH
+    xs = {n: torch.randn(n, 24, 11, 13).contiguous(memory_format=CL) for n in (1, limit, limit + 1)}
+    with torch.no_grad():
+        expected = {n: ref(x) for n, x in xs.items()}
+
+        def no_aten(*args, **kwargs):
+            raise AssertionError("ATen's convolution ran")
+
+        monkeypatch.setattr(torch.nn.Conv2d, "_conv_forward", no_aten)
+        for n in (1, limit):
+            torch.testing.assert_close(ours(xs[n]), expected[n], atol=1e-5, rtol=1e-5)
+        with pytest.raises(AssertionError, match="ATen's convolution ran"):
+            ours(xs[limit + 1])  # larger batches: oneDNN
+        with pytest.raises(AssertionError, match="ATen's convolution ran"):
+            ours(xs[1].contiguous())  # NCHW memory: ATen, no copy
+
+
+def test_forward_gradcheck_and_opcheck():
+    x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 1, 3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, u, v: dw_conv2d(t, u, v, (1, 2), (1, 2), (1, 1)), (x, w, b))
+    assert torch.autograd.gradcheck(lambda t, u: dw_conv2d(t, u, None, (1, 1), (2, 1), (2, 1)), (x, w))
+    x32 = torch.randn(2, 8, 6, 7).contiguous(memory_format=CL)
+    w32, b32 = make_weights(8, (3, 3), torch.float32)
+    torch.library.opcheck(torch.ops.ops_dscn.dw_conv2d.default, (x32, w32, b32, 1, 1, 1, 1, 1, 1))
+    torch.library.opcheck(torch.ops.ops_dscn.dw_conv2d.default,
+                          (x32.requires_grad_(), w32.requires_grad_(), None, 2, 1, 0, 1, 1, 2))
+
+
+def test_forward_compiles_at_batch_one():
+    ours, ref = conv_pair(16, 5, 2, dtype=torch.float32)
+    x = torch.randn(1, 16, 12, 12).contiguous(memory_format=CL)
+    with torch.no_grad():
+        compiled = torch.compile(ours, fullgraph=True)
+        torch.testing.assert_close(compiled(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_forward_bad_input_is_named():
+    x, _ = make(2, 8, 5, 6, (3, 3), (1, 1), (1, 1), (1, 1))
+    w, b = make_weights(8, (3, 3), torch.float32)
+    op = torch.ops.ops_dscn.dw_conv2d
+    with pytest.raises(ValueError, match=r"weight must have shape \(C, 1, kh, kw\) with C = 8 \(the input's "
+                                         r"channels\); got \[4, 1, 3, 3\]"):
+        op(x, w[:4], b, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"bias must have shape \(8,\); got \[7\]"):
+        op(x, w, b[:7], 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="weight dtype must equal input dtype float32; got float64"):
+        op(x, w.double(), b, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="input dtype must be one of float32, float64; got float16"):
+        op(x.half(), w.half(), None, 1, 1, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match=r"the output size must be at least 1x1; got -3x4 for input 5x6, kernel 3x3"):
+        op(x, w, b, 1, 1, 0, 0, 4, 1)
+    with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0; got kernel \(3, 3\), "
+                                         r"stride \(1, 0\)"):
+        op(x, w, b, 1, 0, 1, 1, 1, 1)
+    with pytest.raises(ValueError, match="kernel_h must be at most 16; got 17"):
+        op(x, torch.zeros(8, 1, 17, 1), None, 1, 1, 8, 0, 1, 1)
+    xh, wh = x.half(), w.half()
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="input dtype must be one of float32, float64"):
+        op(mode.from_tensor(xh), mode.from_tensor(wh), None, 1, 1, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
@@ -166,17 +288,22 @@ def test_bad_input_is_named():
 
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_cpu_simd_path(isa, tmp_path):
-    """The kernel's baseline, AVX2 and AVX-512 builds against float64, with vector tails and every specialisation."""
+    """The kernels' baseline, AVX2 and AVX-512 builds against float64, with vector tails and every specialisation."""
     script_text = (
         "import torch\n"
-        "from test_depthwise import CASES, make, weight_grad64\n"
-        "from ops_dscn import dw_conv_weight_grad\n"
+        "from test_depthwise import CASES, conv64, make, make_weights, weight_grad64\n"
+        "from ops_dscn import dw_conv2d, dw_conv_weight_grad\n"
         "for case in CASES:\n"
         "    x, g = make(*case, dtype=torch.float64)\n"
         "    exp = weight_grad64(g, x, *case[4:])\n"
         "    torch.testing.assert_close(dw_conv_weight_grad(g, x, *case[4:]), exp, atol=1e-11, rtol=1e-11)\n"
         "    got = dw_conv_weight_grad(g.float(), x.float(), *case[4:]).double()\n"
         "    torch.testing.assert_close(got, exp, atol=1e-4 * exp.abs().max().item(), rtol=1e-5)\n"
+        "    w, b = make_weights(case[1], case[4], torch.float64)\n"
+        "    exp = conv64(x, w, b, *case[5:])\n"
+        "    torch.testing.assert_close(dw_conv2d(x, w, b, *case[5:]), exp, atol=1e-12, rtol=1e-12)\n"
+        "    got = dw_conv2d(x.float(), w.float(), b.float(), *case[5:]).double()\n"
+        "    torch.testing.assert_close(got, exp, atol=1e-4, rtol=1e-5)\n"
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)
