@@ -76,7 +76,8 @@ def hooked_macs(model, img: int = 224) -> int:
     handles.append(model.head.register_forward_hook(head_hook))
     # The hooks see the layers of the MLPs and offset branches only when they run one by one (not as the fused
     # inference kernels).
-    fused = [(m, f) for m in model.modules() for f in ('fused_kernel', 'fused_offsets') if getattr(m, f, False)]
+    fused = [(m, f) for m in model.modules() for f in ('fused_kernel', 'fused_offsets', 'fused_epilogue')
+             if getattr(m, f, False)]
     try:
         for m, f in fused:
             setattr(m, f, False)

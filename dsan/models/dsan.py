@@ -203,7 +203,53 @@ class PointwiseConv2d(nn.Conv2d):
     ``F.linear`` on the NHWC view was 1.3-2.5x as fast for DSAN-T's attention convs at batch 1, but as fast or
     slower from batch 4 on (2 threads); DSAN-T's batch-1 forward gained about 5 %. Used for CPU float32 inference
     of single images only (no gradient needed); the result equals the convolution's to float rounding.
+
+    `epilogue` runs the conv with the elementwise operation after it (GELU, a gate product, a scaled residual sum)
+    as one operator, `ops_dscn.pointwise_conv`, in CPU float32 inference (``fused_epilogue``, default True).
     """
+
+    fused_epilogue = True
+
+    def _use_epilogue_kernel(self, x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+        # float64 keeps the layer-by-layer path (the reference model's numbers); no kernel under gradients (its
+        # backward recomputes the product, slower than autograd's saved tensors) or torch.jit tracing (FLOP counters
+        # and ONNX export must see the aten operators).
+        if not (self.fused_epilogue and x.dtype == torch.float32 and x.dim() == 4 and self.groups == 1
+                and ops_dscn.pointwise_conv_available(x)) or torch.jit.is_tracing():
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or any(
+            t is not None and t.requires_grad for t in operands)))
+
+    def epilogue(
+            self,
+            x: torch.Tensor,
+            gelu: bool = False,
+            gate: torch.Tensor | None = None,
+            residual: torch.Tensor | None = None,
+            residual_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``gelu?(conv(x)) * gate + residual * residual_scale``, fused where it applies.
+
+        Args:
+            x: (N, C_in, H, W); channels_last memory avoids a copy.
+            gelu: Apply the exact GELU to the conv's output.
+            gate: (N, C_out, H, W) multiplying the (activated) output, or None.
+            residual: (N, C_out, H, W) added last, or None.
+            residual_scale: (C_out, 1, 1) multiplying `residual`, or None (1).
+
+        Returns:
+            (N, C_out, H, W).
+        """
+        if self._use_epilogue_kernel(x, gate, residual, residual_scale):
+            return ops_dscn.pointwise_conv(x, self.weight, self.bias, gelu, gate, residual, residual_scale)
+        y = self(x)
+        if gelu:
+            y = F.gelu(y)
+        if gate is not None:
+            y = gate * y
+        if residual is None:
+            return y
+        return y + residual if residual_scale is None else torch.addcmul(y, residual, residual_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W)."""
@@ -326,8 +372,7 @@ class DSCNPair(nn.Module):
         # (N, C, H, W) -> (N, H, W, C); free when x is channels_last. Both offset branches read conv0's output.
         attn = self.dscn_x(x.permute(0, 2, 3, 1), x)
         attn = self.dscn_y(attn, x)
-        attn = self.conv(attn.permute(0, 3, 1, 2))  # (N, H, W, C) -> (N, C, H, W)
-        return u * attn
+        return self.conv.epilogue(attn.permute(0, 3, 1, 2), gate=u)  # (N, H, W, C) -> (N, C, H, W); conv(.) * u
 
 
 class DSA(nn.Module):
@@ -353,10 +398,12 @@ class DSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         shortcut = x
-        x = self.proj_2(self.spatial_gating_unit(self.activation(self.proj_1(x))))
-        if self.shortcut_scale is None:
-            return x + shortcut
-        return torch.addcmul(x, shortcut, self.shortcut_scale)
+        if type(self.activation) is nn.GELU and self.activation.approximate == 'none':
+            x = self.proj_1.epilogue(x, gelu=True)  # the GELU joins the conv's output pass where it can
+        else:
+            x = self.activation(self.proj_1(x))
+        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut,
+                                    residual_scale=self.shortcut_scale)
 
 
 class Block(nn.Module):

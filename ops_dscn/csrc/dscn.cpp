@@ -39,6 +39,11 @@ TORCH_LIBRARY(ops_dscn, m) {
   m.def(
       "_dw_conv_weight_grad(Tensor grad_output, Tensor input, int kernel_h, int kernel_w, int stride_h, "
       "int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w) -> Tensor");
+  // A 1x1 conv with its elementwise epilogue, act(conv(x) + b) * gate + residual * residual_scale, act the exact GELU
+  // (gelu) or none, fused for CPU; see cpu/pointwise_cpu.cpp.
+  m.def(
+      "pointwise_conv(Tensor input, Tensor weight, Tensor? bias, bool gelu=False, Tensor? gate=None, "
+      "Tensor? residual=None, Tensor? residual_scale=None) -> Tensor");
   // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU;
   // see cpu/strip_offsets_cpu.cpp. Its backward recomputes the branch from the input and returns the gradients of
   // the conv's output (N, C, H, W; channels_last memory), ln_weight, ln_bias, lin_weight and lin_bias.

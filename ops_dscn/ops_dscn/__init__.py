@@ -28,6 +28,7 @@ from .functional import (
     extension_error,
     resolve_backend,
 )
+from .pointwise import pointwise_conv, pointwise_conv_available, pointwise_conv_reference
 from .pytorch_impl import dscn_pytorch
 from .strip_offsets import check_strip_offsets_args, strip_offsets, strip_offsets_available, strip_offsets_reference
 
@@ -36,5 +37,6 @@ __version__ = "1.0.0"
 __all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
            "compiled_device_types", "conv_mlp", "conv_mlp_available", "conv_mlp_reference", "dscn", "dscn_pytorch",
            "dscn_strip", "extension_available", "extension_error", "resolve_backend", "check_strip_offsets_args",
-           "strip_offsets", "strip_offsets_available", "strip_offsets_reference", "dw_conv2d",
+           "strip_offsets", "strip_offsets_available", "strip_offsets_reference", "dw_conv2d", "pointwise_conv",
+           "pointwise_conv_available", "pointwise_conv_reference",
            "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]

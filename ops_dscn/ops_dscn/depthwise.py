@@ -21,12 +21,15 @@ from torch import nn
 
 from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel
 
-__all__ = ["DepthwiseConv2d", "FORWARD_MAX_BATCH", "dw_conv2d", "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]
+__all__ = ["DepthwiseConv2d", "FORWARD_MAX_BATCH", "MAX_KERNEL_H", "dw_conv2d", "dw_conv_weight_grad",
+           "dw_conv_weight_grad_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("_dw_conv_weight_grad")
 _FORWARD_KERNEL = _has_cpu_kernel("dw_conv2d")
 # Largest batch whose forward DepthwiseConv2d runs in ops_dscn::dw_conv2d (see the module doc).
 FORWARD_MAX_BATCH = 2
+# Tallest kernel the CPU kernels take (kMaxKh in csrc/cpu/dw_conv_cpu.cpp); taller ones go to ATen.
+MAX_KERNEL_H = 32
 
 
 def dw_conv_weight_grad_reference(grad_output, input, kernel_size, stride, padding, dilation):
@@ -48,7 +51,8 @@ def dw_conv_weight_grad(grad_output, input, kernel_size, stride=(1, 1), padding=
     Returns:
         (C, 1, kh, kw): from the CPU kernel for CPU float32/float64 tensors, else from ATen.
     """
-    if _CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES:
+    if (_CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
+            and kernel_size[0] <= MAX_KERNEL_H):
         return torch.ops.ops_dscn._dw_conv_weight_grad(grad_output, input, *kernel_size, *stride, *padding,
                                                        *dilation)
     return dw_conv_weight_grad_reference(grad_output, input, kernel_size, stride, padding, dilation)
@@ -59,7 +63,7 @@ def dw_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=
 
     Args:
         input: (N, C, H, W), CPU float32 or float64; channels_last memory avoids a copy.
-        weight: (C, 1, kh, kw), same dtype; kh at most 16.
+        weight: (C, 1, kh, kw), same dtype; kh at most ``MAX_KERNEL_H`` (32).
         bias: (C,) or None.
         stride, padding, dilation: (h, w) pairs (zero padding).
 
@@ -131,9 +135,11 @@ class DepthwiseConv2d(nn.Conv2d):
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4):
             return _DepthwiseConv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding,
                                                   self.dilation)
+        # Not while torch.jit traces: tracers (torchprofile's FLOP count, ONNX export) must see an aten conv.
         if (_FORWARD_KERNEL and x.dim() == 4 and x.shape[0] <= FORWARD_MAX_BATCH and x.device.type == "cpu"
                 and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype and self.padding_mode == "zeros"
-                and not isinstance(self.padding, str) and x.is_contiguous(memory_format=torch.channels_last)):
+                and not isinstance(self.padding, str) and self.kernel_size[0] <= MAX_KERNEL_H
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()):
             return torch.ops.ops_dscn.dw_conv2d(x, self.weight, self.bias, *self.stride, *self.padding,
                                                 *self.dilation)
         return super().forward(x)

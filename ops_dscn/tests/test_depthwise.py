@@ -61,6 +61,9 @@ CASES = [
     (1, 32, 4, 56, (5, 5), (1, 1), (2, 2), (1, 1)), (2, 16, 5, 14, (5, 5), (1, 1), (2, 2), (1, 1)),
     (1, 48, 7, 7, (5, 5), (1, 1), (2, 2), (1, 1)), (1, 20, 9, 19, (7, 7), (1, 1), (3, 3), (1, 1)),
     (1, 24, 6, 6, (3, 3), (1, 1), (1, 1), (1, 1)), (1, 16, 6, 13, (3, 3), (1, 1), (0, 2), (1, 1)),
+    # dsan_t2's stage-1 strips (19 taps; the Kx1 one is taller than 16 rows) and the tallest kernel the kernels take
+    (1, 16, 21, 9, (19, 1), (1, 1), (9, 0), (1, 1)), (2, 8, 5, 24, (1, 19), (1, 1), (0, 9), (1, 1)),
+    (1, 8, 33, 4, (32, 1), (1, 1), (15, 0), (1, 1)),
 ]
 
 
@@ -144,6 +147,27 @@ def test_module_forward_uses_the_kernel_up_to_the_batch_limit(monkeypatch):
             ours(xs[1].contiguous())  # NCHW memory: ATen, no copy
 
 
+def test_module_keeps_aten_for_tracers_and_tall_kernels(monkeypatch):
+    """torch.jit tracers (torchprofile's FLOP count, ONNX export) see an aten convolution, and kernels taller than
+    MAX_KERNEL_H run in ATen, forward and weight gradient alike."""
+    ours, _ = conv_pair(24, 5, 2, dtype=torch.float32)
+    x = torch.randn(1, 24, 11, 13).contiguous(memory_format=CL)
+    with torch.no_grad():
+        graph = torch.jit.trace(ours, x).inlined_graph
+    kinds = {node.kind() for node in graph.nodes()}
+    assert "aten::_convolution" in kinds and not any(k.startswith("ops_dscn::") for k in kinds), kinds
+
+    tall = ops_dscn.depthwise.MAX_KERNEL_H + 1
+    module = DepthwiseConv2d(8, (tall, 1), padding=(tall // 2, 0))
+    x = torch.randn(1, 8, tall + 2, 5, dtype=torch.float64).contiguous(memory_format=CL)
+    with torch.no_grad():
+        torch.testing.assert_close(module.double()(x), conv64(x, module.weight, module.bias, (1, 1),
+                                                              (tall // 2, 0), (1, 1)))
+    g = torch.randn(1, 8, tall + 2, 5, dtype=torch.float64)
+    expected = weight_grad64(g, x, (tall, 1), (1, 1), (tall // 2, 0), (1, 1))
+    torch.testing.assert_close(dw_conv_weight_grad(g, x, (tall, 1), (1, 1), (tall // 2, 0), (1, 1)), expected)
+
+
 def test_forward_gradcheck_and_opcheck():
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, 1, 3, 5, dtype=torch.float64, requires_grad=True)
@@ -183,8 +207,8 @@ def test_forward_bad_input_is_named():
     with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0; got kernel \(3, 3\), "
                                          r"stride \(1, 0\)"):
         op(x, w, b, 1, 0, 1, 1, 1, 1)
-    with pytest.raises(ValueError, match="kernel_h must be at most 16; got 17"):
-        op(x, torch.zeros(8, 1, 17, 1), None, 1, 1, 8, 0, 1, 1)
+    with pytest.raises(ValueError, match="kernel_h must be at most 32; got 33"):
+        op(x, torch.zeros(8, 1, 33, 1), None, 1, 1, 8, 0, 1, 1)
     xh, wh = x.half(), w.half()
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="input dtype must be one of float32, float64"):
         op(mode.from_tensor(xh), mode.from_tensor(wh), None, 1, 1, 1, 1, 1, 1)
@@ -279,8 +303,8 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0; got kernel \(3, 3\), "
                                          r"stride \(0, 1\)"):
         op(g, x, 3, 3, 0, 1, 1, 1, 1, 1)
-    with pytest.raises(ValueError, match="kernel_h must be at most 16; got 17"):
-        op(g, x, 17, 1, 1, 1, 8, 0, 1, 1)
+    with pytest.raises(ValueError, match="kernel_h must be at most 32; got 33"):
+        op(g, x, 33, 1, 1, 1, 16, 0, 1, 1)
     gh, xh = g.half(), x.half()
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="input dtype must be one of float32, float64"):
         op(mode.from_tensor(gh), mode.from_tensor(xh), 3, 3, 1, 1, 1, 1, 1, 1)

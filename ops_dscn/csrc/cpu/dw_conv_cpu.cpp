@@ -33,8 +33,9 @@ struct DwDims {
   int64_t N, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
 };
 
-// Most kernel rows handled with the taps' sums in registers (DSAN's longest strip is 15).
-constexpr int kMaxKh = 16;
+// Most kernel rows a call takes (the row pointers live on the stack). DSAN's longest strip is 19 (dsan_t2's
+// stage-1 Kx1 offset conv); ops_dscn/depthwise.py sends taller kernels to ATen (MAX_KERNEL_H there).
+constexpr int kMaxKh = 32;
 
 // Adds to acc ((kh, kw, C) tap-major) the contributions of the output rows [t0, t1) of the flattened (n, ho) range.
 // KH, KW > 0: the kernel size known at compile time, so that a channel chunk's kh * kw tap sums stay in registers

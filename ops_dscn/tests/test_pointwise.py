@@ -1,0 +1,191 @@
+"""Tests of ops_dscn.pointwise_conv, a 1x1 conv with its elementwise epilogue fused for CPU, against float64."""
+import math
+import os
+
+import pytest
+import torch
+from isa_check import ISAS, run_under_isa
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import ops_dscn
+from ops_dscn import pointwise_conv, pointwise_conv_reference
+
+HAS_KERNEL = ops_dscn.pointwise_conv_available(torch.empty(0))
+pytestmark = pytest.mark.skipif(not HAS_KERNEL and os.environ.get("DSAN_REQUIRE_CPP") != "1",
+                                reason=f"compiled op not built: {ops_dscn.extension_error()}")
+CL = torch.channels_last
+# Which epilogue operands a call has: (bias, gelu, gate, residual, residual_scale). DSAN's three uses come first.
+EPILOGUES = [(True, True, False, False, False), (True, False, True, False, False), (True, False, False, True, True),
+             (True, False, False, True, False), (False, False, False, False, False), (True, True, True, True, True),
+             (False, True, False, True, False)]
+
+
+def reference64(x, weight, bias, gelu, gate, residual, residual_scale):
+    """The epilogue written out independently, in float64: per-pixel sums over channels, GELU from erf."""
+    x, w = x.double(), weight.double().reshape(weight.shape[0], -1)
+    y = torch.einsum("nchw,oc->nohw", x, w)
+    if bias is not None:
+        y = y + bias.double().view(1, -1, 1, 1)
+    if gelu:
+        y = 0.5 * y * (1.0 + torch.erf(y / math.sqrt(2.0)))
+    if gate is not None:
+        y = y * gate.double()
+    if residual is not None:
+        scale = 1.0 if residual_scale is None else residual_scale.double().reshape(1, -1, 1, 1)
+        y = y + residual.double() * scale
+    return y
+
+
+def make(n, c, co, h, w, epilogue, dtype=torch.float64, seed=0, weight_4d=True, nchw=False):
+    """Arguments (x, weight, bias, gelu, gate, residual, residual_scale) of one call."""
+    has_bias, gelu, has_gate, has_res, has_scale = epilogue
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape, cl=False):
+        v = torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+        return v.contiguous(memory_format=CL) if cl and not nchw else v
+
+    x = t(n, c, h, w, cl=True)
+    weight = t(co, c, 1, 1) / math.sqrt(c) if weight_4d else t(co, c) / math.sqrt(c)
+    return (x, weight, t(co) if has_bias else None, gelu, t(n, co, h, w, cl=True) if has_gate else None,
+            t(n, co, h, w, cl=True) if has_res else None, t(co, 1, 1) if has_scale else None)
+
+
+# (n, c, co, h, w): DSAN-T's shapes at small sizes, channel counts with vector tails, several row blocks per thread
+# (64 rows a block at least), one pixel.
+SHAPES = [(2, 32, 32, 5, 6), (1, 17, 9, 3, 7), (2, 8, 40, 12, 13), (3, 5, 3, 1, 1), (1, 64, 64, 14, 14)]
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_float64_reference(shape, epilogue):
+    args = make(*shape, epilogue)
+    expected = reference64(*args)
+    with torch.no_grad():
+        got = torch.ops.ops_dscn.pointwise_conv(*args)
+        torch.testing.assert_close(got, expected, atol=1e-12, rtol=1e-12)
+        assert got.is_contiguous(memory_format=CL)
+        a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]
+        got32 = torch.ops.ops_dscn.pointwise_conv(*a32)
+        torch.testing.assert_close(got32.double(), expected, atol=2e-5, rtol=2e-5)
+        # the one-by-one reference (what runs where the kernel does not) agrees as well
+        torch.testing.assert_close(pointwise_conv_reference(*a32), got32, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_nchw_memory_2d_weight_and_any_thread_count(threads):
+    epilogue = (True, True, True, True, True)
+    args = make(2, 24, 16, 11, 9, epilogue, dtype=torch.float32, weight_4d=False, nchw=True)
+    assert not args[0].is_contiguous(memory_format=CL)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = pointwise_conv(*args, backend="cpp")
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got.double(), reference64(*args), atol=2e-5, rtol=2e-5)
+
+
+def test_empty_batch():
+    args = make(0, 8, 4, 3, 3, (True, True, True, True, True))
+    assert torch.ops.ops_dscn.pointwise_conv(*args).shape == (0, 4, 3, 3)
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=str)
+def test_gradients_match_float64_reference_and_gradcheck(epilogue):
+    args = make(2, 6, 5, 3, 4, epilogue)
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    g = torch.randn(2, 5, 3, 4, dtype=torch.float64)
+    expected = torch.autograd.grad(reference64(*leaves), tensors, g)
+    got = torch.autograd.grad(torch.ops.ops_dscn.pointwise_conv(*leaves), tensors, g)
+    for e, k in zip(expected, got):
+        torch.testing.assert_close(k, e, atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda *a: torch.ops.ops_dscn.pointwise_conv(*a), tuple(leaves))
+
+
+def test_only_the_gradients_asked_for():
+    x, weight, bias, _, gate, residual, scale = make(1, 4, 4, 2, 3, (True, True, True, True, True))
+    weight.requires_grad_()
+    residual.requires_grad_()
+    y = torch.ops.ops_dscn.pointwise_conv(x, weight, bias, True, gate, residual, scale)
+    g_w, g_r = torch.autograd.grad(y.sum(), (weight, residual))
+    assert g_w.shape == weight.shape and torch.equal(g_r, scale.expand(1, 4, 2, 3).contiguous())
+
+
+def test_opcheck():
+    for epilogue in EPILOGUES[:3] + EPILOGUES[-2:]:
+        args = make(2, 8, 6, 3, 4, epilogue, dtype=torch.float32)
+        torch.library.opcheck(torch.ops.ops_dscn.pointwise_conv.default, args)
+
+
+def test_compiles():
+    args = make(1, 16, 8, 5, 5, (True, True, True, True, True), dtype=torch.float32)
+    fn = torch.compile(lambda *a: pointwise_conv(*a) * 2, fullgraph=True, backend="inductor")
+    with torch.no_grad():
+        torch.testing.assert_close(fn(*args), pointwise_conv_reference(*args) * 2, atol=1e-5, rtol=1e-5)
+
+
+def _bad_cases():
+    x, w, b, _, gate, res, scale = make(2, 8, 6, 3, 4, (True, False, True, True, True), dtype=torch.float32)
+    yield (x[0], w, b, False, None, None, None), r"input must be 4-D \(N, C, H, W\); got 3-D"
+    yield (x.half(), w.half(), None, False, None, None, None), "input dtype must be one of float32, float64; got " \
+        "float16"
+    yield (x, w[..., :1, :].expand(6, 8, 2, 1), b, False, None, None, None), \
+        r"weight must have shape \(C_out, C, 1, 1\) or \(C_out, C\); got \[6, 8, 2, 1\]"
+    yield (x, w[:, :5], b, False, None, None, None), r"weight must have C = 8 input channels \(the input's\); got 5"
+    yield (x, w.double(), b, False, None, None, None), "weight dtype must equal input dtype float32; got float64"
+    yield (x, w, b[:4], False, None, None, None), r"bias must have shape \(6,\); got \[4\]"
+    yield (x, w, b.double(), False, None, None, None), "bias dtype must equal input dtype float32; got float64"
+    yield (x, w, b, False, gate[:, :5], None, None), \
+        r"gate must have the output's shape \[2, 6, 3, 4\]; got \[2, 5, 3, 4\]"
+    yield (x, w, b, False, gate.double(), None, None), "gate dtype must equal input dtype float32; got float64"
+    yield (x, w, b, False, None, res[:1], None), \
+        r"residual must have the output's shape \[2, 6, 3, 4\]; got \[1, 6, 3, 4\]"
+    yield (x, w, b, False, None, None, scale), "residual_scale needs a residual; got none"
+    yield (x, w, b, False, None, res, scale[:3]), \
+        r"residual_scale must have shape \(6,\) or \(6, 1, 1\); got \[3, 1, 1\]"
+    yield (x, w, b, False, None, res, scale.double()), "residual_scale dtype must equal input dtype float32"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[1][:40])
+def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
+    args, match = case
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ops_dscn.pointwise_conv(*args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn.pointwise_conv(*fake)
+
+
+def test_backend_choice():
+    args = make(1, 4, 4, 2, 2, (True, True, False, False, False), dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="backend='cpp' needs the compiled kernel and a CPU float32/float64 input; "
+                                           "got a float16 tensor on cpu"):
+        pointwise_conv(*args, backend="cpp")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        pointwise_conv(*args, backend="cuda")
+    assert pointwise_conv(*args).dtype == torch.float16  # 'auto' falls back to the reference
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_cpu_simd_path(isa, tmp_path):
+    """The kernel's baseline, AVX2 and AVX-512 builds against float64 (channel counts with vector tails)."""
+    script_text = (
+        "import torch\n"
+        "from test_pointwise import EPILOGUES, make, reference64\n"
+        "for co in (5, 32, 40):\n"
+        "    for epilogue in EPILOGUES:\n"
+        "        args = make(2, 7, co, 5, 6, epilogue)\n"
+        "        ref = reference64(*args)\n"
+        "        with torch.no_grad():\n"
+        "            y = torch.ops.ops_dscn.pointwise_conv(*args)\n"
+        "            torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)\n"
+        "            a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]\n"
+        "            y = torch.ops.ops_dscn.pointwise_conv(*a32)\n"
+        "            torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)\n"
+        "print('ok')\n"
+    )
+    run_under_isa(isa, script_text, tmp_path)
