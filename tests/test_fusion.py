@@ -302,3 +302,38 @@ def test_pointwise_conv_single_image_matmul_path():
     assert path(x.contiguous()) == 'conv'
     conv.double(), ref.double()
     assert path(x.double()) == 'conv'
+
+
+@pytest.mark.skipif(not ops_dscn.pointwise_conv_available(torch.empty(0)), reason='ops_dscn.pointwise_conv not built')
+@pytest.mark.parametrize('fuse', [False, True], ids=['bn', 'reparameterized'])
+def test_attention_epilogue_kernel_matches_the_layers_one_by_one(fuse, monkeypatch):
+    """The attention's three 1x1 convs run as ops_dscn.pointwise_conv with their GELU, gate and (scaled) shortcut in
+    float32 inference only, and the model's outputs equal the layer-by-layer ones (fused_epilogue=False)."""
+    from dsan.models.dsan import PointwiseConv2d
+    calls = []
+    kernel = ops_dscn.pointwise_conv
+
+    def counting(*args, **kwargs):
+        calls.append((args[3:], kwargs))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(ops_dscn, 'pointwise_conv', counting)
+    model, layers = make_model(**SMALL), make_model(**SMALL)
+    layers.load_state_dict(model.state_dict())
+    for m in layers.modules():
+        if isinstance(m, PointwiseConv2d):
+            m.fused_epilogue = False
+    if fuse:
+        model.reparameterize()
+        layers.reparameterize()
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    ref = outputs(layers, x)
+    assert not calls
+    got = outputs(model, x)
+    assert len(calls) == 3 * 4 * 3  # three per block, four blocks, three forwards in `outputs`
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f'{k}: {m}')
+    calls.clear()
+    model(x).sum().backward()  # gradients: the layers (autograd keeps their outputs)
+    model.double()(x.double())  # float64: the reference arithmetic
+    assert not calls
