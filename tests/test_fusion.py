@@ -133,6 +133,23 @@ def test_reparameterize_twice_and_through_a_wrapper():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_reparameterized_model_holds_no_autograd_graph_and_copies():
+    """Folded in place outside no_grad, the model's tensors are leaves: it deep-copies, saves and loads."""
+    import copy
+    import io
+    model = make_model(**SMALL)
+    model.reparameterize()
+    assert all(t.grad_fn is None for t in [*model.parameters(), *model.buffers()])
+    twin = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    twin.load_state_dict(torch.load(buffer))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
+
+
 def test_reparameterize_in_training_mode_raises():
     model = make_model().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}

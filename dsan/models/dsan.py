@@ -135,12 +135,13 @@ def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError(f'Only BatchNorm2d / SyncBatchNorm can be folded into a convolution, got {type(bn).__name__}.')
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError('A BatchNorm without running statistics (track_running_stats=False) cannot be folded.')
+    # Detached: what is folded from them (e.g. `DSA.shortcut_scale`, a buffer) must not hold an autograd graph.
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
-        scale = scale * bn.weight.double()
+        scale = scale * bn.weight.detach().double()
     shift = -bn.running_mean.double() * scale
     if bn.bias is not None:
-        shift = shift + bn.bias.double()
+        shift = shift + bn.bias.detach().double()
     return scale, shift
 
 
@@ -395,15 +396,17 @@ class DSA(nn.Module):
         # (C, 1, 1) factor of the inner shortcut, set by `Block.reparameterize`; None (not in the state_dict): 1.
         self.register_buffer('shortcut_scale', None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W)."""
-        shortcut = x
+    def forward(self, x: torch.Tensor, add_input: bool = False) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W); `add_input`: plus `x` once more (a reparameterized block's residual, whose
+        norm1 is folded away: it then joins the inner shortcut as one scaled sum in the last conv's output pass)."""
+        shortcut, scale = x, self.shortcut_scale
+        if add_input:
+            scale = x.new_full((x.shape[1], 1, 1), 2.) if scale is None else scale + 1.
         if type(self.activation) is nn.GELU and self.activation.approximate == 'none':
             x = self.proj_1.epilogue(x, gelu=True)  # the GELU joins the conv's output pass where it can
         else:
             x = self.activation(self.proj_1(x))
-        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut,
-                                    residual_scale=self.shortcut_scale)
+        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut, residual_scale=scale)
 
 
 class Block(nn.Module):
@@ -455,9 +458,11 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         if self.fused:  # norm1 and layer_scale_1 live in attn, norm2 and layer_scale_2 in mlp
-            x = x + self.drop_path(self.attn(x))
             if isinstance(self.drop_path, nn.Identity) or not self.training:
-                return self.mlp(x, residual=x)  # the residual add joins the fused MLP kernel's output pass
+                # the residual adds join the output passes of the attention's last conv and of the MLP kernel
+                x = self.attn(x, add_input=True)
+                return self.mlp(x, residual=x)
+            x = x + self.drop_path(self.attn(x))
             return x + self.drop_path(self.mlp(x))
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
