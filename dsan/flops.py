@@ -16,7 +16,7 @@ from torchprofile import profile_macs
 from torchprofile.handlers import HANDLER_MAP
 
 import ops_dscn
-from dsan.models.dsan import Mlp, PointwiseConv2d
+from dsan.models.dsan import Block, Mlp, PointwiseConv2d
 from ops_dscn.modules import DSCNX, DSCNY, _DSCNStrip
 
 __all__ = ['DSCN_OP', 'count_macs', 'count_params']
@@ -102,14 +102,15 @@ class _StandInOp:
 
 
 # Flags of the modules that can run as a fused inference kernel, which torchprofile does not know.
-_FUSED_FLAGS = ((Mlp, 'fused_kernel'), (_DSCNStrip, 'fused_offsets'), (PointwiseConv2d, 'fused_epilogue'))
+_FUSED_FLAGS = ((Mlp, 'fused_kernel'), (_DSCNStrip, 'fused_offsets'), (PointwiseConv2d, 'fused_epilogue'),
+                (Block, 'fold_in_inference'))
 
 
 @contextlib.contextmanager
 def _layer_by_layer(model: nn.Module):
     """Runs the MLPs, the DSCN offset branches and the attention's 1x1 convs of `model` as their separate layers (not
-    the fused CPU inference kernels `ops_dscn.conv_mlp` / `strip_offsets` / `pointwise_conv`), so that their layers
-    are counted as the paper did."""
+    the fused CPU inference kernels `ops_dscn.conv_mlp` / `strip_offsets` / `pointwise_conv`), and the blocks with
+    their BatchNorms and layer scales (not folded on the fly), so that their layers are counted as the paper did."""
     switched = [(m, flag) for m in model.modules() for cls, flag in _FUSED_FLAGS
                 if isinstance(m, cls) and getattr(m, flag)]
     for m, flag in switched:

@@ -354,3 +354,37 @@ def test_attention_epilogue_kernel_matches_the_layers_one_by_one(fuse, monkeypat
     model(x).sum().backward()  # gradients: the layers (autograd keeps their outputs)
     model.double()(x.double())  # float64: the reference arithmetic
     assert not calls
+
+
+def test_eval_blocks_fold_their_norms_on_the_fly_in_float32_inference(monkeypatch):
+    """An eval-mode model that is not reparameterized computes, in CPU float32 inference, with the weights
+    `reparameterize` would give (made on each call): equal to its layer-by-layer output, and used neither in
+    training, nor under gradients, nor in float64, nor under torch.jit tracing."""
+    calls = []
+    folded = Block._folded_weights
+
+    def counting(self):
+        calls.append(self)
+        return folded(self)
+
+    monkeypatch.setattr(Block, '_folded_weights', counting)
+    model, layers = make_model(**SMALL), make_model(**SMALL)
+    layers.load_state_dict(model.state_dict())
+    for m in layers.modules():
+        if isinstance(m, Block):
+            m.fold_in_inference = False
+    x = torch.randn(2, 3, 64, 64)
+    ref = outputs(layers, x)
+    assert not calls
+    got = outputs(model, x)
+    assert len(calls) == 4 * 3  # four blocks, three forwards in `outputs`
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f'{k}: {m}')
+    calls.clear()
+    model(x).sum().backward()  # gradients reach the norms and layer scales
+    assert model.block1[0].norm1.weight.grad is not None and model.block1[0].layer_scale_1.grad is not None
+    with torch.no_grad():
+        model.train()(x)  # batch statistics
+        model.eval().double()(x.double())  # float64: the reference arithmetic
+        torch.jit.trace(model.float(), x, check_trace=False)
+    assert not calls

@@ -74,10 +74,10 @@ def hooked_macs(model, img: int = 224) -> int:
     for i in range(1, 5):
         handles += [b.register_forward_hook(block_hook) for b in getattr(model, f'block{i}')]
     handles.append(model.head.register_forward_hook(head_hook))
-    # The hooks see the layers of the MLPs and offset branches only when they run one by one (not as the fused
-    # inference kernels).
-    fused = [(m, f) for m in model.modules() for f in ('fused_kernel', 'fused_offsets', 'fused_epilogue')
-             if getattr(m, f, False)]
+    # The hooks see the layers of the MLPs, offset branches and blocks only when they run one by one (not as the
+    # fused inference kernels or with the norms folded).
+    flags = ('fused_kernel', 'fused_offsets', 'fused_epilogue', 'fold_in_inference')
+    fused = [(m, f) for m in model.modules() for f in flags if getattr(m, f, False)]
     try:
         for m, f in fused:
             setattr(m, f, False)

@@ -228,6 +228,7 @@ class PointwiseConv2d(nn.Conv2d):
             gate: torch.Tensor | None = None,
             residual: torch.Tensor | None = None,
             residual_scale: torch.Tensor | None = None,
+            weights: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``gelu?(conv(x)) * gate + residual * residual_scale``, fused where it applies.
 
@@ -237,13 +238,15 @@ class PointwiseConv2d(nn.Conv2d):
             gate: (N, C_out, H, W) multiplying the (activated) output, or None.
             residual: (N, C_out, H, W) added last, or None.
             residual_scale: (C_out, 1, 1) multiplying `residual`, or None (1).
+            weights: (weight (C_out, C_in, 1, 1), bias (C_out,)) used in place of the module's, or None.
 
         Returns:
             (N, C_out, H, W).
         """
+        weight, bias = (self.weight, self.bias) if weights is None else weights
         if self._use_epilogue_kernel(x, gate, residual, residual_scale):
-            return ops_dscn.pointwise_conv(x, self.weight, self.bias, gelu, gate, residual, residual_scale)
-        y = self(x)
+            return ops_dscn.pointwise_conv(x, weight, bias, gelu, gate, residual, residual_scale)
+        y = self(x) if weights is None else F.conv2d(x, weight, bias)
         if gelu:
             y = F.gelu(y)
         if gate is not None:
@@ -333,15 +336,24 @@ class Mlp(nn.Module):
         return not (x.requires_grad or any(p.requires_grad for p in self.parameters())
                     or (residual is not None and residual.requires_grad))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C_out, H, W), plus `residual` (N, C_out, H, W) when given."""
+    def forward(
+            self,
+            x: torch.Tensor,
+            residual: torch.Tensor | None = None,
+            weights: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C_out, H, W), plus `residual` (N, C_out, H, W) when given.
+
+        `weights`: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) used in place of the layers' (see `Block`), or None.
+        """
+        fc1_w, fc1_b, fc2_w, fc2_b = (
+            (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias) if weights is None else weights)
         if self._use_fused_kernel(x, residual):
             dw = self.dwconv.dwconv
-            return ops_dscn.conv_mlp(x, self.fc1.weight, self.fc1.bias, dw.weight, dw.bias, self.fc2.weight,
-                                     self.fc2.bias, residual, backend='cpp')
-        x = self.act(self.dwconv(self.fc1(x)))
-        x = self.drop(x)
-        x = self.drop(self.fc2(x))
+            return ops_dscn.conv_mlp(x, fc1_w, fc1_b, dw.weight, dw.bias, fc2_w, fc2_b, residual, backend='cpp')
+        x = self.fc1(x) if weights is None else F.conv2d(x, fc1_w, fc1_b)
+        x = self.drop(self.act(self.dwconv(x)))
+        x = self.drop(self.fc2(x) if weights is None else F.conv2d(x, fc2_w, fc2_b))
         return x if residual is None else x + residual
 
 
@@ -396,17 +408,34 @@ class DSA(nn.Module):
         # (C, 1, 1) factor of the inner shortcut, set by `Block.reparameterize`; None (not in the state_dict): 1.
         self.register_buffer('shortcut_scale', None)
 
-    def forward(self, x: torch.Tensor, add_input: bool = False) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W); `add_input`: plus `x` once more (a reparameterized block's residual, whose
-        norm1 is folded away: it then joins the inner shortcut as one scaled sum in the last conv's output pass)."""
-        shortcut, scale = x, self.shortcut_scale
+    def forward(
+            self,
+            x: torch.Tensor,
+            add_input: bool = False,
+            weights: tuple[torch.Tensor, ...] | None = None,
+    ) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W).
+
+        Args:
+            x: (N, C, H, W).
+            add_input: Add `x` once more (a reparameterized block's residual, whose norm1 is folded away): it joins
+                the inner shortcut as one scaled sum in the last conv's output pass.
+            weights: (proj_1 weight, proj_1 bias, proj_2 weight, proj_2 bias, shortcut_scale) used in place of the
+                module's (see `Block`), or None.
+        """
+        if weights is None:
+            w1 = w2 = None
+            scale = self.shortcut_scale
+        else:
+            w1, w2, scale = weights[:2], weights[2:4], weights[4]
+        shortcut = x
         if add_input:
             scale = x.new_full((x.shape[1], 1, 1), 2.) if scale is None else scale + 1.
         if type(self.activation) is nn.GELU and self.activation.approximate == 'none':
-            x = self.proj_1.epilogue(x, gelu=True)  # the GELU joins the conv's output pass where it can
+            x = self.proj_1.epilogue(x, gelu=True, weights=w1)  # the GELU joins the conv's output pass where it can
         else:
-            x = self.activation(self.proj_1(x))
-        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut, residual_scale=scale)
+            x = self.activation(self.proj_1(x) if w1 is None else F.conv2d(x, *w1))
+        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut, residual_scale=scale, weights=w2)
 
 
 class Block(nn.Module):
@@ -455,6 +484,44 @@ class Block(nn.Module):
         self.layer_scale_2 = nn.Parameter(layer_scale_init_value * torch.ones(dim))
         self.fused = False  # set by `reparameterize`
 
+    # Eval-mode CPU float32 inference of a block that is not reparameterized computes what `reparameterize` would
+    # make of it: the BatchNorms and layer scales folded into the 1x1 convs, here into weights made on every call
+    # (a few small tensor operations; constants under torch.compile with freezing). That saves the norms' and the
+    # layer scales' passes over the feature maps and lets the residual adds join the kernels' output passes. The
+    # result equals the layer-by-layer one to float rounding; False: always the layers.
+    fold_in_inference = True
+
+    def _use_folded_inference(self, x: torch.Tensor) -> bool:
+        if not self.fold_in_inference or self.training or x.dtype != torch.float32 or x.device.type != 'cpu':
+            return False
+        if torch.jit.is_tracing() or (torch.is_grad_enabled() and (
+                x.requires_grad or any(p.requires_grad for p in self.parameters()))):
+            return False  # tracers (FLOP counts) must see the norms; gradients must reach the block's parameters
+        return all(isinstance(n, (nn.BatchNorm2d, nn.SyncBatchNorm)) and n.running_mean is not None
+                   and n.running_var is not None for n in (self.norm1, self.norm2))
+
+    def _folded_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The weights `reparameterize` would give (float32 arithmetic): DSA's and the Mlp's `weights` arguments."""
+        def scale_shift(bn):
+            a = torch.rsqrt(bn.running_var + bn.eps)
+            a = a if bn.weight is None else a * bn.weight
+            b = -bn.running_mean * a
+            return a, (b if bn.bias is None else b + bn.bias)
+
+        def before(conv, a, b):  # conv(a * x + b)
+            w = conv.weight * a.view(1, -1, 1, 1)
+            shift = conv.weight.flatten(1) @ b
+            return w, (shift if conv.bias is None else conv.bias + shift)
+
+        def after(conv, s, shift):  # s * conv(x) + shift
+            return conv.weight * s.view(-1, 1, 1, 1), (shift if conv.bias is None else s * conv.bias + shift)
+
+        (a1, b1), (a2, b2) = scale_shift(self.norm1), scale_shift(self.norm2)
+        s1, s2 = self.layer_scale_1, self.layer_scale_2
+        attn, mlp = self.attn, self.mlp
+        return ((*before(attn.proj_1, a1, b1), *after(attn.proj_2, s1, s1 * b1), (s1 * a1).view(-1, 1, 1)),
+                (*before(mlp.fc1, a2, b2), *after(mlp.fc2, s2, torch.zeros_like(s2))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W)."""
         if self.fused:  # norm1 and layer_scale_1 live in attn, norm2 and layer_scale_2 in mlp
@@ -464,6 +531,10 @@ class Block(nn.Module):
                 return self.mlp(x, residual=x)
             x = x + self.drop_path(self.attn(x))
             return x + self.drop_path(self.mlp(x))
+        if self._use_folded_inference(x):
+            attn_weights, mlp_weights = self._folded_weights()
+            x = self.attn(x, add_input=True, weights=attn_weights)
+            return self.mlp(x, residual=x, weights=mlp_weights)
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))
         return x
