@@ -353,6 +353,8 @@ def test_attention_epilogue_kernel_matches_the_layers_one_by_one(fuse, monkeypat
     calls.clear()
     model(x).sum().backward()  # gradients: the layers (autograd keeps their outputs)
     model.double()(x.double())  # float64: the reference arithmetic
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        assert model.float()(x).dtype == torch.bfloat16  # autocast: the layers, in autocast's dtypes
     assert not calls
 
 

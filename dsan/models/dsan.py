@@ -213,10 +213,12 @@ class PointwiseConv2d(nn.Conv2d):
 
     def _use_epilogue_kernel(self, x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
         # float64 keeps the layer-by-layer path (the reference model's numbers); no kernel under gradients (its
-        # backward recomputes the product, slower than autograd's saved tensors) or torch.jit tracing (FLOP counters
-        # and ONNX export must see the aten operators).
+        # backward recomputes the product, slower than autograd's saved tensors), torch.jit tracing (FLOP counters
+        # and ONNX export must see the aten operators) or autocast (the layers give autocast's dtypes).
         if not (self.fused_epilogue and x.dtype == torch.float32 and x.dim() == 4 and self.groups == 1
                 and ops_dscn.pointwise_conv_available(x)) or torch.jit.is_tracing():
+            return False
+        if torch.is_autocast_enabled(x.device.type):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or any(
             t is not None and t.requires_grad for t in operands)))
