@@ -11,11 +11,13 @@ ratios. Memory is the bytes a forward+backward holds: tensors saved for backward
     python ops_dscn/benchmark.py --fused --threads 2   # the fused CPU inference kernels against their layers
     python ops_dscn/benchmark.py --fused --train --batch 16 --threads 2   # fused forward+backward
 
-With ``--fused`` it times instead the two fused CPU inference kernels against the same layers run one by one (in
-channels_last memory): ``conv_mlp`` (the block MLP) and ``strip_offsets`` (a DSCN layer's offset branch), and
-prints the speed-up and the largest difference between the two results. ``--fused --train`` times a training
-forward+backward of the MLP and of the two offset branches (``conv_mlp`` / ``strip_offsets`` with their fused
-backwards against the layers and autograd) and prints the largest difference between the two input gradients.
+With ``--fused`` it times instead the fused CPU inference kernels against the same layers run one by one (in
+channels_last memory): ``conv_mlp`` (the block MLP), ``strip_offsets`` (a DSCN layer's offset branch),
+``pointwise_conv`` (the attention's three 1x1 convs with their GELU, gate and shortcut) and ``dw_conv2d`` (its 5x5
+depthwise conv, against ``F.conv2d``), and prints the speed-up and the largest difference between the two results.
+``--fused --train`` times a training forward+backward of the MLP and of the two offset branches (``conv_mlp`` /
+``strip_offsets`` with their fused backwards against the layers and autograd) and prints the largest difference
+between the two input gradients.
 """
 
 import argparse
@@ -117,6 +119,20 @@ def _fused_cases(c, s, k, g, ratio, batch):
         off = (x, dw, r(c), 1 + r(c, scale=0.1), r(c, scale=0.1), 1e-6, r(g * k, c, scale=c ** -0.5), r(g * k), on_x)
         cases[f"offsets {axis}"] = (lambda off=off: torch.ops.ops_dscn.strip_offsets(*off),
                                     lambda off=off: ops_dscn.strip_offsets_reference(*off))
+    # The attention's three 1x1 convs with their epilogues: proj_1 + GELU, conv * u, proj_2 + scaled shortcut.
+    gate, scale = r(batch, c, s, s).contiguous(memory_format=torch.channels_last), r(c, 1, 1)
+    w = [(r(c, c, 1, 1, scale=c ** -0.5), r(c)) for _ in range(3)]
+
+    def attn_1x1(fn):
+        a = fn(x, *w[0], True)
+        a = fn(a, *w[1], False, gate)
+        return fn(a, *w[2], False, None, x, scale)
+
+    cases["attn 1x1s"] = (lambda: attn_1x1(torch.ops.ops_dscn.pointwise_conv),
+                          lambda: attn_1x1(ops_dscn.pointwise_conv_reference))
+    # The attention's depthwise 5x5 (ops_dscn.dw_conv2d serves batches up to FORWARD_MAX_BATCH).
+    dw5 = (x, r(c, 1, 5, 5, scale=0.2), r(c), (1, 1), (2, 2))
+    cases["dw 5x5"] = (lambda: ops_dscn.dw_conv2d(*dw5), lambda: F.conv2d(*dw5, 1, c))
     return cases
 
 
