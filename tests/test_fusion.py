@@ -321,25 +321,37 @@ def test_pointwise_conv_single_image_matmul_path():
     assert path(x.double()) == 'conv'
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wraps `owner.name` so that each call is recorded (its arguments) in the returned list."""
+    calls = []
+    original = getattr(owner, name)
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def model_and_layers(cls: type, flag: str) -> tuple[DSAN, DSAN]:
+    """Two small models with the same weights; in the second every `cls` module has `flag` off (its layers)."""
+    model, layers = make_model(**SMALL), make_model(**SMALL)
+    layers.load_state_dict(model.state_dict())
+    for m in layers.modules():
+        if isinstance(m, cls):
+            setattr(m, flag, False)
+    return model, layers
+
+
 @pytest.mark.skipif(not ops_dscn.pointwise_conv_available(torch.empty(0)), reason='ops_dscn.pointwise_conv not built')
 @pytest.mark.parametrize('fuse', [False, True], ids=['bn', 'reparameterized'])
 def test_attention_epilogue_kernel_matches_the_layers_one_by_one(fuse, monkeypatch):
     """The attention's three 1x1 convs run as ops_dscn.pointwise_conv with their GELU, gate and (scaled) shortcut in
     float32 inference only, and the model's outputs equal the layer-by-layer ones (fused_epilogue=False)."""
     from dsan.models.dsan import PointwiseConv2d
-    calls = []
-    kernel = ops_dscn.pointwise_conv
-
-    def counting(*args, **kwargs):
-        calls.append((args[3:], kwargs))
-        return kernel(*args, **kwargs)
-
-    monkeypatch.setattr(ops_dscn, 'pointwise_conv', counting)
-    model, layers = make_model(**SMALL), make_model(**SMALL)
-    layers.load_state_dict(model.state_dict())
-    for m in layers.modules():
-        if isinstance(m, PointwiseConv2d):
-            m.fused_epilogue = False
+    calls = count_calls(monkeypatch, ops_dscn, 'pointwise_conv')
+    model, layers = model_and_layers(PointwiseConv2d, 'fused_epilogue')
     if fuse:
         model.reparameterize()
         layers.reparameterize()
@@ -362,19 +374,8 @@ def test_eval_blocks_fold_their_norms_on_the_fly_in_float32_inference(monkeypatc
     """An eval-mode model that is not reparameterized computes, in CPU float32 inference, with the weights
     `reparameterize` would give (made on each call): equal to its layer-by-layer output, and used neither in
     training, nor under gradients, nor in float64, nor under torch.jit tracing."""
-    calls = []
-    folded = Block._folded_weights
-
-    def counting(self):
-        calls.append(self)
-        return folded(self)
-
-    monkeypatch.setattr(Block, '_folded_weights', counting)
-    model, layers = make_model(**SMALL), make_model(**SMALL)
-    layers.load_state_dict(model.state_dict())
-    for m in layers.modules():
-        if isinstance(m, Block):
-            m.fold_in_inference = False
+    calls = count_calls(monkeypatch, Block, '_folded_weights')
+    model, layers = model_and_layers(Block, 'fold_in_inference')
     x = torch.randn(2, 3, 64, 64)
     ref = outputs(layers, x)
     assert not calls
