@@ -307,6 +307,30 @@ def test_every_cpu_simd_path_backward_group_widths(isa, tmp_path):
 
 
 @needs_ext
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("gc, group", [(16, 4), (32, 1), (20, 3), (3, 2)])
+def test_taps_exactly_at_the_line_ends(axis, gc, group):
+    """Sampling positions exactly at -1, 0, len - 1 and len (the window's edges, where a neighbour or the whole tap
+    drops out), just inside them, and far outside, in float32 against the float64 reference. The forward's tables
+    (pair form; lerp form on the x-strips of AVX-512 builds) treat each of these cases apart."""
+    length, k = 9, 3
+    hw = (4, length) if axis == "x" else (length, 4)
+    x = torch.randn(2, *hw, group * gc)
+    # Position of tap j at output o is o - 1 + j + off (pad 1, K 3): choose off so that it is `target`.
+    targets = torch.tensor([-1.0, -0.75, 0.0, 0.5, length - 1.0, length - 0.5, float(length), length + 0.25, -30.0])
+    o = torch.arange(length, dtype=torch.float32)
+    pos = targets[(torch.arange(length * group * k) % len(targets))].view(length, group, k)
+    off = pos - (o.view(-1, 1, 1) - 1 + torch.arange(k, dtype=torch.float32).view(1, 1, -1))
+    off = off.reshape(length, group * k)
+    off = off.view(1, 1, length, -1).expand(2, 4, -1, -1) if axis == "x" else \
+        off.view(1, length, 1, -1).expand(2, -1, 4, -1)
+    off = off.contiguous()
+    y = dscn(x, off, k, pad=1, group=group, axis=axis, backend="cpp")
+    ref = dscn_reference(x.double().numpy(), off.double().numpy(), k, 1, 1, 1, group, 1.0, False, axis)
+    torch.testing.assert_close(y.double(), torch.from_numpy(ref), atol=1e-5, rtol=1e-5)
+
+
+@needs_ext
 @pytest.mark.parametrize("gc, groups", [(16, 7), (20, 5), (8, 6)])
 def test_groups_batched_in_one_loop_give_the_per_group_result(gc, groups):
     """Several groups share one tap loop in the CPU forward; each must come out bit for bit as when run alone."""
