@@ -58,6 +58,7 @@ def _extensions():
     sources = [os.path.join(CSRC, "dscn.cpp"), os.path.join(CSRC, "cpu", "dscn_cpu.cpp"),
                os.path.join(CSRC, "cpu", "conv_mlp_cpu.cpp"), os.path.join(CSRC, "cpu", "strip_offsets_cpu.cpp"),
                os.path.join(CSRC, "cpu", "dw_conv_cpu.cpp"), os.path.join(CSRC, "cpu", "pointwise_cpu.cpp"),
+               os.path.join(CSRC, "cpu", "gelu_cpu.cpp"),
                os.path.join(CSRC, "autocast", "dscn_autocast.cpp")]
     # -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; without the flag it silently runs on one
     # thread. At run time the OpenMP symbols resolve to the libgomp.so.1 torch has already loaded (same soname), so

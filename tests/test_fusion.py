@@ -391,3 +391,34 @@ def test_eval_blocks_fold_their_norms_on_the_fly_in_float32_inference(monkeypatc
         model.eval().double()(x.double())  # float64: the reference arithmetic
         torch.jit.trace(model.float(), x, check_trace=False)
     assert not calls
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize('drop_path', [0., 0.3], ids=['no_drop_path', 'drop_path'])
+def test_training_blocks_fold_layer_scales_into_the_convs(drop_path, dtype):
+    """In training a block folds its layer scales into proj_2 / fc2 (see `Block._forward_train`): the same outputs
+    and gradients (input, every parameter, the layer scales included) as the block written out as the spec has it."""
+    torch.manual_seed(0)
+    block = randomize_fusables_(Block(dim=16, mlp_ratio=4, kernel_size=7, dw_kernel_size=3, group=2,
+                                      drop_path=drop_path, backend=BACKEND)).to(dtype).train()
+    x = torch.randn(3, 16, 28, 28, dtype=dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(3, 16, 28, 28, dtype=dtype)
+
+    def spec_block(x):
+        b = block
+        x = x + b.drop_path(b.layer_scale_1[:, None, None] * b.attn(b.norm1(x)))
+        return x + b.drop_path(b.layer_scale_2[:, None, None] * b.mlp(b.norm2(x)))
+
+    results = []
+    for fn in (block, spec_block):
+        torch.manual_seed(1)  # the same drop-path draws
+        y = fn(x)
+        results.append((y.detach(), torch.autograd.grad(y, [x, *block.parameters()], g)))
+    (y, grads), (y_ref, grads_ref) = results
+    tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, y_ref, **tol)
+    names = ['input'] + [n for n, _ in block.named_parameters()]
+    for name, a, b in zip(names, grads, grads_ref):
+        scale = b.abs().max().item()
+        torch.testing.assert_close(a, b, rtol=tol['rtol'], atol=tol['atol'] * max(scale, 1.),
+                                   msg=lambda m, name=name: f'{name}: {m}')

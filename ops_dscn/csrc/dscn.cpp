@@ -44,6 +44,10 @@ TORCH_LIBRARY(ops_dscn, m) {
   m.def(
       "pointwise_conv(Tensor input, Tensor weight, Tensor? bias, bool gelu=False, Tensor? gate=None, "
       "Tensor? residual=None, Tensor? residual_scale=None) -> Tensor");
+  // The exact (erf) GELU and its gradient (grad_output * gelu'(input)) on CPU, with the fused kernels' float
+  // arithmetic; see cpu/gelu_cpu.cpp. The output keeps a dense input's strides.
+  m.def("gelu(Tensor input) -> Tensor");
+  m.def("_gelu_backward(Tensor grad_output, Tensor input) -> Tensor");
   // The offset branch of a DSCN layer (depthwise strip conv -> LayerNorm -> exact GELU -> Linear) fused for CPU;
   // see cpu/strip_offsets_cpu.cpp. Its backward recomputes the branch from the input and returns the gradients of
   // the conv's output (N, C, H, W; channels_last memory), ln_weight, ln_bias, lin_weight and lin_bias.

@@ -10,10 +10,12 @@ Public API:
       backward.
     - :func:`ops_dscn.strip_offsets`: a DSCN layer's offset branch (strip conv, LayerNorm, GELU, Linear) fused
       on CPU, with a fused backward.
+    - :func:`ops_dscn.gelu`: the exact GELU on CPU with a fast (vectorized, memory-bound) forward and backward.
     - :class:`ops_dscn.DepthwiseConv2d`: ``nn.Conv2d`` with groups = channels whose CPU weight gradient runs in a
       channels_last kernel (:func:`ops_dscn.dw_conv_weight_grad`).
 """
 
+from .activation import gelu, gelu_available
 from .conv_mlp import check_conv_mlp_args, conv_mlp, conv_mlp_available, conv_mlp_reference
 from .depthwise import DepthwiseConv2d, dw_conv2d, dw_conv_weight_grad, dw_conv_weight_grad_reference
 from .functional import (
@@ -36,7 +38,7 @@ __version__ = "1.0.0"
 
 __all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "check_config", "check_conv_mlp_args",
            "compiled_device_types", "conv_mlp", "conv_mlp_available", "conv_mlp_reference", "dscn", "dscn_pytorch",
-           "dscn_strip", "extension_available", "extension_error", "resolve_backend", "check_strip_offsets_args",
-           "strip_offsets", "strip_offsets_available", "strip_offsets_reference", "dw_conv2d", "pointwise_conv",
-           "pointwise_conv_available", "pointwise_conv_reference",
+           "dscn_strip", "extension_available", "extension_error", "gelu", "gelu_available", "resolve_backend",
+           "check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference",
+           "dw_conv2d", "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference",
            "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]
