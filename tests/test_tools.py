@@ -338,6 +338,9 @@ def test_get_inf_speed_arithmetic_on_a_fake_clock(monkeypatch):
     assert [float(v) for v in lines[2].split()[3:]] == [16.0, 1.0, 4.0, 40.0, 1.0, 4.0]
     # each model's speed-up over its first mode
     assert lines[-2:] == [f'{"a":<20} compile/eager 2.50x', f'{"b":<20} compile/eager 1.25x']
+    # GFLOPs not counted (no --flops): a dash, not 'nan'
+    uncounted = speed.format_results([dict(row, gflops=float('nan')) for row in rows]).splitlines()
+    assert uncounted[3].split()[:3] == ['b', '20', '-'] and 'nan' not in ''.join(uncounted)
 
 
 def test_train_throughput_arithmetic_on_a_fake_clock(monkeypatch):

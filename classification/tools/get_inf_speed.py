@@ -335,7 +335,8 @@ def format_results(results: list[dict], reference: str | None = None) -> str:
     for n in names:
         first = next(r for m in modes if (r := by.get((n, m))))
         gflops = first.get('gflops')
-        line = f'{n:<20} {first["params"]:>11,} {math.nan if gflops is None else gflops:>7.3f}'
+        counted = gflops is not None and not math.isnan(gflops)
+        line = f'{n:<20} {first["params"]:>11,} ' + (f'{gflops:>7.3f}' if counted else f'{"-":>7}')  # - : no --flops
         for m in modes:
             r, ref = by.get((n, m)), by.get((reference, m))
             ratio = ref['img_per_s'] / r['img_per_s'] if r and ref else math.nan
