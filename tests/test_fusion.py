@@ -422,3 +422,27 @@ def test_training_blocks_fold_layer_scales_into_the_convs(drop_path, dtype):
         scale = b.abs().max().item()
         torch.testing.assert_close(a, b, rtol=tol['rtol'], atol=tol['atol'] * max(scale, 1.),
                                    msg=lambda m, name=name: f'{name}: {m}')
+
+
+@pytest.mark.skipif(not ops_dscn.pointwise_conv_available(torch.empty(0)), reason='ops_dscn.pointwise_conv not built')
+def test_compiled_model_leaves_large_batches_to_inductor(monkeypatch):
+    """Under torch.compile the attention's epilogue kernel is in the graph up to `compile_max_batch` images; beyond
+    it the graph holds the layers (which inductor fuses itself), and both compiled models give the eager outputs."""
+    from dsan.models.dsan import PointwiseConv2d
+    monkeypatch.setattr(PointwiseConv2d, 'compile_max_batch', 2)
+    model = make_model(**SMALL)
+    counts = []
+
+    def count_kernel_nodes(gm, example_inputs):
+        counts.append(sum(n.target in (torch.ops.ops_dscn.pointwise_conv, torch.ops.ops_dscn.pointwise_conv.default)
+                          for n in gm.graph.nodes))
+        return gm
+
+    for batch in (2, 3):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=count_kernel_nodes, dynamic=False)
+        x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    assert counts == [3 * 4, 0]  # three per block, four blocks; then none
