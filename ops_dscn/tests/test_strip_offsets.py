@@ -49,8 +49,11 @@ def make(n, c, h, w, k, gk, on_x, bias=True, dtype=torch.float64, seed=0):
 
 
 # DSAN's branches (C, Kd, G * K') and sizes that leave vector tails, windows longer than the image, a single pixel.
+# G * K' of 1-64 takes the kernel's register-blocked Linear in float32 (one, two and four vectors, and three run as
+# four; 2 and 3 outputs a pixel leave vector overhangs longer than a row), 112 (DSAN-S stage 3) BLAS.
 CASES = [(2, 32, 9, 13, 11, 11), (1, 64, 6, 5, 11, 44), (2, 160, 4, 5, 7, 56), (1, 256, 3, 3, 5, 40),
-         (2, 5, 4, 3, 5, 10), (1, 16, 1, 1, 3, 4), (1, 20, 2, 7, 9, 3)]
+         (2, 5, 4, 3, 5, 10), (1, 16, 1, 1, 3, 4), (1, 20, 2, 7, 9, 3), (1, 24, 5, 6, 5, 24),
+         (3, 8, 5, 7, 3, 2), (1, 320, 3, 4, 7, 112)]
 
 
 @pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
@@ -76,12 +79,15 @@ def test_without_biases_from_nchw_memory_and_any_thread_count(on_x, n, h, w):
     args = make(n, 12, h, w, 5, 9, on_x, bias=False)
     args[0] = args[0].contiguous()
     ref = reference64(*args)
+    a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]  # float32: the kernel's own Linear
     old = torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with torch.no_grad():
                 torch.testing.assert_close(torch.ops.ops_dscn.strip_offsets(*args), ref, atol=1e-12, rtol=1e-12)
+                torch.testing.assert_close(torch.ops.ops_dscn.strip_offsets(*a32).double(), ref, atol=1e-5,
+                                           rtol=1e-5)
     finally:
         torch.set_num_threads(old)
 

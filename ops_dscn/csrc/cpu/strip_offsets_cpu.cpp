@@ -7,7 +7,8 @@
 // arithmetic does; in training autograd also keeps three (N, H, W, C) tensors and makes as many passes again
 // backwards. Here a task takes a block of pixels: per pixel, the conv, the norm and GELU are vector loops over its
 // channels held in L1; the block's (pixels, C) activations then go through the Linear as one matrix product
-// (ATen's BLAS) straight into the output. The backward recomputes a block's activations from the input (the forward
+// straight into the output (float: cpu_small_gemm.h's register-blocked product where G * K' is at most 64, as for
+// every DSAN-T stage and DSAN-S stage 1; otherwise ATen's BLAS). The backward recomputes a block's activations from the input (the forward
 // keeps nothing else), takes the offsets' gradient back through the Linear, GELU and the LayerNorm in the same
 // block, and writes the gradient of the conv's output, from which the conv's gradients are one depthwise conv
 // (input) and ops_dscn::_dw_conv_weight_grad (weight) in ops_dscn/strip_offsets.py.
@@ -24,12 +25,14 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "../common/dscn_params.h"
 #include "cpu_gelu.h"
 #include "cpu_simd.h"
+#include "cpu_small_gemm.h"
 #include "cpu_weights.h"
 
 namespace ops_dscn {
@@ -55,6 +58,8 @@ struct OffsetWeights {
   at::Tensor lin_w;           // (GK, C), the Linear's weight
   at::Tensor lin_wt;          // (C, GK) view of it
   const scalar_t* lin_b;      // (GK,) or nullptr
+  // float: the Linear as small_gemm() reads it (the transposed weight and the bias, padded). float64 keeps BLAS.
+  PaddedMatrix<scalar_t> lin_pad;
 
   OffsetWeights(const OffsetDims& d, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
                 const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps_,
@@ -70,6 +75,9 @@ struct OffsetWeights {
     lin_wt = lin_w.t();
     lin_b_t = lin_bias.has_value() ? lin_bias->detach().contiguous() : at::Tensor();
     lin_b = lin_b_t.defined() ? lin_b_t.const_data_ptr<scalar_t>() : nullptr;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      lin_pad = PaddedMatrix<scalar_t>(lin_w.const_data_ptr<scalar_t>(), lin_b, d.GK, d.C);
+    }
   }
 };
 
@@ -185,14 +193,24 @@ DSCN_INLINE std::pair<scalar_t, scalar_t> conv_and_stats(const OffsetDims& dims,
 }
 
 // Output pixels [p0, p1) (flattened (n, h, w)): their activations into `act` ((p1 - p0, C)), then the Linear.
+// `stats`: scratch for the pixels' (mean, 1 / std).
 template <int Bytes, typename scalar_t>
 DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scalar_t>& wt, const scalar_t* x,
-                                   scalar_t* out, int64_t p0, int64_t p1, scalar_t* act,
+                                   scalar_t* out, int64_t p0, int64_t p1, scalar_t* act, scalar_t* stats,
                                    const at::TensorOptions& opts) {
   const int64_t C = d.C;
+  // Two passes over the block: the conv and the statistics of every pixel, then the norm and GELU of every pixel.
+  // In one pass, each pixel's chain of dependent steps (conv, two reductions, sqrt and division, then GELU's
+  // division) left the core waiting; the second pass has no dependencies between pixels, and the first a shorter
+  // body, so more pixels overlap (DSAN-T stage 1 at batch 32: 1.1-1.3x faster).
+  for (int64_t p = p0; p < p1; ++p) {
+    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p, act + (p - p0) * C);
+    stats[2 * (p - p0)] = mean;
+    stats[2 * (p - p0) + 1] = rstd;
+  }
   for (int64_t p = p0; p < p1; ++p) {
     scalar_t* a = act + (p - p0) * C;
-    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p, a);
+    const scalar_t mean = stats[2 * (p - p0)], rstd = stats[2 * (p - p0) + 1];
     int64_t c0 = 0;
 #if DSCN_HAS_VEC
     using VT = Vec<scalar_t, Bytes>;
@@ -205,6 +223,9 @@ DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scal
     for (int64_t c = c0; c < C; ++c) a[c] = gelu_scalar<scalar_t>((a[c] - mean) * rstd * wt.ln_w[c] + wt.ln_b[c]);
   }
   const int64_t m = p1 - p0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (small_gemm<Bytes>(act, C, wt.lin_pad, out + p0 * d.GK, d.GK, m)) return;
+  }
   at::Tensor o = at::from_blob(out + p0 * d.GK, {m, d.GK}, opts);
   const at::Tensor av = at::from_blob(act, {m, C}, opts);
   at::mm_out(o, av, wt.lin_wt);
@@ -403,9 +424,9 @@ at::Tensor strip_offsets_cpu(const at::Tensor& input_, const at::Tensor& dw_weig
     scalar_t* y = output.mutable_data_ptr<scalar_t>();
     const PixelBlocks blocks(d.N * d.H * d.W, kBlockPixels);
     at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> act(blocks.block * d.C);
+      std::vector<scalar_t> act(blocks.block * d.C), stats(2 * blocks.block);
       for (int64_t b = begin; b < end; ++b) {
-        offsets_task<scalar_t>(d, wt, x, y, blocks.begin(b), blocks.end(b), act.data(), opts);
+        offsets_task<scalar_t>(d, wt, x, y, blocks.begin(b), blocks.end(b), act.data(), stats.data(), opts);
       }
     });
   });
