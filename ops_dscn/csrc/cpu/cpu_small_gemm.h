@@ -1,5 +1,6 @@
 // Register-blocked matrix product for the narrow Linear layers inside the fused CPU kernels (strip_offsets_cpu.cpp):
-// out (m, n) = a (m, k) @ b (k, n) [+ bias], with n at most four vectors wide.
+// out (m, n) = a (m, k) @ b (k, n) [+ bias], with n at most four vectors wide (the offset Linear's forward, and its
+// input gradient in the backward).
 //
 // Why not ATen's BLAS: a DSCN layer's offset Linear maps C = 32-64 channels to G * K' = 11-60 offsets, and a fused
 // task multiplies blocks of 256 pixels. MKL took 18 us for a (256, 32) @ (32, 11) block on an AMD EPYC (Zen 4) core,
@@ -28,8 +29,10 @@ struct PaddedMatrix {
   std::vector<scalar_t> b, bias;
 
   PaddedMatrix() = default;
-  // From the (n, k) weight of a Linear layer (row-major, as nn.Linear stores it) and its (n,) bias or nullptr.
-  PaddedMatrix(const scalar_t* weight, const scalar_t* bias_or_null, int64_t n_, int64_t k_) : k(k_), n(n_) {
+  // From a row-major matrix `m` and an (n,) bias or nullptr. kn = false: m is (n, k), the weight of a Linear layer
+  // as nn.Linear stores it (the product is then x @ m^T + bias); kn = true: m is (k, n) (the product x @ m).
+  PaddedMatrix(const scalar_t* m, const scalar_t* bias_or_null, int64_t n_, int64_t k_, bool kn = false)
+      : k(k_), n(n_) {
     constexpr int64_t kLane = 64 / sizeof(scalar_t);
     ld = (n + kLane - 1) / kLane * kLane;
     // Three vectors are run as four: GCC's code for NJ = 3 was measured slower than MKL (DSAN-T stages 2 and 4,
@@ -38,7 +41,7 @@ struct PaddedMatrix {
     b.assign(k * ld, scalar_t(0));
     bias.assign(ld, scalar_t(0));
     for (int64_t j = 0; j < n; ++j) {
-      for (int64_t i = 0; i < k; ++i) b[i * ld + j] = weight[j * k + i];
+      for (int64_t i = 0; i < k; ++i) b[i * ld + j] = kn ? m[i * n + j] : m[j * k + i];
       if (bias_or_null != nullptr) bias[j] = bias_or_null[j];
     }
   }

@@ -58,12 +58,13 @@ struct OffsetWeights {
   at::Tensor lin_w;           // (GK, C), the Linear's weight
   at::Tensor lin_wt;          // (C, GK) view of it
   const scalar_t* lin_b;      // (GK,) or nullptr
-  // float: the Linear as small_gemm() reads it (the transposed weight and the bias, padded). float64 keeps BLAS.
+  // float: the Linear as small_gemm() reads it, padded: for the forward its transposed weight and bias, for the
+  // backward its weight (the input gradient is g @ W). float64 keeps BLAS.
   PaddedMatrix<scalar_t> lin_pad;
 
   OffsetWeights(const OffsetDims& d, const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
                 const at::Tensor& ln_weight, const at::Tensor& ln_bias, double eps_,
-                const at::Tensor& lin_weight, const std::optional<at::Tensor>& lin_bias)
+                const at::Tensor& lin_weight, const std::optional<at::Tensor>& lin_bias, bool backward = false)
       : eps(eps_) {
     tap_major(dw_weight, d.C, d.K, wdw);
     values_or_zeros(dw_bias, d.C, bdw);
@@ -76,7 +77,8 @@ struct OffsetWeights {
     lin_b_t = lin_bias.has_value() ? lin_bias->detach().contiguous() : at::Tensor();
     lin_b = lin_b_t.defined() ? lin_b_t.const_data_ptr<scalar_t>() : nullptr;
     if constexpr (std::is_same_v<scalar_t, float>) {
-      lin_pad = PaddedMatrix<scalar_t>(lin_w.const_data_ptr<scalar_t>(), lin_b, d.GK, d.C);
+      lin_pad = backward ? PaddedMatrix<scalar_t>(lin_w.const_data_ptr<scalar_t>(), nullptr, d.C, d.GK, true)
+                         : PaddedMatrix<scalar_t>(lin_w.const_data_ptr<scalar_t>(), lin_b, d.GK, d.C);
     }
   }
 };
@@ -306,8 +308,12 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
   // The Linear: d act = g W, d W += g^T act, d b += the column sums of g.
   const scalar_t* gb = g + p0 * d.GK;
   const at::Tensor gm = at::from_blob(const_cast<scalar_t*>(gb), {m, d.GK}, opts);
-  at::Tensor ga = at::from_blob(s.grad.data(), {m, C}, opts);
-  at::mm_out(ga, gm, wt.lin_w);
+  bool done = false;
+  if constexpr (std::is_same_v<scalar_t, float>) done = small_gemm<Bytes>(gb, d.GK, wt.lin_pad, s.grad.data(), C, m);
+  if (!done) {
+    at::Tensor ga = at::from_blob(s.grad.data(), {m, C}, opts);
+    at::mm_out(ga, gm, wt.lin_w);
+  }
   at::from_blob(gr.lin_w, {d.GK, C}, opts).addmm_(gm.t(), at::from_blob(s.act.data(), {m, C}, opts));
   std::fill(s.lin_b.begin(), s.lin_b.end(), scalar_t(0));
   for (int64_t i = 0; i < m; ++i) {
@@ -456,7 +462,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_off
   at::Tensor partial = at::zeros({threads, OffsetGrads<float>::size(d)}, opts);
   if (grad_conv.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "strip_offsets_backward_cpu", [&] {
-      const OffsetWeights<scalar_t> wt(d, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, std::nullopt);
+      const OffsetWeights<scalar_t> wt(d, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, std::nullopt,
+                                       /*backward=*/true);
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
       scalar_t* gd = grad_conv.mutable_data_ptr<scalar_t>();
