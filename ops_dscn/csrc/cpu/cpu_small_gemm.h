@@ -40,9 +40,26 @@ struct PaddedMatrix {
     if (ld == 3 * kLane) ld = 4 * kLane;
     b.assign(k * ld, scalar_t(0));
     bias.assign(ld, scalar_t(0));
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t i = 0; i < k; ++i) b[i * ld + j] = kn ? m[i * n + j] : m[j * k + i];
-      if (bias_or_null != nullptr) bias[j] = bias_or_null[j];
+    // Row by row of b: the writes are sequential, and the n columns of m an (n, k) weight is read in stay in L1.
+    for (int64_t i = 0; i < k; ++i) {
+      for (int64_t j = 0; j < n; ++j) b[i * ld + j] = kn ? m[i * n + j] : m[j * k + i];
+    }
+    if (bias_or_null != nullptr) std::copy_n(bias_or_null, n, bias.begin());
+  }
+};
+
+// A wider (n, k) Linear weight as panels of 64 columns (four 64-byte vectors of float), each a PaddedMatrix: for
+// the fused MLP's 1x1 convs (conv_mlp_cpu.cpp), whose products small_gemm() runs panel by panel.
+template <typename scalar_t>
+struct PanelMatrix {
+  static constexpr int64_t kPanel = 4 * 64 / static_cast<int64_t>(sizeof(scalar_t));
+  std::vector<PaddedMatrix<scalar_t>> panels;
+
+  PanelMatrix() = default;
+  // From the (n, k) row-major weight of a Linear layer (or 1x1 conv), without bias.
+  PanelMatrix(const scalar_t* weight, int64_t n, int64_t k) {
+    for (int64_t c = 0; c < n; c += kPanel) {
+      panels.emplace_back(weight + c * k, nullptr, std::min(kPanel, n - c), k);
     }
   }
 };
@@ -139,6 +156,24 @@ DSCN_INLINE bool small_gemm(const scalar_t* a, int64_t lda, const PaddedMatrix<s
   (void)a, (void)lda, (void)w, (void)out, (void)ldo, (void)rows;
   return false;
 #endif
+}
+
+}  // namespace ops_dscn
+
+namespace ops_dscn {
+
+// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w^T, panel by panel. Returns false (and computes
+// nothing) where small_gemm() does not take the panels (no panels: not float; or a 64-column panel wider than four
+// vectors of `Bytes`, i.e. below AVX-512).
+template <int Bytes, typename scalar_t>
+DSCN_INLINE bool panel_gemm(const scalar_t* a, int64_t lda, const PanelMatrix<scalar_t>& w, scalar_t* out,
+                            int64_t ldo, int64_t rows) {
+  // The first panel is the widest: where small_gemm() takes it, it takes the narrower ones too.
+  if (w.panels.empty() || !small_gemm<Bytes>(a, lda, w.panels[0], out, ldo, rows)) return false;
+  for (size_t p = 1; p < w.panels.size(); ++p) {
+    small_gemm<Bytes>(a, lda, w.panels[p], out + static_cast<int64_t>(p) * PanelMatrix<scalar_t>::kPanel, ldo, rows);
+  }
+  return true;
 }
 
 }  // namespace ops_dscn
