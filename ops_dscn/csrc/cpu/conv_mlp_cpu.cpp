@@ -63,6 +63,9 @@ struct MlpWeights {
   // float: the forward's two products by cpu_small_gemm.h, 1.15-1.3x MKL's speed on the DSAN-T MLP shapes (one
   // AMD EPYC Zen 4 core, AVX-512), partly as it does not repack the weight for every step's product as MKL does.
   PanelMatrix<scalar_t> w1p, w2p;
+  // float, backward: fc1 with its bias (the recomputed hidden rows), and the input gradients' products g @ W2 and
+  // dh @ W1, by the same kernel.
+  PanelMatrix<scalar_t> w1pb, w2g, w1g;
 };
 
 // Output row r, columns [0, W), of the depthwise 3x3 conv: bias + sum of the 3x3 taps `wdw` ((9, Ch), tap-major)
@@ -387,14 +390,20 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
     const auto [hn_lo, hn_hi] = with_halo(d, s0, s1, 2);
     const auto [pn_lo, pn_hi] = with_halo(d, s0, s1, 1);
     const int64_t h_have = slide_rows(h, h_lo, h_hi, hn_lo, hn_hi, hn_hi, hid_row);
-    fc1_rows(d, wt, x, h_have, hn_hi, h.data() + (h_have - hn_lo) * hid_row, opts);
+    if (!panel_gemm<Bytes>(x + h_have * d.W * d.C, d.C, wt.w1pb, h.data() + (h_have - hn_lo) * hid_row, d.Ch,
+                           (hn_hi - h_have) * d.W)) {
+      fc1_rows(d, wt, x, h_have, hn_hi, h.data() + (h_have - hn_lo) * hid_row, opts);
+    }
     const int64_t p_have = slide_rows(dp, p_lo, p_hi, pn_lo, pn_hi, pn_hi, hid_row);
     slide_rows(act, a_lo, a_hi, s0, pn_hi, pn_hi, hid_row);  // keeps row s0 exactly when dp kept it
     if (p_have < pn_hi) {
       // da = g @ W2 for the missing rows, then dp = da * gelu'(p) in place (and a = gelu(p) for rows >= s0).
       const int64_t m = (pn_hi - p_have) * d.W;
-      at::Tensor da = mat(dp.data() + (p_have - pn_lo) * hid_row, m, d.Ch);
-      at::mm_out(da, mat(g + p_have * d.W * d.Co, m, d.Co), w2);
+      if (!panel_gemm<Bytes>(g + p_have * d.W * d.Co, d.Co, wt.w2g, dp.data() + (p_have - pn_lo) * hid_row, d.Ch,
+                             m)) {
+        at::Tensor da = mat(dp.data() + (p_have - pn_lo) * hid_row, m, d.Ch);
+        at::mm_out(da, mat(g + p_have * d.W * d.Co, m, d.Co), w2);
+      }
       for (int64_t q = p_have; q < pn_hi; ++q) {
         const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
         const auto [up, down] = neighbours(d, q, hm, hid_row);
@@ -420,8 +429,10 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
       dw_row<Bytes, false>(p_up, pm, p_down, wflip, zeros.data(), dh + (q - s0) * hid_row, d.W, d.Ch);
     }
     const int64_t m = (s1 - s0) * d.W;
-    at::Tensor gxm = mat(gx + s0 * d.W * d.C, m, d.C);
-    at::mm_out(gxm, mat(dh, m, d.Ch), w1);
+    if (!panel_gemm<Bytes>(dh, d.Ch, wt.w1g, gx + s0 * d.W * d.C, d.C, m)) {
+      at::Tensor gxm = mat(gx + s0 * d.W * d.C, m, d.C);
+      at::mm_out(gxm, mat(dh, m, d.Ch), w1);
+    }
   }
 }
 
@@ -507,7 +518,8 @@ MlpDims check_mlp_args(const at::Tensor& input, const at::Tensor& fc1_weight, co
 template <typename scalar_t>
 MlpWeights<scalar_t> make_weights(const MlpDims& d, const at::Tensor& fc1_weight, const at::Tensor& b1,
                                   const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
-                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias) {
+                                  const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                                  bool backward = false) {
   MlpWeights<scalar_t> wt;
   wt.w1t = fc1_weight.detach().reshape({d.Ch, d.C}).contiguous().t();
   wt.w2t = fc2_weight.detach().reshape({d.Co, d.Ch}).contiguous().t();
@@ -519,8 +531,16 @@ MlpWeights<scalar_t> make_weights(const MlpDims& d, const at::Tensor& fc1_weight
   // 14x14 maps ran 1.7-3x slower with them, as MKL then was).
   if constexpr (std::is_same_v<scalar_t, float>) {
     if (d.N * d.H * d.W < kPanelMinPixels) return wt;
-    wt.w1p = PanelMatrix<scalar_t>(wt.w1t.template const_data_ptr<scalar_t>(), d.Ch, d.C);
-    wt.w2p = PanelMatrix<scalar_t>(wt.w2t.template const_data_ptr<scalar_t>(), d.Co, d.Ch);
+    const scalar_t* w1 = wt.w1t.template const_data_ptr<scalar_t>();  // (Ch, C)
+    const scalar_t* w2 = wt.w2t.template const_data_ptr<scalar_t>();  // (Co, Ch)
+    if (backward) {
+      wt.w1pb = PanelMatrix<scalar_t>(w1, wt.b1, d.Ch, d.C);
+      wt.w2g = PanelMatrix<scalar_t>(w2, nullptr, d.Ch, d.Co, /*kn=*/true);
+      wt.w1g = PanelMatrix<scalar_t>(w1, nullptr, d.C, d.Ch, /*kn=*/true);
+    } else {
+      wt.w1p = PanelMatrix<scalar_t>(w1, nullptr, d.Ch, d.C);
+      wt.w2p = PanelMatrix<scalar_t>(w2, nullptr, d.Co, d.Ch);
+    }
   }
   return wt;
 }
@@ -580,7 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor b1 = fc1_bias.has_value() ? fc1_bias->detach().contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_mlp_backward_cpu", [&] {
       const MlpWeights<scalar_t> wt = make_weights<scalar_t>(d, fc1_weight, b1, dw_weight, dw_bias, fc2_weight,
-                                                             std::nullopt);
+                                                             std::nullopt, /*backward=*/true);
       // The depthwise conv's input gradient is the conv of the output gradient with the taps flipped (t -> 8 - t).
       std::vector<scalar_t> wflip(9 * d.Ch);
       for (int t = 0; t < 9; ++t) std::copy_n(wt.wdw.data() + (8 - t) * d.Ch, d.Ch, wflip.data() + t * d.Ch);

@@ -31,8 +31,11 @@ struct PaddedMatrix {
   PaddedMatrix() = default;
   // From a row-major matrix `m` and an (n,) bias or nullptr. kn = false: m is (n, k), the weight of a Linear layer
   // as nn.Linear stores it (the product is then x @ m^T + bias); kn = true: m is (k, n) (the product x @ m).
-  PaddedMatrix(const scalar_t* m, const scalar_t* bias_or_null, int64_t n_, int64_t k_, bool kn = false)
+  // ldm: the row stride of a (k, n) m, when it is a column slice of a wider matrix (default: n).
+  PaddedMatrix(const scalar_t* m, const scalar_t* bias_or_null, int64_t n_, int64_t k_, bool kn = false,
+               int64_t ldm = 0)
       : k(k_), n(n_) {
+    if (ldm == 0) ldm = n;
     constexpr int64_t kLane = 64 / sizeof(scalar_t);
     ld = (n + kLane - 1) / kLane * kLane;
     // Three vectors are run as four: GCC's code for NJ = 3 was measured slower than MKL (DSAN-T stages 2 and 4,
@@ -42,24 +45,26 @@ struct PaddedMatrix {
     bias.assign(ld, scalar_t(0));
     // Row by row of b: the writes are sequential, and the n columns of m an (n, k) weight is read in stay in L1.
     for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j < n; ++j) b[i * ld + j] = kn ? m[i * n + j] : m[j * k + i];
+      for (int64_t j = 0; j < n; ++j) b[i * ld + j] = kn ? m[i * ldm + j] : m[j * k + i];
     }
     if (bias_or_null != nullptr) std::copy_n(bias_or_null, n, bias.begin());
   }
 };
 
-// A wider (n, k) Linear weight as panels of 64 columns (four 64-byte vectors of float), each a PaddedMatrix: for
-// the fused MLP's 1x1 convs (conv_mlp_cpu.cpp), whose products small_gemm() runs panel by panel.
+// A wider matrix as panels of 64 columns (four 64-byte vectors of float), each a PaddedMatrix: for the fused MLP's
+// 1x1 convs (conv_mlp_cpu.cpp), whose products small_gemm() runs panel by panel.
 template <typename scalar_t>
 struct PanelMatrix {
   static constexpr int64_t kPanel = 4 * 64 / static_cast<int64_t>(sizeof(scalar_t));
   std::vector<PaddedMatrix<scalar_t>> panels;
 
   PanelMatrix() = default;
-  // From the (n, k) row-major weight of a Linear layer (or 1x1 conv), without bias.
-  PanelMatrix(const scalar_t* weight, int64_t n, int64_t k) {
+  // From a row-major matrix m and an (n,) bias or nullptr: kn = false, m is the (n, k) weight of a Linear layer (or
+  // 1x1 conv), for x @ m^T + bias; kn = true, m is (k, n), for x @ m + bias.
+  PanelMatrix(const scalar_t* m, const scalar_t* bias, int64_t n, int64_t k, bool kn = false) {
     for (int64_t c = 0; c < n; c += kPanel) {
-      panels.emplace_back(weight + c * k, nullptr, std::min(kPanel, n - c), k);
+      panels.emplace_back(kn ? m + c : m + c * k, bias != nullptr ? bias + c : nullptr, std::min(kPanel, n - c), k,
+                          kn, n);
     }
   }
 };
@@ -162,7 +167,7 @@ DSCN_INLINE bool small_gemm(const scalar_t* a, int64_t lda, const PaddedMatrix<s
 
 namespace ops_dscn {
 
-// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w^T, panel by panel. Returns false (and computes
+// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w (+ its bias), panel by panel. Returns false (and computes
 // nothing) where small_gemm() does not take the panels (no panels: not float; or a 64-column panel wider than four
 // vectors of `Bytes`, i.e. below AVX-512).
 template <int Bytes, typename scalar_t>
