@@ -1,6 +1,6 @@
-// Register-blocked matrix product for the narrow Linear layers inside the fused CPU kernels (strip_offsets_cpu.cpp):
-// out (m, n) = a (m, k) @ b (k, n) [+ bias], with n at most four vectors wide (the offset Linear's forward, and its
-// input gradient in the backward).
+// Register-blocked matrix product for the narrow products inside the fused CPU kernels: out (m, n) = a (m, k) @
+// b (k, n) [+ bias], with n at most four vectors wide (strip_offsets_cpu.cpp: the offset Linear's forward, and its
+// input gradient in the backward), or panel by panel for wider n (conv_mlp_cpu.cpp: the MLP's 1x1 convs).
 //
 // Why not ATen's BLAS: a DSCN layer's offset Linear maps C = 32-64 channels to G * K' = 11-60 offsets, and a fused
 // task multiplies blocks of 256 pixels. MKL took 18 us for a (256, 32) @ (32, 11) block on an AMD EPYC (Zen 4) core,
@@ -163,13 +163,9 @@ DSCN_INLINE bool small_gemm(const scalar_t* a, int64_t lda, const PaddedMatrix<s
 #endif
 }
 
-}  // namespace ops_dscn
-
-namespace ops_dscn {
-
-// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w (+ its bias), panel by panel. Returns false (and computes
-// nothing) where small_gemm() does not take the panels (no panels: not float; or a 64-column panel wider than four
-// vectors of `Bytes`, i.e. below AVX-512).
+// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w (+ its bias), panel by panel. Returns false
+// (and computes nothing) where small_gemm() does not take the panels (no panels: not float, or too few pixels for
+// the caller to make them; or a 64-column panel wider than four vectors of `Bytes`, i.e. below AVX-512).
 template <int Bytes, typename scalar_t>
 DSCN_INLINE bool panel_gemm(const scalar_t* a, int64_t lda, const PanelMatrix<scalar_t>& w, scalar_t* out,
                             int64_t ldo, int64_t rows) {

@@ -8,10 +8,10 @@
 // backwards. Here a task takes a block of pixels: per pixel, the conv, the norm and GELU are vector loops over its
 // channels held in L1; the block's (pixels, C) activations then go through the Linear as one matrix product
 // straight into the output (float: cpu_small_gemm.h's register-blocked product where G * K' is at most 64, as for
-// every DSAN-T stage and DSAN-S stage 1; otherwise ATen's BLAS). The backward recomputes a block's activations from the input (the forward
-// keeps nothing else), takes the offsets' gradient back through the Linear, GELU and the LayerNorm in the same
-// block, and writes the gradient of the conv's output, from which the conv's gradients are one depthwise conv
-// (input) and ops_dscn::_dw_conv_weight_grad (weight) in ops_dscn/strip_offsets.py.
+// every DSAN-T stage and DSAN-S stage 1; otherwise ATen's BLAS). The backward recomputes a block's activations from
+// the input (the forward keeps nothing else), takes the offsets' gradient back through the Linear, GELU and the
+// LayerNorm in the same block, and writes the gradient of the conv's output, from which the conv's gradients are
+// one depthwise conv (input) and ops_dscn::_dw_conv_weight_grad (weight) in ops_dscn/strip_offsets.py.
 //
 // Layout: the input is an NCHW tensor in channels_last memory (NHWC), the output (N, H, W, G * K') contiguous, as
 // the layer-by-layer branch produces it. Numerics: the same operations in the same precision (LayerNorm: mean, then
