@@ -446,3 +446,74 @@ def test_compiled_model_leaves_large_batches_to_inductor(monkeypatch):
             torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     assert counts == [3 * 4, 0]  # three per block, four blocks; then none
+
+
+class PackedArgs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, per call of ops_dscn::conv_mlp / pointwise_conv under this mode, whether it got packed weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = {'conv_mlp': [], 'pointwise_conv': []}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.ops_dscn.conv_mlp.default:
+            self.packed['conv_mlp'].append(kwargs.get('fc1_packed', args[8] if len(args) > 8 else None) is not None)
+        elif func is torch.ops.ops_dscn.pointwise_conv.default:
+            self.packed['pointwise_conv'].append(kwargs.get('packed', args[7] if len(args) > 7 else None) is not None)
+        return func(*args, **kwargs)
+
+
+def packed_calls(model: nn.Module, x: torch.Tensor) -> dict[str, list[bool]]:
+    with torch.no_grad(), PackedArgs() as mode:
+        model(x)
+    return mode.packed
+
+
+@requires_mlp_kernel
+@pytest.mark.skipif(not ops_dscn.pack_weight_available(torch.empty(0)), reason='ops_dscn built without pack_weight')
+def test_reparameterize_packs_the_1x1_weights_for_the_kernels(monkeypatch):
+    """`reparameterize` packs the folded 1x1 weights once (ops_dscn.pack_weight) for the MLP and attention kernels:
+    not in the state_dict, used in inference, packed again in eager mode when a weight changes in place, is
+    replaced or the model is copied, and the outputs stay those of the layers one by one."""
+    model, layers = make_model(**SMALL), make_model(fused_mlp=False, **SMALL)
+    layers.load_state_dict(model.state_dict())
+    for m in layers.modules():
+        if hasattr(m, 'fused_epilogue'):
+            m.fused_epilogue = False
+    x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    assert not any(packed_calls(model, x)['conv_mlp'])  # not reparameterized: nothing packed
+    model.reparameterize()
+    layers.reparameterize()
+    keys = set(model.state_dict())
+    assert keys == set(layers.state_dict()) and not [k for k in keys if 'packed' in k]
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    assert all(m.fc1_packed is not None and m.fc2_packed is not None for m in mlps)
+    calls = packed_calls(model, x)
+    assert calls == {'conv_mlp': [True] * 4, 'pointwise_conv': [True] * 12}
+
+    def check():
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), layers(x), rtol=1e-5, atol=1e-5)
+
+    check()
+    with torch.no_grad():  # in place: the version counter moves, and the next call packs again
+        for m in (model, layers):
+            m.block4[0].mlp.fc2.weight.mul_(-2.)
+            m.block3[0].attn.proj_2.weight.add_(0.5)
+    check()
+    for m in (model, layers):  # replaced
+        m.block2[0].mlp.fc1.weight = nn.Parameter(torch.randn_like(m.block2[0].mlp.fc1.weight) * 0.1)
+    layers.block2[0].mlp.fc1.weight = nn.Parameter(model.block2[0].mlp.fc1.weight.detach().clone())
+    check()
+    model = timm.utils.reparameterize_model(model)  # a copy (its Blocks are already fused: nothing is folded again)
+    check()
+    model.double().float()  # the buffers follow the model's dtype, and back
+    check()
+    # Under gradients (the MLP kernel allowed at any size) the kernel gets the weights themselves.
+    monkeypatch.setattr(Mlp, 'fused_train_min_pixels', 1)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    with PackedArgs() as mode:
+        model(x)
+    assert mode.packed['conv_mlp'] == [False] * 4

@@ -25,7 +25,8 @@ TORCH_LIBRARY(ops_dscn, m) {
   // fc1 weight / bias, dw weight / bias, fc2 weight / bias (the residual's is grad_output).
   m.def(
       "conv_mlp(Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, Tensor? dw_bias, "
-      "Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual=None) -> Tensor");
+      "Tensor fc2_weight, Tensor? fc2_bias, Tensor? residual=None, Tensor? fc1_packed=None, "
+      "Tensor? fc2_packed=None) -> Tensor");
   m.def(
       "_conv_mlp_backward(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor dw_weight, "
       "Tensor? dw_bias, Tensor fc2_weight) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -43,7 +44,11 @@ TORCH_LIBRARY(ops_dscn, m) {
   // (gelu) or none, fused for CPU; see cpu/pointwise_cpu.cpp.
   m.def(
       "pointwise_conv(Tensor input, Tensor weight, Tensor? bias, bool gelu=False, Tensor? gate=None, "
-      "Tensor? residual=None, Tensor? residual_scale=None) -> Tensor");
+      "Tensor? residual=None, Tensor? residual_scale=None, Tensor? packed=None) -> Tensor");
+  // A (C_out, C[, 1, 1]) float32 weight in the layout the CPU kernels' matrix products read (64-column panels padded
+  // to whole vectors), for pointwise_conv's `packed` and conv_mlp's fc1_packed / fc2_packed: made once for inference
+  // instead of on every call; see cpu/pointwise_cpu.cpp.
+  m.def("pack_weight(Tensor weight) -> Tensor");
   // The exact (erf) GELU and its gradient (grad_output * gelu'(input)) on CPU, with the fused kernels' float
   // arithmetic; see cpu/gelu_cpu.cpp. The output keeps a dense input's strides.
   m.def("gelu(Tensor input) -> Tensor");

@@ -11,6 +11,8 @@ Public API:
     - :func:`ops_dscn.strip_offsets`: a DSCN layer's offset branch (strip conv, LayerNorm, GELU, Linear) fused
       on CPU, with a fused backward.
     - :func:`ops_dscn.gelu`: the exact GELU on CPU with a fast (vectorized, memory-bound) forward and backward.
+    - :func:`ops_dscn.pointwise_conv`: a 1x1 conv with its elementwise epilogue fused on CPU;
+      :func:`ops_dscn.pack_weight` packs a weight once for it and for :func:`ops_dscn.conv_mlp` (inference).
     - :class:`ops_dscn.DepthwiseConv2d`: ``nn.Conv2d`` with groups = channels whose CPU weight gradient runs in a
       channels_last kernel (:func:`ops_dscn.dw_conv_weight_grad`).
 """
@@ -30,7 +32,13 @@ from .functional import (
     extension_error,
     resolve_backend,
 )
-from .pointwise import pointwise_conv, pointwise_conv_available, pointwise_conv_reference
+from .pointwise import (
+    pack_weight,
+    pack_weight_available,
+    pointwise_conv,
+    pointwise_conv_available,
+    pointwise_conv_reference,
+)
 from .pytorch_impl import dscn_pytorch
 from .strip_offsets import check_strip_offsets_args, strip_offsets, strip_offsets_available, strip_offsets_reference
 
@@ -41,4 +49,4 @@ __all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "c
            "dscn_strip", "extension_available", "extension_error", "gelu", "gelu_available", "resolve_backend",
            "check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference",
            "dw_conv2d", "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference",
-           "dw_conv_weight_grad", "dw_conv_weight_grad_reference"]
+           "dw_conv_weight_grad", "dw_conv_weight_grad_reference", "pack_weight", "pack_weight_available"]

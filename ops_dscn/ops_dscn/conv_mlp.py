@@ -71,6 +71,42 @@ def _check_kernel_input(op: str, input: torch.Tensor) -> None:
         raise ValueError(f"{op}: input dtype must be one of float32, float64; got {_dtype_name(input.dtype)}")
 
 
+# The layout of ops_dscn::pack_weight (csrc/cpu/cpu_small_gemm.h, PanelMatrix): panels of 64 output columns, each
+# (C, width) with the width padded to whole 16-float (64-byte) vectors, three vectors padded to four.
+_PANEL = 64
+_LANE = 16
+
+
+def packed_size(c_out: int, c_in: int) -> int:
+    """Number of float32 values in ``pack_weight`` of a (c_out, c_in) weight."""
+    size = 0
+    for c in range(0, c_out, _PANEL):
+        ld = -(-min(_PANEL, c_out - c) // _LANE) * _LANE
+        size += c_in * (4 * _LANE if ld == 3 * _LANE else ld)
+    return size
+
+
+def check_packed(op: str, name: str, packed: torch.Tensor, c_out: int, c_in: int, input: torch.Tensor) -> None:
+    """Checks a packed weight argument as the C++ kernels do (same messages).
+
+    Raises:
+        ValueError: `packed` is not the 1-D contiguous float32 CPU packed form of a (c_out, c_in) weight, or `input`
+            is not float32.
+    """
+    if input.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} (packed weights) needs a float32 input; got {_dtype_name(input.dtype)}")
+    size = packed_size(c_out, c_in)
+    if packed.dim() != 1 or packed.numel() != size:
+        raise ValueError(f"{op}: {name} must have shape ({size},), the packed form of a ({c_out}, {c_in}) weight "
+                         f"(ops_dscn.pack_weight); got {_shape(packed)}")
+    if packed.dtype != torch.float32:
+        raise ValueError(f"{op}: {name} dtype must be float32; got {_dtype_name(packed.dtype)}")
+    if packed.device.type != "cpu":
+        raise ValueError(f"{op}: {name} must be a CPU tensor; got {packed.device}")
+    if not packed.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous; got strides {list(packed.stride())}")
+
+
 def conv_mlp_available(input: torch.Tensor) -> bool:
     """Whether the fused kernel (forward and backward) can run `input`: built, on CPU, and float32 or float64."""
     return _CPU_KERNEL and input.device.type == "cpu" and input.dtype in _KERNEL_DTYPES
@@ -147,6 +183,8 @@ def conv_mlp(
         fc2_bias: torch.Tensor | None,
         residual: torch.Tensor | None = None,
         backend: str = "auto",
+        fc1_packed: torch.Tensor | None = None,
+        fc2_packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fc2(gelu(dwconv3x3(fc1(input)))) [+ residual]``, fused on CPU for inference.
 
@@ -159,6 +197,10 @@ def conv_mlp(
         backend: 'auto' runs the fused kernel when :func:`conv_mlp_available`, else :func:`conv_mlp_reference`;
             'cpp' requires the kernel; 'pytorch' always runs the reference. The kernel is differentiable (first
             order) in every input.
+        fc1_packed, fc2_packed: ``pack_weight(fc1_weight)`` and ``pack_weight(fc2_weight)`` (float32), made once for
+            inference so that the kernel does not copy the weights on every call; both or neither. They must be
+            packed from the weights given (the forward reads them in place of the weights; the backward and the
+            reference path use the weights). Ignored by the reference path.
 
     Returns:
         (N, C_out, H, W); channels_last memory from the kernel.
@@ -170,14 +212,23 @@ def conv_mlp(
     tensors = (input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
     if not _use_kernel("conv_mlp", backend, conv_mlp_available(input), _CPU_KERNEL, input):
         return conv_mlp_reference(*tensors)
-    return torch.ops.ops_dscn.conv_mlp(*tensors)
+    if fc1_packed is None and fc2_packed is None:
+        return torch.ops.ops_dscn.conv_mlp(*tensors)
+    return torch.ops.ops_dscn.conv_mlp(*tensors, fc1_packed, fc2_packed)
 
 
 if _CPU_KERNEL:
 
     @torch.library.register_fake("ops_dscn::conv_mlp")
-    def _conv_mlp_fake(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None):
+    def _conv_mlp_fake(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual=None,
+                       fc1_packed=None, fc2_packed=None):
         shape = check_conv_mlp_args(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual)
+        if (fc1_packed is None) != (fc2_packed is None):
+            raise ValueError("conv_mlp: fc1_packed and fc2_packed must be given together; got only "
+                             + ("fc1_packed" if fc1_packed is not None else "fc2_packed"))
+        if fc1_packed is not None:
+            check_packed("conv_mlp", "fc1_packed", fc1_packed, fc1_weight.shape[0], fc1_weight.shape[1], input)
+            check_packed("conv_mlp", "fc2_packed", fc2_packed, fc2_weight.shape[0], fc2_weight.shape[1], input)
         return torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=torch.channels_last)
 
     @torch.library.register_fake("ops_dscn::_conv_mlp_backward")
@@ -191,7 +242,7 @@ if _CPU_KERNEL:
                 new(c_out))
 
     def _setup_context(ctx, inputs, output):
-        input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual = inputs
+        input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual = inputs[:8]
         # Only the input and the weights are kept: the backward recomputes the hidden rows.
         ctx.save_for_backward(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight)
         ctx.has_bias = (fc1_bias is not None, dw_bias is not None, fc2_bias is not None)
@@ -203,6 +254,6 @@ if _CPU_KERNEL:
             grad_output, input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight)
         has_b1, has_bd, has_b2 = ctx.has_bias
         return (g_in, g_w1, g_b1 if has_b1 else None, g_wd, g_bd if has_bd else None, g_w2, g_b2 if has_b2 else None,
-                grad_output if ctx.has_residual else None)
+                grad_output if ctx.has_residual else None, None, None)  # no gradients for the packed weights
 
     torch.library.register_autograd("ops_dscn::conv_mlp", _backward, setup_context=_setup_context)

@@ -293,6 +293,70 @@ def test_auto_uses_the_kernel_only_where_it_applies():
     assert torch.ops.aten.convolution.default in seen
 
 
+# Weights packed before (ops_dscn.pack_weight) are read at any size: below and above 1024 pixels, hidden widths with
+# narrow last panels (36, 100), one pixel, an output width of one part vector (20).
+PACKED_CASES = [(1, 64, 7, 7, 4, None), (2, 12, 5, 6, 3, 20), (1, 25, 1, 1, 4, None), (1, 32, 40, 30, 8, None),
+                (2, 9, 4, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("n,c,h,w,ratio,c_out", PACKED_CASES)
+def test_packed_weights_match_float64_reference(n, c, h, w, ratio, c_out, threads):
+    args, res = make(n, c, h, w, ratio, c_out)
+    p1, p2 = ops_dscn.pack_weight(args[1]), ops_dscn.pack_weight(args[5])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            y = conv_mlp(*args, res, backend="cpp", fc1_packed=p1, fc2_packed=p2)
+            plain = torch.ops.ops_dscn.conv_mlp(*args, res)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y.double(), reference64(*[a.double() for a in args], res.double()), atol=2e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(y, plain, atol=2e-5, rtol=1e-5)
+
+
+def test_packed_weights_gradients_opcheck_and_compile():
+    args, res = make(1, 8, 5, 4, 4)
+    p1, p2 = ops_dscn.pack_weight(args[1]), ops_dscn.pack_weight(args[5])
+    leaves = [a.detach().requires_grad_() for a in args]
+    g = torch.randn(1, 8, 5, 4)
+    expected = torch.autograd.grad(torch.ops.ops_dscn.conv_mlp(*leaves, res), leaves, g)
+    got = torch.autograd.grad(torch.ops.ops_dscn.conv_mlp(*leaves, res, p1, p2), leaves, g)
+    for e, k in zip(expected, got):
+        torch.testing.assert_close(k, e, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.ops_dscn.conv_mlp.default, (*args, res, p1, p2))
+    fn = torch.compile(lambda *a: conv_mlp(*a, res, fc1_packed=p1, fc2_packed=p2), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(*args), conv_mlp_reference(*args, res), atol=2e-5, rtol=1e-5)
+
+
+def _bad_packed_cases():
+    args, res = make(2, 8, 5, 6, 4)
+    p1, p2 = ops_dscn.pack_weight(args[1]), ops_dscn.pack_weight(args[5])
+    yield (*args, res, p1, None), "fc1_packed and fc2_packed must be given together; got only fc1_packed"
+    yield (*args, res, None, p2), "fc1_packed and fc2_packed must be given together; got only fc2_packed"
+    yield (*args, res, p2, p1), r"fc1_packed must have shape \(256,\), the packed form of a \(32, 8\) weight " \
+        r"\(ops_dscn.pack_weight\); got \[512\]"
+    yield (*args, res, p1, p2[:-16]), r"fc2_packed must have shape \(512,\), the packed form of a \(8, 32\) " \
+        r"weight \(ops_dscn.pack_weight\); got \[496\]"
+    yield (*args, res, p1.double(), p2), "fc1_packed dtype must be float32; got float64"
+    yield (*[a.double() for a in args], res.double(), p1, p2), \
+        r"fc1_packed \(packed weights\) needs a float32 input; got float64"
+
+
+@pytest.mark.parametrize("case", list(_bad_packed_cases()), ids=lambda c: c[1][:40])
+def test_bad_packed_weights_are_named_alike_by_kernel_and_fake_kernel(case):
+    args, match = case
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ops_dscn.conv_mlp(*args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn.conv_mlp(*fake)
+
+
 def test_torch_compile_fullgraph():
     args, res = make(2, 8, 6, 6, 4)
 
@@ -328,6 +392,10 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "        ref = ops_dscn.conv_mlp_reference(*a)\n"
         "        torch.testing.assert_close(torch.ops.ops_dscn.conv_mlp(*a), ref, atol=1e-11, rtol=1e-11)\n"
         "        y = torch.ops.ops_dscn.conv_mlp(*[t.float() for t in a])\n"
+        "        torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)\n"
+        "        a32 = [t.float() for t in a]\n"
+        "        p1, p2 = ops_dscn.pack_weight(a32[1]), ops_dscn.pack_weight(a32[5])\n"
+        "        y = torch.ops.ops_dscn.conv_mlp(*a32, None, p1, p2)\n"
         "        torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=1e-5)\n"
         "    g = torch.randn(ref.shape, dtype=torch.float64)\n"
         "    for dt, tol in ((torch.float64, 1e-11), (torch.float32, 1e-5)):\n"

@@ -127,6 +127,110 @@ def test_compiles():
         torch.testing.assert_close(fn(*args), pointwise_conv_reference(*args) * 2, atol=1e-5, rtol=1e-5)
 
 
+def packed_size_reference(c_out, c_in):
+    """pack_weight's length written out: 64-column panels, widths padded to 16 floats, 48 padded to 64."""
+    total = 0
+    for c in range(0, c_out, 64):
+        width = min(64, c_out - c)
+        padded = {16: 16, 32: 32, 48: 64, 64: 64}[(width + 15) // 16 * 16]
+        total += c_in * padded
+    return total
+
+
+@pytest.mark.parametrize("c_out,c_in", [(1, 1), (16, 3), (17, 5), (40, 32), (48, 7), (64, 9), (65, 2), (130, 4),
+                                        (256, 160)])
+def test_pack_weight_layout(c_out, c_in):
+    gen = torch.Generator().manual_seed(c_out * 1000 + c_in)
+    w = torch.randn(c_out, c_in, 1, 1, generator=gen)
+    packed = ops_dscn.pack_weight(w)
+    assert packed.shape == (packed_size_reference(c_out, c_in),) and packed.dtype == torch.float32
+    # panel p holds columns [64p, 64p + width) of w^T, (c_in, padded) row-major, zeros in the padding
+    wt, off = w.reshape(c_out, c_in).t(), 0
+    for c in range(0, c_out, 64):
+        width = min(64, c_out - c)
+        padded = packed_size_reference(width, 1)
+        panel = packed[off:off + c_in * padded].reshape(c_in, padded)
+        assert torch.equal(panel[:, :width], wt[:, c:c + width])
+        assert not panel[:, width:].any()
+        off += c_in * padded
+    assert torch.equal(ops_dscn.pack_weight(w.reshape(c_out, c_in)), packed)  # (C_out, C) alike
+    with FakeTensorMode() as mode:
+        assert torch.ops.ops_dscn.pack_weight(mode.from_tensor(w)).shape == packed.shape
+
+
+# (n, c, co, h, w): one row block with its panels split between the threads (49 pixels: DSAN-T stage 4 at batch 1),
+# several blocks, output widths with narrow last panels.
+PACKED_SHAPES = [(1, 32, 256, 7, 7), (2, 24, 100, 9, 10), (1, 8, 20, 3, 3), (1, 16, 72, 40, 40), (1, 5, 130, 1, 1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("epilogue", [EPILOGUES[0], EPILOGUES[2], EPILOGUES[5]], ids=str)
+@pytest.mark.parametrize("shape", PACKED_SHAPES, ids=str)
+def test_packed_weight_matches_float64_reference(shape, epilogue, threads):
+    args = make(*shape, epilogue, dtype=torch.float32)
+    packed = ops_dscn.pack_weight(args[1])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            got = pointwise_conv(*args, backend="cpp", packed=packed)
+            plain = torch.ops.ops_dscn.pointwise_conv(*args)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(got.double(), reference64(*args), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(got, plain, atol=2e-5, rtol=2e-5)
+    assert got.is_contiguous(memory_format=CL)
+
+
+def test_packed_weight_gradients_and_compile():
+    args = make(2, 8, 6, 3, 4, EPILOGUES[5], dtype=torch.float32)
+    packed = ops_dscn.pack_weight(args[1])
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
+    g = torch.randn(2, 6, 3, 4)
+    expected = torch.autograd.grad(torch.ops.ops_dscn.pointwise_conv(*leaves), tensors, g)
+    got = torch.autograd.grad(torch.ops.ops_dscn.pointwise_conv(*leaves, packed), tensors, g)
+    for e, k in zip(expected, got):
+        torch.testing.assert_close(k, e, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.ops_dscn.pointwise_conv.default, (*args, packed))
+    torch.library.opcheck(torch.ops.ops_dscn.pack_weight.default, (args[1],))
+    fn = torch.compile(lambda x, w: pointwise_conv(x, w, *args[2:], packed=ops_dscn.pack_weight(w)), fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fn(args[0], args[1]), pointwise_conv_reference(*args), atol=1e-5, rtol=1e-5)
+
+
+def _bad_packed_cases():
+    x, w, b, _, _, _, _ = make(2, 8, 6, 3, 4, EPILOGUES[0], dtype=torch.float32)
+    p = ops_dscn.pack_weight(w)
+    yield (x, w, b, True, None, None, None, p[:-1]), \
+        r"packed must have shape \(128,\), the packed form of a \(6, 8\) weight \(ops_dscn.pack_weight\); got \[127\]"
+    yield (x, w, b, True, None, None, None, p.double()), "packed dtype must be float32; got float64"
+    yield (x, w, b, True, None, None, None, torch.stack([p, p], 1)[:, 0]), "packed must be contiguous; got strides"
+    yield (x.double(), w.double(), b.double(), True, None, None, None, p), \
+        r"packed \(packed weights\) needs a float32 input; got float64"
+
+
+@pytest.mark.parametrize("case", list(_bad_packed_cases()), ids=lambda c: c[1][:40])
+def test_bad_packed_weight_is_named_alike_by_kernel_and_fake_kernel(case):
+    args, match = case
+    with pytest.raises(ValueError, match=match):
+        torch.ops.ops_dscn.pointwise_conv(*args)
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        with pytest.raises(ValueError, match=match):
+            torch.ops.ops_dscn.pointwise_conv(*fake)
+
+
+@pytest.mark.parametrize("weight,match", [
+    (torch.zeros(4, 3, 2, 1), r"weight must have shape \(C_out, C, 1, 1\) or \(C_out, C\); got \[4, 3, 2, 1\]"),
+    (torch.zeros(4, 3, dtype=torch.float64), "weight dtype must be float32; got float64")])
+def test_bad_pack_weight_input(weight, match):
+    with pytest.raises(ValueError, match="pack_weight: " + match):
+        ops_dscn.pack_weight(weight)
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="pack_weight: " + match):
+        torch.ops.ops_dscn.pack_weight(mode.from_tensor(weight))
+
+
 def _bad_cases():
     x, w, b, _, gate, res, scale = make(2, 8, 6, 3, 4, (True, False, True, True, True), dtype=torch.float32)
     yield (x[0], w, b, False, None, None, None), r"input must be 4-D \(N, C, H, W\); got 3-D"
@@ -186,6 +290,13 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "            a32 = [a.float() if isinstance(a, torch.Tensor) else a for a in args]\n"
         "            y = torch.ops.ops_dscn.pointwise_conv(*a32)\n"
         "            torch.testing.assert_close(y.double(), ref, atol=2e-5, rtol=2e-5)\n"
+        "# packed weights: panels split between threads (one row block, 2-3 panels), or not (several blocks)\n"
+        "torch.set_num_threads(2)\n"
+        "for n, co, h in ((1, 130, 5), (2, 40, 9), (1, 200, 2)):\n"
+        "    args = make(n, 7, co, h, 6, EPILOGUES[5], dtype=torch.float32)\n"
+        "    with torch.no_grad():\n"
+        "        y = torch.ops.ops_dscn.pointwise_conv(*args, torch.ops.ops_dscn.pack_weight(args[1]))\n"
+        "    torch.testing.assert_close(y.double(), reference64(*args), atol=2e-5, rtol=2e-5)\n"
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)

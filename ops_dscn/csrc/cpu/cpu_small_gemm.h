@@ -21,38 +21,72 @@
 
 namespace ops_dscn {
 
-// `b` (k, n) padded with zero columns to `ld` = a whole number of 64-byte vectors, and `bias` (n,) padded likewise
-// (zeros without a bias): the layout small_gemm() reads, so that its loads never need a tail.
+// Row stride of a PaddedMatrix of n columns: n rounded up to whole 64-byte vectors. Three vectors are run as four:
+// GCC's code for NJ = 3 was measured slower than MKL (DSAN-T stages 2 and 4, 44 and 40 columns), and NJ = 4 with a
+// zero vector 1.1-1.3x faster than MKL.
+template <typename scalar_t>
+constexpr int64_t padded_ld(int64_t n) {
+  constexpr int64_t kLane = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t ld = (n + kLane - 1) / kLane * kLane;
+  return ld == 3 * kLane ? 4 * kLane : ld;
+}
+
+// Writes the (k, ld) zero-padded layout of a PaddedMatrix of n columns to dst (k * padded_ld(n) values) from a
+// row-major matrix m: kn = false, m is (n, k), the weight of a Linear layer (or 1x1 conv) as PyTorch stores it (the
+// product is then x @ m^T); kn = true, m is (k, n) with row stride ldm (a column slice of a wider matrix).
+template <typename scalar_t>
+void pack_padded(scalar_t* dst, const scalar_t* m, int64_t n, int64_t k, bool kn, int64_t ldm) {
+  const int64_t ld = padded_ld<scalar_t>(n);
+  std::fill(dst, dst + k * ld, scalar_t(0));
+  if (kn) {
+    for (int64_t i = 0; i < k; ++i) std::copy_n(m + i * ldm, n, dst + i * ld);
+    return;
+  }
+  // Transposed in tiles of kTile rows of dst, so that each of m's n rows is read a cache line at a time. Read column
+  // by column instead, an (n, k) weight whose rows are 4 KB apart (k = 1024: DSAN-T's stage-4 fc2) hit one L1 set n
+  // times per row of dst, and packing the stage-4 MLP's weights took 3x the MLP's own time at batch 1.
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = 0; i0 < k; i0 += kTile) {
+    const int64_t i1 = std::min(k, i0 + kTile);
+    for (int64_t j = 0; j < n; ++j) {
+      const scalar_t* src = m + j * k;
+      for (int64_t i = i0; i < i1; ++i) dst[i * ld + j] = src[i];
+    }
+  }
+}
+
+// `b` (k, n) padded with zero columns to `ld` = padded_ld(n), and `bias` (n,) padded likewise (zeros without a
+// bias): the layout small_gemm() reads, so that its loads never need a tail. The matrix is either owned (packed from
+// a weight here) or a view of memory packed before (see PanelMatrix::view).
 template <typename scalar_t>
 struct PaddedMatrix {
   int64_t k = 0, n = 0, ld = 0;
   std::vector<scalar_t> b, bias;
+  const scalar_t* external = nullptr;  // the (k, ld) values of a view, else nullptr (they are in b)
 
   PaddedMatrix() = default;
-  // From a row-major matrix `m` and an (n,) bias or nullptr. kn = false: m is (n, k), the weight of a Linear layer
-  // as nn.Linear stores it (the product is then x @ m^T + bias); kn = true: m is (k, n) (the product x @ m).
-  // ldm: the row stride of a (k, n) m, when it is a column slice of a wider matrix (default: n).
+  // From a row-major matrix `m` and an (n,) bias or nullptr (see pack_padded for kn and ldm; ldm 0: n).
   PaddedMatrix(const scalar_t* m, const scalar_t* bias_or_null, int64_t n_, int64_t k_, bool kn = false,
                int64_t ldm = 0)
-      : k(k_), n(n_) {
-    if (ldm == 0) ldm = n;
-    constexpr int64_t kLane = 64 / sizeof(scalar_t);
-    ld = (n + kLane - 1) / kLane * kLane;
-    // Three vectors are run as four: GCC's code for NJ = 3 was measured slower than MKL (DSAN-T stages 2 and 4,
-    // 44 and 40 columns), and NJ = 4 with a zero vector 1.1-1.3x faster than MKL.
-    if (ld == 3 * kLane) ld = 4 * kLane;
-    b.assign(k * ld, scalar_t(0));
+      : k(k_), n(n_), ld(padded_ld<scalar_t>(n_)) {
+    b.resize(k * ld);
+    pack_padded(b.data(), m, n, k, kn, ldm == 0 ? n : ldm);
     bias.assign(ld, scalar_t(0));
-    // Row by row of b: the writes are sequential, and the n columns of m an (n, k) weight is read in stay in L1.
-    for (int64_t i = 0; i < k; ++i) {
-      for (int64_t j = 0; j < n; ++j) b[i * ld + j] = kn ? m[i * ldm + j] : m[j * k + i];
-    }
     if (bias_or_null != nullptr) std::copy_n(bias_or_null, n, bias.begin());
   }
+  // A view of k * padded_ld(n) values laid out by pack_padded, without a bias. `packed` must outlive the view.
+  static PaddedMatrix view(const scalar_t* packed, int64_t n_, int64_t k_) {
+    PaddedMatrix w;
+    w.k = k_, w.n = n_, w.ld = padded_ld<scalar_t>(n_);
+    w.external = packed;
+    w.bias.assign(w.ld, scalar_t(0));
+    return w;
+  }
+  const scalar_t* values() const { return external != nullptr ? external : b.data(); }
 };
 
-// A wider matrix as panels of 64 columns (four 64-byte vectors of float), each a PaddedMatrix: for the fused MLP's
-// 1x1 convs (conv_mlp_cpu.cpp), whose products small_gemm() runs panel by panel.
+// A wider matrix as panels of 64 columns (four 64-byte vectors of float), each a PaddedMatrix: for the 1x1 convs of
+// the fused MLP (conv_mlp_cpu.cpp) and of pointwise_conv, whose products small_gemm() runs panel by panel.
 template <typename scalar_t>
 struct PanelMatrix {
   static constexpr int64_t kPanel = 4 * 64 / static_cast<int64_t>(sizeof(scalar_t));
@@ -67,6 +101,31 @@ struct PanelMatrix {
                           kn, n);
     }
   }
+
+  // Values in the packed form of an (n, k) weight (ops_dscn::pack_weight): its panels' layouts one after the other.
+  static int64_t packed_size(int64_t n, int64_t k) {
+    int64_t size = 0;
+    for (int64_t c = 0; c < n; c += kPanel) size += k * padded_ld<scalar_t>(std::min(kPanel, n - c));
+    return size;
+  }
+  // Writes the packed form of the (n, k) row-major weight m to dst (packed_size(n, k) values).
+  static void pack(scalar_t* dst, const scalar_t* m, int64_t n, int64_t k) {
+    for (int64_t c = 0; c < n; c += kPanel) {
+      const int64_t w = std::min(kPanel, n - c);
+      pack_padded(dst, m + c * k, w, k, /*kn=*/false, w);
+      dst += k * padded_ld<scalar_t>(w);
+    }
+  }
+  // A view of a packed (n, k) weight, for x @ m^T without a bias. `packed` must outlive the view.
+  static PanelMatrix view(const scalar_t* packed, int64_t n, int64_t k) {
+    PanelMatrix w;
+    for (int64_t c = 0; c < n; c += kPanel) {
+      const int64_t width = std::min(kPanel, n - c);
+      w.panels.push_back(PaddedMatrix<scalar_t>::view(packed, width, k));
+      packed += k * padded_ld<scalar_t>(width);
+    }
+    return w;
+  }
 };
 
 #if DSCN_HAS_VEC
@@ -77,7 +136,7 @@ DSCN_INLINE void small_gemm_block(const scalar_t* a, int64_t lda, const PaddedMa
   using V = typename VT::type;
   constexpr int64_t L = VT::size;
   const int64_t k = w.k, ldb = w.ld, n = w.n;
-  const scalar_t* b = w.b.data();
+  const scalar_t* b = w.values();
   V bias[NJ];
 #pragma GCC unroll 8
   for (int j = 0; j < NJ; ++j) bias[j] = VT::load(w.bias.data() + j * L);
@@ -163,16 +222,21 @@ DSCN_INLINE bool small_gemm(const scalar_t* a, int64_t lda, const PaddedMatrix<s
 #endif
 }
 
-// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w (+ its bias), panel by panel. Returns false
-// (and computes nothing) where small_gemm() does not take the panels (no panels: not float, or too few pixels for
-// the caller to make them; or a 64-column panel wider than four vectors of `Bytes`, i.e. below AVX-512).
+// out (rows, n), row stride ldo, = a (rows, k), row stride lda, @ w (+ its bias), panel by panel: the panels
+// [p0, p1) (p1 < 0: to the last), which write the columns from p0 * kPanel on. Returns false (and computes nothing)
+// where small_gemm() does not take the panels (no panels: not float, or too few pixels for the caller to make them;
+// or a 64-column panel wider than four vectors of `Bytes`, i.e. below AVX-512).
 template <int Bytes, typename scalar_t>
 DSCN_INLINE bool panel_gemm(const scalar_t* a, int64_t lda, const PanelMatrix<scalar_t>& w, scalar_t* out,
-                            int64_t ldo, int64_t rows) {
-  // The first panel is the widest: where small_gemm() takes it, it takes the narrower ones too.
-  if (w.panels.empty() || !small_gemm<Bytes>(a, lda, w.panels[0], out, ldo, rows)) return false;
-  for (size_t p = 1; p < w.panels.size(); ++p) {
-    small_gemm<Bytes>(a, lda, w.panels[p], out + static_cast<int64_t>(p) * PanelMatrix<scalar_t>::kPanel, ldo, rows);
+                            int64_t ldo, int64_t rows, int64_t p0 = 0, int64_t p1 = -1) {
+  const int64_t np = static_cast<int64_t>(w.panels.size());
+  if (np == 0) return false;
+  p1 = p1 < 0 ? np : std::min(p1, np);
+  if (p0 >= p1) return true;
+  // Only the last panel may be narrower than the first of the range: where small_gemm() takes that, it takes the rest.
+  if (!small_gemm<Bytes>(a, lda, w.panels[p0], out + p0 * PanelMatrix<scalar_t>::kPanel, ldo, rows)) return false;
+  for (int64_t p = p0 + 1; p < p1; ++p) {
+    small_gemm<Bytes>(a, lda, w.panels[p], out + p * PanelMatrix<scalar_t>::kPanel, ldo, rows);
   }
   return true;
 }

@@ -25,6 +25,7 @@
 #include "../common/dscn_params.h"
 #include "cpu_gelu.h"
 #include "cpu_simd.h"
+#include "cpu_small_gemm.h"
 #include "cpu_weights.h"
 
 namespace ops_dscn {
@@ -44,10 +45,11 @@ struct Epilogue {
   const scalar_t* scale;  // (Co,): multiplies the residual; nullptr: 1
 };
 
-// y[i, c] = act(y[i, c] + bias[c]) (* gate[i, c]) (+ res[i, c] (* scale[c])), for the rows [r0, r1) of (M, Co)
-// matrices. y holds the product on entry.
+// y[i, c] = act(y[i, c] + bias[c]) (* gate[i, c]) (+ res[i, c] (* scale[c])), for the rows [r0, r1) and the columns
+// [c0, c1) of (M, Co) matrices. y holds the product on entry.
 template <int Bytes, typename scalar_t>
-DSCN_INLINE void epilogue_rows_body(const Epilogue<scalar_t>& e, scalar_t* y, int64_t Co, int64_t r0, int64_t r1) {
+DSCN_INLINE void epilogue_rows_body(const Epilogue<scalar_t>& e, scalar_t* y, int64_t Co, int64_t r0, int64_t r1,
+                                    int64_t c0, int64_t c1) {
   const auto one = [&](int64_t i) DSCN_LAMBDA_INLINE {
     scalar_t z = y[i] + e.bias[i % Co];
     if (e.gelu) z = gelu_scalar(z);
@@ -57,13 +59,13 @@ DSCN_INLINE void epilogue_rows_body(const Epilogue<scalar_t>& e, scalar_t* y, in
   };
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t row = r * Co;
-    int64_t c = 0;
+    int64_t c = c0;
 #if DSCN_HAS_VEC
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
       using VT = Vec<scalar_t, Bytes>;
       using V = typename VT::type;
       constexpr int64_t L = VT::size;
-      for (; c + L <= Co; c += L) {
+      for (; c + L <= c1; c += L) {
         V z = VT::load(y + row + c) + VT::load(e.bias + c);
         if (e.gelu) z = gelu_vec<scalar_t, Bytes>(z);
         if (e.gate != nullptr) z *= VT::load(e.gate + row + c);
@@ -75,11 +77,29 @@ DSCN_INLINE void epilogue_rows_body(const Epilogue<scalar_t>& e, scalar_t* y, in
       }
     }
 #endif
-    for (; c < Co; ++c) one(row + c);
+    for (; c < c1; ++c) one(row + c);
   }
 }
 
-DSCN_DEFINE_ISA_DISPATCH(epilogue_rows)
+// One block of the output y (M, Co): rows [r0, r1), columns [c0, c1) (c1 - c0 = Co, or whole panels of wp). The
+// product of the input rows x (M, C) and the weight, by cpu_small_gemm.h's kernel from the packed weight wp where it
+// runs, else by the BLAS from wt, the (C, Co) view of the weight; then the epilogue while the block is in cache.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void block_rows_body(const Epilogue<scalar_t>& e, const PanelMatrix<scalar_t>& wp, const at::Tensor& wt,
+                                 const scalar_t* x, scalar_t* y, int64_t C, int64_t Co, int64_t r0, int64_t r1,
+                                 int64_t c0, int64_t c1, const at::TensorOptions& opts) {
+  constexpr int64_t kPanel = PanelMatrix<scalar_t>::kPanel;
+  if (!panel_gemm<Bytes>(x + r0 * C, C, wp, y + r0 * Co, Co, r1 - r0, c0 / kPanel, (c1 + kPanel - 1) / kPanel)) {
+    // Matrices over the block's NHWC memory, made here: views of the output would be inference tensors under
+    // inference mode, which the worker threads (outside its guard) may not write.
+    at::Tensor yb = at::from_blob(y + r0 * Co + c0, {r1 - r0, c1 - c0}, {Co, 1}, opts);
+    at::mm_out(yb, at::from_blob(const_cast<scalar_t*>(x) + r0 * C, {r1 - r0, C}, opts),
+               c1 - c0 == Co ? wt : wt.narrow(1, c0, c1 - c0));
+  }
+  epilogue_rows_body<Bytes>(e, y, Co, r0, r1, c0, c1);
+}
+
+DSCN_DEFINE_ISA_DISPATCH(block_rows)
 
 // An (N, C, H, W) operand of the epilogue in channels_last memory, checked against the output's shape.
 at::Tensor operand(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype) {
@@ -96,7 +116,8 @@ at::Tensor operand(const std::optional<at::Tensor>& t, const char* name, at::Int
 at::Tensor pointwise_conv_cpu(const at::Tensor& input_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               bool gelu, const std::optional<at::Tensor>& gate,
                               const std::optional<at::Tensor>& residual,
-                              const std::optional<at::Tensor>& residual_scale) {
+                              const std::optional<at::Tensor>& residual_scale,
+                              const std::optional<at::Tensor>& packed) {
   TORCH_CHECK_VALUE(input_.dim() == 4, "pointwise_conv: input must be 4-D (N, C, H, W); got ", input_.dim(),
                     "-D with shape ", input_.sizes());
   const auto dtype = input_.scalar_type();
@@ -129,6 +150,7 @@ at::Tensor pointwise_conv_cpu(const at::Tensor& input_, const at::Tensor& weight
                   (!residual_scale.has_value() || residual_scale->device().is_cpu()),
               "pointwise_conv: tensors must be on the CPU for the CPU kernel; got input on ", input_.device(),
               " and weight on ", weight.device());
+  if (packed.has_value()) check_packed(*packed, "pointwise_conv", "packed", Co, C, input_);
   const auto cl = at::MemoryFormat::ChannelsLast;
   const std::vector<int64_t> shape{N, Co, H, W};
   const at::Tensor x = input_.contiguous(cl);
@@ -151,6 +173,12 @@ at::Tensor pointwise_conv_cpu(const at::Tensor& input_, const at::Tensor& weight
     // (C, Co): the weight read transposed by the BLAS, a plain (non-inference) tensor for the same reason as below.
     const at::Tensor w_c = weight.contiguous();
     const at::Tensor wt = at::from_blob(const_cast<scalar_t*>(w_c.const_data_ptr<scalar_t>()), {Co, C}, opts).t();
+    // With the weight packed before (float32 only), the products are cpu_small_gemm.h's, which reads it as it is;
+    // where that kernel does not run (below AVX-512) they stay the BLAS's.
+    PanelMatrix<scalar_t> wp;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (packed.has_value()) wp = PanelMatrix<scalar_t>::view(packed->const_data_ptr<scalar_t>(), Co, C);
+    }
     // Blocks of rows that fit L2, one per thread at least, but of kMinRows rows at least (smaller blocks were slower
     // than one thread doing it all: DSAN-T's stage 4 at batch 1 has 49 rows).
     const int64_t threads = at::get_num_threads();
@@ -162,17 +190,37 @@ at::Tensor pointwise_conv_cpu(const at::Tensor& input_, const at::Tensor& weight
     blocks = (blocks + threads - 1) / threads * threads;
     const int64_t rows = std::max<int64_t>(kMinRows, (M + blocks - 1) / blocks);
     blocks = (M + rows - 1) / rows;
-    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t blk = b0; blk < b1; ++blk) {
+    // With packed panels and fewer row blocks than threads, each block's panels are split between threads as well
+    // (stage 4 at batch 1: 49 rows, 4 panels, was one thread's work).
+    const int64_t panels = static_cast<int64_t>(wp.panels.size());
+    const int64_t splits = std::max<int64_t>(1, std::min(panels, threads / blocks));
+    const int64_t per_split = (panels + splits - 1) / std::max<int64_t>(1, splits);
+    at::parallel_for(0, blocks * splits, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t blk = t / splits, sp = t % splits;
         const int64_t r0 = blk * rows, r1 = std::min(M, r0 + rows);
-        // Matrices over the block's NHWC memory, made here: views of `out` would be inference tensors under
-        // inference mode, which the worker threads (outside its guard) may not write.
-        at::Tensor yb = at::from_blob(y + r0 * Co, {r1 - r0, Co}, opts);
-        at::mm_out(yb, at::from_blob(const_cast<scalar_t*>(xp) + r0 * C, {r1 - r0, C}, opts), wt);
-        epilogue_rows<scalar_t>(e, y, Co, r0, r1);
+        const int64_t c0 = splits == 1 ? 0 : std::min(Co, sp * per_split * PanelMatrix<scalar_t>::kPanel);
+        const int64_t c1 = splits == 1 ? Co : std::min(Co, (sp + 1) * per_split * PanelMatrix<scalar_t>::kPanel);
+        if (c0 < c1) block_rows<scalar_t>(e, wp, wt, xp, y, C, Co, r0, r1, c0, c1, opts);
       }
     });
   });
+  return out;
+}
+
+// weight (n, k, 1, 1) or (n, k), float32 -> its packed form (PanelMatrix<float>::pack), a 1-D tensor that
+// pointwise_conv and conv_mlp read in place of the weight's copy they make on every call otherwise. On one image those
+// copies and the BLAS's own repacking of the weight took 20-30 % of the MLP's time (DSAN-T stages 2-4 at 224).
+at::Tensor pack_weight_cpu(const at::Tensor& weight) {
+  TORCH_CHECK_VALUE((weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1) || weight.dim() == 2,
+                    "pack_weight: weight must have shape (C_out, C, 1, 1) or (C_out, C); got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == at::kFloat, "pack_weight: weight dtype must be float32; got ",
+                    dtype_name(weight.scalar_type()));
+  TORCH_CHECK(weight.device().is_cpu(), "pack_weight: weight must be a CPU tensor; got ", weight.device());
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const at::Tensor w = weight.detach().reshape({n, k}).contiguous();
+  at::Tensor out = at::empty({PanelMatrix<float>::packed_size(n, k)}, w.options());
+  PanelMatrix<float>::pack(out.mutable_data_ptr<float>(), w.const_data_ptr<float>(), n, k);
   return out;
 }
 
@@ -180,6 +228,7 @@ at::Tensor pointwise_conv_cpu(const at::Tensor& input_, const at::Tensor& weight
 
 TORCH_LIBRARY_IMPL(ops_dscn, CPU, m) {
   m.impl("pointwise_conv", &pointwise_conv_cpu);
+  m.impl("pack_weight", &pack_weight_cpu);
 }
 
 }  // namespace ops_dscn
