@@ -261,14 +261,16 @@ class PointwiseConv2d(nn.Conv2d):
 
     `epilogue` runs the conv with the elementwise operation after it (GELU, a gate product, a scaled residual sum)
     as one operator, `ops_dscn.pointwise_conv`, in CPU float32 inference (``fused_epilogue``, default True); under
-    torch.compile for batches up to ``compile_max_batch`` only.
+    torch.compile, without a packed weight (`pack_weight`), for batches up to ``compile_max_batch`` only.
     """
 
     fused_epilogue = True
-    # Largest batch for which the kernel runs inside torch.compile. Beyond it the layers are left to inductor, whose
-    # frozen graph runs them as prepacked oneDNN convolutions with the GELU / product / sum fused as post-ops: paired
-    # compiled DSAN-T forwards (2 threads, 6-8 interleaved rounds) gave the layers 1.07x at batch 16 and 1.08x at
-    # batch 32, the kernel 1.09x at batch 8 and 1.05x at batch 1.
+    # Largest batch for which the kernel runs inside torch.compile when it has no packed weight. Beyond it the layers
+    # are left to inductor, whose frozen graph runs them as prepacked oneDNN convolutions with the GELU / product /
+    # sum fused as post-ops: paired compiled DSAN-T forwards (2 threads, 6-8 interleaved rounds) gave the layers 1.07x
+    # at batch 16 and 1.08x at batch 32, the kernel 1.09x at batch 8 and 1.05x at batch 1. With the weight packed
+    # (a reparameterized model) the kernel runs at every batch: 1.01-1.02x the layers at batch 16 and 1.04-1.10x at
+    # batch 32 (the whole compiled forward, 5 interleaved rounds).
     compile_max_batch = 8
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -288,7 +290,7 @@ class PointwiseConv2d(nn.Conv2d):
         """
         _pack_conv_weight(self, 'packed_weight', self)
 
-    def _use_epilogue_kernel(self, x: torch.Tensor, *operands: torch.Tensor | None) -> bool:
+    def _use_epilogue_kernel(self, x: torch.Tensor, *operands: torch.Tensor | None, packed: bool = False) -> bool:
         # float64 keeps the layer-by-layer path (the reference model's numbers); no kernel under gradients (its
         # backward recomputes the product, slower than autograd's saved tensors), torch.jit tracing (FLOP counters
         # and ONNX export must see the aten operators) or autocast (the layers give autocast's dtypes).
@@ -297,7 +299,7 @@ class PointwiseConv2d(nn.Conv2d):
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
-        if torch.compiler.is_compiling() and x.shape[0] > self.compile_max_batch:
+        if torch.compiler.is_compiling() and x.shape[0] > self.compile_max_batch and not packed:
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or any(
             t is not None and t.requires_grad for t in operands)))
@@ -325,8 +327,8 @@ class PointwiseConv2d(nn.Conv2d):
             (N, C_out, H, W).
         """
         weight, bias = (self.weight, self.bias) if weights is None else weights
-        if self._use_epilogue_kernel(x, gate, residual, residual_scale):
-            packed = _packed_weight(self, 'packed_weight', self, x) if weights is None else None
+        packed = _packed_weight(self, 'packed_weight', self, x) if weights is None else None
+        if self._use_epilogue_kernel(x, gate, residual, residual_scale, packed=packed is not None):
             return ops_dscn.pointwise_conv(x, weight, bias, gelu, gate, residual, residual_scale, packed=packed)
         y = self(x) if weights is None else F.conv2d(x, weight, bias)
         if gelu:
