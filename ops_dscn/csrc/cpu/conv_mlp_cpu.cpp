@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <utility>
 #include <tuple>
@@ -46,6 +47,13 @@ constexpr int64_t kStepBytes = 1 << 20;
 constexpr int64_t kGradDepth = 512;
 // Least pixels (N * H * W) for which the forward runs its products by cpu_small_gemm.h (see make_weights).
 constexpr int64_t kPanelMinPixels = 1024;
+
+// An uninitialised array of n elements, for buffers whose elements are all written before they are read (checked by
+// running the tests with these buffers filled with NaN).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::make_unique_for_overwrite<T[]>(static_cast<size_t>(n));
+}
 
 struct MlpDims {
   int64_t N, H, W, C, Ch, Co;
@@ -141,12 +149,12 @@ DSCN_INLINE void dw_row(const scalar_t* up, const scalar_t* mid, const scalar_t*
 // already holds in [need_lo, keep_hi) move to the front. Returns the end of the rows kept (need_lo when none); the
 // caller computes the rows from there to need_hi.
 template <typename scalar_t>
-DSCN_INLINE int64_t slide_rows(std::vector<scalar_t>& buf, int64_t& lo, int64_t& hi, int64_t need_lo, int64_t need_hi,
+DSCN_INLINE int64_t slide_rows(scalar_t* buf, int64_t& lo, int64_t& hi, int64_t need_lo, int64_t need_hi,
                                int64_t keep_hi, int64_t row) {
   int64_t have_hi = need_lo;
   if (hi > lo && need_lo >= lo && need_lo < hi) {
     have_hi = std::max(need_lo, std::min({hi, need_hi, keep_hi}));
-    std::memmove(buf.data(), buf.data() + (need_lo - lo) * row, (have_hi - need_lo) * row * sizeof(scalar_t));
+    std::memmove(buf, buf + (need_lo - lo) * row, (have_hi - need_lo) * row * sizeof(scalar_t));
   }
   lo = need_lo;
   hi = need_hi;
@@ -190,31 +198,34 @@ DSCN_INLINE void mlp_task_body(const MlpDims& d, const MlpWeights<scalar_t>& wt,
                                const scalar_t* residual, scalar_t* y, int64_t r0, int64_t r1, int64_t step,
                                const at::TensorOptions& opts) {
   const int64_t hid_row = d.W * d.Ch;  // elements of one hidden row
-  std::vector<scalar_t> ring((step + 2) * hid_row), act(step * hid_row);
+  // Not zeroed: every element is written before it is read (zeroing them was ~7 % of the main thread's time in a
+  // compiled batch-1 forward: a 1 MB ring a task at stage 1).
+  const std::unique_ptr<scalar_t[]> ring = scratch<scalar_t>((step + 2) * hid_row);
+  const std::unique_ptr<scalar_t[]> act = scratch<scalar_t>(step * hid_row);
   int64_t buf_lo = 0, buf_hi = 0;  // the hidden rows [buf_lo, buf_hi) are in `ring`, row buf_lo first
   for (int64_t s0 = r0; s0 < r1; s0 += step) {
     const int64_t s1 = std::min(s0 + step, r1);
     const auto [need_lo, need_hi] = with_halo(d, s0, s1, 1);
     // The halo rows the previous step already computed move to the front of the ring; fc1 computes the others.
-    const int64_t have_hi = slide_rows(ring, buf_lo, buf_hi, need_lo, need_hi, need_hi, hid_row);
+    const int64_t have_hi = slide_rows(ring.get(), buf_lo, buf_hi, need_lo, need_hi, need_hi, hid_row);
     // The ring holds fc1 without its bias, which dw_row adds (the backward's rows keep it: its depthwise weight
     // gradient reads them).
-    scalar_t* h = ring.data() + (have_hi - need_lo) * hid_row;
+    scalar_t* h = ring.get() + (have_hi - need_lo) * hid_row;
     if (!panel_gemm<Bytes>(x + have_hi * d.W * d.C, d.C, wt.w1p, h, d.Ch, (need_hi - have_hi) * d.W)) {
       fc1_rows(d, wt, x, have_hi, need_hi, h, opts, /*with_bias=*/false);
     }
     for (int64_t r = s0; r < s1; ++r) {
-      const scalar_t* mid = ring.data() + (r - need_lo) * hid_row;
+      const scalar_t* mid = ring.get() + (r - need_lo) * hid_row;
       const auto [up, down] = neighbours(d, r, mid, hid_row);
-      dw_row<Bytes, true>(up, mid, down, wt.wdw.data(), wt.bdw.data(), act.data() + (r - s0) * hid_row, d.W, d.Ch,
+      dw_row<Bytes, true>(up, mid, down, wt.wdw.data(), wt.bdw.data(), act.get() + (r - s0) * hid_row, d.W, d.Ch,
                           wt.b1);
     }
     // fc2: (rows * W, Ch) @ (Ch, Co), then + b2 (+ residual) in the same, cache-hot, output rows.
     const int64_t m = (s1 - s0) * d.W;
     const int64_t first = s0 * d.W * d.Co;
-    if (!panel_gemm<Bytes>(act.data(), d.Ch, wt.w2p, y + first, d.Co, m)) {
+    if (!panel_gemm<Bytes>(act.get(), d.Ch, wt.w2p, y + first, d.Co, m)) {
       at::Tensor out = at::from_blob(y + first, {m, d.Co}, opts);
-      at::mm_out(out, at::from_blob(act.data(), {m, d.Ch}, opts), wt.w2t);
+      at::mm_out(out, at::from_blob(act.get(), {m, d.Ch}, opts), wt.w2t);
     }
     scalar_t* o = y + first;
     const scalar_t* res = residual != nullptr ? residual + first : nullptr;
@@ -380,8 +391,11 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
   auto mat = [&](const scalar_t* p, int64_t rows, int64_t cols) DSCN_LAMBDA_INLINE {
     return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, opts);
   };
-  std::vector<scalar_t> h((step + 4) * hid_row), dp((step + 2) * hid_row), act((step + 1) * hid_row);
-  std::vector<scalar_t> pre(hid_row);
+  // Not zeroed (see mlp_task_body).
+  const std::unique_ptr<scalar_t[]> h = scratch<scalar_t>((step + 4) * hid_row);
+  const std::unique_ptr<scalar_t[]> dp = scratch<scalar_t>((step + 2) * hid_row);
+  const std::unique_ptr<scalar_t[]> act = scratch<scalar_t>((step + 1) * hid_row);
+  const std::unique_ptr<scalar_t[]> pre = scratch<scalar_t>(hid_row);
   const std::vector<scalar_t> zeros(d.Ch, scalar_t(0));
   int64_t h_lo = 0, h_hi = 0, p_lo = 0, p_hi = 0, a_lo = 0, a_hi = 0;
   const at::Tensor w1 = wt.w1t.t(), w2 = wt.w2t.t();  // (Ch, C), (Co, Ch)
@@ -389,27 +403,27 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
     const int64_t s1 = std::min(s0 + step, r1);
     const auto [hn_lo, hn_hi] = with_halo(d, s0, s1, 2);
     const auto [pn_lo, pn_hi] = with_halo(d, s0, s1, 1);
-    const int64_t h_have = slide_rows(h, h_lo, h_hi, hn_lo, hn_hi, hn_hi, hid_row);
-    if (!panel_gemm<Bytes>(x + h_have * d.W * d.C, d.C, wt.w1pb, h.data() + (h_have - hn_lo) * hid_row, d.Ch,
+    const int64_t h_have = slide_rows(h.get(), h_lo, h_hi, hn_lo, hn_hi, hn_hi, hid_row);
+    if (!panel_gemm<Bytes>(x + h_have * d.W * d.C, d.C, wt.w1pb, h.get() + (h_have - hn_lo) * hid_row, d.Ch,
                            (hn_hi - h_have) * d.W)) {
-      fc1_rows(d, wt, x, h_have, hn_hi, h.data() + (h_have - hn_lo) * hid_row, opts);
+      fc1_rows(d, wt, x, h_have, hn_hi, h.get() + (h_have - hn_lo) * hid_row, opts);
     }
-    const int64_t p_have = slide_rows(dp, p_lo, p_hi, pn_lo, pn_hi, pn_hi, hid_row);
-    slide_rows(act, a_lo, a_hi, s0, pn_hi, pn_hi, hid_row);  // keeps row s0 exactly when dp kept it
+    const int64_t p_have = slide_rows(dp.get(), p_lo, p_hi, pn_lo, pn_hi, pn_hi, hid_row);
+    slide_rows(act.get(), a_lo, a_hi, s0, pn_hi, pn_hi, hid_row);  // keeps row s0 exactly when dp kept it
     if (p_have < pn_hi) {
       // da = g @ W2 for the missing rows, then dp = da * gelu'(p) in place (and a = gelu(p) for rows >= s0).
       const int64_t m = (pn_hi - p_have) * d.W;
-      if (!panel_gemm<Bytes>(g + p_have * d.W * d.Co, d.Co, wt.w2g, dp.data() + (p_have - pn_lo) * hid_row, d.Ch,
+      if (!panel_gemm<Bytes>(g + p_have * d.W * d.Co, d.Co, wt.w2g, dp.get() + (p_have - pn_lo) * hid_row, d.Ch,
                              m)) {
-        at::Tensor da = mat(dp.data() + (p_have - pn_lo) * hid_row, m, d.Ch);
+        at::Tensor da = mat(dp.get() + (p_have - pn_lo) * hid_row, m, d.Ch);
         at::mm_out(da, mat(g + p_have * d.W * d.Co, m, d.Co), w2);
       }
       for (int64_t q = p_have; q < pn_hi; ++q) {
-        const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
+        const scalar_t* hm = h.get() + (q - hn_lo) * hid_row;
         const auto [up, down] = neighbours(d, q, hm, hid_row);
-        dw_row<Bytes, false>(up, hm, down, wt.wdw.data(), wt.bdw.data(), pre.data(), d.W, d.Ch);
-        gelu_backward_row<Bytes>(pre.data(), dp.data() + (q - pn_lo) * hid_row,
-                                 q >= s0 ? act.data() + (q - s0) * hid_row : nullptr, hid_row);
+        dw_row<Bytes, false>(up, hm, down, wt.wdw.data(), wt.bdw.data(), pre.get(), d.W, d.Ch);
+        gelu_backward_row<Bytes>(pre.get(), dp.get() + (q - pn_lo) * hid_row,
+                                 q >= s0 ? act.get() + (q - s0) * hid_row : nullptr, hid_row);
       }
     }
     // The step's rows join the stage (flushed first if they do not follow its rows or do not fit).
@@ -418,11 +432,11 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
     }
     if (st.count == 0) st.row0 = s0;
     scalar_t* dh = st.dh.data() + st.count * hid_row;
-    std::memcpy(st.act.data() + st.count * hid_row, act.data(), (s1 - s0) * hid_row * sizeof(scalar_t));
+    std::memcpy(st.act.data() + st.count * hid_row, act.get(), (s1 - s0) * hid_row * sizeof(scalar_t));
     st.count += s1 - s0;
     for (int64_t q = s0; q < s1; ++q) {
-      const scalar_t* hm = h.data() + (q - hn_lo) * hid_row;
-      const scalar_t* pm = dp.data() + (q - pn_lo) * hid_row;
+      const scalar_t* hm = h.get() + (q - hn_lo) * hid_row;
+      const scalar_t* pm = dp.get() + (q - pn_lo) * hid_row;
       const auto [h_up, h_down] = neighbours(d, q, hm, hid_row);
       const auto [p_up, p_down] = neighbours(d, q, pm, hid_row);
       dw_weight_grad_row<Bytes>(h_up, hm, h_down, pm, gr.wdw, gr.bdw, d.W, d.Ch);
