@@ -11,7 +11,9 @@
 //
 // Layout: input, residual and output are NCHW tensors in channels_last memory (NHWC), so the rows of one step are
 // one contiguous (rows * W, C) matrix and the two 1x1 convs are plain matrix products, done by ATen's BLAS (at::mm)
-// on views of the task's buffers. The depthwise conv and GELU are vector loops over channels.
+// on views of the task's buffers, or in float32 on AVX-512 by cpu_small_gemm.h's kernel (from 1024 pixels a call, or
+// at any size with the weights packed before: fc1_packed / fc2_packed). The depthwise conv and GELU are vector loops
+// over channels.
 //
 // Numerics: the same operations as the unfused module in the same precision; only the summation order (BLAS
 // blocking, the 9 taps) and the float erf differ, so results agree with it to float rounding (tests compare both

@@ -1,6 +1,7 @@
 // Register-blocked matrix product for the narrow products inside the fused CPU kernels: out (m, n) = a (m, k) @
 // b (k, n) [+ bias], with n at most four vectors wide (strip_offsets_cpu.cpp: the offset Linear's forward, and its
-// input gradient in the backward), or panel by panel for wider n (conv_mlp_cpu.cpp: the MLP's 1x1 convs).
+// input gradient in the backward), or panel by panel for wider n (conv_mlp_cpu.cpp: the MLP's 1x1 convs;
+// pointwise_cpu.cpp: 1x1 convs whose weight was packed before, by ops_dscn::pack_weight).
 //
 // Why not ATen's BLAS: a DSCN layer's offset Linear maps C = 32-64 channels to G * K' = 11-60 offsets, and a fused
 // task multiplies blocks of 256 pixels. MKL took 18 us for a (256, 32) @ (32, 11) block on an AMD EPYC (Zen 4) core,

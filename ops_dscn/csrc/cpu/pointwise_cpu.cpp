@@ -9,7 +9,8 @@
 // Why: run as separate operators, the bias (addmm copies it into the output first), the GELU, the gate product and
 // the residual sum are one more pass over the output each, and each pass a dispatched operator. On one image that
 // overhead was most of their cost. Here threads take blocks of rows (pixels); each block's product goes into the
-// output by ATen's BLAS (at::mm_out), and the epilogue runs over the block while it is still in cache.
+// output by ATen's BLAS (at::mm_out), or, with a weight packed before (ops_dscn::pack_weight, float32 on AVX-512), by
+// cpu_small_gemm.h's register-blocked kernel, and the epilogue runs over the block while it is still in cache.
 //
 // Numerics: the same operations in the same precision as the unfused operators; only the product's summation order
 // (BLAS blocking) and the float erf (cpu_gelu.h) differ, so results agree with them to float rounding.
