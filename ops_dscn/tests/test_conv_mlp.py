@@ -142,7 +142,21 @@ def _bad_cases():
     yield (x, w1, b1, wd, bd, w2, b2, res.double()), "residual dtype must equal input dtype float32; got float64"
 
 
-@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[1][:30])
+def _bad_packed_cases():
+    args, res = make(2, 8, 5, 6, 4)
+    p1, p2 = ops_dscn.pack_weight(args[1]), ops_dscn.pack_weight(args[5])
+    yield (*args, res, p1, None), "fc1_packed and fc2_packed must be given together; got only fc1_packed"
+    yield (*args, res, None, p2), "fc1_packed and fc2_packed must be given together; got only fc2_packed"
+    yield (*args, res, p2, p1), r"fc1_packed must have shape \(256,\), the packed form of a \(32, 8\) weight " \
+        r"\(ops_dscn.pack_weight\); got \[512\]"
+    yield (*args, res, p1, p2[:-16]), r"fc2_packed must have shape \(512,\), the packed form of a \(8, 32\) " \
+        r"weight \(ops_dscn.pack_weight\); got \[496\]"
+    yield (*args, res, p1.double(), p2), "fc1_packed dtype must be float32; got float64"
+    yield (*[a.double() for a in args], res.double(), p1, p2), \
+        r"fc1_packed \(packed weights\) needs a float32 input; got float64"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()) + list(_bad_packed_cases()), ids=lambda c: c[1][:30])
 def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
     args, match = case
     with pytest.raises(ValueError, match=match):
@@ -330,31 +344,6 @@ def test_packed_weights_gradients_opcheck_and_compile():
     fn = torch.compile(lambda *a: conv_mlp(*a, res, fc1_packed=p1, fc2_packed=p2), fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(fn(*args), conv_mlp_reference(*args, res), atol=2e-5, rtol=1e-5)
-
-
-def _bad_packed_cases():
-    args, res = make(2, 8, 5, 6, 4)
-    p1, p2 = ops_dscn.pack_weight(args[1]), ops_dscn.pack_weight(args[5])
-    yield (*args, res, p1, None), "fc1_packed and fc2_packed must be given together; got only fc1_packed"
-    yield (*args, res, None, p2), "fc1_packed and fc2_packed must be given together; got only fc2_packed"
-    yield (*args, res, p2, p1), r"fc1_packed must have shape \(256,\), the packed form of a \(32, 8\) weight " \
-        r"\(ops_dscn.pack_weight\); got \[512\]"
-    yield (*args, res, p1, p2[:-16]), r"fc2_packed must have shape \(512,\), the packed form of a \(8, 32\) " \
-        r"weight \(ops_dscn.pack_weight\); got \[496\]"
-    yield (*args, res, p1.double(), p2), "fc1_packed dtype must be float32; got float64"
-    yield (*[a.double() for a in args], res.double(), p1, p2), \
-        r"fc1_packed \(packed weights\) needs a float32 input; got float64"
-
-
-@pytest.mark.parametrize("case", list(_bad_packed_cases()), ids=lambda c: c[1][:40])
-def test_bad_packed_weights_are_named_alike_by_kernel_and_fake_kernel(case):
-    args, match = case
-    with pytest.raises(ValueError, match=match):
-        torch.ops.ops_dscn.conv_mlp(*args)
-    with FakeTensorMode() as mode:
-        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with pytest.raises(ValueError, match=match):
-            torch.ops.ops_dscn.conv_mlp(*fake)
 
 
 def test_torch_compile_fullgraph():

@@ -199,28 +199,6 @@ def test_packed_weight_gradients_and_compile():
         torch.testing.assert_close(fn(args[0], args[1]), pointwise_conv_reference(*args), atol=1e-5, rtol=1e-5)
 
 
-def _bad_packed_cases():
-    x, w, b, _, _, _, _ = make(2, 8, 6, 3, 4, EPILOGUES[0], dtype=torch.float32)
-    p = ops_dscn.pack_weight(w)
-    yield (x, w, b, True, None, None, None, p[:-1]), \
-        r"packed must have shape \(128,\), the packed form of a \(6, 8\) weight \(ops_dscn.pack_weight\); got \[127\]"
-    yield (x, w, b, True, None, None, None, p.double()), "packed dtype must be float32; got float64"
-    yield (x, w, b, True, None, None, None, torch.stack([p, p], 1)[:, 0]), "packed must be contiguous; got strides"
-    yield (x.double(), w.double(), b.double(), True, None, None, None, p), \
-        r"packed \(packed weights\) needs a float32 input; got float64"
-
-
-@pytest.mark.parametrize("case", list(_bad_packed_cases()), ids=lambda c: c[1][:40])
-def test_bad_packed_weight_is_named_alike_by_kernel_and_fake_kernel(case):
-    args, match = case
-    with pytest.raises(ValueError, match=match):
-        torch.ops.ops_dscn.pointwise_conv(*args)
-    with FakeTensorMode() as mode:
-        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with pytest.raises(ValueError, match=match):
-            torch.ops.ops_dscn.pointwise_conv(*fake)
-
-
 @pytest.mark.parametrize("weight,match", [
     (torch.zeros(4, 3, 2, 1), r"weight must have shape \(C_out, C, 1, 1\) or \(C_out, C\); got \[4, 3, 2, 1\]"),
     (torch.zeros(4, 3, dtype=torch.float64), "weight dtype must be float32; got float64")])
@@ -253,7 +231,18 @@ def _bad_cases():
     yield (x, w, b, False, None, res, scale.double()), "residual_scale dtype must equal input dtype float32"
 
 
-@pytest.mark.parametrize("case", list(_bad_cases()), ids=lambda c: c[1][:40])
+def _bad_packed_cases():
+    x, w, b, _, _, _, _ = make(2, 8, 6, 3, 4, EPILOGUES[0], dtype=torch.float32)
+    p = ops_dscn.pack_weight(w)
+    yield (x, w, b, True, None, None, None, p[:-1]), \
+        r"packed must have shape \(128,\), the packed form of a \(6, 8\) weight \(ops_dscn.pack_weight\); got \[127\]"
+    yield (x, w, b, True, None, None, None, p.double()), "packed dtype must be float32; got float64"
+    yield (x, w, b, True, None, None, None, torch.stack([p, p], 1)[:, 0]), "packed must be contiguous; got strides"
+    yield (x.double(), w.double(), b.double(), True, None, None, None, p), \
+        r"packed \(packed weights\) needs a float32 input; got float64"
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()) + list(_bad_packed_cases()), ids=lambda c: c[1][:40])
 def test_bad_input_is_named_alike_by_kernel_and_fake_kernel(case):
     args, match = case
     with pytest.raises(ValueError, match=match):
