@@ -677,6 +677,8 @@ class Block(nn.Module):
         `norm1` and `norm2` become `nn.Identity`, the layer scales None, and `forward` takes the fused path (drop
         path still wraps each branch). The result equals the eval-mode output up to float rounding. Called on
         every block by `DSAN.reparameterize` and by `timm.utils.reparameterize_model`; a second call does nothing.
+        The five folded 1x1 weights are also kept packed for the CPU kernels (`Mlp.pack_weights`,
+        `PointwiseConv2d.pack_weight`; non-persistent buffers, so the state_dict is unchanged).
 
         Raises:
             RuntimeError: The block is in training mode (the BatchNorms would use batch statistics).
