@@ -9,6 +9,7 @@ from conftest import BACKEND
 import ops_dscn
 from dsan.models import DSAN, Block, OverlapPatchEmbed
 from dsan.models.dsan import Mlp
+from ops_dscn.modules import DSCNX
 
 SMALL = dict(depths=(1, 1, 1, 1))
 
@@ -489,8 +490,11 @@ def test_reparameterize_packs_the_1x1_weights_for_the_kernels(monkeypatch):
     assert keys == set(layers.state_dict()) and not [k for k in keys if 'packed' in k]
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     assert all(m.fc1_packed is not None and m.fc2_packed is not None for m in mlps)
+    dscn_x = [m for m in model.modules() if isinstance(m, DSCNX)]
+    assert len(dscn_x) == 4 and all(m.input_proj_packed is not None for m in dscn_x)
     calls = packed_calls(model, x)
-    assert calls == {'conv_mlp': [True] * 4, 'pointwise_conv': [True] * 12}
+    # Per block: proj_1, the gating conv and proj_2 (PointwiseConv2d), and DSCNX's input projection.
+    assert calls == {'conv_mlp': [True] * 4, 'pointwise_conv': [True] * 16}
 
     def check():
         with torch.no_grad():
@@ -501,6 +505,7 @@ def test_reparameterize_packs_the_1x1_weights_for_the_kernels(monkeypatch):
         for m in (model, layers):
             m.block4[0].mlp.fc2.weight.mul_(-2.)
             m.block3[0].attn.proj_2.weight.add_(0.5)
+            m.block1[0].attn.spatial_gating_unit.dscn_x.input_proj.weight.mul_(0.5)
     check()
     for m in (model, layers):  # replaced
         m.block2[0].mlp.fc1.weight = nn.Parameter(torch.randn_like(m.block2[0].mlp.fc1.weight) * 0.1)

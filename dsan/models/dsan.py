@@ -216,41 +216,6 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
-def _weight_key(w: torch.Tensor) -> tuple[int, int | None]:
-    """What identifies a weight's values between calls: its memory and its version counter (bumped by every in-place
-    change through PyTorch; inference tensors, which have none, by their memory only)."""
-    return w.data_ptr(), None if w.is_inference() else w._version
-
-
-def _pack_conv_weight(owner: nn.Module, name: str, conv: nn.Conv2d) -> None:
-    """Store ``ops_dscn.pack_weight(conv.weight)`` as `owner`'s non-persistent buffer `name` (None where the packed
-    form does not apply: not a CPU float32 weight, or an extension built without it). For inference only (see
-    `_packed_weight`); the state_dict is unchanged."""
-    w = conv.weight
-    packed = ops_dscn.pack_weight(w) if ops_dscn.pack_weight_available(w) else None
-    owner.register_buffer(name, packed, persistent=False)
-    owner._packed_keys[name] = _weight_key(w)
-
-
-def _packed_weight(owner: nn.Module, name: str, conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
-    """`owner`'s buffer `name`, `conv.weight` packed by `_pack_conv_weight`, for a call on `x` that needs no gradient
-    of the weight; None where there is none or it does not apply.
-
-    In eager mode a buffer packed from other values (the weight changed in place, was replaced, or the module was
-    copied) is packed again first. Compiled code takes the buffer as it is: as with inductor's freezing, a
-    reparameterized model is a snapshot for inference.
-    """
-    packed = getattr(owner, name)
-    w = conv.weight
-    if (packed is None or x.dtype != torch.float32 or packed.dtype != torch.float32 or packed.device != x.device
-            or (torch.is_grad_enabled() and w.requires_grad)):
-        return None
-    if not torch.compiler.is_compiling() and owner._packed_keys.get(name) != _weight_key(w):
-        _pack_conv_weight(owner, name, conv)
-        packed = getattr(owner, name)
-    return packed
-
-
 class PointwiseConv2d(nn.Conv2d):
     """1x1 ``nn.Conv2d`` (same parameters, names and results) that runs single-image inference as a matrix product.
 
@@ -278,17 +243,16 @@ class PointwiseConv2d(nn.Conv2d):
         super().__init__(*args, **kwargs)
         # The weight packed for the kernel's product (`pack_weight`), or None; not in the state_dict.
         self.register_buffer('packed_weight', None, persistent=False)
-        self._packed_keys: dict[str, tuple[int, int | None]] = {}
 
     def pack_weight(self) -> None:
         """Keep the weight packed for `ops_dscn.pointwise_conv` (``ops_dscn.pack_weight``), for inference.
 
         The kernel then reads it instead of packing the weight (or leaving the product to the BLAS, which repacks
         it) on every call: 1.1-1.5x faster for DSAN-T's attention convs at batch 1 and 1.2-1.35x at batch 32 (2
-        threads, AVX-512). Called by `Block.reparameterize`. See `_packed_weight` for when the packed copy is used
-        and refreshed.
+        threads, AVX-512). Called by `Block.reparameterize`. See `ops_dscn.kept_packed_weight` for when the packed
+        copy is used and refreshed.
         """
-        _pack_conv_weight(self, 'packed_weight', self)
+        ops_dscn.keep_packed_weight(self, 'packed_weight', self.weight)
 
     def _use_epilogue_kernel(self, x: torch.Tensor, *operands: torch.Tensor | None, packed: bool = False) -> bool:
         # float64 keeps the layer-by-layer path (the reference model's numbers); no kernel under gradients (its
@@ -327,7 +291,7 @@ class PointwiseConv2d(nn.Conv2d):
             (N, C_out, H, W).
         """
         weight, bias = (self.weight, self.bias) if weights is None else weights
-        packed = _packed_weight(self, 'packed_weight', self, x) if weights is None else None
+        packed = ops_dscn.kept_packed_weight(self, 'packed_weight', self.weight, x) if weights is None else None
         if self._use_epilogue_kernel(x, gate, residual, residual_scale, packed=packed is not None):
             return ops_dscn.pointwise_conv(x, weight, bias, gelu, gate, residual, residual_scale, packed=packed)
         y = self(x) if weights is None else F.conv2d(x, weight, bias)
@@ -405,7 +369,6 @@ class Mlp(nn.Module):
         # fc1's and fc2's weights packed for the fused kernel (`pack_weights`), or None; not in the state_dict.
         self.register_buffer('fc1_packed', None, persistent=False)
         self.register_buffer('fc2_packed', None, persistent=False)
-        self._packed_keys: dict[str, tuple[int, int | None]] = {}
 
     def pack_weights(self) -> None:
         """Keep fc1's and fc2's weights packed for `ops_dscn.conv_mlp` (``ops_dscn.pack_weight``), for inference.
@@ -413,10 +376,10 @@ class Mlp(nn.Module):
         The kernel otherwise copies them on every call, or (below 1024 pixels a call, where that copy did not pay)
         leaves its products to the BLAS, which repacks them: with the packed weights the MLP ran 1.2-1.35x as fast
         on DSAN-T's 28x28, 14x14 and 7x7 maps at batch 1 (2 threads, AVX-512). Called by `Block.reparameterize`.
-        See `_packed_weight` for when the packed copies are used and refreshed.
+        See `ops_dscn.kept_packed_weight` for when the packed copies are used and refreshed.
         """
-        _pack_conv_weight(self, 'fc1_packed', self.fc1)
-        _pack_conv_weight(self, 'fc2_packed', self.fc2)
+        ops_dscn.keep_packed_weight(self, 'fc1_packed', self.fc1.weight)
+        ops_dscn.keep_packed_weight(self, 'fc2_packed', self.fc2.weight)
 
     # Least H * W at which the fused kernel runs when gradients are needed. It works image by image, and on small
     # maps (DSAN-T stages 3-4 at 224: 14x14, 7x7) its matrix products are too small: there the layers were 1.0-1.25x
@@ -451,8 +414,8 @@ class Mlp(nn.Module):
             dw = self.dwconv.dwconv
             p1 = p2 = None
             if weights is None:
-                p1 = _packed_weight(self, 'fc1_packed', self.fc1, x)
-                p2 = _packed_weight(self, 'fc2_packed', self.fc2, x)
+                p1 = ops_dscn.kept_packed_weight(self, 'fc1_packed', self.fc1.weight, x)
+                p2 = ops_dscn.kept_packed_weight(self, 'fc2_packed', self.fc2.weight, x)
                 if p1 is None or p2 is None:
                     p1 = p2 = None
             return ops_dscn.conv_mlp(x, fc1_w, fc1_b, dw.weight, dw.bias, fc2_w, fc2_b, residual, backend='cpp',
@@ -677,8 +640,9 @@ class Block(nn.Module):
         `norm1` and `norm2` become `nn.Identity`, the layer scales None, and `forward` takes the fused path (drop
         path still wraps each branch). The result equals the eval-mode output up to float rounding. Called on
         every block by `DSAN.reparameterize` and by `timm.utils.reparameterize_model`; a second call does nothing.
-        The five folded 1x1 weights are also kept packed for the CPU kernels (`Mlp.pack_weights`,
-        `PointwiseConv2d.pack_weight`; non-persistent buffers, so the state_dict is unchanged).
+        The five folded 1x1 weights and the DSCNX input projection's weight are also kept packed for the CPU
+        kernels (`Mlp.pack_weights`, `PointwiseConv2d.pack_weight`, `DSCNX.pack_weights`; non-persistent buffers,
+        so the state_dict is unchanged).
 
         Raises:
             RuntimeError: The block is in training mode (the BatchNorms would use batch statistics).
@@ -699,6 +663,7 @@ class Block(nn.Module):
         for conv in (self.attn.proj_1, self.attn.spatial_gating_unit.conv, self.attn.proj_2):
             if isinstance(conv, PointwiseConv2d):
                 conv.pack_weight()
+        self.attn.spatial_gating_unit.dscn_x.pack_weights()
         if isinstance(self.mlp, Mlp):
             self.mlp.pack_weights()
         self.norm1 = nn.Identity().eval()  # in the model's (eval) mode, as what it replaces

@@ -33,6 +33,8 @@ from .functional import (
     resolve_backend,
 )
 from .pointwise import (
+    keep_packed_weight,
+    kept_packed_weight,
     pack_weight,
     pack_weight_available,
     pointwise_conv,
@@ -49,4 +51,5 @@ __all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "c
            "dscn_strip", "extension_available", "extension_error", "gelu", "gelu_available", "resolve_backend",
            "check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference",
            "dw_conv2d", "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference",
-           "dw_conv_weight_grad", "dw_conv_weight_grad_reference", "pack_weight", "pack_weight_available"]
+           "dw_conv_weight_grad", "dw_conv_weight_grad_reference", "pack_weight", "pack_weight_available",
+           "keep_packed_weight", "kept_packed_weight"]

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel, _use_kernel, check_packed, packed_size
 from .functional import _dtype_name, _shape
 
-__all__ = ["pack_weight", "pack_weight_available", "pointwise_conv", "pointwise_conv_available",
-           "pointwise_conv_reference"]
+__all__ = ["keep_packed_weight", "kept_packed_weight", "pack_weight", "pack_weight_available", "pointwise_conv",
+           "pointwise_conv_available", "pointwise_conv_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("pointwise_conv")
 _PACK_KERNEL = _has_cpu_kernel("pack_weight")
@@ -50,6 +50,47 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     if not _PACK_KERNEL:
         raise RuntimeError("pack_weight: ops_dscn was built without the kernel (rebuild ops_dscn)")
     return torch.ops.ops_dscn.pack_weight(weight.detach())
+
+
+def _weight_key(weight: torch.Tensor) -> tuple[int, int | None]:
+    """What identifies a weight's values between calls: its memory and its version counter (bumped by every in-place
+    change through PyTorch; inference tensors, which have none, by their memory only)."""
+    return weight.data_ptr(), None if weight.is_inference() else weight._version
+
+
+def keep_packed_weight(owner: torch.nn.Module, name: str, weight: torch.Tensor) -> None:
+    """Store ``pack_weight(weight)`` as `owner`'s non-persistent buffer `name`, for inference.
+
+    None is stored where packing does not apply (not a CPU float32 weight, or an extension built without the
+    kernel). The buffer is not in the state_dict; :func:`kept_packed_weight` reads it back.
+
+    Args:
+        owner: The module that uses `weight`.
+        name: Buffer name.
+        weight: (C_out, C, 1, 1) or (C_out, C).
+    """
+    packed = pack_weight(weight) if pack_weight_available(weight) else None
+    owner.register_buffer(name, packed, persistent=False)
+    owner.__dict__.setdefault("_packed_keys", {})[name] = _weight_key(weight)
+
+
+def kept_packed_weight(owner: torch.nn.Module, name: str, weight: torch.Tensor,
+                       input: torch.Tensor) -> torch.Tensor | None:
+    """`owner`'s buffer `name` (`weight` packed by :func:`keep_packed_weight`) for a call on `input` that needs no
+    gradient of `weight`; None where there is none or it does not apply (a float64 input, another device, gradients).
+
+    In eager mode a buffer packed from other values (the weight changed in place, was replaced, or the module was
+    copied) is packed again first. Compiled code takes the buffer as it is: as with inductor's freezing, a module with
+    packed weights is a snapshot for inference.
+    """
+    packed = getattr(owner, name, None)
+    if (packed is None or input.dtype != torch.float32 or packed.dtype != torch.float32
+            or packed.device != input.device or (torch.is_grad_enabled() and weight.requires_grad)):
+        return None
+    if not torch.compiler.is_compiling() and owner.__dict__.get("_packed_keys", {}).get(name) != _weight_key(weight):
+        keep_packed_weight(owner, name, weight)
+        packed = getattr(owner, name)
+    return packed
 
 
 def pointwise_conv_available(input: torch.Tensor) -> bool:

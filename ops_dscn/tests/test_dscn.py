@@ -845,6 +845,107 @@ def test_autocast_cpu(backend):
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
 
 
+class _PointwiseCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, per call of ops_dscn::pointwise_conv under this mode, whether it got a packed weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.packed = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.ops_dscn.pointwise_conv.default:
+            self.packed.append(kwargs.get("packed", args[7] if len(args) > 7 else None) is not None)
+        return func(*args, **kwargs)
+
+
+needs_pack = pytest.mark.skipif(not (ops_dscn.pack_weight_available(torch.empty(0))
+                                     and ops_dscn.pointwise_conv_available(torch.empty(0))),
+                                reason="ops_dscn built without pack_weight / pointwise_conv")
+
+
+def _packed_dscnx():
+    torch.manual_seed(0)
+    m = DSCNX(32, kernel_size=7, pad=3, group=4, backend="cpp").eval()
+    torch.nn.init.normal_(m.offset.weight, std=0.5)
+    torch.nn.init.normal_(m.input_proj.bias)
+    x = torch.randn(2, 9, 10, 32).contiguous()
+    src = torch.randn(2, 32, 9, 10).contiguous(memory_format=torch.channels_last)
+    return m, x, src
+
+
+def _forward64(m, x, src):
+    """The module's output in float64 on a copy whose projection is the plain ``nn.Linear`` (no packed weight)."""
+    m64 = DSCNX(32, kernel_size=7, pad=3, group=4, backend="pytorch").double().eval()
+    m64.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        return m64(x.double(), src.double())
+
+
+@needs_pack
+def test_dscnx_packed_projection_matches_float64_and_follows_the_weight():
+    """`DSCNX.pack_weights`: not in the state_dict; in float32 inference the projection runs as pointwise_conv on the
+    packed weight, gives the float64 Linear's output, and is packed again when the weight changes in place."""
+    m, x, src = _packed_dscnx()
+    keys = set(m.state_dict())
+    with torch.no_grad(), _PointwiseCalls() as calls:
+        plain = m(x, src)
+    assert calls.packed == [] and m.input_proj_packed is None  # nothing packed yet: the nn.Linear runs
+    m.pack_weights()
+    assert set(m.state_dict()) == keys and m.input_proj_packed is not None
+    with torch.no_grad(), _PointwiseCalls() as calls:
+        out = m(x, src)
+    assert calls.packed == [True]
+    assert out.shape == (2, 9, 10, 32) and out.is_contiguous()
+    torch.testing.assert_close(out.double(), _forward64(m, x, src), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out, plain, atol=2e-5, rtol=2e-5)
+    with torch.no_grad():
+        m.input_proj.weight.mul_(-1.5)  # the version counter moves: the next call packs again
+        changed = m(x, src)
+    assert (changed - out).abs().max() > 0.1
+    torch.testing.assert_close(changed.double(), _forward64(m, x, src), atol=2e-5, rtol=2e-5)
+
+
+@needs_pack
+def test_dscnx_packed_projection_steps_aside_for_gradients_backend_and_dtype():
+    """With gradients, the 'pytorch' backend or float64 the nn.Linear runs (same outputs and gradients)."""
+    m, x, src = _packed_dscnx()
+    m.pack_weights()
+    xg = x.clone().requires_grad_(True)
+    with _PointwiseCalls() as calls:
+        out = m(xg, src)
+        (out * out).sum().backward()
+    assert calls.packed == [] and m.input_proj.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out.detach().double(), _forward64(m, x, src), atol=2e-5, rtol=2e-5)
+    m.backend = "pytorch"
+    with torch.no_grad(), _PointwiseCalls() as calls:
+        m(x, src)
+    assert calls.packed == []
+    m.backend = "cpp"
+    m.double()  # the buffer follows the module's dtype; float64 keeps the Linear
+    with torch.no_grad(), _PointwiseCalls() as calls:
+        out64 = m(x.double(), src.double())
+    assert calls.packed == []
+    torch.testing.assert_close(out64, _forward64(m, x, src), atol=1e-12, rtol=1e-12)
+
+
+@needs_pack
+def test_dscnx_packed_projection_compiles_and_exports():
+    m, x, src = _packed_dscnx()
+    m.pack_weights()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        expected = m(x, src)
+        compiled = torch.compile(m, fullgraph=True)
+        torch.testing.assert_close(compiled(x, src), expected, atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        ep = torch.export.export(m, (x, src))
+    assert any(n.target is torch.ops.ops_dscn.pointwise_conv.default for n in ep.graph.nodes)
+    with torch.no_grad():
+        torch.testing.assert_close(ep.module()(x, src), expected, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 

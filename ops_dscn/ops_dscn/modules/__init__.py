@@ -5,6 +5,7 @@ from torch import nn
 
 from ..depthwise import DepthwiseConv2d
 from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
+from ..pointwise import keep_packed_weight, kept_packed_weight, pointwise_conv, pointwise_conv_available
 from ..strip_offsets import strip_offsets_available
 
 __all__ = ["DSCNX", "DSCNY", "ToChannelsFirst", "ToChannelsLast"]
@@ -160,6 +161,8 @@ class DSCNX(_DSCNStrip):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_proj = nn.Linear(self.channels, self.channels)
+        # input_proj's weight packed for ops_dscn.pointwise_conv (`pack_weights`), or None; not in the state_dict.
+        self.register_buffer("input_proj_packed", None, persistent=False)
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -167,9 +170,30 @@ class DSCNX(_DSCNStrip):
         nn.init.xavier_uniform_(self.input_proj.weight)
         nn.init.zeros_(self.input_proj.bias)
 
+    def pack_weights(self) -> None:
+        """Keep input_proj's weight packed (:func:`~ops_dscn.pack_weight`) for CPU float32 inference.
+
+        The projection then runs as :func:`~ops_dscn.pointwise_conv` with the bias fused, reading the packed weight,
+        where ``nn.Linear`` leaves it to the BLAS, which repacks the weight on every call (and, in a graph frozen by
+        inductor, adds the bias in a pass of its own). For inference only: with gradients, float64, autocast,
+        torch.jit tracing or the 'pytorch' backend the ``nn.Linear`` runs. See :func:`~ops_dscn.kept_packed_weight`
+        for when the packed copy is used and refreshed.
+        """
+        keep_packed_weight(self, "input_proj_packed", self.input_proj.weight)
+
+    def _project(self, input: torch.Tensor) -> torch.Tensor:
+        proj = self.input_proj
+        packed = kept_packed_weight(self, "input_proj_packed", proj.weight, input)
+        if (packed is None or self.backend == "pytorch" or (torch.is_grad_enabled() and input.requires_grad)
+                or torch.jit.is_tracing() or torch.is_autocast_enabled(input.device.type)
+                or not pointwise_conv_available(input) or input.dim() != 4):
+            return proj(input)
+        # (N, H, W, C) -> (N, C, H, W) is a view of the same memory (channels_last), and back.
+        return pointwise_conv(input.permute(0, 3, 1, 2), proj.weight, proj.bias, packed=packed).permute(0, 2, 3, 1)
+
     def forward(self, input: torch.Tensor, off_x: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H, W_out, C)."""
-        return self._strip(self.input_proj(input), self._offsets(off_x))
+        return self._strip(self._project(input), self._offsets(off_x))
 
 
 class DSCNY(_DSCNStrip):
