@@ -188,6 +188,9 @@ def check_args(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad
     if input.dim() != 4:
         raise ValueError(f"dscn: input must be 4-D (N, H, W, C) channels-last; got {input.dim()}-D with shape "
                          f"{_shape(input)}")
+    if input.shape[1] < 1 or input.shape[2] < 1:
+        # An empty image has no pixels to pad (as for torch's convolutions): only the batch may be empty.
+        raise ValueError(f"dscn: input must have H >= 1 and W >= 1 (only N may be 0); got shape {_shape(input)}")
     if offset.dim() != 4:
         raise ValueError(f"dscn: offset must be 4-D (N, H_out, W_out, group * K'); got {offset.dim()}-D with shape "
                          f"{_shape(offset)}")

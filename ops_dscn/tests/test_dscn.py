@@ -437,6 +437,20 @@ def test_empty_batch(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("hw", [(0, 5), (4, 0), (0, 0)])
+def test_empty_image_is_rejected(backend, axis, hw):
+    """An image with no pixels is refused with a named error even where the padding would give outputs (a 0-wide
+    x-strip padded by 2 has 2 outputs per row): as torch's convolutions do, only the batch may be empty."""
+    h, w = hw
+    x = torch.randn(2, h, w, 32, requires_grad=True)
+    off = torch.randn(2, max(h, 1) + 2, max(w, 1) + 2, 3)
+    with pytest.raises(ValueError, match=rf"input must have H >= 1 and W >= 1 \(only N may be 0\); got shape "
+                                         rf"\[2, {h}, {w}, 32\]"):
+        dscn(x, off, 3, pad=2, group=1, axis=axis, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "x_shape,off_shape,kwargs,match",
     [
@@ -478,6 +492,10 @@ _REJECTED = [
     ((1, 4, 4, 8), (1, 4, 4, 5), torch.float32, (1, 5, 1, 2, 0, 0, 1, 1, 1, 8, 1.0, False, True),
      r"at least 1x1; got \(H_out, W_out\) = \(4, 0\)"),
     ((1, 3, 5, 8), (1, 3, 5, 3), torch.float32, (1, 3, 1, 1, 0, 1, 1, 1, 1, 8, 1.0, False, True), None),  # valid
+    ((1, 3, 0, 8), (1, 3, 2, 3), torch.float32, (1, 3, 1, 1, 0, 2, 1, 1, 1, 8, 1.0, False, True),
+     r"input must have H >= 1 and W >= 1 \(only N may be 0\); got shape \[1, 3, 0, 8\]"),  # used to crash the CPU op
+    ((1, 0, 5, 8), (1, 2, 5, 3), torch.float32, (3, 1, 1, 1, 2, 0, 1, 1, 1, 8, 1.0, False, False),
+     r"input must have H >= 1 and W >= 1 \(only N may be 0\); got shape \[1, 0, 5, 8\]"),
     ((1, 3, 5, 8), (1, 3, 5, 3), torch.float8_e4m3fn, (1, 3, 1, 1, 0, 1, 1, 1, 1, 8, 1.0, False, True),
      r"input dtype must be one of float64, float32, float16, bfloat16; got float8_e4m3fn"),
     ((1, 3, 5, 8), (1, 3, 5, 3), torch.int64, (1, 3, 1, 1, 0, 1, 1, 1, 1, 8, 1.0, False, True),

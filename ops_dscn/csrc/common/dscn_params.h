@@ -73,6 +73,9 @@ inline DSCNParams make_params(const at::Tensor& input, const at::Tensor& offset,
                               bool remove_center, bool on_x) {
   TORCH_CHECK_VALUE(input.dim() == 4, "dscn: input must be 4-D (N, H, W, C) channels-last; got ", input.dim(),
                     "-D with shape ", input.sizes());
+  // An empty image has no pixels to pad (as for torch's convolutions): only the batch may be empty.
+  TORCH_CHECK_VALUE(input.size(1) >= 1 && input.size(2) >= 1,
+                    "dscn: input must have H >= 1 and W >= 1 (only N may be 0); got shape ", input.sizes());
   TORCH_CHECK_VALUE(offset.dim() == 4, "dscn: offset must be 4-D (N, H_out, W_out, group * K'); got ", offset.dim(),
                     "-D with shape ", offset.sizes());
   TORCH_CHECK_VALUE(input.device() == offset.device(),

@@ -122,7 +122,8 @@ DSCN_TARGET_AVX512 __attribute__((noinline)) int64_t fill_pair_avx512(
     const __m512 hw = _mm512_maskz_mov_ps(inside, _mm512_sub_ps(vone, l));
     _mm512_storeu_ps(w0 + i, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~top), hw), below, lw));
     _mm512_storeu_ps(w1 + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_mask_mov_ps(lw, top, hw)));
-    const __m512i pair = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~below), _mm512_mask_sub_epi32(lo, top, lo, ione));
+    const __m512i pair =
+        _mm512_maskz_mov_epi32(static_cast<__mmask16>(~below), _mm512_mask_sub_epi32(lo, top, lo, ione));
     _mm512_storeu_si512(i0 + i, _mm512_mullo_epi32(pair, istep));
   }
   return i;
@@ -451,7 +452,8 @@ DSCN_INLINE void weighted_sum(const scalar_t* __restrict__ x, const idx_t* i0, c
     // Up to four vectors of channels per pass, so the tap table is read once per pass. A group that is not a whole
     // number of vectors ends with a vector overlapping the one before, in the same pass (20 channels = vectors at 0
     // and 4: DSAN-T/S stage 3 on AVX-512), rather than in a pass of narrower vectors that reads the table again.
-    for (; c0 + 4 * L <= n; c0 += 4 * L) weighted_sum_groups<Form, 1, 4, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step, 0, 3 * L);
+    for (; c0 + 4 * L <= n; c0 += 4 * L)
+      weighted_sum_groups<Form, 1, 4, V>(x + c0, i0, i1, w0, w1, taps, out + c0, step, 0, 3 * L);
     const int64_t rest = n - c0;
     if (rest >= L) {
       const auto blk = [&](auto nv) DSCN_LAMBDA_INLINE {
@@ -714,13 +716,23 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
       if constexpr (kLerpISA) {
       const int64_t line = oo0 * p.orth_stride - p.orth_pad;
       if (oa0 == 0 && line >= 0 && line < p.orth_len) {  // first run of the row: its padded line and differences
-        const scalar_t* xr = input + n * f.in_batch + line * f.in_orth;
+        // One pass over the row writes both: dp[i] = xp[i + C] - xp[i] is taken from the row itself (the same
+        // values as reading them back from xp, which a second pass did: 4-5 % of DSAN-T stage 1's x-strip).
+        const scalar_t* __restrict__ xr = input + n * f.in_batch + line * f.in_orth;
         scalar_t* __restrict__ xp = lerp_x;
         scalar_t* __restrict__ dp = lerp_x + lerp_step;
+        const int64_t row = p.W * C;  // >= C: make_params rejects an empty image
         std::fill(xp, xp + C, scalar_t(0));
-        std::memcpy(xp + C, xr, static_cast<size_t>(p.W * C) * sizeof(scalar_t));
-        std::fill(xp + (p.W + 1) * C, xp + (p.W + 2) * C, scalar_t(0));
-        for (int64_t i = 0; i < (p.W + 1) * C; ++i) dp[i] = xp[i + C] - xp[i];
+        std::fill(xp + row + C, xp + row + 2 * C, scalar_t(0));
+        for (int64_t i = 0; i < C; ++i) {
+          xp[C + i] = xr[i];
+          dp[i] = xr[i];
+        }
+        for (int64_t i = C; i < row; ++i) {
+          xp[C + i] = xr[i];
+          dp[i] = xr[i] - xr[i - C];
+        }
+        for (int64_t i = row; i < row + C; ++i) dp[i] = scalar_t(0) - xr[i - C];  // 0 - x, as before: +0 for x = 0
       }
       tab.fill_lerp(p.geom, oa0, R, offset + pix0 * GK, scale, C * static_cast<int64_t>(sizeof(scalar_t)));
       }
