@@ -394,7 +394,10 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
       const int64_t e = m * taps + j;
       const scalar_t* pa = kPair ? byte_offset(x + m * gc, i0[e]) : x + m * gc + static_cast<int64_t>(i0[e]) * step;
       const scalar_t* pb = kPair ? byte_offset(x_up + m * gc, i0[e]) : x + m * gc + static_cast<int64_t>(i1[e]) * step;
-      const scalar_t wa = kLerp ? scalar_t(1) : w0[e], wb = w1[e];
+      // The weights are broadcast once, and the tail takes the low lanes of the same registers: written as scalar
+      // times tail vector, the compiler broadcast each weight a second time from memory, and a group of 20 channels
+      // (a full vector and a tail) then spent 7 loads a tap, not 5 (DSAN-T/S stage 3).
+      const v_t wa = V::broadcast(kLerp ? scalar_t(1) : w0[e]), wb = V::broadcast(w1[e]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
         if constexpr (kLerp) {
@@ -405,12 +408,15 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
         b[s][m][v] += wb * V::load(pb + at(v));
       }
       if constexpr (TB > 0) {
+        static_assert(TB <= static_cast<int>(sizeof(v_t)), "the tail is narrower than a vector");
+        [[maybe_unused]] const t_t wat = T::load(reinterpret_cast<const scalar_t*>(&wa));
+        const t_t wbt = T::load(reinterpret_cast<const scalar_t*>(&wb));
         if constexpr (kLerp) {
           ta[s][m] += T::load(pa + NV * L);
         } else {
-          ta[s][m] += wa * T::load(pa + NV * L);
+          ta[s][m] += wat * T::load(pa + NV * L);
         }
-        tb[s][m] += wb * T::load(pb + NV * L);
+        tb[s][m] += wbt * T::load(pb + NV * L);
       }
     }
   };
