@@ -101,6 +101,8 @@ def _check_against_reference(backend, n, h, w, gc, group, kernel, stride, pad, d
         (2, 5, 9, 4, 2, 3, 1, 1, 1, 1.0, False),
         (1, 7, 6, 3, 3, 5, 2, 3, 2, 0.5, True),
         (3, 4, 11, 20, 1, 11, 1, 5, 1, 1.0, False),  # DSAN-T stage-3 group size
+        (2, 3, 14, 20, 8, 7, 1, 3, 1, 1.0, False),  # DSAN-T stage 3 (x-strip on AVX-512: the blocked lerp line)
+        (2, 3, 13, 20, 7, 5, 2, 4, 2, 0.7, True),  # 7 groups of 20 (4 + 2 + 1 a tap loop), stride, dilation
         (2, 1, 8, 10, 2, 7, 3, 7, 3, 1.7, False),  # H = 1, pad = K
         (1, 9, 1, 5, 1, 1, 1, 0, 1, 2.0, False),  # W = 1, K = 1
     ],
@@ -331,7 +333,7 @@ def test_taps_exactly_at_the_line_ends(axis, gc, group):
 
 
 @needs_ext
-@pytest.mark.parametrize("gc, groups", [(16, 7), (20, 5), (8, 6)])
+@pytest.mark.parametrize("gc, groups", [(16, 7), (20, 7), (8, 6)])
 def test_groups_batched_in_one_loop_give_the_per_group_result(gc, groups):
     """Several groups share one tap loop in the CPU forward; each must come out bit for bit as when run alone."""
     x = torch.randn(2, 6, 9, groups * gc)
