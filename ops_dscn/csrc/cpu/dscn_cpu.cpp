@@ -343,6 +343,19 @@ DSCN_INLINE const scalar_t* byte_offset(const scalar_t* p, idx_t bytes) {
   return reinterpret_cast<const scalar_t*>(reinterpret_cast<const char*>(p) + static_cast<int64_t>(bytes));
 }
 
+// Calls tap(s, j) for the taps j = 0..taps-1 in order, s = j % S through whole rounds of S taps and 0 for the taps
+// left over: the accumulator set s that takes each tap. The channel loops' sums follow this order, so any loop that
+// must give their results bit for bit takes its taps through this too.
+template <int S, typename Fn>
+DSCN_INLINE void for_each_tap(int64_t taps, Fn& tap) {
+  int64_t j = 0;
+  for (; j + S <= taps; j += S) {
+#pragma GCC unroll 8
+    for (int s = 0; s < S; ++s) tap(s, j + s);
+  }
+  for (; j < taps; ++j) tap(0, j);
+}
+
 // Table forms of the channel loops (see weighted_sum_groups).
 constexpr int kGeneralForm = 0, kPairForm = 1, kLerpForm = 2;
 
@@ -420,12 +433,7 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
       }
     }
   };
-  int64_t j = 0;
-  for (; j + S <= taps; j += S) {
-#pragma GCC unroll 8
-    for (int s = 0; s < S; ++s) tap(s, j + s);
-  }
-  for (; j < taps; ++j) tap(0, j);
+  for_each_tap<S>(taps, tap);
 #pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
 #pragma GCC unroll 8
@@ -489,12 +497,7 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
       t[s][m] += wt * E::load(pa + 32);
     }
   };
-  int64_t j = 0;
-  for (; j + S <= taps; j += S) {
-#pragma GCC unroll 4
-    for (int s = 0; s < S; ++s) tap(s, j + s);
-  }
-  for (; j < taps; ++j) tap(0, j);
+  for_each_tap<S>(taps, tap);
 #pragma GCC unroll 4
   for (int m = 0; m < M; ++m) {
     const auto halves = [](const e_t& v) DSCN_LAMBDA_INLINE {  // xp tail + l * dp tail
