@@ -453,6 +453,14 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
 }
 
 #if DSCN_X86_DISPATCH
+// __builtin_shufflevector (clang, GCC 12+) picks vector halves and blends in registers; GCC 11 lacks it and takes
+// the fallbacks below (the same values, through memory).
+#if defined(__clang__) || __GNUC__ >= 12
+#define DSCN_HAS_SHUFFLEVECTOR 1
+#else
+#define DSCN_HAS_SHUFFLEVECTOR 0
+#endif
+
 // Floats per (pixel, group) block of the lerp form's line for 20-channel groups (see forward_task_body): xp[0:16],
 // then dp[0:16], then xp[16:20], dp[16:20] and 8 floats of padding: three whole cache lines.
 constexpr int64_t kBlock20 = 48;
@@ -484,6 +492,7 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
     }
   }
   const e_t one = E::broadcast(1.0f);
+  [[maybe_unused]] const E::itype upper = {0, 0, 0, 0, -1, -1, -1, -1};
   const auto tap = [&](int s, int64_t j) DSCN_LAMBDA_INLINE {
 #pragma GCC unroll 4
     for (int m = 0; m < M; ++m) {
@@ -492,8 +501,12 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
       const v_t wb = V::broadcast(w1[e]);
       a[s][m] += V::load(pa);
       b[s][m] += wb * V::load(pa + 16);
+#if DSCN_HAS_SHUFFLEVECTOR
       const e_t wb8 = __builtin_shufflevector(wb, wb, 0, 1, 2, 3, 4, 5, 6, 7);
       const e_t wt = __builtin_shufflevector(one, wb8, 0, 1, 2, 3, 12, 13, 14, 15);  // 1, 1, 1, 1, l, l, l, l
+#else
+      const e_t wt = upper ? E::load(reinterpret_cast<const float*>(&wb)) : one;
+#endif
       t[s][m] += wt * E::load(pa + 32);
     }
   };
@@ -501,7 +514,11 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
 #pragma GCC unroll 4
   for (int m = 0; m < M; ++m) {
     const auto halves = [](const e_t& v) DSCN_LAMBDA_INLINE {  // xp tail + l * dp tail
+#if DSCN_HAS_SHUFFLEVECTOR
       return q_t(__builtin_shufflevector(v, v, 0, 1, 2, 3)) + q_t(__builtin_shufflevector(v, v, 4, 5, 6, 7));
+#else
+      return Q::load(reinterpret_cast<const float*>(&v)) + Q::load(reinterpret_cast<const float*>(&v) + 4);
+#endif
     };
     v_t sum = a[0][m] + b[0][m];
     q_t tail = halves(t[0][m]);
