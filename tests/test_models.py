@@ -444,6 +444,73 @@ def test_torch_compile_backward_matches_eager():
         torch.testing.assert_close(gp_c[n], gp_e[n], rtol=1e-10, atol=1e-12, msg=lambda m, n=n: f'{n}: {m}')
 
 
+# CUDA: the whole model on the GPU kernel (the op tests in ops_dscn/tests cover the kernel alone).
+requires_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and 'cuda' in ops_dscn.compiled_device_types()),
+    reason='no GPU, or ops_dscn built without its CUDA kernel')
+
+
+@requires_cuda
+def test_cuda_model_matches_cpu_float64():
+    """Outputs and every gradient of dsan_t on the GPU kernel against the CPU kernel, in float64."""
+    model = randomize_(timm.create_model('dsan_t', backend='cpp', depths=(2, 1, 2, 1))).double().eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = {}
+    for device in ('cpu', 'cuda'):
+        model.to(device).zero_grad()
+        xi = x.to(device).requires_grad_()
+        out = model(xi)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).view_as(out)).sum().backward()
+        results[device] = (out.detach().cpu(), xi.grad.cpu(), {n: p.grad.cpu() for n, p in model.named_parameters()})
+    (o1, gx1, gp1), (o2, gx2, gp2) = results['cpu'], results['cuda']
+    # The GPU backward sums with atomics, in another order than the CPU: float64 agrees to ~1e-10 relative.
+    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx2, gx1, rtol=1e-8, atol=1e-10)
+    assert any(gp1[n].abs().max() > 0 for n in gp1 if 'offset.weight' in n)
+    for n in gp1:
+        torch.testing.assert_close(gp2[n], gp1[n], rtol=1e-8, atol=1e-10, msg=lambda m, n=n: f'{n}: {m}')
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_autocast_training_step(dtype):
+    """An AdamW step under autocast on the GPU: finite loss, every parameter updated, logits near float32's."""
+    torch.manual_seed(0)
+    model = timm.create_model('dsan_t', backend='cpp', num_classes=10, **SMALL).cuda().train()
+    x = torch.randn(4, 3, 64, 64, device='cuda')
+    target = torch.arange(4, device='cuda')
+    with torch.no_grad():
+        ref = model.eval()(x)
+        with torch.autocast('cuda', dtype=dtype):
+            low = model(x)
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler('cuda', enabled=dtype == torch.float16)
+    with torch.autocast('cuda', dtype=dtype):
+        loss = F.cross_entropy(model(x), target)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert torch.isfinite(loss)
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p.detach(), before[n])]
+    assert not unchanged, unchanged
+
+
+@requires_cuda
+def test_cuda_torch_compile_inductor_matches_eager():
+    """Inductor on the GPU (the op's fake kernel declares the CUDA kernel's output layout): same logits as eager."""
+    model = randomize_(timm.create_model('dsan_t', backend='cpp', **SMALL)).cuda().eval()
+    x = torch.randn(2, 3, 64, 64, device='cuda').contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-3, atol=1e-3)
+    torch._dynamo.reset()
+
+
 def test_dsan_class_validates_config():
     with pytest.raises(ValueError, match='kernel sizes must be odd'):
         DSAN(kernel_sizes=(10, 11, 7, 5), backend='pytorch')
