@@ -8,6 +8,8 @@
 # 2. runs every CUDA test of the op (float64/float32/float16/bfloat16 forward and backward against the float64
 #    reference, x and y gradcheck, stride, dilation, offset_scale != 1, remove_center, non-contiguous inputs, a second
 #    GPU when present, determinism alert, autocast), with DSCN_REQUIRE_CUDA=1 so that none can pass by skipping;
+#    then the model's CUDA tests (dsan_t on the GPU against the CPU in float64, outputs and every gradient; an
+#    autocast AdamW step in float16 and bfloat16; inductor against eager);
 # 3. runs the CUDA benchmark (DSCN against the depthwise convolution of the same shape, DSAN-T and DSAN-S stages).
 # Exits non-zero on the first failure.
 set -euo pipefail
@@ -36,6 +38,8 @@ has_cuda_kernel || { echo "[selfcheck] the installed ops_dscn has no CUDA kernel
 echo "[selfcheck] CUDA tests"
 cd "$ROOT"
 DSCN_REQUIRE_CUDA=1 "$PY" -m pytest ops_dscn/tests/test_dscn.py -k cuda -p no:cacheprovider -q -rs
+echo "[selfcheck] model CUDA tests"
+"$PY" -m pytest tests/test_models.py -k cuda -p no:cacheprovider -q -rs
 
 echo "[selfcheck] CUDA benchmark"
 "$PY" ops_dscn/benchmark.py --device cuda "$@"

@@ -131,7 +131,12 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, Ho, Wo)."""
+        # The custom backward is for CPU float32/float64 alone. On CUDA ATen's is fast, and under autocast F.conv2d
+        # casts x and weight inside the forward while the Function saves them uncast, so the backward would get
+        # mixed dtypes (a float16 input with a float32 weight: convolution_backward refuses them on CUDA).
         if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+                and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype
+                and not torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4):
             return _DepthwiseConv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding,
                                                   self.dilation)
@@ -139,7 +144,8 @@ class DepthwiseConv2d(nn.Conv2d):
         if (_FORWARD_KERNEL and x.dim() == 4 and x.shape[0] <= FORWARD_MAX_BATCH and x.device.type == "cpu"
                 and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str) and self.kernel_size[0] <= MAX_KERNEL_H
-                and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()):
+                and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()
+                and not torch.is_autocast_enabled("cpu")):  # autocast: nn.Conv2d's bfloat16 conv, as documented
             return torch.ops.ops_dscn.dw_conv2d(x, self.weight, self.bias, *self.stride, *self.padding,
                                                 *self.dilation)
         return super().forward(x)

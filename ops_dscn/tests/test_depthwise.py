@@ -251,6 +251,28 @@ def test_module_gradients_equal_nn_conv2d(kernel, padding, stride, bias):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_module_under_autocast_is_nn_conv2d(x_dtype):
+    """Under autocast F.conv2d casts inside the forward: the module must be nn.Conv2d's autocast path exactly.
+
+    (A custom Function would save the uncast input and weight, and its backward would mix dtypes.)
+    """
+    ours, ref = conv_pair(12, (1, 11), (0, 5), 1, dtype=torch.float32)
+    x = torch.randn(2, 12, 9, 13).to(x_dtype).contiguous(memory_format=CL)
+    results = []
+    for m in (ours, ref):
+        m.zero_grad()
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(xi)
+        y.float().backward(torch.cos(y.detach().float()))
+        results.append([y, xi.grad, *(p.grad for p in m.parameters())])
+    assert results[0][0].dtype == torch.bfloat16
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_gradcheck():
     ours, _ = conv_pair(6, (3, 5), (1, 2))
     x = torch.randn(2, 6, 5, 7, dtype=torch.float64, requires_grad=True)
