@@ -333,6 +333,30 @@ def test_taps_exactly_at_the_line_ends(axis, gc, group):
 
 
 @needs_ext
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+@pytest.mark.parametrize("gc, group", [(16, 4), (20, 7), (32, 1), (3, 2)])
+@pytest.mark.parametrize("n, across", [(1, 13), (3, 40)])
+def test_float32_lines_with_orth_stride_and_padding(on_x, gc, group, n, across):
+    """The float32 forward (an x-strip's padded lerp line on AVX-512, a y-strip's pair-form table over a task's
+    columns) against the float64 one, with a stride and zero padding across the strip: lines in the padding give
+    zeros, and a y-strip image's last task may hold fewer columns than the others (13 and 40 columns)."""
+    k, length = 5, 11
+    h, w = (across, length) if on_x else (length, across)
+    geometry = (1, k, 2, 1, 1, 2, 1, 1) if on_x else (k, 1, 1, 2, 2, 1, 1, 1)
+    ho = (h + 2 * geometry[4] - geometry[6] * (geometry[0] - 1) - 1) // geometry[2] + 1
+    wo = (w + 2 * geometry[5] - geometry[7] * (geometry[1] - 1) - 1) // geometry[3] + 1
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, h, w, group * gc, generator=g, dtype=torch.float64)
+    off = torch.randn(n, ho, wo, group * k, generator=g, dtype=torch.float64) * 3
+    args = (*geometry, group, gc, 0.9, False, on_x)
+    out = torch.ops.ops_dscn.dscn(x.float(), off.float(), *args)
+    ref = torch.ops.ops_dscn.dscn(x.float().double(), off.float().double(), *args)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+    orth_pad_lines = out[:, 0] if on_x else out[:, :, 0]
+    assert ref.abs().sum() > 0 and torch.equal(orth_pad_lines, torch.zeros_like(orth_pad_lines))
+
+
+@needs_ext
 @pytest.mark.parametrize("gc, groups", [(16, 7), (20, 7), (8, 6)])
 def test_groups_batched_in_one_loop_give_the_per_group_result(gc, groups):
     """Several groups share one tap loop in the CPU forward; each must come out bit for bit as when run alone."""
