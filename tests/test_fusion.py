@@ -373,15 +373,15 @@ def test_attention_epilogue_kernel_matches_the_layers_one_by_one(fuse, monkeypat
 
 def test_eval_blocks_fold_their_norms_on_the_fly_in_float32_inference(monkeypatch):
     """An eval-mode model that is not reparameterized computes, in CPU float32 inference, with the weights
-    `reparameterize` would give (made on each call): equal to its layer-by-layer output, and used neither in
-    training, nor under gradients, nor in float64, nor under torch.jit tracing."""
+    `reparameterize` would give (made once and kept, see the next test): equal to its layer-by-layer output, and
+    used neither in training, nor under gradients, nor in float64, nor under torch.jit tracing."""
     calls = count_calls(monkeypatch, Block, '_folded_weights')
     model, layers = model_and_layers(Block, 'fold_in_inference')
     x = torch.randn(2, 3, 64, 64)
     ref = outputs(layers, x)
     assert not calls
     got = outputs(model, x)
-    assert len(calls) == 4 * 3  # four blocks, three forwards in `outputs`
+    assert len(calls) == 4  # four blocks, made on the first of the three forwards in `outputs` and kept
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-5, msg=lambda m, k=k: f'{k}: {m}')
     calls.clear()
@@ -392,6 +392,64 @@ def test_eval_blocks_fold_their_norms_on_the_fly_in_float32_inference(monkeypatc
         model.eval().double()(x.double())  # float64: the reference arithmetic
         torch.jit.trace(model.float(), x, check_trace=False)
     assert not calls
+
+
+def test_kept_folded_weights_follow_every_change_of_their_sources(monkeypatch):
+    """Eager eval keeps each block's folded (and packed) weights between calls, and makes them again after any change
+    of what they come from: in-place updates (buffers and parameters), a replaced parameter, load_state_dict, a
+    change through `.data` (no version counter sees it) once `eval()` is called again, a dtype round trip. Copies
+    and pickles leave them out. Each time the output equals the layer-by-layer model's with the same weights."""
+    import copy
+    import pickle
+
+    calls = count_calls(monkeypatch, Block, '_folded_weights')
+    model, layers = model_and_layers(Block, 'fold_in_inference')
+    x = torch.randn(2, 3, 64, 64)
+    block = model.block2[0]
+
+    def check(expect_calls):
+        calls.clear()
+        layers.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), layers(x), rtol=1e-5, atol=1e-5)
+        assert len(calls) == expect_calls
+
+    check(4)
+    check(0)  # kept
+    kept = block.__dict__['_kept_inference_weights']
+    with torch.no_grad():
+        block.norm1.running_var.mul_(1.5)
+    check(1)
+    assert block.__dict__['_kept_inference_weights'] is not kept
+    with torch.no_grad():
+        block.layer_scale_2.neg_()
+        model.block4[0].mlp.fc2.bias.add_(0.5)
+    check(2)
+    block.attn.proj_1.weight = nn.Parameter(torch.randn_like(block.attn.proj_1.weight))
+    check(1)
+    model.load_state_dict(make_model(**SMALL).state_dict())
+    check(4)
+    block.mlp.fc1.weight.data.mul_(-1)  # invisible to version counters: taken up by the next eval()
+    model.eval()
+    check(4)
+    model.double().float()
+    check(4)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert not any('_kept_inference_weights' in m.__dict__ for m in clone.modules())
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+
+
+def test_compiled_blocks_fold_in_the_graph_and_keep_nothing():
+    """Under torch.compile the folded weights are made in the graph, never kept on the module."""
+    model = make_model(**SMALL)
+    x = torch.randn(2, 3, 64, 64)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        out = torch.compile(model, backend='aot_eager', fullgraph=True)(x)
+        assert not any('_kept_inference_weights' in m.__dict__ for m in model.modules())
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize('dtype', [torch.float64, torch.float32], ids=str)
@@ -483,7 +541,9 @@ def test_reparameterize_packs_the_1x1_weights_for_the_kernels(monkeypatch):
         if hasattr(m, 'fused_epilogue'):
             m.fused_epilogue = False
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    assert not any(packed_calls(model, x)['conv_mlp'])  # not reparameterized: nothing packed
+    # Not reparameterized: the folded weights a block keeps in eager eval come packed (the MLP's, proj_1 and proj_2),
+    # the gating conv's own weight does not, and DSCNX's input projection stays an nn.Linear.
+    assert packed_calls(model, x) == {'conv_mlp': [True] * 4, 'pointwise_conv': [True, False, True] * 4}
     model.reparameterize()
     layers.reparameterize()
     keys = set(model.state_dict())

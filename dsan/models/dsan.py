@@ -276,6 +276,7 @@ class PointwiseConv2d(nn.Conv2d):
             residual: torch.Tensor | None = None,
             residual_scale: torch.Tensor | None = None,
             weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+            packed: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``gelu?(conv(x)) * gate + residual * residual_scale``, fused where it applies.
 
@@ -286,12 +287,14 @@ class PointwiseConv2d(nn.Conv2d):
             residual: (N, C_out, H, W) added last, or None.
             residual_scale: (C_out, 1, 1) multiplying `residual`, or None (1).
             weights: (weight (C_out, C_in, 1, 1), bias (C_out,)) used in place of the module's, or None.
+            packed: ``ops_dscn.pack_weight`` of `weights`' weight, or None; only read with `weights`.
 
         Returns:
             (N, C_out, H, W).
         """
         weight, bias = (self.weight, self.bias) if weights is None else weights
-        packed = ops_dscn.kept_packed_weight(self, 'packed_weight', self.weight, x) if weights is None else None
+        if weights is None:
+            packed = ops_dscn.kept_packed_weight(self, 'packed_weight', self.weight, x)
         if self._use_epilogue_kernel(x, gate, residual, residual_scale, packed=packed is not None):
             return ops_dscn.pointwise_conv(x, weight, bias, gelu, gate, residual, residual_scale, packed=packed)
         y = self(x) if weights is None else F.conv2d(x, weight, bias)
@@ -403,21 +406,23 @@ class Mlp(nn.Module):
             x: torch.Tensor,
             residual: torch.Tensor | None = None,
             weights: tuple[torch.Tensor, ...] | None = None,
+            packed: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """(N, C, H, W) -> (N, C_out, H, W), plus `residual` (N, C_out, H, W) when given.
 
-        `weights`: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) used in place of the layers' (see `Block`), or None.
+        `weights`: (fc1 weight, fc1 bias, fc2 weight, fc2 bias) used in place of the layers' (see `Block`), or None;
+        `packed`: ``ops_dscn.pack_weight`` of those fc1 and fc2 weights, or None (only read with `weights`).
         """
         fc1_w, fc1_b, fc2_w, fc2_b = (
             (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias) if weights is None else weights)
         if self._use_fused_kernel(x, residual):
             dw = self.dwconv.dwconv
-            p1 = p2 = None
+            p1, p2 = packed if weights is not None and packed is not None else (None, None)
             if weights is None:
                 p1 = ops_dscn.kept_packed_weight(self, 'fc1_packed', self.fc1.weight, x)
                 p2 = ops_dscn.kept_packed_weight(self, 'fc2_packed', self.fc2.weight, x)
-                if p1 is None or p2 is None:
-                    p1 = p2 = None
+            if p1 is None or p2 is None:
+                p1 = p2 = None
             return ops_dscn.conv_mlp(x, fc1_w, fc1_b, dw.weight, dw.bias, fc2_w, fc2_b, residual, backend='cpp',
                                      fc1_packed=p1, fc2_packed=p2)
         x = self.fc1(x) if weights is None else F.conv2d(x, fc1_w, fc1_b)
@@ -483,6 +488,7 @@ class DSA(nn.Module):
             x: torch.Tensor,
             add_input: bool = False,
             weights: tuple[torch.Tensor, ...] | None = None,
+            packed: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W).
 
@@ -492,7 +498,9 @@ class DSA(nn.Module):
                 the inner shortcut as one scaled sum in the last conv's output pass.
             weights: (proj_1 weight, proj_1 bias, proj_2 weight, proj_2 bias, shortcut_scale) used in place of the
                 module's (see `Block`), or None.
+            packed: ``ops_dscn.pack_weight`` of the proj_1 and proj_2 weights in `weights`, or None.
         """
+        p1, p2 = (None, None) if packed is None else packed
         if weights is None:
             w1 = w2 = None
             scale = self.shortcut_scale
@@ -502,10 +510,11 @@ class DSA(nn.Module):
         if add_input:
             scale = x.new_full((x.shape[1], 1, 1), 2.) if scale is None else scale + 1.
         if type(self.activation) is nn.GELU and self.activation.approximate == 'none':
-            x = self.proj_1.epilogue(x, gelu=True, weights=w1)  # the GELU joins the conv's output pass where it can
+            x = self.proj_1.epilogue(x, gelu=True, weights=w1, packed=p1)  # the GELU joins the conv's output pass
         else:
             x = self.activation(self.proj_1(x) if w1 is None else F.conv2d(x, *w1))
-        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut, residual_scale=scale, weights=w2)
+        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut, residual_scale=scale, weights=w2,
+                                    packed=p2)
 
 
 class Block(nn.Module):
@@ -555,10 +564,14 @@ class Block(nn.Module):
         self.fused = False  # set by `reparameterize`
 
     # Eval-mode CPU float32 inference of a block that is not reparameterized computes what `reparameterize` would
-    # make of it: the BatchNorms and layer scales folded into the 1x1 convs, here into weights made on every call
-    # (a few small tensor operations; constants under torch.compile with freezing). That saves the norms' and the
-    # layer scales' passes over the feature maps and lets the residual adds join the kernels' output passes. The
-    # result equals the layer-by-layer one to float rounding; False: always the layers.
+    # make of it: the BatchNorms and layer scales folded into the 1x1 convs. That saves the norms' and the layer
+    # scales' passes over the feature maps and lets the residual adds join the kernels' output passes. The result
+    # equals the layer-by-layer one to float rounding; False: always the layers. In eager mode the folded weights and
+    # their packed copies (`ops_dscn.pack_weight`) are kept between calls and made again when any tensor they come
+    # from has changed (replaced, or its memory or version counter: in-place updates, `load_state_dict`, `.to()`,
+    # optimizer and EMA steps) and after `train()` / `eval()`, so that a change through `.data`, which no version
+    # counter sees, counts from the next `eval()`. Under torch.compile they are made in the graph (constants with
+    # freezing), never kept.
     fold_in_inference = True
 
     def _use_folded_inference(self, x: torch.Tensor) -> bool:
@@ -569,6 +582,46 @@ class Block(nn.Module):
             return False  # tracers (FLOP counts) must see the norms; gradients must reach the block's parameters
         return all(isinstance(n, (nn.BatchNorm2d, nn.SyncBatchNorm)) and n.running_mean is not None
                    and n.running_var is not None for n in (self.norm1, self.norm2))
+
+    def _folded_sources(self) -> tuple[list[torch.Tensor | None], tuple[Any, ...]]:
+        """The tensors the folded weights are made from, and their state: memory, device and version (the norms'
+        eps too)."""
+        tensors = [self.layer_scale_1, self.layer_scale_2]
+        for m in (self.norm1, self.norm2, self.attn.proj_1, self.attn.proj_2, self.mlp.fc1, self.mlp.fc2):
+            tensors += [m.weight, m.bias]
+            if m is self.norm1 or m is self.norm2:
+                tensors += [m.running_mean, m.running_var]
+        state = tuple(None if t is None else (t.data_ptr(), t.device, None if t.is_inference() else t._version)
+                      for t in tensors)
+        return tensors, state + (self.norm1.eps, self.norm2.eps)
+
+    def _inference_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any, Any]:
+        """`_folded_weights` and the packed proj_1 / proj_2 and fc1 / fc2 weights (None where packing does not
+        apply), kept between eager calls (see `fold_in_inference`)."""
+        if torch.compiler.is_compiling():
+            return *self._folded_weights(), None, None
+        tensors, state = self._folded_sources()
+        kept = self.__dict__.get('_kept_inference_weights')
+        # The kept tensors themselves are compared (not only their addresses, which a new tensor may reuse).
+        if kept is None or kept[1] != state or any(a is not b for a, b in zip(kept[0], tensors)):
+            with torch.no_grad():
+                attn_w, mlp_w = self._folded_weights()
+                packs = [ops_dscn.pack_weight(w) if ops_dscn.pack_weight_available(w) else None
+                         for w in (attn_w[0], attn_w[2], mlp_w[0], mlp_w[2])]
+            kept = (tensors, state, attn_w, mlp_w, tuple(packs[:2]), tuple(packs[2:]))
+            self.__dict__['_kept_inference_weights'] = kept  # not a buffer: not moved, saved or copied
+        return kept[2:]
+
+    def train(self, mode: bool = True) -> 'Block':
+        """As `nn.Module.train`; also drops the kept inference weights (see `fold_in_inference`)."""
+        self.__dict__.pop('_kept_inference_weights', None)
+        return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy and pickling leave out the kept inference weights: a copy makes its own on its first call.
+        state = self.__dict__.copy()
+        state.pop('_kept_inference_weights', None)
+        return state
 
     def _folded_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
         """The weights `reparameterize` would give (float32 arithmetic): DSA's and the Mlp's `weights` arguments."""
@@ -602,9 +655,9 @@ class Block(nn.Module):
             x = x + self.drop_path(self.attn(x))
             return x + self.drop_path(self.mlp(x))
         if self._use_folded_inference(x):
-            attn_weights, mlp_weights = self._folded_weights()
-            x = self.attn(x, add_input=True, weights=attn_weights)
-            return self.mlp(x, residual=x, weights=mlp_weights)
+            attn_weights, mlp_weights, attn_packed, mlp_packed = self._inference_weights()
+            x = self.attn(x, add_input=True, weights=attn_weights, packed=attn_packed)
+            return self.mlp(x, residual=x, weights=mlp_weights, packed=mlp_packed)
         if self.training and not torch.jit.is_tracing():
             return self._forward_train(x)
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
