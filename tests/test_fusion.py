@@ -507,6 +507,38 @@ def test_compiled_model_leaves_large_batches_to_inductor(monkeypatch):
     assert counts == [3 * 4, 0]  # three per block, four blocks; then none
 
 
+@requires_mlp_kernel
+@pytest.mark.skipif(not ops_dscn.pack_weight_available(torch.empty(0)), reason='ops_dscn built without pack_weight')
+def test_frozen_compiled_graphs_pack_the_folded_weights(monkeypatch):
+    """Under torch.compile with inductor's freezing, up to `compile_max_batch` images, the graph packs the folded 1x1
+    weights (constants folded at compile time); without freezing, or for larger batches, it does not. The compiled
+    models give the eager outputs, inductor with freezing included."""
+    import torch._inductor.config as inductor_config
+
+    from dsan.models.dsan import PointwiseConv2d
+    monkeypatch.setattr(PointwiseConv2d, 'compile_max_batch', 2)
+    model = make_model(**SMALL)
+    counts = []
+
+    def count_pack_nodes(gm, example_inputs):
+        counts.append(sum(n.target in (torch.ops.ops_dscn.pack_weight, torch.ops.ops_dscn.pack_weight.default)
+                          for n in gm.graph.nodes))
+        return gm
+
+    for freezing, batch in ((True, 2), (True, 3), (False, 2)):
+        torch._dynamo.reset()
+        with inductor_config.patch(freezing=freezing), torch.no_grad():
+            x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            out = torch.compile(model, backend=count_pack_nodes, dynamic=False)(x)
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    assert counts == [4 * 4, 0, 0]  # proj_1, proj_2, fc1 and fc2 of four blocks; then none
+    torch._dynamo.reset()
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(torch.compile(model)(x), model(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
 class PackedArgs(torch.utils._python_dispatch.TorchDispatchMode):
     """Records, per call of ops_dscn::conv_mlp / pointwise_conv under this mode, whether it got packed weights."""
 
