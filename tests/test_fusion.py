@@ -483,6 +483,15 @@ def test_training_blocks_fold_layer_scales_into_the_convs(drop_path, dtype):
                                    msg=lambda m, name=name: f'{name}: {m}')
 
 
+def _node_counting_backend(op, counts):
+    """A torch.compile backend that appends to `counts` how many nodes of each graph call `op` (the overload packet
+    or its default overload), then runs the graph as it is."""
+    def backend(gm, example_inputs):
+        counts.append(sum(n.target in (op, op.default) for n in gm.graph.nodes))
+        return gm
+    return backend
+
+
 @pytest.mark.skipif(not ops_dscn.pointwise_conv_available(torch.empty(0)), reason='ops_dscn.pointwise_conv not built')
 def test_compiled_model_leaves_large_batches_to_inductor(monkeypatch):
     """Under torch.compile the attention's epilogue kernel is in the graph up to `compile_max_batch` images; beyond
@@ -491,12 +500,7 @@ def test_compiled_model_leaves_large_batches_to_inductor(monkeypatch):
     monkeypatch.setattr(PointwiseConv2d, 'compile_max_batch', 2)
     model = make_model(**SMALL)
     counts = []
-
-    def count_kernel_nodes(gm, example_inputs):
-        counts.append(sum(n.target in (torch.ops.ops_dscn.pointwise_conv, torch.ops.ops_dscn.pointwise_conv.default)
-                          for n in gm.graph.nodes))
-        return gm
-
+    count_kernel_nodes = _node_counting_backend(torch.ops.ops_dscn.pointwise_conv, counts)
     for batch in (2, 3):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend=count_kernel_nodes, dynamic=False)
@@ -519,12 +523,7 @@ def test_frozen_compiled_graphs_pack_the_folded_weights(monkeypatch):
     monkeypatch.setattr(PointwiseConv2d, 'compile_max_batch', 2)
     model = make_model(**SMALL)
     counts = []
-
-    def count_pack_nodes(gm, example_inputs):
-        counts.append(sum(n.target in (torch.ops.ops_dscn.pack_weight, torch.ops.ops_dscn.pack_weight.default)
-                          for n in gm.graph.nodes))
-        return gm
-
+    count_pack_nodes = _node_counting_backend(torch.ops.ops_dscn.pack_weight, counts)
     for freezing, batch in ((True, 2), (True, 3), (False, 2)):
         torch._dynamo.reset()
         with inductor_config.patch(freezing=freezing), torch.no_grad():

@@ -379,20 +379,24 @@ def test_gradient_checkpointing_same_grads():
         torch.testing.assert_close(a, b)
 
 
+def _output_and_grads(model, x):
+    """The model's output on x, the gradient of x and every parameter's gradient (on the CPU) for a fixed weighting
+    of the outputs."""
+    model.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)).sum().backward()
+    return out.detach().cpu(), xi.grad.cpu(), {n: p.grad.to('cpu', copy=True) for n, p in model.named_parameters()}
+
+
 @requires_cpp
 def test_compiled_op_matches_pytorch_float64():
     """Outputs and every gradient of the model: compiled op vs pure-PyTorch twin, in float64."""
     model = randomize_(timm.create_model('dsan_t', backend='cpp', depths=(2, 1, 2, 1))).double().eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    results = {}
-    for backend in ('cpp', 'pytorch'):
-        model.set_backend(backend)
-        model.zero_grad()
-        xi = x.clone().requires_grad_()
-        out = model(xi)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
-        results[backend] = (out.detach(), xi.grad, {n: p.grad.clone() for n, p in model.named_parameters()})
-    (o1, gx1, gp1), (o2, gx2, gp2) = results['cpp'], results['pytorch']
+    o1, gx1, gp1 = _output_and_grads(model, x)
+    model.set_backend('pytorch')
+    o2, gx2, gp2 = _output_and_grads(model, x)
     torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gx1, gx2, rtol=1e-9, atol=1e-10)
     assert any(gp1[n].abs().max() > 0 for n in gp1 if 'offset.weight' in n)
@@ -455,15 +459,8 @@ def test_cuda_model_matches_cpu_float64():
     """Outputs and every gradient of dsan_t on the GPU kernel against the CPU kernel, in float64."""
     model = randomize_(timm.create_model('dsan_t', backend='cpp', depths=(2, 1, 2, 1))).double().eval()
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    results = {}
-    for device in ('cpu', 'cuda'):
-        model.to(device).zero_grad()
-        xi = x.to(device, copy=True).requires_grad_()
-        out = model(xi)
-        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).view_as(out)).sum().backward()
-        results[device] = (out.detach().cpu(), xi.grad.cpu(), {n: p.grad.to('cpu', copy=True)
-                            for n, p in model.named_parameters()})
-    (o1, gx1, gp1), (o2, gx2, gp2) = results['cpu'], results['cuda']
+    o1, gx1, gp1 = _output_and_grads(model, x)
+    o2, gx2, gp2 = _output_and_grads(model.cuda(), x.cuda())
     # The GPU backward sums with atomics, in another order than the CPU: float64 agrees to ~1e-10 relative.
     torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gx2, gx1, rtol=1e-8, atol=1e-10)
