@@ -91,66 +91,121 @@ inline int64_t y_columns(const DSCNParams& p, int64_t elem_bytes) {
 }
 
 #if DSCN_X86_DISPATCH
-// TapTable::fill's float pair form with AVX-512 mask registers, 16 entries per step; returns how many of the n
-// entries it resolved (a multiple of 16). GCC 12 turns the generic vector code's 64-byte compares and selects into
-// scalar code, so the generic loop is capped at 32 bytes (kFillBytes) and this routine does the wide fill instead.
-// The arithmetic is the generic loop's, operation for operation (origin + t * scale is one FMA there too, as GCC
-// contracts it on FMA targets). Deliberately not inlined: it is called once per run of pixels from code that may
-// be compiled for the baseline ISA.
-DSCN_TARGET_AVX512 __attribute__((noinline)) int64_t fill_pair_avx512(
-    const float* __restrict__ rel, const float* __restrict__ tap_pos, const float* __restrict__ off,
-    int32_t* __restrict__ i0, float* __restrict__ w0, float* __restrict__ w1, int64_t n, float base, float cs,
-    float scale, float len_f, int32_t last, int32_t byte_step) {
-  const __m512 vbase = _mm512_set1_ps(base), vcs = _mm512_set1_ps(cs), vscale = _mm512_set1_ps(scale);
-  const __m512 vlen = _mm512_set1_ps(len_f), vm1 = _mm512_set1_ps(-1.0f), vone = _mm512_set1_ps(1.0f);
-  const __m512 vzero = _mm512_setzero_ps();
-  const __m512i ione = _mm512_set1_epi32(1), ilast1 = _mm512_set1_epi32(last - 1);
-  const __m512i istep = _mm512_set1_epi32(byte_step);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 origin = _mm512_sub_ps(_mm512_add_ps(_mm512_loadu_ps(rel + i), vbase), vcs);
-    const __m512 t = _mm512_add_ps(_mm512_loadu_ps(tap_pos + i), _mm512_loadu_ps(off + i));
-    const __m512 loc = _mm512_fmadd_ps(t, vscale, origin);
-    // Ordered compares: false for NaN, so NaN counts as outside.
-    const __mmask16 inside = _mm512_cmp_ps_mask(loc, vm1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(loc, vlen, _CMP_LT_OQ);
-    const __m512 safe = _mm512_maskz_mov_ps(inside, loc);
-    const __mmask16 below = _mm512_cmp_ps_mask(safe, vzero, _CMP_LT_OQ);  // floor = -1
-    const __m512i lo = _mm512_mask_sub_epi32(_mm512_cvttps_epi32(safe), below, _mm512_cvttps_epi32(safe), ione);
-    const __m512 l = _mm512_sub_ps(safe, _mm512_cvtepi32_ps(lo));
-    const __mmask16 top = _mm512_cmpgt_epi32_mask(lo, ilast1);  // floor = len - 1
-    const __m512 lw = _mm512_maskz_mov_ps(inside, l);
-    const __m512 hw = _mm512_maskz_mov_ps(inside, _mm512_sub_ps(vone, l));
-    _mm512_storeu_ps(w0 + i, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(static_cast<__mmask16>(~top), hw), below, lw));
-    _mm512_storeu_ps(w1 + i, _mm512_maskz_mov_ps(static_cast<__mmask16>(~below), _mm512_mask_mov_ps(lw, top, hw)));
-    const __m512i pair =
-        _mm512_maskz_mov_epi32(static_cast<__mmask16>(~below), _mm512_mask_sub_epi32(lo, top, lo, ione));
-    _mm512_storeu_si512(i0 + i, _mm512_mullo_epi32(pair, istep));
+// The AVX-512 fills below resolve 16 entries a step; the last, partial step runs with a lane mask (masked loads do
+// not fault past the offsets' end), so a run's tail does not fall back to the scalar loop, whose division by G * K'
+// per entry (to find the entry's pixel) cost as much as the vector steps of the whole run: a run of 11 pixels of
+// DSAN-T stage 2 (484 entries) left 4 of them to it, a y-strip run of 3 columns (132 entries) 4 of 132. Both return n.
+// (Templates rather than lambdas: a lambda does not inherit the function's target attribute.)
+//
+// GCC 12 warns that the `_mm512_undefined_*` placeholders inside its own conversion intrinsics "may be used
+// uninitialized" once they are inlined through these templates (GCC bug 105593, fixed in GCC 13): silenced here only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+// Loads 16 floats at p + i; with kTail only the lanes of `mask` (the others read as 0).
+template <bool kTail>
+DSCN_TARGET_AVX512 DSCN_INLINE __m512 fill_load(const float* p, int64_t i, __mmask16 mask) {
+  if constexpr (kTail) return _mm512_maskz_loadu_ps(mask, p + i);
+  return _mm512_loadu_ps(p + i);
+}
+template <bool kTail>
+DSCN_TARGET_AVX512 DSCN_INLINE void fill_store(float* p, int64_t i, __mmask16 mask, __m512 v) {
+  if constexpr (kTail) {
+    _mm512_mask_storeu_ps(p + i, mask, v);
+  } else {
+    _mm512_storeu_ps(p + i, v);
   }
-  return i;
+}
+template <bool kTail>
+DSCN_TARGET_AVX512 DSCN_INLINE void fill_store(int32_t* p, int64_t i, __mmask16 mask, __m512i v) {
+  if constexpr (kTail) {
+    _mm512_mask_storeu_epi32(p + i, mask, v);
+  } else {
+    _mm512_storeu_si512(p + i, v);
+  }
 }
 
-// TapTable::fill_lerp with AVX-512, 16 entries per step; returns how many of the n entries it resolved.
-DSCN_TARGET_AVX512 __attribute__((noinline)) int64_t fill_lerp_avx512(
-    const float* __restrict__ rel, const float* __restrict__ tap_pos, const float* __restrict__ off,
-    int32_t* __restrict__ i0, float* __restrict__ w1, int64_t n, float base, float cs, float scale, float len_f,
-    int32_t byte_step) {
-  const __m512 vbase = _mm512_set1_ps(base), vcs = _mm512_set1_ps(cs), vscale = _mm512_set1_ps(scale);
-  const __m512 vlen = _mm512_set1_ps(len_f), vm1 = _mm512_set1_ps(-1.0f);
-  const __m512i ione = _mm512_set1_epi32(1), istep = _mm512_set1_epi32(byte_step);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512 origin = _mm512_sub_ps(_mm512_add_ps(_mm512_loadu_ps(rel + i), vbase), vcs);
-    const __m512 t = _mm512_add_ps(_mm512_loadu_ps(tap_pos + i), _mm512_loadu_ps(off + i));
-    const __m512 loc = _mm512_fmadd_ps(t, vscale, origin);
-    // Ordered compares: false for NaN, so NaN counts as outside; outside taps become -1 (q = 0, l = 0).
-    const __mmask16 inside = _mm512_cmp_ps_mask(loc, vm1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(loc, vlen, _CMP_LT_OQ);
-    const __m512 safe = _mm512_mask_mov_ps(vm1, inside, loc);
-    const __m512 fl = _mm512_roundscale_ps(safe, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    _mm512_storeu_ps(w1 + i, _mm512_sub_ps(safe, fl));
-    _mm512_storeu_si512(i0 + i, _mm512_mullo_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fl), ione), istep));
-  }
-  return i;
+// The fills' shared inputs: loc = ((rel + base) - cs) + (tap_pos + off) * scale for entries i..i+15.
+struct FillArgs {
+  const float* rel;
+  const float* tap_pos;
+  const float* off;
+  float base, cs, scale, len_f;
+  int32_t byte_step;
+};
+template <bool kTail>
+DSCN_TARGET_AVX512 DSCN_INLINE __m512 fill_loc(const FillArgs& a, int64_t i, __mmask16 mask) {
+  const __m512 origin = _mm512_sub_ps(_mm512_add_ps(fill_load<kTail>(a.rel, i, mask), _mm512_set1_ps(a.base)),
+                                      _mm512_set1_ps(a.cs));
+  const __m512 t = _mm512_add_ps(fill_load<kTail>(a.tap_pos, i, mask), fill_load<kTail>(a.off, i, mask));
+  return _mm512_fmadd_ps(t, _mm512_set1_ps(a.scale), origin);
 }
+
+// One step of TapTable::fill's float pair form with AVX-512 mask registers. GCC 12 turns the generic vector code's
+// 64-byte compares and selects into scalar code, so the generic loop is capped at 32 bytes (kFillBytes) and this
+// routine does the wide fill instead. The arithmetic is the generic loop's, operation for operation (origin + t *
+// scale is one FMA there too, as GCC contracts it on FMA targets).
+template <bool kTail>
+DSCN_TARGET_AVX512 DSCN_INLINE void fill_pair_step(const FillArgs& a, int32_t* __restrict__ i0, float* __restrict__ w0,
+                                                   float* __restrict__ w1, int32_t last, int64_t i, __mmask16 mask) {
+  const __m512 vm1 = _mm512_set1_ps(-1.0f), vone = _mm512_set1_ps(1.0f), vzero = _mm512_setzero_ps();
+  const __m512i ione = _mm512_set1_epi32(1);
+  const __m512 loc = fill_loc<kTail>(a, i, mask);
+  // Ordered compares: false for NaN, so NaN counts as outside.
+  const __mmask16 inside =
+      _mm512_cmp_ps_mask(loc, vm1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(loc, _mm512_set1_ps(a.len_f), _CMP_LT_OQ);
+  const __m512 safe = _mm512_maskz_mov_ps(inside, loc);
+  const __mmask16 below = _mm512_cmp_ps_mask(safe, vzero, _CMP_LT_OQ);  // floor = -1
+  const __m512i lo = _mm512_mask_sub_epi32(_mm512_cvttps_epi32(safe), below, _mm512_cvttps_epi32(safe), ione);
+  const __m512 l = _mm512_sub_ps(safe, _mm512_cvtepi32_ps(lo));
+  const __mmask16 top = _mm512_cmpgt_epi32_mask(lo, _mm512_set1_epi32(last - 1));  // floor = len - 1
+  const __m512 lw = _mm512_maskz_mov_ps(inside, l);
+  const __m512 hw = _mm512_maskz_mov_ps(inside, _mm512_sub_ps(vone, l));
+  const __mmask16 not_top = static_cast<__mmask16>(~top), not_below = static_cast<__mmask16>(~below);
+  fill_store<kTail>(w0, i, mask, _mm512_mask_mov_ps(_mm512_maskz_mov_ps(not_top, hw), below, lw));
+  fill_store<kTail>(w1, i, mask, _mm512_maskz_mov_ps(not_below, _mm512_mask_mov_ps(lw, top, hw)));
+  const __m512i pair = _mm512_maskz_mov_epi32(not_below, _mm512_mask_sub_epi32(lo, top, lo, ione));
+  fill_store<kTail>(i0, i, mask, _mm512_mullo_epi32(pair, _mm512_set1_epi32(a.byte_step)));
+}
+
+// One step of TapTable::fill_lerp with AVX-512.
+template <bool kTail>
+DSCN_TARGET_AVX512 DSCN_INLINE void fill_lerp_step(const FillArgs& a, int32_t* __restrict__ i0, float* __restrict__ w1,
+                                                   int64_t i, __mmask16 mask) {
+  const __m512 vm1 = _mm512_set1_ps(-1.0f);
+  const __m512 loc = fill_loc<kTail>(a, i, mask);
+  // Ordered compares: false for NaN, so NaN counts as outside; outside taps become -1 (q = 0, l = 0).
+  const __mmask16 inside =
+      _mm512_cmp_ps_mask(loc, vm1, _CMP_GT_OQ) & _mm512_cmp_ps_mask(loc, _mm512_set1_ps(a.len_f), _CMP_LT_OQ);
+  const __m512 safe = _mm512_mask_mov_ps(vm1, inside, loc);
+  const __m512 fl = _mm512_roundscale_ps(safe, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  fill_store<kTail>(w1, i, mask, _mm512_sub_ps(safe, fl));
+  fill_store<kTail>(i0, i, mask,
+                    _mm512_mullo_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fl), _mm512_set1_epi32(1)),
+                                       _mm512_set1_epi32(a.byte_step)));
+}
+
+// The fills' drivers: whole steps of 16, then one masked step. Deliberately not inlined: they are called once per
+// run of pixels from code that may be compiled for the baseline ISA.
+DSCN_TARGET_AVX512 __attribute__((noinline)) int64_t fill_pair_avx512(const FillArgs& a, int32_t* __restrict__ i0,
+                                                                      float* __restrict__ w0, float* __restrict__ w1,
+                                                                      int64_t n, int32_t last) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) fill_pair_step<false>(a, i0, w0, w1, last, i, 0xFFFF);
+  if (i < n) fill_pair_step<true>(a, i0, w0, w1, last, i, static_cast<__mmask16>((1u << (n - i)) - 1u));
+  return n;
+}
+DSCN_TARGET_AVX512 __attribute__((noinline)) int64_t fill_lerp_avx512(const FillArgs& a, int32_t* __restrict__ i0,
+                                                                      float* __restrict__ w1, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) fill_lerp_step<false>(a, i0, w1, i, 0xFFFF);
+  if (i < n) fill_lerp_step<true>(a, i0, w1, i, static_cast<__mmask16>((1u << (n - i)) - 1u));
+  return n;
+}
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #endif
 
 // Allocator of 64-byte aligned arrays: the table's rows are filled with 64-byte stores, which cost two (and stall the
@@ -249,8 +304,8 @@ struct TapTable {
       const vi izero = {};
 #if DSCN_X86_DISPATCH
       if constexpr (FullBytes == 64 && std::is_same_v<scalar_t, float> && !kGrad) {
-        i = fill_pair_avx512(rel.data(), tap_pos.data(), off, i0.data(), w0.data(), w1.data(), n, base, cs, scale,
-                             len_f, last, static_cast<int32_t>(byte_step));
+        const FillArgs args{rel.data(), tap_pos.data(), off, base, cs, scale, len_f, static_cast<int32_t>(byte_step)};
+        i = fill_pair_avx512(args, i0.data(), w0.data(), w1.data(), n, last);
       }
 #endif
       for (; i + L <= n; i += L) {
@@ -286,8 +341,9 @@ struct TapTable {
       }
     }
 #endif
-    for (; i < n; ++i) {
-      const acc_t origin = strip_origin<acc_t>(g, o_axis0 + (i / gk) * step, scale);
+    // The entries left to scalar code: entry i belongs to pixel r = i / gk, tracked rather than divided for.
+    for (int64_t r = i / gk, j = i % gk; i < n; ++i) {
+      const acc_t origin = strip_origin<acc_t>(g, o_axis0 + r * step, scale);
       const acc_t loc = tap_location<acc_t>(origin, tap_pos[i], static_cast<acc_t>(off[i]), scale);
       const LinearTap<acc_t> t = resolve_tap<acc_t>(loc, g.axis_len);
       if constexpr (kGrad) {
@@ -307,6 +363,7 @@ struct TapTable {
         w0[i] = t.w1;
         w1[i] = 0;
       }
+      if (++j == gk) j = 0, ++r;
     }
   }
 
@@ -320,19 +377,21 @@ struct TapTable {
 #if DSCN_X86_DISPATCH
     if constexpr (std::is_same_v<scalar_t, float>) {
       const int64_t c = (g.dilation * (g.kernel - 1)) / 2;
-      i = fill_lerp_avx512(rel.data(), tap_pos.data(), off, i0.data(), w1.data(), n,
-                           static_cast<float>(o_axis0 * g.stride - g.pad + c), static_cast<float>(c) * scale, scale,
-                           static_cast<float>(g.axis_len), static_cast<int32_t>(byte_step));
+      const FillArgs args{rel.data(), tap_pos.data(), off, static_cast<float>(o_axis0 * g.stride - g.pad + c),
+                          static_cast<float>(c) * scale, scale, static_cast<float>(g.axis_len),
+                          static_cast<int32_t>(byte_step)};
+      i = fill_lerp_avx512(args, i0.data(), w1.data(), n);
     }
 #endif
-    for (; i < n; ++i) {
-      const acc_t origin = strip_origin<acc_t>(g, o_axis0 + i / gk, scale);
+    for (int64_t r = i / gk, j = i % gk; i < n; ++i) {
+      const acc_t origin = strip_origin<acc_t>(g, o_axis0 + r, scale);
       const acc_t loc = tap_location<acc_t>(origin, tap_pos[i], static_cast<acc_t>(off[i]), scale);
       const bool inside = (loc > acc_t(-1)) & (loc < static_cast<acc_t>(g.axis_len));
       const acc_t safe = inside ? loc : acc_t(0);  // outside taps never reach the conversion
       const int64_t lo = inside ? static_cast<int64_t>(safe) - (safe < acc_t(0) ? 1 : 0) : -1;
       i0[i] = static_cast<idx_t>((lo + 1) * byte_step);
       w1[i] = inside ? safe - static_cast<acc_t>(lo) : acc_t(0);
+      if (++j == gk) j = 0, ++r;
     }
   }
 };
