@@ -813,6 +813,14 @@ void for_each_task(const DSCNParams& p, const Frame& f, Fn fn) {
   });
 }
 
+#ifndef DSCN_Y_OFFSET_AHEAD
+#define DSCN_Y_OFFSET_AHEAD 4
+#endif
+constexpr int64_t kYOffsetAhead = DSCN_Y_OFFSET_AHEAD;
+#ifndef DSCN_Y_INPUT_AHEAD
+#define DSCN_Y_INPUT_AHEAD 6
+#endif
+
 // Software prefetch (for reading) of the cache lines of [p, p + bytes).
 DSCN_INLINE void prefetch_range(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -948,6 +956,21 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
     const int64_t off_share = ((next_px * GK * static_cast<int64_t>(sizeof(scalar_t)) + R - 1) / R + 63) & ~int64_t(63);
     const char* off_next = reinterpret_cast<const char*>(offset + (pix0 + R) * GK);
     const int64_t off_next_bytes = next_px * GK * static_cast<int64_t>(sizeof(scalar_t));
+    // y-strip: a run's offsets are one short piece of each output row (R columns), a row apart in memory, which the
+    // hardware prefetchers did not bring in: the fill waited on them (Zen 4, batch 32, DSAN-S stage 1 y: most of the
+    // fill's samples on that load). So each run prefetches those of the run kYOffsetAhead rows further down.
+    if (step == 0 && oa0 + kYOffsetAhead < f.n_ax) {
+      prefetch_range(offset + (pix0 + kYOffsetAhead * f.out_ax) * GK, R * GK * static_cast<int64_t>(sizeof(scalar_t)));
+    }
+#if DSCN_Y_INPUT_AHEAD
+    if (step == 0 && p.orth_stride == 1) {
+      const int64_t row = (oa0 + DSCN_Y_INPUT_AHEAD) * p.geom.stride - p.geom.pad + (p.geom.kernel - 1) * p.geom.dilation;
+      const int64_t c0 = std::max<int64_t>(0, oo0 - p.orth_pad), c1 = std::min<int64_t>(p.orth_len, oo0 + R - p.orth_pad);
+      if (row >= 0 && row < p.geom.axis_len && c1 > c0) {
+        prefetch_range(input + n * f.in_batch + row * f.in_axis + c0 * f.in_orth, (c1 - c0) * C * static_cast<int64_t>(sizeof(scalar_t)));
+      }
+    }
+#endif
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* out_px = output + (pix0 + r) * C;
       const int64_t oo = oo0 + r * (1 - step);
