@@ -569,8 +569,9 @@ MlpWeights<scalar_t> make_weights(const MlpDims& d, const at::Tensor& fc1_weight
 }
 
 // Returns (N, Co, H, W) in channels_last memory.
-at::Tensor conv_mlp_cpu(const at::Tensor& input_, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                        const at::Tensor& dw_weight, const std::optional<at::Tensor>& dw_bias,
+at::Tensor conv_mlp_cpu(const at::Tensor& input_, const at::Tensor& fc1_weight,
+                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& dw_weight,
+                        const std::optional<at::Tensor>& dw_bias,
                         const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                         const std::optional<at::Tensor>& residual_, const std::optional<at::Tensor>& fc1_packed,
                         const std::optional<at::Tensor>& fc2_packed) {

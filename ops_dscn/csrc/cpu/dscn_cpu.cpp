@@ -427,8 +427,12 @@ constexpr int kGeneralForm = 0, kPairForm = 1, kLerpForm = 2;
 // overlap the one before: lanes that compute the same channel do the same operations in the same order, so they
 // store the same value). With TB > 0 the group is NV whole vectors and one narrower vector of TB bytes after them.
 //
-// The lower and the upper neighbour accumulate separately, and for fewer than four vectors the taps alternate
-// between two accumulator sets: with one vector a single chain of K dependent FMAs per neighbour was latency-bound.
+// The lower and the upper neighbour accumulate separately, and for two or three vectors the taps alternate between
+// two accumulator sets, so that each accumulator's chain of dependent FMAs is half as long. Groups of one vector
+// (and a tail) take one set: they run M = 4 to a loop (below), which gives enough independent chains, and a second
+// set's registers cost more than they saved (AMD Zen 5, batch 32, same process: the 16-channel y-strips of DSAN-T
+// stage 2 and DSAN-S stages 1-2 0.87-0.89x the time with one set, x-strips unchanged; for 32 channels, two vectors,
+// one set was 1.03x slower). The set count depends on the group's width only, never on M.
 // Several groups per loop (M > 1) are used where a group is one or two vectors (16 or 20 channels on AVX-512:
 // DSAN-T stages 2-3, DSAN-S stages 1-3): one such group per loop was measured at about 4 cycles a tap, against the
 // 2-2.5 its loads and FMAs need, as each group's short loop and final reduction ended a dependency window that the
@@ -443,7 +447,7 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
   constexpr int64_t L = V::size;
   constexpr bool kPair = Form != kGeneralForm, kLerp = Form == kLerpForm;
   constexpr int NT = TB > 0 ? 1 : 0;
-  constexpr int S = NV + NT >= 4 ? 1 : 2;  // accumulator sets (tap phases)
+  constexpr int S = NV == 1 || NV + NT >= 4 ? 1 : 2;  // accumulator sets (tap phases)
   // With a tail, the NV vectors are whole and the tail follows them; without, the last vector starts at `last`.
   const auto at = [&](int v) DSCN_LAMBDA_INLINE { return TB == 0 && v == NV - 1 ? last : v * L; };
   v_t a[S][M][NV], b[S][M][NV];
@@ -539,7 +543,9 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
   using v_t = V::type;
   using e_t = E::type;
   using q_t = Q::type;
-  constexpr int S = 2;  // accumulator sets, as weighted_sum_groups uses for fewer than four vectors
+  // One accumulator set, as weighted_sum_groups uses for a vector and a tail. (Two sets, as before, needed 24
+  // accumulators for M = 4 and spilled one to the stack; one set: 0.91x the time of DSAN-S stage 3's x-strip.)
+  constexpr int S = 1;
   v_t a[S][M], b[S][M];
   e_t t[S][M];
 #pragma GCC unroll 4
@@ -588,6 +594,50 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
     }
     V::store(out + m * 20, sum);
     Q::store(out + m * 20 + 16, tail);
+  }
+}
+// Writes the blocked line of one input row xr (W pixels of C = G * 20 channels) for lerp20_groups: for q = 0..W and
+// each group, xp[q] = x[q - 1] and dp[q] = x[q] - x[q - 1] with x[-1] = x[W] = 0, the plain line's values (dp[W] is
+// 0 - x[W - 1]: +0 for x = 0, as there). The ends are hoisted out of the loop over q, and the two 4-float tails go
+// out as one 32-byte store: the first version (edge tests per group, two 16-byte tail stores, each pixel loaded
+// twice) was about a fifth of the DSAN-T/S stage 3 x-strips' time on AMD Zen 5 at batch 32.
+DSCN_INLINE void build_lerp20_line(const float* __restrict__ xr, int64_t W, int64_t G, int64_t C,
+                                   float* __restrict__ line) {
+  using V = Vec<float, 64>;
+  using E = Vec<float, 32>;
+  using Q = Vec<float, 16>;
+  using v_t = V::type;
+  using q_t = Q::type;
+  const auto put = [](float* blk, const v_t& xp, const v_t& dp, const q_t& xpt, const q_t& dpt) DSCN_LAMBDA_INLINE {
+    V::store(blk, xp);
+    V::store(blk + 16, dp);
+#if DSCN_HAS_SHUFFLEVECTOR
+    E::store(blk + 32, __builtin_shufflevector(xpt, dpt, 0, 1, 2, 3, 4, 5, 6, 7));
+#else
+    Q::store(blk + 32, xpt);
+    Q::store(blk + 36, dpt);
+#endif
+  };
+  const int64_t pixel = G * kBlock20;
+  const v_t zero = {};
+  const q_t zero4 = {};
+  for (int64_t g = 0; g < G; ++g) {  // q = 0: xp = 0, dp = x[0]
+    put(line + g * kBlock20, zero, V::load(xr + g * 20), zero4, Q::load(xr + g * 20 + 16));
+  }
+  for (int64_t q = 1; q < W; ++q) {
+    const float* prev = xr + (q - 1) * C;
+    float* blk = line + q * pixel;
+    for (int64_t g = 0; g < G; ++g, prev += 20, blk += kBlock20) {
+      const v_t pv = V::load(prev);
+      const q_t pt = Q::load(prev + 16);
+      put(blk, pv, V::load(prev + C) - pv, pt, Q::load(prev + C + 16) - pt);
+    }
+  }
+  const float* last = xr + (W - 1) * C;
+  for (int64_t g = 0; g < G; ++g) {  // q = W: xp = x[W - 1], dp = 0 - x[W - 1]
+    const v_t pv = V::load(last + g * 20);
+    const q_t pt = Q::load(last + g * 20 + 16);
+    put(line + W * pixel + g * kBlock20, pv, zero - pv, pt, zero4 - pt);
   }
 }
 #endif
@@ -820,6 +870,7 @@ constexpr int64_t kYOffsetAhead = DSCN_Y_OFFSET_AHEAD;
 #ifndef DSCN_Y_INPUT_AHEAD
 #define DSCN_Y_INPUT_AHEAD 6
 #endif
+constexpr int64_t kYInputAhead = DSCN_Y_INPUT_AHEAD;
 
 // Software prefetch (for reading) of the cache lines of [p, p + bytes).
 DSCN_INLINE void prefetch_range(const void* p, int64_t bytes) {
@@ -895,33 +946,7 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
         const scalar_t* __restrict__ xr = input + n * f.in_batch + line * f.in_orth;
 #if DSCN_X86_DISPATCH
         if (lerp20) {  // the blocked line, with the same values: xp[q] = x[q - 1], dp[q] = x[q] - x[q - 1]
-          using V = Vec<float, 64>;
-          using Q = Vec<float, 16>;
-          for (int64_t q = 0; q <= p.W; ++q) {
-            const float* cur = xr + std::min(q, p.W - 1) * C;  // x[q] (not read for q = W)
-            const float* prev = xr + std::max<int64_t>(q - 1, 0) * C;  // x[q - 1] (not read for q = 0)
-            float* blk = lerp_x + q * lerp_pixel;
-            for (int64_t g = 0; g < G; ++g, blk += kBlock20, cur += 20, prev += 20) {
-              const auto fill = [&](auto vec, int64_t c, int64_t xp_at, int64_t dp_at) DSCN_LAMBDA_INLINE {
-                using W = decltype(vec);
-                const typename W::type zero = {};
-                if (q == 0) {  // xp = 0, dp = x[0]
-                  W::store(blk + xp_at, zero);
-                  W::store(blk + dp_at, W::load(cur + c));
-                } else if (q == p.W) {  // xp = x[W - 1], dp = 0 - x[W - 1] (+0 for x = 0, as the plain line)
-                  const typename W::type pv = W::load(prev + c);
-                  W::store(blk + xp_at, pv);
-                  W::store(blk + dp_at, zero - pv);
-                } else {
-                  const typename W::type pv = W::load(prev + c);
-                  W::store(blk + xp_at, pv);
-                  W::store(blk + dp_at, W::load(cur + c) - pv);
-                }
-              };
-              fill(V{}, 0, 0, 16);
-              fill(Q{}, 16, 32, 36);
-            }
-          }
+          build_lerp20_line(xr, p.W, G, C, lerp_x);
         } else
 #endif
         {
@@ -962,15 +987,20 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
     if (step == 0 && oa0 + kYOffsetAhead < f.n_ax) {
       prefetch_range(offset + (pix0 + kYOffsetAhead * f.out_ax) * GK, R * GK * static_cast<int64_t>(sizeof(scalar_t)));
     }
-#if DSCN_Y_INPUT_AHEAD
-    if (step == 0 && p.orth_stride == 1) {
-      const int64_t row = (oa0 + DSCN_Y_INPUT_AHEAD) * p.geom.stride - p.geom.pad + (p.geom.kernel - 1) * p.geom.dilation;
-      const int64_t c0 = std::max<int64_t>(0, oo0 - p.orth_pad), c1 = std::min<int64_t>(p.orth_len, oo0 + R - p.orth_pad);
+    // y-strip: a run's last tap reaches (kernel - 1) * dilation rows below its first output row, so the row that
+    // the run kYInputAhead rows further down first needs is prefetched now, over this run's R columns. (Measured on
+    // Zen 4 at batch 32, same process: DSAN-S stage 1 y 0.62x, stage 2 y 0.82x the time with both prefetches; 4, 10
+    // and 16 rows ahead for the input were equal or worse than 6.)
+    if (kYInputAhead > 0 && step == 0 && p.orth_stride == 1) {
+      const int64_t row =
+          (oa0 + kYInputAhead) * p.geom.stride - p.geom.pad + (p.geom.kernel - 1) * p.geom.dilation;
+      const int64_t c0 = std::max<int64_t>(0, oo0 - p.orth_pad);
+      const int64_t c1 = std::min<int64_t>(p.orth_len, oo0 + R - p.orth_pad);
       if (row >= 0 && row < p.geom.axis_len && c1 > c0) {
-        prefetch_range(input + n * f.in_batch + row * f.in_axis + c0 * f.in_orth, (c1 - c0) * C * static_cast<int64_t>(sizeof(scalar_t)));
+        prefetch_range(input + n * f.in_batch + row * f.in_axis + c0 * f.in_orth,
+                       (c1 - c0) * C * static_cast<int64_t>(sizeof(scalar_t)));
       }
     }
-#endif
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* out_px = output + (pix0 + r) * C;
       const int64_t oo = oo0 + r * (1 - step);

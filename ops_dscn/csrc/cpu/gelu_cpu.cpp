@@ -10,7 +10,8 @@
 // block, the unfused MLPs of stages 3-4) they were about 14 % of the step. These vectorized forms are memory-bound.
 //
 // Layout: any dense (non-overlapping, gap-free) input is processed as a flat array and the output keeps its strides
-// (channels_last stays channels_last); other inputs are copied to their suggested memory format first. float64 uses std::erf / std::exp.
+// (channels_last stays channels_last); other inputs are copied to their suggested memory format first. float64 uses
+// std::erf / std::exp.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
