@@ -829,12 +829,13 @@ Frame make_frame(const DSCNParams& p) {
 
 // Calls run(o_axis0, step, oo0, R) for every run of R pixels that are consecutive in the output of task
 // (n, orth positions o0..o1): along the axis for an x-strip (pixel r at o_axis0 + r, line oo0), across it for a
-// y-strip (pixel r at o_axis0, line oo0 + r).
+// y-strip (pixel r at o_axis0, line oo0 + r). x_len: the x-strip's run length, at most x_run(p) (the table's size).
 template <typename Fn>
-DSCN_INLINE void for_each_run(const DSCNParams& p, const Frame& f, int64_t o0, int64_t o1, Fn run) {
+DSCN_INLINE void for_each_run(const DSCNParams& p, const Frame& f, int64_t o0, int64_t o1, Fn run,
+                              int64_t x_len = 0) {
   if (p.on_x) {
+    const int64_t run_len = x_len > 0 ? std::min(x_len, x_run(p)) : x_run(p);
     for (int64_t oo = o0; oo < o1; ++oo) {
-      const int64_t run_len = x_run(p);
       for (int64_t oa = 0; oa < f.n_ax; oa += run_len) run(oa, int64_t(1), oo, std::min(run_len, f.n_ax - oa));
     }
   } else {
@@ -935,6 +936,12 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
   const int64_t line_bytes = f.in_orth * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t slice = ((line_bytes + f.n_ax - 1) / f.n_ax + 63) & ~int64_t(63);
   const int64_t total_px = p.N * f.out_batch;
+  // The blocked 20-channel line is 2.4x the row's bytes (DSAN-S stage 3: 46 KB, about an L1 data cache), so its runs
+  // are shorter, to keep their tap table small beside it: at most kLerp20Entries entries rather than kTableEntries
+  // (AMD Zen 5, batch 32, same process: DSAN-S stage 3 x-strip 0.95x the time, DSAN-T stage 3 0.96x; 128 entries
+  // gained nothing more; for the other x-strips, 256 was 1.0-1.06x slower than 512).
+  constexpr int64_t kLerp20Entries = 256;
+  const int64_t x_len = form == kLerpForm && lerp20 ? std::max<int64_t>(1, kLerp20Entries / GK) : 0;
   for_each_run(p, f, o0, o1, [&](int64_t oa0, int64_t step, int64_t oo0, int64_t R) DSCN_LAMBDA_INLINE {
     const int64_t pix0 = n * f.out_batch + oa0 * f.out_ax + oo0 * f.out_orth;
     if (form == kLerpForm) {
@@ -1109,7 +1116,7 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
         });
       }
     }
-  });
+  }, x_len);
 }
 
 // grad_input is in the accumulation type (float for half/bfloat16) and zero-initialised by the caller. Either
