@@ -427,6 +427,10 @@ def test_kept_folded_weights_follow_every_change_of_their_sources(monkeypatch):
     check(2)
     block.attn.proj_1.weight = nn.Parameter(torch.randn_like(block.attn.proj_1.weight))
     check(1)
+    with torch.no_grad():  # weights that are only packed, not folded
+        block.attn.spatial_gating_unit.conv.weight.mul_(-1.5)
+        model.block3[0].attn.spatial_gating_unit.dscn_x.input_proj.weight.mul_(0.5)
+    check(2)
     model.load_state_dict(make_model(**SMALL).state_dict())
     check(4)
     block.mlp.fc1.weight.data.mul_(-1)  # invisible to version counters: taken up by the next eval()
@@ -514,23 +518,30 @@ def test_compiled_model_leaves_large_batches_to_inductor(monkeypatch):
 @requires_mlp_kernel
 @pytest.mark.skipif(not ops_dscn.pack_weight_available(torch.empty(0)), reason='ops_dscn built without pack_weight')
 def test_frozen_compiled_graphs_pack_the_folded_weights(monkeypatch):
-    """Under torch.compile with inductor's freezing, up to `compile_max_batch` images, the graph packs the folded 1x1
-    weights (constants folded at compile time); without freezing, or for larger batches, it does not. The compiled
-    models give the eager outputs, inductor with freezing included."""
+    """Under torch.compile with inductor's freezing the graph packs the folded 1x1 weights, the gating conv's and
+    DSCNX's input projection's (constants folded at compile time) at any batch, and the attention's 1x1 convs run
+    as the kernel beyond `compile_max_batch` too; without freezing it packs nothing. The compiled models give the
+    eager outputs, inductor with freezing included."""
     import torch._inductor.config as inductor_config
 
     from dsan.models.dsan import PointwiseConv2d
     monkeypatch.setattr(PointwiseConv2d, 'compile_max_batch', 2)
     model = make_model(**SMALL)
-    counts = []
+    counts, kernel_counts = [], []
     count_pack_nodes = _node_counting_backend(torch.ops.ops_dscn.pack_weight, counts)
-    for freezing, batch in ((True, 2), (True, 3), (False, 2)):
-        torch._dynamo.reset()
-        with inductor_config.patch(freezing=freezing), torch.no_grad():
-            x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-            out = torch.compile(model, backend=count_pack_nodes, dynamic=False)(x)
-            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
-    assert counts == [4 * 4, 0, 0]  # proj_1, proj_2, fc1 and fc2 of four blocks; then none
+    count_kernel_nodes = _node_counting_backend(torch.ops.ops_dscn.pointwise_conv, kernel_counts)
+    for freezing, batch in ((True, 2), (True, 3), (False, 2), (False, 3)):
+        for backend in (count_pack_nodes, count_kernel_nodes):
+            torch._dynamo.reset()
+            with inductor_config.patch(freezing=freezing), torch.no_grad():
+                x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+                out = torch.compile(model, backend=backend, dynamic=False)(x)
+                torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+    # proj_1, proj_2, the gating conv, DSCNX's input projection, fc1 and fc2 of four blocks; then none
+    assert counts == [6 * 4, 6 * 4, 0, 0]
+    # proj_1, the gating conv, proj_2 and the input projection; unpacked, DSCNX's projection stays a Linear and
+    # beyond `compile_max_batch` the 1x1 convs are left to inductor
+    assert kernel_counts == [4 * 4, 4 * 4, 3 * 4, 0]
     torch._dynamo.reset()
     with inductor_config.patch(freezing=True), torch.no_grad():
         x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
@@ -572,9 +583,11 @@ def test_reparameterize_packs_the_1x1_weights_for_the_kernels(monkeypatch):
         if hasattr(m, 'fused_epilogue'):
             m.fused_epilogue = False
     x = torch.randn(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    # Not reparameterized: the folded weights a block keeps in eager eval come packed (the MLP's, proj_1 and proj_2),
-    # the gating conv's own weight does not, and DSCNX's input projection stays an nn.Linear.
-    assert packed_calls(model, x) == {'conv_mlp': [True] * 4, 'pointwise_conv': [True, False, True] * 4}
+    # Not reparameterized: the weights a block keeps in eager eval come packed (the folded MLP, proj_1 and proj_2
+    # weights, the gating conv's and DSCNX's input projection's own), none of them kept on the modules.
+    assert packed_calls(model, x) == {'conv_mlp': [True] * 4, 'pointwise_conv': [True] * 16}
+    assert not any(getattr(m, name, None) is not None for m in model.modules()
+                   for name in ('packed_weight', 'input_proj_packed', 'fc1_packed', 'fc2_packed'))
     model.reparameterize()
     layers.reparameterize()
     keys = set(model.state_dict())

@@ -294,13 +294,14 @@ class PointwiseConv2d(nn.Conv2d):
             residual: (N, C_out, H, W) added last, or None.
             residual_scale: (C_out, 1, 1) multiplying `residual`, or None (1).
             weights: (weight (C_out, C_in, 1, 1), bias (C_out,)) used in place of the module's, or None.
-            packed: ``ops_dscn.pack_weight`` of `weights`' weight, or None; only read with `weights`.
+            packed: ``ops_dscn.pack_weight`` of the weight used (`weights`' or the module's), or None: without
+                `weights`, the kept `packed_weight` then, if any.
 
         Returns:
             (N, C_out, H, W).
         """
         weight, bias = (self.weight, self.bias) if weights is None else weights
-        if weights is None:
+        if weights is None and packed is None:
             packed = ops_dscn.kept_packed_weight(self, 'packed_weight', self.weight, x)
         if self._use_epilogue_kernel(x, gate, residual, residual_scale, packed=packed is not None):
             return ops_dscn.pointwise_conv(x, weight, bias, gelu, gate, residual, residual_scale, packed=packed)
@@ -460,14 +461,26 @@ class DSCNPair(nn.Module):
             dim, kernel_size, dw_kernel_size, stride=1, pad=pad, dilation=1, group=group, backend=backend)
         self.conv = PointwiseConv2d(dim, dim, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C, H, W) -> (N, C, H, W)."""
+    def forward(
+            self,
+            x: torch.Tensor,
+            packed: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H, W).
+
+        Args:
+            x: (N, C, H, W).
+            packed: ``ops_dscn.pack_weight`` of `conv`'s weight and of `dscn_x`'s input projection weight, used in
+                place of their kept copies (CPU float32 inference; see `Block`), or None.
+        """
+        p_conv, p_proj = (None, None) if packed is None else packed
         u = x
         x = self.conv0(x)
         # (N, C, H, W) -> (N, H, W, C); free when x is channels_last. Both offset branches read conv0's output.
-        attn = self.dscn_x(x.permute(0, 2, 3, 1), x)
+        attn = self.dscn_x(x.permute(0, 2, 3, 1), x, input_proj_packed=p_proj)
         attn = self.dscn_y(attn, x)
-        return self.conv.epilogue(attn.permute(0, 3, 1, 2), gate=u)  # (N, H, W, C) -> (N, C, H, W); conv(.) * u
+        # (N, H, W, C) -> (N, C, H, W); conv(.) * u
+        return self.conv.epilogue(attn.permute(0, 3, 1, 2), gate=u, packed=p_conv)
 
 
 class DSA(nn.Module):
@@ -495,7 +508,7 @@ class DSA(nn.Module):
             x: torch.Tensor,
             add_input: bool = False,
             weights: tuple[torch.Tensor, ...] | None = None,
-            packed: tuple[torch.Tensor | None, torch.Tensor | None] | None = None,
+            packed: tuple[torch.Tensor | None, ...] | None = None,
     ) -> torch.Tensor:
         """(N, C, H, W) -> (N, C, H, W).
 
@@ -505,9 +518,10 @@ class DSA(nn.Module):
                 the inner shortcut as one scaled sum in the last conv's output pass.
             weights: (proj_1 weight, proj_1 bias, proj_2 weight, proj_2 bias, shortcut_scale) used in place of the
                 module's (see `Block`), or None.
-            packed: ``ops_dscn.pack_weight`` of the proj_1 and proj_2 weights in `weights`, or None.
+            packed: ``ops_dscn.pack_weight`` of the proj_1 and proj_2 weights in `weights`, then of the spatial
+                gating unit's `conv` and `dscn_x.input_proj` weights (see `DSCNPair`), or None.
         """
-        p1, p2 = (None, None) if packed is None else packed
+        p1, p2, *p_sgu = (None, None) if packed is None else packed
         if weights is None:
             w1 = w2 = None
             scale = self.shortcut_scale
@@ -520,8 +534,8 @@ class DSA(nn.Module):
             x = self.proj_1.epilogue(x, gelu=True, weights=w1, packed=p1)  # the GELU joins the conv's output pass
         else:
             x = self.activation(self.proj_1(x) if w1 is None else F.conv2d(x, *w1))
-        return self.proj_2.epilogue(self.spatial_gating_unit(x), residual=shortcut, residual_scale=scale, weights=w2,
-                                    packed=p2)
+        x = self.spatial_gating_unit(x, packed=tuple(p_sgu) or None)
+        return self.proj_2.epilogue(x, residual=shortcut, residual_scale=scale, weights=w2, packed=p2)
 
 
 class Block(nn.Module):
@@ -593,7 +607,8 @@ class Block(nn.Module):
     def _folded_sources(self) -> tuple[list[torch.Tensor | None], tuple[Any, ...]]:
         """The tensors the folded weights are made from, and their state: memory, device and version (the norms'
         eps too)."""
-        tensors = [self.layer_scale_1, self.layer_scale_2]
+        sgu = self.attn.spatial_gating_unit
+        tensors = [self.layer_scale_1, self.layer_scale_2, sgu.conv.weight, sgu.dscn_x.input_proj.weight]
         for m in (self.norm1, self.norm2, self.attn.proj_1, self.attn.proj_2, self.mlp.fc1, self.mlp.fc2):
             tensors += [m.weight, m.bias]
             if m is self.norm1 or m is self.norm2:
@@ -602,22 +617,25 @@ class Block(nn.Module):
                       for t in tensors)
         return tensors, state + (self.norm1.eps, self.norm2.eps)
 
-    @staticmethod
-    def _packed(attn_w: tuple[torch.Tensor, ...], mlp_w: tuple[torch.Tensor, ...]) -> tuple[tuple[Any, Any], ...]:
-        """(proj_1, proj_2) and (fc1, fc2) folded weights packed for the kernels; None where packing does not apply."""
+    def _packed(self, attn_w: tuple[torch.Tensor, ...], mlp_w: tuple[torch.Tensor, ...]) -> tuple[tuple[Any, ...], ...]:
+        """The weights packed for the kernels, None where packing does not apply: DSA's (the folded proj_1 and
+        proj_2, the spatial gating unit's conv and DSCNX input projection, which `reparameterize` packs too) and the
+        folded (fc1, fc2)."""
+        sgu = self.attn.spatial_gating_unit
         packs = [ops_dscn.pack_weight(w) if ops_dscn.pack_weight_available(w) else None
-                 for w in (attn_w[0], attn_w[2], mlp_w[0], mlp_w[2])]
-        return tuple(packs[:2]), tuple(packs[2:])
+                 for w in (attn_w[0], attn_w[2], sgu.conv.weight, sgu.dscn_x.input_proj.weight, mlp_w[0], mlp_w[2])]
+        return tuple(packs[:4]), tuple(packs[4:])
 
-    def _inference_weights(self, batch: int) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any, Any]:
-        """`_folded_weights` and the packed proj_1 / proj_2 and fc1 / fc2 weights (None where packing does not
-        apply), kept between eager calls (see `fold_in_inference`), for a call on `batch` images."""
+    def _inference_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], Any, Any]:
+        """`_folded_weights` and the weights packed for the kernels (`_packed`), kept between eager calls (see
+        `fold_in_inference`)."""
         if torch.compiler.is_compiling():
             attn_w, mlp_w = self._folded_weights()
             # With inductor's freezing the folded weights are constants and so are their packed copies, folded at
-            # compile time: DSAN-T at batch 1 ran 1.16x as fast with them. Without freezing the packing would run on
-            # every call (0.94x), and above `compile_max_batch` images the 1x1 convs stay with inductor.
-            if batch <= PointwiseConv2d.compile_max_batch and _inductor_freezes():
+            # compile time: DSAN-T at batch 1 ran 1.16x as fast with them, and at batch 32 1.10x as fast as with the
+            # 1x1 convs left to inductor (as a reparameterized model runs). Without freezing the packing would run on
+            # every call (0.94x at batch 1), and above `compile_max_batch` images the 1x1 convs stay with inductor.
+            if _inductor_freezes():
                 return attn_w, mlp_w, *self._packed(attn_w, mlp_w)
             return attn_w, mlp_w, None, None
         tensors, state = self._folded_sources()
@@ -673,7 +691,7 @@ class Block(nn.Module):
             x = x + self.drop_path(self.attn(x))
             return x + self.drop_path(self.mlp(x))
         if self._use_folded_inference(x):
-            attn_weights, mlp_weights, attn_packed, mlp_packed = self._inference_weights(x.shape[0])
+            attn_weights, mlp_weights, attn_packed, mlp_packed = self._inference_weights()
             x = self.attn(x, add_input=True, weights=attn_weights, packed=attn_packed)
             return self.mlp(x, residual=x, weights=mlp_weights, packed=mlp_packed)
         if self.training and not torch.jit.is_tracing():

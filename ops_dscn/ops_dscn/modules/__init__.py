@@ -181,9 +181,12 @@ class DSCNX(_DSCNStrip):
         """
         keep_packed_weight(self, "input_proj_packed", self.input_proj.weight)
 
-    def _project(self, input: torch.Tensor) -> torch.Tensor:
+    def _project(self, input: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
         proj = self.input_proj
-        packed = kept_packed_weight(self, "input_proj_packed", proj.weight, input)
+        if packed is None:
+            packed = kept_packed_weight(self, "input_proj_packed", proj.weight, input)
+        elif torch.is_grad_enabled() and proj.weight.requires_grad:
+            packed = None  # the weight's gradient needs the layer
         if (packed is None or self.backend == "pytorch" or (torch.is_grad_enabled() and input.requires_grad)
                 or torch.jit.is_tracing() or torch.is_autocast_enabled(input.device.type)
                 or not pointwise_conv_available(input) or input.dim() != 4):
@@ -191,9 +194,14 @@ class DSCNX(_DSCNStrip):
         # (N, H, W, C) -> (N, C, H, W) is a view of the same memory (channels_last), and back.
         return pointwise_conv(input.permute(0, 3, 1, 2), proj.weight, proj.bias, packed=packed).permute(0, 2, 3, 1)
 
-    def forward(self, input: torch.Tensor, off_x: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H, W_out, C)."""
-        return self._strip(self._project(input), self._offsets(off_x))
+    def forward(self, input: torch.Tensor, off_x: torch.Tensor,
+                input_proj_packed: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, H, W, C) input and (N, C, H, W) offset source -> (N, H, W_out, C).
+
+        `input_proj_packed`: ``ops_dscn.pack_weight(self.input_proj.weight)`` made by the caller (a model that keeps
+        its own packed copies), used in place of the kept one for CPU float32 inference; None: the kept one, if any.
+        """
+        return self._strip(self._project(input, input_proj_packed), self._offsets(off_x))
 
 
 class DSCNY(_DSCNStrip):
