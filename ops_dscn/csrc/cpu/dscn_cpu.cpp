@@ -19,6 +19,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <new>
 #include <string>
 #include <tuple>
@@ -419,7 +420,8 @@ DSCN_INLINE void for_each_tap(int64_t taps, Fn& tap) {
 constexpr int kGeneralForm = 0, kPairForm = 1, kLerpForm = 2;
 
 // NV vectors of out[c] = sum_j w0[j] * x[i0[j] * step + c] + w1[j] * x[i1[j] * step + c] for each of M groups, in
-// one tap loop: group m reads x + m * gc, writes out + m * gc, and its `taps` table entries start at m * taps.
+// one tap loop: group m reads x + m * gc, writes out + m * gc, and its `taps` table entries start at m * taps (with
+// ts >= 0 at m * ts, with xs >= 0 it reads x + m * xs: M pixels of one group, see forward_task_body).
 // Form kGeneralForm: i0, i1 are indices along the axis. kPairForm (TapTable::fill): i0[j] is a byte offset and the
 // upper neighbour is step elements after the lower one. kLerpForm (TapTable::fill_lerp): x is a padded line and
 // x + step its differences; the sample is x[q] + w1[j] * (x + step)[q] with q at byte offset i0[j] (w0 is not read).
@@ -440,7 +442,7 @@ constexpr int kGeneralForm = 0, kPairForm = 1, kLerpForm = 2;
 template <int Form, int M, int NV, typename V, int TB = 0, typename scalar_t, typename acc_t, typename idx_t>
 DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
                                      const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
-                                     int64_t step, int64_t gc, int64_t last) {
+                                     int64_t step, int64_t gc, int64_t last, int64_t ts = -1, int64_t xs = -1) {
   using v_t = typename V::type;
   using T = Vec<scalar_t, TB == 0 ? 16 : TB>;  // the tail vector (unused when TB == 0)
   using t_t = typename T::type;
@@ -464,12 +466,15 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
   // Pair form: both neighbours are addressed as base + table entry (+ a constant), the upper one from a second base
   // pointer, so that neither needs an address computation.
   const scalar_t* const x_up = x + step;
+  const int64_t t_stride = ts < 0 ? taps : ts, x_stride = xs < 0 ? gc : xs;
   const auto tap = [&](int s, int64_t j) DSCN_LAMBDA_INLINE {
 #pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
-      const int64_t e = m * taps + j;
-      const scalar_t* pa = kPair ? byte_offset(x + m * gc, i0[e]) : x + m * gc + static_cast<int64_t>(i0[e]) * step;
-      const scalar_t* pb = kPair ? byte_offset(x_up + m * gc, i0[e]) : x + m * gc + static_cast<int64_t>(i1[e]) * step;
+      const int64_t e = m * t_stride + j;
+      const scalar_t* pa = kPair ? byte_offset(x + m * x_stride, i0[e])
+                                 : x + m * x_stride + static_cast<int64_t>(i0[e]) * step;
+      const scalar_t* pb = kPair ? byte_offset(x_up + m * x_stride, i0[e])
+                                 : x + m * x_stride + static_cast<int64_t>(i1[e]) * step;
       // The weights are broadcast once, and the tail takes the low lanes of the same registers: written as scalar
       // times tail vector, the compiler broadcast each weight a second time from memory, and a group of 20 channels
       // (a full vector and a tail) then spent 7 loads a tap, not 5 (DSAN-T/S stage 3).
@@ -1008,6 +1013,7 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
                        (c1 - c0) * C * static_cast<int64_t>(sizeof(scalar_t)));
       }
     }
+    bool done = false;  // this pixel was computed with the one before it
     for (int64_t r = 0; r < R; ++r) {
       scalar_t* out_px = output + (pix0 + r) * C;
       const int64_t oo = oo0 + r * (1 - step);
@@ -1032,11 +1038,25 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
       // The lerp form reads the row's padded line (lerp_x) and its differences (lerp_step elements on).
       const scalar_t* x = form == kLerpForm ? lerp_x : input + n * f.in_batch + line * f.in_orth;
       const int64_t x_step = form == kLerpForm ? lerp_step : f.in_axis;
+      if (std::exchange(done, false)) continue;
       int64_t grp = 0;
 #if DSCN_HAS_VEC
       if constexpr (kVectorised<scalar_t>) {
         using V = Vec<scalar_t, Bytes>;
         constexpr int64_t L = V::size;
+        // One group of two vectors (G = 1, 17-32 floats on AVX-512: DSAN-T stage 1) has no second group to share its
+        // tap loop, so an x-strip takes two pixels a loop instead: they read the same line (x) and their table
+        // entries are GK apart. The sums are those of one pixel a loop, operation for operation.
+        if (G == 1 && step == 1 && r + 1 < R && gc > L && gc <= 2 * L && !lerp20) {  // lerp20: a blocked line
+          with_form([&](auto fm) DSCN_LAMBDA_INLINE {
+            const int64_t t0 = r * GK;
+            weighted_sum_groups<decltype(fm)::value, 2, 2, V>(x, tab.i0.data() + t0, tab.i1.data() + t0,
+                                                              tab.w0.data() + t0, tab.w1.data() + t0, KK, out_px,
+                                                              x_step, C, gc - L, GK, 0);
+          });
+          done = true;
+          continue;
+        }
         // Groups of one vector four (two, one) at a time; of two vectors (the second may overlap) two at a time.
         const auto groups = [&](auto m, auto nv, auto bytes, auto tail) DSCN_LAMBDA_INLINE {
           constexpr int M = decltype(m)::value, NV = decltype(nv)::value, TB = decltype(tail)::value;
