@@ -357,6 +357,22 @@ def test_float32_lines_with_orth_stride_and_padding(on_x, gc, group, n, across):
 
 
 @needs_ext
+@pytest.mark.parametrize("n, w, group, k", [(3, 14, 16, 7), (2, 14, 6, 7), (2, 9, 3, 5), (1, 40, 16, 7)])
+def test_float32_x_strips_of_20_channel_groups(n, w, group, k):
+    """x-strips of 20-channel groups (DSAN-T/S stage 3): on AVX-512 a row whose tap table fits goes a row at a time
+    (16 groups of K = 7 as in DSAN-S, 6 = 4 + 2 groups, K = 5), a longer one (40 pixels of 16 groups of 7 taps) run
+    by run. Either way the float32 forward matches the float64 one, offsets reaching past both ends included."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n, 3, w, group * 20, generator=g, dtype=torch.float64)
+    off = torch.randn(n, 3, w, group * k, generator=g, dtype=torch.float64) * 4
+    off[0, 0, 0, 0], off[-1, -1, -1, -1] = -2.0 * w, 2.0 * w  # far outside the row
+    args = (1, k, 1, 1, 0, k // 2, 1, 1, group, 20, 1.0, False, True)
+    out = torch.ops.ops_dscn.dscn(x.float(), off.float(), *args)
+    ref = torch.ops.ops_dscn.dscn(x.float().double(), off.float().double(), *args)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
+
+
+@needs_ext
 @pytest.mark.parametrize("gc, groups", [(16, 7), (20, 7), (8, 6)])
 def test_groups_batched_in_one_loop_give_the_per_group_result(gc, groups):
     """Several groups share one tap loop in the CPU forward; each must come out bit for bit as when run alone."""

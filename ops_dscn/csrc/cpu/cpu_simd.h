@@ -51,7 +51,17 @@ struct Vec {
     return v;
   }
   static DSCN_INLINE void store(T* p, const type& v) { std::memcpy(p, &v, sizeof(v)); }
-  static DSCN_INLINE type broadcast(T s) { return type{} + s; }
+  // Every lane s: lane 0 shuffled to all lanes, which GCC emits as one broadcast (or an embedded {1to16} operand).
+  // (`type{} + s`, as before, is not s for s = -0.0, so GCC kept an add and its latency before each broadcast: 4 of
+  // the 37 instructions of the 20-channel x-strip's tap loop; `s - type{}` and a braced list of s GCC 12 built lane
+  // by lane inside the kernels, 2-7x slower.)
+  static DSCN_INLINE type broadcast(T s) {
+#if defined(__clang__)
+    return s - type{};
+#else
+    return __builtin_shuffle(type{s}, itype{});
+#endif
+  }
 };
 
 // Sum of the lanes of v, as a tree: halves added until two lanes are left (log2(lanes) vector adds). The tree's

@@ -59,6 +59,10 @@ constexpr int64_t kRun = 32;
 // for wide strips too (DSAN-S stage 1 has G * K' = 60).
 constexpr int64_t kTableEntries = DSCN_TABLE_ENTRIES;
 
+// x-strips of 20-channel groups whose row has at most this many table entries go a row at a time
+// (forward_lerp20_rows): DSAN-S stage 3 at 224 has 14 * 112.
+constexpr int64_t kLerp20RowEntries = 4096;
+
 inline int64_t x_run(const DSCNParams& p) {
   return std::max<int64_t>(1, std::min<int64_t>(kRun, kTableEntries / (p.group * p.geom.taps)));
 }
@@ -539,9 +543,10 @@ constexpr int64_t kBlock20 = 48;
 // needed four loads, three in four of its 64-byte ones crossing a line. The two tails share one vector: lanes 0-3
 // accumulate xp (times 1) and lanes 4-7 l * dp, exactly the two tail accumulators of weighted_sum_groups (an FMA by
 // 1 is the add), and they are summed in the same order at the end, so the results are bit-identical.
-template <int M>
-DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, const float* w1, int64_t taps,
+template <int M, int KT = 0>
+DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, const float* w1, int64_t taps_,
                                float* __restrict__ out) {
+  const int64_t taps = KT > 0 ? KT : taps_;
   using V = Vec<float, 64>;
   using E = Vec<float, 32>;
   using Q = Vec<float, 16>;
@@ -601,13 +606,14 @@ DSCN_INLINE void lerp20_groups(const float* __restrict__ x, const int32_t* i0, c
     Q::store(out + m * 20 + 16, tail);
   }
 }
-// Writes the blocked line of one input row xr (W pixels of C = G * 20 channels) for lerp20_groups: for q = 0..W and
-// each group, xp[q] = x[q - 1] and dp[q] = x[q] - x[q - 1] with x[-1] = x[W] = 0, the plain line's values (dp[W] is
+// Writes the blocked line of G groups of 20 channels of one input row xr (W pixels, C channels a pixel, the first
+// group at xr) for lerp20_groups, padded pixel q at line + q * blocks * kBlock20: for q = 0..W and each of the G
+// groups, xp[q] = x[q - 1] and dp[q] = x[q] - x[q - 1] with x[-1] = x[W] = 0, the plain line's values (dp[W] is
 // 0 - x[W - 1]: +0 for x = 0, as there). The ends are hoisted out of the loop over q, and the two 4-float tails go
 // out as one 32-byte store: the first version (edge tests per group, two 16-byte tail stores, each pixel loaded
 // twice) was about a fifth of the DSAN-T/S stage 3 x-strips' time on AMD Zen 5 at batch 32.
 DSCN_INLINE void build_lerp20_line(const float* __restrict__ xr, int64_t W, int64_t G, int64_t C,
-                                   float* __restrict__ line) {
+                                   float* __restrict__ line, int64_t blocks) {
   using V = Vec<float, 64>;
   using E = Vec<float, 32>;
   using Q = Vec<float, 16>;
@@ -623,7 +629,7 @@ DSCN_INLINE void build_lerp20_line(const float* __restrict__ xr, int64_t W, int6
     Q::store(blk + 36, dpt);
 #endif
   };
-  const int64_t pixel = G * kBlock20;
+  const int64_t pixel = blocks * kBlock20;
   const v_t zero = {};
   const q_t zero4 = {};
   for (int64_t g = 0; g < G; ++g) {  // q = 0: xp = 0, dp = x[0]
@@ -848,11 +854,12 @@ DSCN_INLINE void for_each_run(const DSCNParams& p, const Frame& f, int64_t o0, i
   }
 }
 
-// Runs fn(table, n, o0, o1) over all (image, block of orth positions) tasks, with one tap table per thread. Each
+// Runs fn(table, n, o0, o1) over all (image, block of orth positions) tasks, with one tap table per thread (of
+// x_pixels pixels for an x-strip, if more than x_run(p)). Each
 // orth position maps to one input line (row for x, column for y), distinct for distinct positions, so tasks own
 // disjoint input lines.
 template <typename scalar_t, typename Fn>
-void for_each_task(const DSCNParams& p, const Frame& f, Fn fn) {
+void for_each_task(const DSCNParams& p, const Frame& f, Fn fn, int64_t x_pixels = 0) {
   const int64_t columns = y_columns(p, sizeof(scalar_t));
   const int64_t block = p.on_x ? 1 : std::min(columns, f.n_orth);
   const int64_t blocks_per_image = (f.n_orth + block - 1) / block;
@@ -860,7 +867,7 @@ void for_each_task(const DSCNParams& p, const Frame& f, Fn fn) {
   const int64_t work_per_task = std::max<int64_t>(1, block * f.n_ax * p.C * p.geom.taps);
   const int64_t grain = std::max<int64_t>(1, 32768 / work_per_task);
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
-    TapTable<scalar_t> table(p, p.on_x ? x_run(p) : columns, p.on_x ? 1 : 0);
+    TapTable<scalar_t> table(p, p.on_x ? std::max(x_pixels, x_run(p)) : columns, p.on_x ? 1 : 0);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n = t / blocks_per_image;
       const int64_t o0 = (t % blocks_per_image) * block;
@@ -883,6 +890,77 @@ DSCN_INLINE void prefetch_range(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
+
+#if DSCN_X86_DISPATCH
+// x-strips of 20-channel groups (DSAN-T/S stage 3) a whole output row at a time, where the row's table fits the
+// thread's TapTable: the table is filled once for the row, then for each four groups the blocked line of just those
+// groups is built ((W + 1) * 768 bytes: 11.5 KB for W = 14) and every pixel of the row is summed from it while it is
+// in L1. The run-by-run path below builds the line of all G groups first (46 KB for DSAN-S stage 3, as much as an L1
+// data cache), so most of its tap loads and its stores went to L2. The sums are lerp20_groups' in both paths, so the
+// results are the same bit for bit.
+template <typename Tab>
+DSCN_INLINE void forward_lerp20_rows(const DSCNParams& p, const Frame& f, Tab& tab, const float* input,
+                                     const float* offset, float* output, int64_t n, int64_t o0, int64_t o1) {
+  const int64_t G = p.group, C = p.C, KK = p.geom.taps, GK = G * KK, R = f.n_ax;
+  constexpr int64_t kBlocks = 4;  // blocks per padded pixel of the line: one tap loop's groups
+  float* line = tab.lerp_line((p.W + 1) * kBlocks * kBlock20);
+  const int64_t line_bytes = f.in_orth * static_cast<int64_t>(sizeof(float));
+  const int64_t off_bytes = R * GK * static_cast<int64_t>(sizeof(float));
+  const int64_t quads = (G + kBlocks - 1) / kBlocks;
+  const int64_t in_share = ((line_bytes + quads - 1) / quads + 63) & ~int64_t(63);
+  const int64_t off_share = ((off_bytes + quads - 1) / quads + 63) & ~int64_t(63);
+  for (int64_t oo = o0; oo < o1; ++oo) {
+    const int64_t pix0 = n * f.out_batch + oo * f.out_orth;
+    float* out_row = output + pix0 * C;
+    // The next task's row (the next row, or the next image's first) and its offsets are prefetched a share per
+    // group of four, as the run-by-run path does a share per pixel.
+    const bool last_row = oo + 1 >= f.n_orth;
+    const int64_t next_n = last_row ? n + 1 : n;
+    const int64_t next_line = (last_row ? 0 : oo + 1) * p.orth_stride - p.orth_pad;
+    const char* next_in = next_n < p.N && next_line >= 0 && next_line < p.orth_len
+                              ? reinterpret_cast<const char*>(input + next_n * f.in_batch + next_line * f.in_orth)
+                              : nullptr;
+    const char* next_off = next_n < p.N ? reinterpret_cast<const char*>(offset + (pix0 + f.out_orth) * GK) : nullptr;
+    const int64_t row = oo * p.orth_stride - p.orth_pad;
+    if (row < 0 || row >= p.orth_len) {  // the strip's line lies in the padding
+      std::fill(out_row, out_row + R * C, 0.0f);
+      continue;
+    }
+    tab.fill_lerp(p.geom, 0, R, offset + pix0 * GK, static_cast<float>(p.offset_scale),
+                  kBlocks * kBlock20 * static_cast<int64_t>(sizeof(float)));
+    const float* xr = input + n * f.in_batch + row * f.in_orth;
+    for (int64_t g0 = 0; g0 < G;) {
+      const int64_t q = g0 / kBlocks;
+      if (next_in != nullptr && q * in_share < line_bytes) {
+        prefetch_range(next_in + q * in_share, std::min(in_share, line_bytes - q * in_share));
+      }
+      if (next_off != nullptr && q * off_share < off_bytes) {
+        prefetch_range(next_off + q * off_share, std::min(off_share, off_bytes - q * off_share));
+      }
+      const auto groups = [&](auto m) DSCN_LAMBDA_INLINE {
+        constexpr int M = decltype(m)::value;
+        build_lerp20_line(xr + g0 * 20, p.W, M, C, line, kBlocks);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t t0 = r * GK + g0 * KK;
+          if (KK == 7) {  // DSAN's stage 3 kernel: the groups' table entries at fixed displacements
+            lerp20_groups<M, 7>(line, tab.i0.data() + t0, tab.w1.data() + t0, KK, out_row + r * C + g0 * 20);
+          } else {
+            lerp20_groups<M>(line, tab.i0.data() + t0, tab.w1.data() + t0, KK, out_row + r * C + g0 * 20);
+          }
+        }
+        g0 += M;
+      };
+      if (g0 + 4 <= G) {
+        groups(std::integral_constant<int, 4>{});
+      } else if (g0 + 2 <= G) {
+        groups(std::integral_constant<int, 2>{});
+      } else {
+        groups(std::integral_constant<int, 1>{});
+      }
+    }
+  }
+}
+#endif
 
 // An x-strip reads its input line at data-dependent positions, which the hardware prefetchers do not follow; at
 // batch 32 (17 MB a call for DSAN-T stage 2, far more than L2) the forward waited for them. So each output pixel of
@@ -925,6 +1003,14 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
   const int form = kLerpISA && p.on_x && p.W * lerp_pixel * static_cast<int64_t>(sizeof(scalar_t)) <= kIdxMax
                        ? kLerpForm
                        : (pair ? kPairForm : kGeneralForm);
+#if DSCN_X86_DISPATCH
+  if constexpr (kLerpISA) {
+    if (form == kLerpForm && lerp20 && f.n_ax * GK <= static_cast<int64_t>(tab.i0.size())) {
+      forward_lerp20_rows(p, f, tab, input, offset, output, n, o0, o1);
+      return;
+    }
+  }
+#endif
   scalar_t* lerp_x = nullptr;
   if constexpr (kLerpISA) {
     if (form == kLerpForm) lerp_x = tab.lerp_line(lerp20 ? (p.W + 1) * lerp_pixel : 2 * lerp_step);
@@ -958,7 +1044,7 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
         const scalar_t* __restrict__ xr = input + n * f.in_batch + line * f.in_orth;
 #if DSCN_X86_DISPATCH
         if (lerp20) {  // the blocked line, with the same values: xp[q] = x[q - 1], dp[q] = x[q] - x[q - 1]
-          build_lerp20_line(xr, p.W, G, C, lerp_x);
+          build_lerp20_line(xr, p.W, G, C, lerp_x, G);
         } else
 #endif
         {
@@ -1244,9 +1330,15 @@ DSCN_DEFINE_ISA_DISPATCH(backward_task)
 template <typename scalar_t>
 void forward_impl(const DSCNParams& p, const scalar_t* input, const scalar_t* offset, scalar_t* output) {
   const Frame f = make_frame(p);
-  for_each_task<scalar_t>(p, f, [&](TapTable<scalar_t>& tab, int64_t n, int64_t o0, int64_t o1) {
-    forward_task<scalar_t>(p, f, tab, input, offset, output, n, o0, o1);
-  });
+  // Tables that hold a whole row for the x-strips of 20-channel groups (see forward_lerp20_rows).
+  const bool rows = std::is_same_v<scalar_t, float> && p.on_x && p.group_channels == 20 &&
+                    f.n_ax * p.group * p.geom.taps <= kLerp20RowEntries;
+  for_each_task<scalar_t>(
+      p, f,
+      [&](TapTable<scalar_t>& tab, int64_t n, int64_t o0, int64_t o1) {
+        forward_task<scalar_t>(p, f, tab, input, offset, output, n, o0, o1);
+      },
+      rows ? f.n_ax : 0);
 }
 
 template <typename scalar_t>
