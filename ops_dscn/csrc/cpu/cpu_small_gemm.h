@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -187,6 +188,18 @@ DSCN_INLINE void small_gemm_block(const scalar_t* a, int64_t lda, const PaddedMa
   for (; r + P <= rows; r += P) run(std::integral_constant<int, P>{}, r);
   for (; r < rows; ++r) run(std::integral_constant<int, 1>{}, r);
 }
+
+#if DSCN_X86_DISPATCH
+// The AVX-512 float blocks as functions of their own. Inlined into a large fused kernel (the MLP's), GCC 12
+// allocated the P * NJ accumulators among that kernel's values: with P = 8, NJ = 2 (DSAN-T stage 1's fc2) half of the
+// 16 accumulators and most of the 8 row pointers lived on the stack, a load and a store around every other FMA.
+template <int NJ, int P>
+DSCN_TARGET_AVX512 __attribute__((noinline)) void small_gemm_block_avx512(const float* a, int64_t lda,
+                                                                          const PaddedMatrix<float>& w, float* out,
+                                                                          int64_t ldo, int64_t rows) {
+  small_gemm_block<NJ, P, Vec<float, 64>>(a, lda, w, out, ldo, rows);
+}
+#endif
 #endif
 
 // out (rows, w.n), row stride ldo, = a (rows, w.k), row stride lda, @ w.b + w.bias. Returns false (and computes
@@ -204,6 +217,12 @@ DSCN_INLINE bool small_gemm(const scalar_t* a, int64_t lda, const PaddedMatrix<s
   const auto pick = [&](auto nj) DSCN_LAMBDA_INLINE {
     constexpr int NJ = decltype(nj)::value;
     constexpr int P = std::min(8, std::max(1, (kRegs - NJ - 2) / NJ));
+#if DSCN_X86_DISPATCH
+    if constexpr (Bytes == 64 && std::is_same_v<scalar_t, float>) {
+      small_gemm_block_avx512<NJ, P>(a, lda, w, out, ldo, rows);
+      return true;
+    }
+#endif
     small_gemm_block<NJ, P, VT>(a, lda, w, out, ldo, rows);
     return true;
   };
