@@ -361,14 +361,17 @@ def test_float32_lines_with_orth_stride_and_padding(on_x, gc, group, n, across):
 def test_float32_x_strips_of_20_channel_groups(n, w, group, k):
     """x-strips of 20-channel groups (DSAN-T/S stage 3): on AVX-512 a row whose tap table fits goes a row at a time
     (16 groups of K = 7 as in DSAN-S, 6 = 4 + 2 groups, K = 5), a longer one (40 pixels of 16 groups of 7 taps) run
-    by run. Either way the float32 forward matches the float64 one, offsets reaching past both ends included."""
+    by run. Either way the float32 forward matches the float64 one, offsets reaching past both ends and non-finite
+    ones included."""
     g = torch.Generator().manual_seed(11)
     x = torch.randn(n, 3, w, group * 20, generator=g, dtype=torch.float64)
     off = torch.randn(n, 3, w, group * k, generator=g, dtype=torch.float64) * 4
     off[0, 0, 0, 0], off[-1, -1, -1, -1] = -2.0 * w, 2.0 * w  # far outside the row
+    off[0, 1, 2, :3], off[-1, 0, 1, k] = float("nan"), float("inf")  # non-finite taps contribute nothing
     args = (1, k, 1, 1, 0, k // 2, 1, 1, group, 20, 1.0, False, True)
     out = torch.ops.ops_dscn.dscn(x.float(), off.float(), *args)
     ref = torch.ops.ops_dscn.dscn(x.float().double(), off.float().double(), *args)
+    assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-5)
 
 
