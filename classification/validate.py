@@ -29,6 +29,7 @@ if _HERE not in sys.path:
 import data as cls_data  # noqa: E402
 import engine  # noqa: E402
 import model_factory  # noqa: E402
+import train_utils as tu  # noqa: E402
 from timm.data import create_loader, resolve_data_config  # noqa: E402
 from timm.utils import ParseKwargs  # noqa: E402
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size (default: 256)')
     group.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data-loading processes')
     group.add_argument('--device', default='', type=str, help='"cuda" or "cpu" (default: cuda when available)')
+    group.add_argument('--tune-malloc', action=argparse.BooleanOptionalAction, default=True,
+                       help='on the CPU, keep freed memory in the process for reuse (glibc; '
+                            'dsan.allocator.keep_freed_memory) (default: on)')
     group.add_argument('--amp', action='store_true', help='mixed precision (see --amp-dtype)')
     group.add_argument('--amp-dtype', default='', type=str, choices=['', 'float16', 'bfloat16'],
                        help='dtype of --amp: "float16" or "bfloat16" (default: float16 on CUDA, bfloat16 on CPU)')
@@ -84,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by ``args``; returns the summary dict (top1, top5, loss, count ...)."""
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if args.tune_malloc:
+        tu.keep_freed_memory(device)
     data_dir = args.data_dir or args.data
     if not args.dataset:
         classes = cls_data.check_image_folder(data_dir, args.split)

@@ -38,6 +38,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
+from dsan.allocator import keep_freed_memory  # noqa: E402
 
 _logger = logging.getLogger('get_inf_speed')
 
@@ -49,15 +50,6 @@ DEFAULT_MODELS = ('dsan_t', 'efficientformer_l1', 'resnet18')
 MODES = ('eager', 'channels_last', 'fused', 'compile', 'fused_compile')
 # The mode profiled (--profile) when only compiled modes are run: the same model, not compiled.
 _UNCOMPILED = {'compile': 'channels_last', 'fused_compile': 'fused'}
-
-# glibc malloc settings for --tune-malloc: large activations are reused from the heap instead of being
-# mmap'd and page-faulted in on every call (a poor man's jemalloc/tcmalloc; applies to every model alike).
-MALLOC_ENV = {
-    'MALLOC_MMAP_THRESHOLD_': str(32 * 2 ** 20),
-    'MALLOC_TRIM_THRESHOLD_': str(2 ** 30),
-    'MALLOC_TOP_PAD_': str(256 * 2 ** 20),
-}
-
 
 def _sync(device: torch.device) -> None:
     if device.type == 'cuda':
@@ -417,7 +409,8 @@ def _build_parser() -> argparse.ArgumentParser:
                              'in the first requested mode that is not compiled')
     parser.add_argument('--out', default=None, metavar='FILE.json', help='also write the results as JSON')
     parser.add_argument('--tune-malloc', action='store_true',
-                        help='re-run with glibc malloc settings that keep large activations on the heap (Linux)')
+                        help='keep freed memory in the process for reuse (glibc; dsan.allocator.keep_freed_memory), '
+                             'as train.py does on the CPU; applies to every model alike')
     return parser
 
 
@@ -442,10 +435,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
-    tuned = all(os.environ.get(k) == v for k, v in MALLOC_ENV.items())
-    if args.tune_malloc and not tuned and argv is None:
-        # malloc reads these at process start: re-run this script with them set.
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    tuned = keep_freed_memory() if args.tune_malloc else False
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args.models, args.batch_size, args.img_size, tuple(args.modes), args.device, args.channels_last,

@@ -154,18 +154,22 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                    help='time train_one_epoch of these engine.py files, interleaved (implies --loop)')
     p.add_argument('--amp', action='store_true', help='autocast in the --loop runs')
     p.add_argument('--log-interval', type=int, default=50, help='log_interval of the --loop runs (default: 50)')
+    p.add_argument('--tune-malloc', action='store_true',
+                   help='keep freed memory in the process for reuse (glibc; dsan.allocator.keep_freed_memory), '
+                        'as train.py does on the CPU; applies to every model alike')
     p.add_argument('--modes', nargs='+', default=['eager'], choices=['eager', 'compile'],
                    help='bare-step modes, each timed for every model (compile: torch.compile, as train.py '
                         '--torchcompile)')
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    tuned = train_utils.keep_freed_memory(torch.device(args.device)) if args.tune_malloc else False
     engines = args.engine or ([os.path.join(_CLS, 'engine.py')] if args.loop else [])
     rows = measure(args.models, args.img_size, args.batch_size, args.warmup, args.steps, args.rounds, args.device,
                    engines=engines, amp=args.amp, log_interval=args.log_interval, modes=args.modes)
     what = 'engine.train_one_epoch' if engines else 'bare step'
     print(f'Training throughput ({what}), {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
-          f'{args.img_size}x{args.img_size}, AdamW, amp {args.amp} '
+          f'{args.img_size}x{args.img_size}, AdamW, amp {args.amp}, malloc tuned {tuned} '
           f'(median of {args.rounds} rounds of {args.steps} steps)')
     print('| model | engine / mode | params (M) | train img/s | per round |')
     print('|---|---|---|---|---|')
