@@ -186,10 +186,12 @@ def kernel_grads(args, res, grad):
 # Backward geometries: DSAN-like shapes, vector tails, one row / column, several steps per image and, with more
 # threads than images, images cut into bands; (n, c, h, w, ratio, c_out). The two of 1024 pixels or more take the
 # products by cpu_small_gemm.h in float32 (widths of whole vectors, and of 12, 20 and 36 that end in part vectors).
+# The weight gradients go through its a^T b product where the width is whole vectors: the last case has widths of
+# 48 (panels of 32 + 16) and 96 (64 + 32), 16 output rows (blocks of 6, 2 and 2) and several depth blocks.
 GRAD_CASES = [
     (2, 16, 9, 10, 4, None), (3, 5, 7, 9, 3, None), (1, 8, 3, 2, 4, 6), (2, 12, 1, 9, 4, None),
     (1, 4, 9, 1, 4, None), (1, 64, 23, 64, 8, 32), (2, 32, 12, 12, 8, None), (5, 8, 2, 3, 2, None),
-    (2, 12, 20, 30, 3, 20),
+    (2, 12, 20, 30, 3, 20), (2, 48, 16, 40, 2, 16),
 ]
 
 

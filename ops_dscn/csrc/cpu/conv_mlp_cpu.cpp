@@ -366,7 +366,7 @@ struct GradStage {
 };
 
 // Adds the staged rows' products to the thread's weight gradients and empties the stage.
-template <typename scalar_t>
+template <int Bytes, typename scalar_t>
 DSCN_INLINE void flush_stage(const MlpDims& d, GradStage<scalar_t>& st, const scalar_t* x, const scalar_t* g,
                              const MlpGrads<scalar_t>& gr, const at::TensorOptions& opts) {
   if (st.count == 0) return;
@@ -375,8 +375,14 @@ DSCN_INLINE void flush_stage(const MlpDims& d, GradStage<scalar_t>& st, const sc
     return at::from_blob(const_cast<scalar_t*>(p), {rows, cols}, opts);
   };
   const at::Tensor dhm = mat(st.dh.data(), m, d.Ch);
-  mat(gr.w1, d.Ch, d.C).addmm_(dhm.t(), mat(x + st.row0 * d.W * d.C, m, d.C));
-  mat(gr.w2, d.Co, d.Ch).addmm_(mat(g + st.row0 * d.W * d.Co, m, d.Co).t(), mat(st.act.data(), m, d.Ch));
+  const scalar_t* xs = x + st.row0 * d.W * d.C;
+  const scalar_t* gs = g + st.row0 * d.W * d.Co;
+  if (!gemm_tn_accumulate<Bytes>(st.dh.data(), d.Ch, xs, d.C, gr.w1, d.C, d.Ch, d.C, m)) {
+    mat(gr.w1, d.Ch, d.C).addmm_(dhm.t(), mat(xs, m, d.C));
+  }
+  if (!gemm_tn_accumulate<Bytes>(gs, d.Co, st.act.data(), d.Ch, gr.w2, d.Ch, d.Co, d.Ch, m)) {
+    mat(gr.w2, d.Co, d.Ch).addmm_(mat(gs, m, d.Co).t(), mat(st.act.data(), m, d.Ch));
+  }
   mat(gr.b1, 1, d.Ch).add_(dhm.sum(0, /*keepdim=*/true));
   st.count = 0;
 }
@@ -430,7 +436,7 @@ DSCN_INLINE void mlp_backward_rows(const MlpDims& d, const MlpWeights<scalar_t>&
     }
     // The step's rows join the stage (flushed first if they do not follow its rows or do not fit).
     if (st.count > 0 && (st.row0 + st.count != s0 || st.count + (s1 - s0) > st.cap)) {
-      flush_stage(d, st, x, g, gr, opts);
+      flush_stage<Bytes>(d, st, x, g, gr, opts);
     }
     if (st.count == 0) st.row0 = s0;
     scalar_t* dh = st.dh.data() + st.count * hid_row;
@@ -466,7 +472,7 @@ DSCN_INLINE void mlp_backward_chunk_body(const MlpDims& d, const MlpWeights<scal
     const auto [r0, r1] = sp.rows(d, t);
     if (r0 < r1) mlp_backward_rows<Bytes>(d, wt, wflip, x, g, gx, gr, st, r0, r1, sp.step, opts);
   }
-  flush_stage(d, st, x, g, gr, opts);
+  flush_stage<Bytes>(d, st, x, g, gr, opts);
 }
 
 DSCN_DEFINE_ISA_DISPATCH(mlp_backward_chunk)

@@ -314,7 +314,9 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
     at::Tensor ga = at::from_blob(s.grad.data(), {m, C}, opts);
     at::mm_out(ga, gm, wt.lin_w);
   }
-  at::from_blob(gr.lin_w, {d.GK, C}, opts).addmm_(gm.t(), at::from_blob(s.act.data(), {m, C}, opts));
+  if (!gemm_tn_accumulate<Bytes>(gb, d.GK, s.act.data(), C, gr.lin_w, C, d.GK, C, m)) {
+    at::from_blob(gr.lin_w, {d.GK, C}, opts).addmm_(gm.t(), at::from_blob(s.act.data(), {m, C}, opts));
+  }
   std::fill(s.lin_b.begin(), s.lin_b.end(), scalar_t(0));
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < d.GK; ++j) s.lin_b[j] += gb[i * d.GK + j];
