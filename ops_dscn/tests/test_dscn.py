@@ -1173,3 +1173,46 @@ def test_cpu_kernel_is_deterministic_across_thread_counts(axis):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def test_dscnx_projection_as_conv_in_training_matches_the_linear(monkeypatch):
+    """From `conv_projection_min_channels` channels, a CPU float32 DSCNX with gradients runs its projection as a 1x1
+    convolution on the channels_last view: the output and every gradient are the nn.Linear's (float64 reference)."""
+    torch.manual_seed(0)
+    m = DSCNX(64, kernel_size=7, pad=3, group=4, backend="cpp").train()
+    torch.nn.init.normal_(m.input_proj.bias)
+    x = torch.randn(2, 9, 10, 64)
+    src = torch.randn(2, 64, 9, 10).contiguous(memory_format=torch.channels_last)
+    assert m._projection_as_conv(x) and not m._projection_as_conv(x.double())
+    assert not m._projection_as_conv(x.permute(0, 2, 1, 3))  # not a dense NHWC tensor: the Linear
+    with torch.no_grad():
+        assert not m._projection_as_conv(x)
+
+    convs = []
+    real_conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: convs.append(a[1].shape) or real_conv2d(*a, **k))
+
+    def run(module, dtype):
+        xg = x.to(dtype, copy=True).requires_grad_(True)
+        out = module(xg, src.to(dtype))
+        (out * out.detach().cos()).sum().backward()
+        return out.detach(), xg.grad, {n: p.grad.clone() for n, p in module.named_parameters()}
+
+    out, gx, grads = run(m, torch.float32)
+    assert (64, 64, 1, 1) in convs
+    m64 = DSCNX(64, kernel_size=7, pad=3, group=4, backend="pytorch").double().train()
+    m64.load_state_dict(m.state_dict())
+    out64, gx64, grads64 = run(m64, torch.float64)
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx.double(), gx64, atol=1e-4, rtol=1e-4)
+    for name, g in grads.items():
+        torch.testing.assert_close(g.double(), grads64[name], atol=2e-4, rtol=2e-4, msg=name)
+    assert grads["input_proj.weight"].abs().sum() > 0
+
+    convs.clear()
+    m.conv_projection_min_channels = 65  # below the threshold: the Linear
+    m.zero_grad()
+    out_lin, gx_lin, _ = run(m, torch.float32)
+    assert (64, 64, 1, 1) not in convs
+    torch.testing.assert_close(out_lin, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx_lin, gx, atol=1e-5, rtol=1e-5)
