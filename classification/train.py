@@ -49,7 +49,7 @@ import model_factory  # noqa: E402
 import train_utils as tu  # noqa: E402
 from timm.data import Mixup, create_loader, resolve_data_config  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
-from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
+from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs  # noqa: E402
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, distribute_bn, random_seed, update_summary  # noqa: E402
 
@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--clip-grad', type=float, default=None, metavar='NORM', help='clip gradient norm')
     group.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
     group.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
+    group.add_argument('--opt-fused', action=argparse.BooleanOptionalAction, default=None,
+                       help="torch's fused step for Adam / AdamW / SGD (one kernel over all parameters instead of a "
+                            'Python loop; the same update) (default: on for the CPU)')
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='accumulate gradients over N batches per optimizer update (timm semantics: each loss is '
                             'divided by N; the lr schedule counts optimizer updates) (default: 1)')
@@ -207,6 +210,9 @@ def parse_args(argv: Sequence[str] | None = None):
     args = parser.parse_args(remaining)
     if args.grad_accum_steps < 1:
         parser.error(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
+    if args.opt_fused and not _has_fused_step(args):
+        parser.error(f'--opt-fused: --opt {args.opt} has no fused step (adam, adamw, sgd, momentum and nesterov '
+                     'have; not with --opt-foreach)')
     args.config = args_config.config
     args.data_dir = args.data_dir or args.data
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
@@ -236,6 +242,32 @@ def _amp_setup(args, device: torch.device):
         raise ValueError(f'--amp-dtype must be float16 or bfloat16, got {dtype_name!r}')
     scaler = NativeScaler(device=device.type) if dtype == torch.float16 else None
     return partial(torch.autocast, device_type=device.type, dtype=dtype), scaler
+
+
+# torch optimizers with a fused step on every device (CPU included); timm builds them for these --opt names.
+_FUSED_OPTIMIZERS = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)
+
+
+def _has_fused_step(args) -> bool:
+    """Whether --opt builds one of `_FUSED_OPTIMIZERS` (and --opt-foreach, which excludes fusing, is not set)."""
+    try:
+        opt_class = get_optimizer_class(args.opt.lower().split('_')[-1], bind_defaults=False)
+    except ValueError:
+        return False  # an unknown name: create_optimizer_v2 reports it
+    return opt_class in _FUSED_OPTIMIZERS and not getattr(args, 'opt_foreach', None)
+
+
+def _optimizer_args(args, device: torch.device) -> dict:
+    """timm's optimizer arguments, plus ``fused=True`` where --opt-fused (default: on the CPU) applies.
+
+    On the CPU the fused step of torch's AdamW took DSAN-T's update from 12.9 to 3.5 ms and resnet18's from 28.0 to
+    4.7 ms (2 threads): the unfused one loops over the parameter tensors (468 for DSAN-T) in Python.
+    """
+    kwargs = optimizer_kwargs(cfg=args)
+    fused = args.opt_fused if args.opt_fused is not None else device.type == 'cpu'
+    if fused and _has_fused_step(args):
+        kwargs['fused'] = True
+    return kwargs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,7 +331,7 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     if args.sync_bn and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args))
+    optimizer = create_optimizer_v2(model, **_optimizer_args(args, device))
     amp_autocast, loss_scaler = _amp_setup(args, device)
     model_ema = None
     if args.model_ema:

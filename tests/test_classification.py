@@ -556,6 +556,44 @@ def test_train_grad_accum_schedules_optimizer_updates(tiny, tmp_path):
         train.parse_args(['/d', '--grad-accum-steps', '0'])
 
 
+def test_opt_fused_on_cpu_by_default_and_the_same_update():
+    """--opt-fused (default: on for the CPU) builds torch's fused Adam / AdamW / SGD, whose update equals the looped
+    one; an optimizer without a fused step is a usage error when asked for, and left alone by default."""
+    from timm.optim import create_optimizer_v2
+
+    cpu, cuda = torch.device('cpu'), torch.device('cuda')
+    args, _ = train.parse_args(['/d'])
+    assert args.opt_fused is None
+    assert train._optimizer_args(args, cpu)['fused'] is True
+    assert 'fused' not in train._optimizer_args(args, cuda)  # timm's defaults on GPUs
+    assert 'fused' not in train._optimizer_args(train.parse_args(['/d', '--no-opt-fused'])[0], cpu)
+    assert train._optimizer_args(train.parse_args(['/d', '--opt-fused'])[0], cuda)['fused'] is True
+    assert 'fused' not in train._optimizer_args(train.parse_args(['/d', '--opt', 'lamb'])[0], cpu)
+    with pytest.raises(SystemExit):
+        train.parse_args(['/d', '--opt', 'lamb', '--opt-fused'])
+
+    torch.manual_seed(0)
+    # (no conv bias before the BatchNorm: its gradient is rounding noise, which Adam's normalisation amplifies)
+    ref = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                              torch.nn.Linear(8 * 6 * 6, 5))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    for opt_name in ('adamw', 'sgd'):
+        a, _ = train.parse_args(['/d', '--opt', opt_name, '--lr', '0.01'])
+        models, opts = {}, {}
+        for fused in (False, True):
+            models[fused] = copy.deepcopy(ref)
+            kwargs = train._optimizer_args(a, cpu if fused else cuda)  # cuda: the same arguments without fused
+            opts[fused] = create_optimizer_v2(models[fused], **kwargs)
+            assert opts[fused].defaults.get('fused') is (True if fused else None)
+            for _ in range(3):
+                opts[fused].zero_grad()
+                torch.nn.functional.cross_entropy(models[fused](x), y).backward()
+                opts[fused].step()
+        for p0, p1 in zip(models[False].parameters(), models[True].parameters()):
+            torch.testing.assert_close(p1, p0, atol=1e-6, rtol=1e-5)
+        assert not torch.equal(models[True][3].weight, ref[3].weight)
+
+
 @pytest.mark.parametrize('decreasing', [False, True])
 def test_keep_checkpoint_history_keeps_the_n_best(tmp_path, decreasing):
     """timm's --checkpoint-hist: the N best by the eval metric (ties keep the earlier), across a restart."""

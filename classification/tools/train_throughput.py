@@ -60,7 +60,7 @@ def load_engine(path: str):
 def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, warmup: int = 2, steps: int = 5,
             rounds: int = 3, device: str = 'cpu', model_kwargs: dict[str, dict] | None = None,
             engines: Sequence[str] = (), amp: bool = False, log_interval: int = 50,
-            modes: Sequence[str] = ('eager',)) -> list[dict]:
+            modes: Sequence[str] = ('eager',), opt_fused: bool | None = None) -> list[dict]:
     """Return one dict per model (and engine or mode): ``model``, ``params_m``, ``img_per_sec`` (median over rounds),
     ``per_round`` (and ``mode`` for the bare step).
 
@@ -82,8 +82,10 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
         log_interval: ``log_interval`` of the engine runs.
         modes: For the bare step: 'eager' and / or 'compile' (the model wrapped in ``torch.compile``, as
             ``train.py --torchcompile`` does; compilation happens in the warmup steps).
+        opt_fused: torch's fused AdamW step; None: on the CPU, as ``train.py --opt-fused`` defaults.
     """
     dev = torch.device(device)
+    fused = {'fused': True} if (dev.type == 'cpu' if opt_fused is None else opt_fused) else {}
     loss_fn = torch.nn.functional.cross_entropy
     engine_modules = [(path, load_engine(path)) for path in engines]
     amp_autocast = (partial(torch.autocast, device_type=dev.type,
@@ -97,7 +99,7 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
         if not engine_modules:
             for mode in modes:
                 mm = m if mode == modes[0] else copy.deepcopy(m)  # every mode starts from the same weights
-                opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05)
+                opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05, **fused)
                 fn = torch.compile(mm) if mode == 'compile' else mm
                 for _ in range(max(warmup, 2 if mode == 'compile' else 0)):  # forward and backward compiled
                     _step(fn, opt, x, y, loss_fn)
@@ -111,7 +113,7 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
             # one model copy per engine: every engine starts from the same weights and optimizer state
             mm = model_factory.create(name, num_classes=1000, **(model_kwargs or {}).get(name, {})).to(dev).train()
             mm.load_state_dict(m.state_dict())
-            opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05)
+            opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05, **fused)
             stop = train_utils.GracefulStop(signals=())
 
             def run(n, mm=mm, opt=opt, eng=eng, stop=stop, x=x, y=y):
@@ -157,6 +159,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument('--tune-malloc', action='store_true',
                    help='keep freed memory in the process for reuse (glibc; dsan.allocator.keep_freed_memory), '
                         'as train.py does on the CPU; applies to every model alike')
+    p.add_argument('--opt-fused', action=argparse.BooleanOptionalAction, default=None,
+                   help="torch's fused AdamW step (default: on for the CPU, as train.py)")
     p.add_argument('--modes', nargs='+', default=['eager'], choices=['eager', 'compile'],
                    help='bare-step modes, each timed for every model (compile: torch.compile, as train.py '
                         '--torchcompile)')
@@ -164,12 +168,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = train_utils.keep_freed_memory(torch.device(args.device)) if args.tune_malloc else False
+    fused_opt = args.opt_fused if args.opt_fused is not None else torch.device(args.device).type == 'cpu'
     engines = args.engine or ([os.path.join(_CLS, 'engine.py')] if args.loop else [])
     rows = measure(args.models, args.img_size, args.batch_size, args.warmup, args.steps, args.rounds, args.device,
-                   engines=engines, amp=args.amp, log_interval=args.log_interval, modes=args.modes)
+                   engines=engines, amp=args.amp, log_interval=args.log_interval, modes=args.modes,
+                   opt_fused=args.opt_fused)
     what = 'engine.train_one_epoch' if engines else 'bare step'
     print(f'Training throughput ({what}), {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
-          f'{args.img_size}x{args.img_size}, AdamW, amp {args.amp}, malloc tuned {tuned} '
+          f'{args.img_size}x{args.img_size}, AdamW (fused {bool(fused_opt)}), amp {args.amp}, malloc tuned {tuned} '
           f'(median of {args.rounds} rounds of {args.steps} steps)')
     print('| model | engine / mode | params (M) | train img/s | per round |')
     print('|---|---|---|---|---|')
