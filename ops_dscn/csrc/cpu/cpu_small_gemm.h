@@ -1,7 +1,8 @@
 // Register-blocked matrix product for the narrow products inside the fused CPU kernels: out (m, n) = a (m, k) @
 // b (k, n) [+ bias], with n at most four vectors wide (strip_offsets_cpu.cpp: the offset Linear's forward, and its
 // input gradient in the backward), or panel by panel for wider n (conv_mlp_cpu.cpp: the MLP's 1x1 convs;
-// pointwise_cpu.cpp: 1x1 convs whose weight was packed before, by ops_dscn::pack_weight).
+// pointwise_cpu.cpp: 1x1 convs whose weight was packed before, by ops_dscn::pack_weight). gemm_tn_accumulate() adds
+// a^T b to an output, for the weight gradients of the fused MLP's and offset branch's backward.
 //
 // Why not ATen's BLAS: a DSCN layer's offset Linear maps C = 32-64 channels to G * K' = 11-60 offsets, and a fused
 // task multiplies blocks of 256 pixels. MKL took 18 us for a (256, 32) @ (32, 11) block on an AMD EPYC (Zen 4) core,
@@ -131,6 +132,27 @@ struct PanelMatrix {
 };
 
 #if DSCN_HAS_VEC
+// The register-blocked inner loop of both products: acc[p][j] += sum over depth i in [i0, i1) of
+// a[p * a_row + i * a_depth] times the j-th vector of b's row i (row stride ldb). Each step loads NJ vectors of b
+// and broadcasts one element of a per row.
+template <int PP, int NJ, typename VT, typename scalar_t>
+DSCN_INLINE void fma_rows(typename VT::type (&acc)[PP][NJ], const scalar_t* a, int64_t a_row, int64_t a_depth,
+                          const scalar_t* b, int64_t ldb, int64_t i0, int64_t i1) {
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
+  for (int64_t i = i0; i < i1; ++i) {
+    V bv[NJ];
+#pragma GCC unroll 8
+    for (int j = 0; j < NJ; ++j) bv[j] = VT::load(b + i * ldb + j * L);
+#pragma GCC unroll 16
+    for (int p = 0; p < PP; ++p) {
+      const V s = VT::broadcast(a[p * a_row + i * a_depth]);
+#pragma GCC unroll 8
+      for (int j = 0; j < NJ; ++j) acc[p][j] += s * bv[j];
+    }
+  }
+}
+
 // Rows [0, rows) of the product, P at a time, then one at a time; NJ vectors of columns.
 template <int NJ, int P, typename VT, typename scalar_t>
 DSCN_INLINE void small_gemm_block(const scalar_t* a, int64_t lda, const PaddedMatrix<scalar_t>& w, scalar_t* out,
@@ -169,18 +191,7 @@ DSCN_INLINE void small_gemm_block(const scalar_t* a, int64_t lda, const PaddedMa
 #pragma GCC unroll 8
       for (int j = 0; j < NJ; ++j) acc[p][j] = bias[j];
     }
-    const scalar_t* ar = a + r0 * lda;
-    for (int64_t i = 0; i < k; ++i) {
-      V bv[NJ];
-#pragma GCC unroll 8
-      for (int j = 0; j < NJ; ++j) bv[j] = VT::load(b + i * ldb + j * L);
-#pragma GCC unroll 8
-      for (int p = 0; p < PP; ++p) {
-        const V s = VT::broadcast(ar[p * lda + i]);
-#pragma GCC unroll 8
-        for (int j = 0; j < NJ; ++j) acc[p][j] += s * bv[j];
-      }
-    }
+    fma_rows<PP, NJ, VT>(acc, a + r0 * lda, lda, 1, b, ldb, 0, k);
 #pragma GCC unroll 8
     for (int p = 0; p < PP; ++p) store_row(out + (r0 + p) * ldo, acc[p], r0 + p);
   };
@@ -219,18 +230,7 @@ DSCN_INLINE void gemm_tn_block(const scalar_t* a, int64_t lda, const scalar_t* b
 #pragma GCC unroll 8
       for (int j = 0; j < NJ; ++j) acc[p][j] = VT::load(out + (r0 + p) * ldo + j * L);
     }
-    const scalar_t* ar = a + r0;
-    for (int64_t i = i0; i < i1; ++i) {
-      V bv[NJ];
-#pragma GCC unroll 8
-      for (int j = 0; j < NJ; ++j) bv[j] = VT::load(b + i * ldb + j * L);
-#pragma GCC unroll 16
-      for (int p = 0; p < PP; ++p) {
-        const V s = VT::broadcast(ar[i * lda + p]);
-#pragma GCC unroll 8
-        for (int j = 0; j < NJ; ++j) acc[p][j] += s * bv[j];
-      }
-    }
+    fma_rows<PP, NJ, VT>(acc, a + r0, 1, lda, b, ldb, i0, i1);
 #pragma GCC unroll 16
     for (int p = 0; p < PP; ++p) {
 #pragma GCC unroll 8
