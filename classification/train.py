@@ -53,6 +53,8 @@ from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwarg
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, distribute_bn, random_seed, update_summary  # noqa: E402
 
+from dsan.compile import compile_kwargs  # noqa: E402
+
 _logger = logging.getLogger('train')
 
 # The first parser reads only -c/--config; the YAML it names overrides the defaults of the main parser.
@@ -408,9 +410,10 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     if args.torchcompile:  # after DDP, as in timm; checkpoints and the EMA use the unwrapped module
-        compile_kw = {'mode': args.torchcompile_mode} if args.torchcompile_mode else {}
-        model = torch.compile(model, backend=args.torchcompile, **compile_kw)
-        _logger.info('torch.compile backend %s', args.torchcompile)
+        # With the inductor options the model asks for (DSAN: dsan.compile); other models compile as plain.
+        compile_kw = compile_kwargs(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+        model = torch.compile(model, **compile_kw)
+        _logger.info('torch.compile backend %s, options %s', args.torchcompile, compile_kw.get('options', {}))
 
     writer = None
     if args.tensorboard and primary:

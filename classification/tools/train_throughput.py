@@ -36,6 +36,8 @@ if _CLS not in sys.path:
 import model_factory  # noqa: E402
 import train_utils  # noqa: E402
 
+from dsan.compile import compile_model  # noqa: E402
+
 
 def _step(model, opt, x, y, loss_fn) -> None:
     opt.zero_grad(set_to_none=True)
@@ -100,7 +102,7 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
             for mode in modes:
                 mm = m if mode == modes[0] else copy.deepcopy(m)  # every mode starts from the same weights
                 opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05, **fused)
-                fn = torch.compile(mm) if mode == 'compile' else mm
+                fn = compile_model(mm) if mode == 'compile' else mm  # as train.py --torchcompile
                 for _ in range(max(warmup, 2 if mode == 'compile' else 0)):  # forward and backward compiled
                     _step(fn, opt, x, y, loss_fn)
 

@@ -50,6 +50,7 @@ import ops_dscn
 from ops_dscn import DepthwiseConv2d
 from ops_dscn.modules import DSCNX, DSCNY
 
+from ..compile import compile_kwargs
 from ._checkpoint import (
     CheckpointError,
     NoPretrainedWeightsError,
@@ -812,6 +813,11 @@ class DSAN(nn.Module):
     channels); the head averages the last stage and applies `head`.
     """
 
+    # Inductor options for torch.compile, applied by `compile` and `dsan.compile.compile_model` (which the
+    # classification tools use): layout optimization would lay out the DSCN ops' saved (N, H, W, C) activations as
+    # if they were (N, C, H, W) and copy each of them twice around every call (see `dsan.compile`).
+    inductor_options = {'layout_optimization': False}
+
     def __init__(
             self,
             in_chans: int = 3,
@@ -928,6 +934,11 @@ class DSAN(nn.Module):
             nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+
+    def compile(self, *args: Any, **kwargs: Any) -> None:
+        """`nn.Module.compile` (compiles this module's forward in place) with `inductor_options` merged into the
+        inductor options; a ``mode`` is turned into its options (see `dsan.compile.compile_kwargs`)."""
+        super().compile(*args, **compile_kwargs(self, **kwargs))
 
     def set_backend(self, backend: str | None = None, core_op: str | None = None) -> None:
         """Switch every DSCN module to another backend.
