@@ -49,7 +49,8 @@ def compile_kwargs(model: Any, **kwargs: Any) -> dict[str, Any]:
     """Keyword arguments for ``torch.compile(model, ...)`` with the model's inductor options merged in.
 
     Args:
-        model: What is compiled (a module, possibly wrapped, or a function).
+        model: What is compiled (a module, possibly wrapped, or a function), or the module class whose options apply
+            (as for an mm model with a DSAN backbone).
         **kwargs: ``torch.compile`` keyword arguments (``backend``, ``mode``, ``options``, ``dynamic``, ...).
 
     Returns:

@@ -573,3 +573,17 @@ def test_interleaved_median_times_each_step_per_round(monkeypatch):
     assert medians == {'a': 1, 'b': 1}
     with pytest.raises(ValueError, match='rounds must be >= 1'):
         speed.interleaved_median({}, rounds=0, warmup=0)
+
+
+def test_load_config_adds_the_backbones_compile_options():
+    """mmengine's `compile` setting gets DSAN's inductor options (dsan.compile) merged in; no `compile`: none."""
+    from dsan.mm.tools import load_config
+    config = str(ROOT / 'segmentation/configs/demo/ham_dsan_t_demo.py')
+    assert load_config(config, None, None, 'none').get('compile') is None
+    cfg = load_config(config, {'compile': True}, None, 'none')
+    assert cfg.compile == {'options': {'layout_optimization': False}}
+    cfg = load_config(config, {'compile': {'backend': 'inductor', 'mode': 'max-autotune-no-cudagraphs'}}, None, 'none')
+    assert cfg.compile['backend'] == 'inductor' and 'mode' not in cfg.compile
+    assert cfg.compile['options'] == {**torch._inductor.list_mode_options('max-autotune-no-cudagraphs'),
+                                      'layout_optimization': False}
+    assert load_config(config, {'compile': {'backend': 'aot_eager'}}, None, 'none').compile == {'backend': 'aot_eager'}

@@ -59,7 +59,21 @@ def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launc
                 cfg.model_wrapper_cfg = dict(
                     type='MMDistributedDataParallel', device_ids=None, broadcast_buffers=False,
                     find_unused_parameters=cfg.get('find_unused_parameters', False))
+    _add_backbone_compile_options(cfg)
     return cfg
+
+
+def _add_backbone_compile_options(cfg: Config) -> None:
+    # mmengine compiles with `torch.compile(model.train_step / test_step, **cfg.compile)`: a DSAN backbone's inductor
+    # options (dsan.compile) are merged into that, as train.py --torchcompile does for the classifier.
+    compile_cfg = cfg.get('compile')
+    backbone = (cfg.get('model') or {}).get('backbone') or {}
+    if not compile_cfg or str(backbone.get('type', '')).split('.')[-1] != 'DSAN':
+        return
+    from ..compile import compile_kwargs
+    from ..models import DSAN
+    compile_cfg = {} if compile_cfg is True else dict(compile_cfg)
+    cfg.compile = compile_kwargs(DSAN, **compile_cfg)
 
 
 def build_model(config: str, device: str = 'cpu') -> torch.nn.Module:
