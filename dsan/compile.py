@@ -21,13 +21,17 @@ __all__ = ['compile_kwargs', 'compile_model', 'model_inductor_options']
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DistributedDataParallel / DataParallel (.module) and an already compiled module (._orig_mod).
-    while True:
-        inner = getattr(model, 'module', None) if isinstance(model, nn.Module) else None
-        inner = getattr(model, '_orig_mod', None) if inner is None else inner
-        if not isinstance(inner, nn.Module):
+    # DistributedDataParallel / DataParallel (.module), an already compiled module (._orig_mod) and timm's
+    # features_only wrapper (FeatureGetterNet, .model), until a module names options or nothing is left to unwrap.
+    while isinstance(model, nn.Module) and getattr(model, 'inductor_options', None) is None:
+        for name in ('module', '_orig_mod', 'model'):
+            inner = getattr(model, name, None)
+            if isinstance(inner, nn.Module):
+                model = inner
+                break
+        else:
             return model
-        model = inner
+    return model
 
 
 def model_inductor_options(model: Any) -> dict[str, Any]:

@@ -28,6 +28,8 @@ def test_compile_kwargs_merges_the_models_options():
     wrapper.module = model
     assert model_inductor_options(wrapper) == {'layout_optimization': False}
     assert model_inductor_options(torch.compile(model, backend='eager')) == {'layout_optimization': False}
+    features = timm.create_model('dsan_t', features_only=True, **SMALL)
+    assert model_inductor_options(features) == {'layout_optimization': False}
     # The class attribute is never handed out to be mutated.
     model_inductor_options(model)['layout_optimization'] = True
     assert DSAN.inductor_options == {'layout_optimization': False}
