@@ -390,6 +390,46 @@ def test_train_throughput_compile_mode(monkeypatch):
     assert len(compiled) == 1 and all(len(r['per_round']) == 2 and r['img_per_sec'] > 0 for r in rows)
 
 
+def _tiny_classifier(name, **kwargs):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 1000))
+
+
+@pytest.mark.slow
+def test_train_throughput_profile_names_compiled_kernels(monkeypatch):
+    """--profile: each row gets an op table of its training steps; the compiled step's table names inductor's
+    generated kernels, which a model compiled without dsan.profiling.kernel_names does not."""
+    import torch._inductor.config as inductor_config
+
+    from dsan.profiling import op_table
+
+    tool = load_tool('classification/tools/train_throughput.py')
+    monkeypatch.setattr(tool, 'model_factory', SimpleNamespace(create=_tiny_classifier))
+    rows = tool.measure(['tiny'], img_size=16, batch_size=2, warmup=1, steps=1, rounds=1, modes=('eager', 'compile'),
+                        profile_rows=100)
+    eager, compiled = (r['profile'] for r in rows)
+    assert 'Self CPU time total' in eager and 'aten::convolution_backward' in eager and 'cpp_fused' not in eager
+    assert 'cpp_fused' in compiled and 'aten::convolution_backward' in compiled
+    assert inductor_config.cpp.enable_kernel_profile is False  # the setting is restored
+
+    torch._dynamo.reset()  # else dynamo reuses the step compiled above for this model of the same structure
+    plain = torch.compile(_tiny_classifier('tiny'))
+    x = torch.randn(2, 3, 16, 16)
+    assert 'cpp_fused' not in op_table(lambda: plain(x).sum().backward(), 'cpu', 100)
+
+
+def test_profile_arguments_are_checked():
+    from dsan.profiling import op_table
+
+    with pytest.raises(ValueError, match='row_limit and calls must be >= 1; got 0 and 1'):
+        op_table(lambda: None, 'cpu', row_limit=0)
+    tool = load_tool('classification/tools/train_throughput.py')
+    with pytest.raises(SystemExit) as err:
+        tool.main(['tiny', '--profile', '-1'])
+    assert err.value.code == 2
+
+
 def test_train_throughput_times_the_training_loop():
     tool = load_tool('classification/tools/train_throughput.py')
     engine_py = str(ROOT / 'classification' / 'engine.py')

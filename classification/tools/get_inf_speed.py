@@ -40,6 +40,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     import dsan.models  # noqa: F401
 from dsan.allocator import keep_freed_memory  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
+from dsan.profiling import op_table  # noqa: E402
 
 _logger = logging.getLogger('get_inf_speed')
 
@@ -186,21 +187,9 @@ def profile(
     Returns:
         `key_averages().table(...)` with `row_limit` rows, sorted by self CPU time, or by self device time on CUDA.
     """
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    cuda = x.device.type == 'cuda'
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     amp = torch.autocast(x.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
     with amp:
-        model(x)
-        _sync(x.device)
-        with torch_profile(activities=activities) as prof:
-            for _ in range(calls):
-                model(x)
-            _sync(x.device)
-    sort_by = 'self_device_time_total' if cuda else 'self_cpu_time_total'
-    return prof.key_averages().table(sort_by=sort_by, row_limit=row_limit)
+        return op_table(lambda: model(x), x.device, row_limit, calls)
 
 
 def profile_mode(modes: tuple[str, ...]) -> str:

@@ -6,6 +6,11 @@ optimizer for every model, models interleaved round by round so that a busy mach
 
     python classification/tools/train_throughput.py dsan_t convnext_atto resnet18 --img-size 224 -b 32
     python classification/tools/train_throughput.py dsan_t resnet18 -b 16 --modes eager compile   # torch.compile
+    python classification/tools/train_throughput.py dsan_t -b 16 --modes eager compile --profile 30  # where it goes
+
+``--profile N`` prints, after the timed rounds, a torch.profiler table (N rows, by self time) of one round's steps of
+every model and mode; on the CPU the compiled steps list inductor's generated kernels by name (compiled with its
+``cpp.enable_kernel_profile``, which adds a profiler event per kernel call to the timed rounds too).
 
 ``--loop`` times ``engine.train_one_epoch`` itself (its per-step bookkeeping, logging and host-device syncs
 included) on an in-memory list of batches; ``--engine`` compares several versions of ``engine.py`` that way,
@@ -37,6 +42,7 @@ import model_factory  # noqa: E402
 import train_utils  # noqa: E402
 
 from dsan.compile import compile_model  # noqa: E402
+from dsan.profiling import kernel_names, op_table  # noqa: E402
 
 
 def _step(model, opt, x, y, loss_fn) -> None:
@@ -62,9 +68,9 @@ def load_engine(path: str):
 def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, warmup: int = 2, steps: int = 5,
             rounds: int = 3, device: str = 'cpu', model_kwargs: dict[str, dict] | None = None,
             engines: Sequence[str] = (), amp: bool = False, log_interval: int = 50,
-            modes: Sequence[str] = ('eager',), opt_fused: bool | None = None) -> list[dict]:
+            modes: Sequence[str] = ('eager',), opt_fused: bool | None = None, profile_rows: int = 0) -> list[dict]:
     """Return one dict per model (and engine or mode): ``model``, ``params_m``, ``img_per_sec`` (median over rounds),
-    ``per_round`` (and ``mode`` for the bare step).
+    ``per_round`` (and ``mode`` for the bare step; ``profile`` with `profile_rows`).
 
     A round's figure is ``batch_size * steps / elapsed`` (elapsed by ``time.perf_counter``, with a device sync at
     both ends on CUDA).
@@ -85,7 +91,16 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
         modes: For the bare step: 'eager' and / or 'compile' (the model wrapped in ``torch.compile``, as
             ``train.py --torchcompile`` does; compilation happens in the warmup steps).
         opt_fused: torch's fused AdamW step; None: on the CPU, as ``train.py --opt-fused`` defaults.
+        profile_rows: If > 0, after the rounds each row also gets ``profile``: ``dsan.profiling.op_table`` of one
+            round's steps (`profile_rows` rows); models are then compiled with ``dsan.profiling.kernel_names``.
     """
+    with kernel_names(profile_rows > 0):
+        return _measure(models, img_size, batch_size, warmup, steps, rounds, device, model_kwargs, engines, amp,
+                        log_interval, modes, opt_fused, profile_rows)
+
+
+def _measure(models, img_size, batch_size, warmup, steps, rounds, device, model_kwargs, engines, amp, log_interval,
+             modes, opt_fused, profile_rows) -> list[dict]:
     dev = torch.device(device)
     fused = {'fused': True} if (dev.type == 'cpu' if opt_fused is None else opt_fused) else {}
     loss_fn = torch.nn.functional.cross_entropy
@@ -132,8 +147,10 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
             _sync(dev)
             times.append(batch_size * steps / (time.perf_counter() - t))
     rows = []
-    for (name, key), (_, params_m, times) in state.items():
+    for (name, key), (run, params_m, times) in state.items():
         row = dict(model=name, params_m=params_m, img_per_sec=statistics.median(times), per_round=times)
+        if profile_rows > 0:
+            row['profile'] = op_table(run, dev, profile_rows)
         if isinstance(key, tuple):
             row['mode'] = key[1]
         else:
@@ -166,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument('--modes', nargs='+', default=['eager'], choices=['eager', 'compile'],
                    help='bare-step modes, each timed for every model (compile: torch.compile, as train.py '
                         '--torchcompile)')
+    p.add_argument('--profile', type=int, default=0, metavar='N',
+                   help="after timing, print a torch.profiler table (N rows) of one round's steps per model and mode")
     args = p.parse_args(argv)
+    if args.profile < 0:
+        p.error(f'argument --profile: must be >= 0, got {args.profile}')
     if args.threads:
         torch.set_num_threads(args.threads)
     tuned = train_utils.keep_freed_memory(torch.device(args.device)) if args.tune_malloc else False
@@ -174,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     engines = args.engine or ([os.path.join(_CLS, 'engine.py')] if args.loop else [])
     rows = measure(args.models, args.img_size, args.batch_size, args.warmup, args.steps, args.rounds, args.device,
                    engines=engines, amp=args.amp, log_interval=args.log_interval, modes=args.modes,
-                   opt_fused=args.opt_fused)
+                   opt_fused=args.opt_fused, profile_rows=args.profile)
     what = 'engine.train_one_epoch' if engines else 'bare step'
     print(f'Training throughput ({what}), {args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, '
           f'{args.img_size}x{args.img_size}, AdamW (fused {bool(fused_opt)}), amp {args.amp}, malloc tuned {tuned} '
@@ -184,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"| {r['model']} | {r.get('engine', r.get('mode'))} | {r['params_m']:.2f} | {r['img_per_sec']:.1f} | "
               f"{' / '.join(f'{v:.1f}' for v in r['per_round'])} |")
+    for r in rows:
+        if 'profile' in r:
+            print(f"\nprofile: {r['model']} ({r.get('engine', r.get('mode'))}, {args.steps} steps)\n{r['profile']}")
     return rows
 
 
