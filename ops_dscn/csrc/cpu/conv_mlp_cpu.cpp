@@ -49,6 +49,11 @@ constexpr int64_t kStepBytes = 1 << 20;
 constexpr int64_t kGradDepth = 512;
 // Least pixels (N * H * W) for which the forward runs its products by cpu_small_gemm.h (see make_weights).
 constexpr int64_t kPanelMinPixels = 1024;
+// Channel chunks (vectors) the depthwise row loops take at a time along a row: dw_row (the conv) and
+// dw_weight_grad_row (its weight gradient). See dw_row for why; 4 / 2 were the fastest of 1-4 (DSAN-T stages 1-2,
+// batch 16, 2 threads, AVX-512 and AVX2).
+constexpr int kDwChunks = 4;
+constexpr int kDwGradChunks = 2;
 
 // An uninitialised array of n elements, for buffers whose elements are all written before they are read (checked by
 // running the tests with these buffers filled with NaN).
@@ -78,6 +83,58 @@ struct MlpWeights {
   PanelMatrix<scalar_t> w1pb, w2g, w1g;
 };
 
+#if DSCN_HAS_VEC
+// dw_row's vector loop for the G channel chunks [c0, c0 + G * L): their taps stay in registers (or the stack) while
+// the loop walks along the row, and each column's G chunks are computed together.
+template <int Bytes, bool Gelu, int G, typename scalar_t>
+DSCN_INLINE void dw_row_chunks(const scalar_t* const (&rows)[3], const scalar_t* wdw, const scalar_t* bdw,
+                               scalar_t* out, int64_t W, int64_t Ch, const scalar_t* b1, int64_t c0) {
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
+  V k[9][G];
+  for (int t = 0; t < 9; ++t) {
+    for (int j = 0; j < G; ++j) k[t][j] = VT::load(wdw + t * Ch + c0 + j * L);
+  }
+  // Initial values: the conv's bias plus b1 times the taps that read inside the image, per column case.
+  V b_mid[G], b_first[G], b_last[G], b_only[G];
+  for (int j = 0; j < G; ++j) {
+    V side[3] = {};  // b1 * the sum of the column's taps (dx = 0, 1, 2) over the rows inside the image
+    if (b1 != nullptr) {
+      const V bias = VT::load(b1 + c0 + j * L);
+      for (int dy = 0; dy < 3; ++dy) {
+        if (rows[dy] == nullptr) continue;
+        for (int dx = 0; dx < 3; ++dx) side[dx] += k[dy * 3 + dx][j] * bias;
+      }
+    }
+    const V b = VT::load(bdw + c0 + j * L);
+    b_mid[j] = b + (side[0] + side[1] + side[2]);
+    b_first[j] = b + (side[1] + side[2]);
+    b_last[j] = b + (side[0] + side[1]);
+    b_only[j] = b + side[1];
+  }
+  for (int64_t w = 0; w < W; ++w) {
+    const bool left = w > 0, right = w + 1 < W;
+    V acc[G];
+    for (int j = 0; j < G; ++j) acc[j] = left ? (right ? b_mid[j] : b_last[j]) : (right ? b_first[j] : b_only[j]);
+    for (int dy = 0; dy < 3; ++dy) {
+      const scalar_t* r = rows[dy];
+      if (r == nullptr) continue;
+      r += w * Ch + c0;
+      for (int j = 0; j < G; ++j) {
+        if (left) acc[j] += VT::load(r - Ch + j * L) * k[dy * 3][j];
+        acc[j] += VT::load(r + j * L) * k[dy * 3 + 1][j];
+        if (right) acc[j] += VT::load(r + Ch + j * L) * k[dy * 3 + 2][j];
+      }
+    }
+    for (int j = 0; j < G; ++j) {
+      if constexpr (Gelu) acc[j] = gelu_vec<scalar_t, Bytes>(acc[j]);
+      VT::store(out + w * Ch + c0 + j * L, acc[j]);
+    }
+  }
+}
+#endif
+
 // Output row r, columns [0, W), of the depthwise 3x3 conv: bias + sum of the 3x3 taps `wdw` ((9, Ch), tap-major)
 // over the rows up / mid / down, each (W, Ch); nullptr for a row outside the image, which the conv's zero padding
 // makes 0. With Gelu, the exact GELU of that (the forward's activations); without, the conv alone (the backward's
@@ -87,63 +144,39 @@ struct MlpWeights {
 // forward's fc1 leaves out, as adding it in the matrix product (addmm) is one more pass over the hidden rows (6-7 %
 // of the fused MLP at DSAN-T stages 1-2, batch 32). The vector loop adds it as b1 * the sum of the taps inside the
 // image, per column case, in the accumulator's initial value: equal to the per-element sum up to float rounding.
+//
+// The vector loop takes kDwChunks channel chunks at a time along the row. Walking the row one chunk at a time, as it
+// did, strides Ch elements from column to column, at DSAN's power-of-two hidden widths 1-4 KiB, so that a column's
+// loads share their 4 KiB offset with the stores of the columns just before it (a false store-to-load dependency
+// until those retire) and their few cache sets with each other: a standalone loop over one stage-1 row (56 x 256)
+// took 2x the time of the grouped one, at 28 x 512 3.5x. In the kernel: the stage-1 / stage-2 backward 37.1 -> 33.8 /
+// 36.5 -> 28.1 ms, the forwards 12.8 -> 11.7 / 11.3 -> 10.0 ms (DSAN-T, batch 16, 2 threads, AVX-512).
 template <int Bytes, bool Gelu, typename scalar_t>
 DSCN_INLINE void dw_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* wdw,
                         const scalar_t* bdw, scalar_t* out, int64_t W, int64_t Ch, const scalar_t* b1 = nullptr) {
-  const scalar_t* rows[3] = {up, mid, down};
-  // Scalar tap sum of one element, used for the channels the vectors do not cover and the first / last column.
-  auto one = [&](int64_t w, int64_t c) DSCN_LAMBDA_INLINE {
-    scalar_t acc = bdw[c];
-    const scalar_t bias = b1 != nullptr ? b1[c] : scalar_t(0);
-    for (int dy = 0; dy < 3; ++dy) {
-      if (rows[dy] == nullptr) continue;
-      for (int dx = 0; dx < 3; ++dx) {
-        const int64_t ww = w + dx - 1;
-        if (ww < 0 || ww >= W) continue;
-        acc += (rows[dy][ww * Ch + c] + bias) * wdw[(dy * 3 + dx) * Ch + c];
-      }
-    }
-    return Gelu ? gelu_scalar(acc) : acc;
-  };
+  const scalar_t* const rows[3] = {up, mid, down};
   int64_t c0 = 0;
 #if DSCN_HAS_VEC
-  using VT = Vec<scalar_t, Bytes>;
-  using V = typename VT::type;
-  constexpr int64_t L = VT::size;
-  for (; c0 + L <= Ch; c0 += L) {
-    // The chunk's 9 tap weights and its bias stay in registers while the loop walks along the row.
-    V k[9];
-    for (int t = 0; t < 9; ++t) k[t] = VT::load(wdw + t * Ch + c0);
-    // Initial values: the conv's bias plus b1 times the taps that read inside the image, per column case.
-    V side[3] = {};  // b1 * the sum of the column's taps (dx = 0, 1, 2) over the rows inside the image
-    if (b1 != nullptr) {
-      const V bias = VT::load(b1 + c0);
+  constexpr int64_t L = Vec<scalar_t, Bytes>::size;
+  constexpr int G = kDwChunks;
+  for (; c0 + G * L <= Ch; c0 += G * L) dw_row_chunks<Bytes, Gelu, G>(rows, wdw, bdw, out, W, Ch, b1, c0);
+  for (; c0 + L <= Ch; c0 += L) dw_row_chunks<Bytes, Gelu, 1>(rows, wdw, bdw, out, W, Ch, b1, c0);
+#endif
+  // Scalar tap sums for the channels the vectors do not cover.
+  for (int64_t c = c0; c < Ch; ++c) {
+    const scalar_t bias = b1 != nullptr ? b1[c] : scalar_t(0);
+    for (int64_t w = 0; w < W; ++w) {
+      scalar_t acc = bdw[c];
       for (int dy = 0; dy < 3; ++dy) {
         if (rows[dy] == nullptr) continue;
-        for (int dx = 0; dx < 3; ++dx) side[dx] += k[dy * 3 + dx] * bias;
+        for (int dx = 0; dx < 3; ++dx) {
+          const int64_t ww = w + dx - 1;
+          if (ww < 0 || ww >= W) continue;
+          acc += (rows[dy][ww * Ch + c] + bias) * wdw[(dy * 3 + dx) * Ch + c];
+        }
       }
+      out[w * Ch + c] = Gelu ? gelu_scalar(acc) : acc;
     }
-    const V b = VT::load(bdw + c0);
-    const V b_mid = b + (side[0] + side[1] + side[2]), b_first = b + (side[1] + side[2]);
-    const V b_last = b + (side[0] + side[1]), b_only = b + side[1];
-    for (int64_t w = 0; w < W; ++w) {
-      const bool left = w > 0, right = w + 1 < W;
-      V acc = left ? (right ? b_mid : b_last) : (right ? b_first : b_only);
-      for (int dy = 0; dy < 3; ++dy) {
-        const scalar_t* r = rows[dy];
-        if (r == nullptr) continue;
-        r += w * Ch + c0;
-        if (left) acc += VT::load(r - Ch) * k[dy * 3];
-        acc += VT::load(r) * k[dy * 3 + 1];
-        if (right) acc += VT::load(r + Ch) * k[dy * 3 + 2];
-      }
-      if constexpr (Gelu) acc = gelu_vec<scalar_t, Bytes>(acc);
-      VT::store(out + w * Ch + c0, acc);
-    }
-  }
-#endif
-  for (int64_t c = c0; c < Ch; ++c) {
-    for (int64_t w = 0; w < W; ++w) out[w * Ch + c] = one(w, c);
   }
 }
 
@@ -310,35 +343,55 @@ DSCN_INLINE void gelu_backward_row(const scalar_t* pre, scalar_t* grad, scalar_t
   }
 }
 
-// Weight gradient of the depthwise conv from one output row: gw[t * Ch + c] += sum over w of dp[w, c] times the
-// input at tap t = dy * 3 + dx (rows up / mid / down as in dw_row, columns w + dx - 1), and gb[c] += sum of dp[w, c].
-template <int Bytes, typename scalar_t>
-DSCN_INLINE void dw_weight_grad_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* dp,
-                                    scalar_t* gw, scalar_t* gb, int64_t W, int64_t Ch) {
-  const scalar_t* rows[3] = {up, mid, down};
-  int64_t c0 = 0;
 #if DSCN_HAS_VEC
+// dw_weight_grad_row's vector loop for the G channel chunks [c0, c0 + G * L): their 9 tap sums and bias sum stay in
+// registers along the row.
+template <int Bytes, int G, typename scalar_t>
+DSCN_INLINE void dw_weight_grad_chunks(const scalar_t* const (&rows)[3], const scalar_t* dp, scalar_t* gw,
+                                       scalar_t* gb, int64_t W, int64_t Ch, int64_t c0) {
   using VT = Vec<scalar_t, Bytes>;
   using V = typename VT::type;
   constexpr int64_t L = VT::size;
-  for (; c0 + L <= Ch; c0 += L) {
-    V acc[9] = {}, accb = {};  // the chunk's 9 tap sums and its bias sum stay in registers along the row
-    for (int64_t w = 0; w < W; ++w) {
-      const V g = VT::load(dp + w * Ch + c0);
-      accb += g;
-      const bool left = w > 0, right = w + 1 < W;
-      for (int dy = 0; dy < 3; ++dy) {
-        const scalar_t* r = rows[dy];
-        if (r == nullptr) continue;
-        r += w * Ch + c0;
-        if (left) acc[dy * 3] += VT::load(r - Ch) * g;
-        acc[dy * 3 + 1] += VT::load(r) * g;
-        if (right) acc[dy * 3 + 2] += VT::load(r + Ch) * g;
+  V acc[9][G] = {}, accb[G] = {};
+  for (int64_t w = 0; w < W; ++w) {
+    V g[G];
+    for (int j = 0; j < G; ++j) {
+      g[j] = VT::load(dp + w * Ch + c0 + j * L);
+      accb[j] += g[j];
+    }
+    const bool left = w > 0, right = w + 1 < W;
+    for (int dy = 0; dy < 3; ++dy) {
+      const scalar_t* r = rows[dy];
+      if (r == nullptr) continue;
+      r += w * Ch + c0;
+      for (int j = 0; j < G; ++j) {
+        if (left) acc[dy * 3][j] += VT::load(r - Ch + j * L) * g[j];
+        acc[dy * 3 + 1][j] += VT::load(r + j * L) * g[j];
+        if (right) acc[dy * 3 + 2][j] += VT::load(r + Ch + j * L) * g[j];
       }
     }
-    for (int t = 0; t < 9; ++t) VT::store(gw + t * Ch + c0, VT::load(gw + t * Ch + c0) + acc[t]);
-    VT::store(gb + c0, VT::load(gb + c0) + accb);
   }
+  for (int j = 0; j < G; ++j) {
+    const int64_t c = c0 + j * L;
+    for (int t = 0; t < 9; ++t) VT::store(gw + t * Ch + c, VT::load(gw + t * Ch + c) + acc[t][j]);
+    VT::store(gb + c, VT::load(gb + c) + accb[j]);
+  }
+}
+#endif
+
+// Weight gradient of the depthwise conv from one output row: gw[t * Ch + c] += sum over w of dp[w, c] times the
+// input at tap t = dy * 3 + dx (rows up / mid / down as in dw_row, columns w + dx - 1), and gb[c] += sum of dp[w, c].
+// Channel chunks go kDwGradChunks at a time, for the reason given at dw_row.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void dw_weight_grad_row(const scalar_t* up, const scalar_t* mid, const scalar_t* down, const scalar_t* dp,
+                                    scalar_t* gw, scalar_t* gb, int64_t W, int64_t Ch) {
+  const scalar_t* const rows[3] = {up, mid, down};
+  int64_t c0 = 0;
+#if DSCN_HAS_VEC
+  constexpr int64_t L = Vec<scalar_t, Bytes>::size;
+  constexpr int G = kDwGradChunks;
+  for (; c0 + G * L <= Ch; c0 += G * L) dw_weight_grad_chunks<Bytes, G>(rows, dp, gw, gb, W, Ch, c0);
+  for (; c0 + L <= Ch; c0 += L) dw_weight_grad_chunks<Bytes, 1>(rows, dp, gw, gb, W, Ch, c0);
 #endif
   for (int64_t c = c0; c < Ch; ++c) {
     for (int64_t w = 0; w < W; ++w) {
