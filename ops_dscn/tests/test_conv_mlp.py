@@ -52,11 +52,12 @@ def make(n, c, h, w, ratio=4, c_out=None, bias=True, dtype=torch.float32, seed=0
 # Geometries: DSAN stage shapes, sizes that leave vector tails (C * ratio not a multiple of 16), a single row or
 # column, and images whose rows need several ring steps (W * hidden wide enough that a step holds few rows). From
 # 1024 pixels float32 runs its products by cpu_small_gemm.h: the last two cases (8 and 2 panels, widths 36 and 20
-# that end in part vectors).
+# that end in part vectors). The depthwise row loops take 4 channel vectors at a time, then single vectors, then
+# scalars: hidden widths 80 (one group and one vector, on a single column) and 640 (two groups and two vectors).
 CASES = [
     (2, 32, 14, 15, 8, None), (1, 64, 7, 7, 8, None), (3, 5, 7, 9, 3, None), (2, 16, 1, 1, 2, None),
     (1, 8, 3, 2, 4, 6), (2, 12, 1, 9, 4, None), (1, 4, 9, 1, 4, None), (2, 160, 5, 6, 4, None),
-    (1, 64, 23, 64, 8, 32), (2, 12, 20, 30, 3, 20),
+    (1, 16, 3, 1, 5, None), (1, 64, 23, 64, 8, 32), (2, 12, 20, 30, 3, 20),
 ]
 
 
@@ -187,11 +188,13 @@ def kernel_grads(args, res, grad):
 # threads than images, images cut into bands; (n, c, h, w, ratio, c_out). The two of 1024 pixels or more take the
 # products by cpu_small_gemm.h in float32 (widths of whole vectors, and of 12, 20 and 36 that end in part vectors).
 # The weight gradients go through its a^T b product where the width is whole vectors: the last case has widths of
-# 48 (panels of 32 + 16) and 96 (64 + 32), 16 output rows (blocks of 6, 2 and 2) and several depth blocks.
+# 48 (panels of 32 + 16) and 96 (64 + 32), 16 output rows (blocks of 6, 2 and 2) and several depth blocks. Hidden
+# width 80 on a single column: the depthwise loops' groups of vectors (4 for the conv, 2 for its weight gradient)
+# and a single vector after them.
 GRAD_CASES = [
     (2, 16, 9, 10, 4, None), (3, 5, 7, 9, 3, None), (1, 8, 3, 2, 4, 6), (2, 12, 1, 9, 4, None),
-    (1, 4, 9, 1, 4, None), (1, 64, 23, 64, 8, 32), (2, 32, 12, 12, 8, None), (5, 8, 2, 3, 2, None),
-    (2, 12, 20, 30, 3, 20), (2, 48, 16, 40, 2, 16),
+    (1, 4, 9, 1, 4, None), (2, 16, 5, 1, 5, None), (1, 64, 23, 64, 8, 32), (2, 32, 12, 12, 8, None),
+    (5, 8, 2, 3, 2, None), (2, 12, 20, 30, 3, 20), (2, 48, 16, 40, 2, 16),
 ]
 
 
