@@ -50,8 +50,8 @@ constexpr int64_t kGradDepth = 512;
 // Least pixels (N * H * W) for which the forward runs its products by cpu_small_gemm.h (see make_weights).
 constexpr int64_t kPanelMinPixels = 1024;
 // Channel chunks (vectors) the depthwise row loops take at a time along a row: dw_row (the conv) and
-// dw_weight_grad_row (its weight gradient). See dw_row for why; 4 / 2 were the fastest of 1-4 (DSAN-T stages 1-2,
-// batch 16, 2 threads, AVX-512 and AVX2).
+// dw_weight_grad_row (its weight gradient). See dw_row for why; the fastest of those tried (1, 2 or 4 for the conv, 1,
+// 2 or 3 for the weight gradient; DSAN-T stages 1-2, batch 16, 2 threads, AVX-512 and AVX2; 4 / 3 as fast as 4 / 2).
 constexpr int kDwChunks = 4;
 constexpr int kDwGradChunks = 2;
 
