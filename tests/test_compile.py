@@ -10,6 +10,7 @@ from torch._inductor.utils import run_and_get_code
 
 from dsan.compile import compile_kwargs, model_inductor_options
 from dsan.models import DSAN
+from dsan.models.dsan import Mlp, PointwiseConv2d
 
 SMALL = dict(depths=(1, 1, 1, 1))
 
@@ -85,6 +86,46 @@ def test_inductor_training_graph_has_no_copies_around_the_dscn_ops():
     assert codes['model options'] == []
     # The check above can see the copies: torch 2.14's inductor makes them without the options.
     assert codes['plain'], 'plain torch.compile no longer copies around the DSCN ops: review DSAN.inductor_options'
+
+
+@requires_cpp
+def test_compiled_gelu_is_the_op_where_a_gradient_flows(monkeypatch):
+    """Under torch.compile a GELU that a gradient flows through stays ``ops_dscn.gelu`` (faster than inductor's GELU
+    kernels in a training step); without one (no_grad, frozen parameters) it is ``F.gelu``, left to inductor."""
+    torch.manual_seed(0)
+    model = timm.create_model('dsan_t', backend='cpp', num_classes=10, **SMALL).train()
+    x = torch.randn(2, 3, 64, 64)
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def gelus(run):
+        graphs.clear()
+        torch._dynamo.reset()
+        out = run(torch.compile(model, backend=capture))
+        torch._dynamo.reset()
+        targets = [n.target for g in graphs for n in g.graph.nodes if n.op == 'call_function']
+        return out, (sum(t in (torch.ops.ops_dscn.gelu, torch.ops.ops_dscn.gelu.default) for t in targets),
+                     sum(t is torch.nn.functional.gelu for t in targets))
+
+    # 64x64 input: every map is below the fused MLP's training size, so 4 attention and 4 MLP GELUs run as layers.
+    out, counts = gelus(lambda fn: fn(x))
+    assert counts == (8, 0)
+    out.sum().backward()  # the op's registered backward runs under the compiled forward
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    # Without gradients the attention's GELU joins its conv's kernel and the MLPs are fused: the layers are asked for.
+    monkeypatch.setattr(PointwiseConv2d, 'fused_epilogue', False)
+    for m in model.modules():
+        if isinstance(m, Mlp):
+            m.fused_kernel = False
+    with torch.no_grad():
+        _, counts = gelus(lambda fn: fn(x))
+    assert counts == (0, 8)
+    model.requires_grad_(False)
+    _, counts = gelus(lambda fn: fn(x))
+    assert counts == (0, 8)
 
 
 def test_module_compile_uses_the_models_options(monkeypatch):

@@ -215,11 +215,14 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
 
     ATen's float GELU and its backward are compute-bound on CPU; the op's vectorized forms ran 2.2-3x and 1.4-1.9x as
     fast on DSAN-T's training shapes (b16, 2 threads), about 1 % of a training step. float64 keeps ATen's (the
-    reference numbers); torch.jit tracing (FLOP counters, ONNX) and torch.compile (which fuses the GELU itself) see
-    ``F.gelu``.
+    reference numbers); torch.jit tracing (FLOP counters, ONNX) sees ``F.gelu``. Under torch.compile the op stays where
+    a gradient flows through the GELU: inductor's own GELU kernels (its vectorized erf, the backward fused with the
+    gradient sums around it) made a compiled DSAN-T training step 2.4-3.5 % slower (b16, 2 threads, three pairs of
+    processes). Without a gradient (inference) ``F.gelu`` is left to inductor, which with freezing fuses it into the
+    convolution before it.
     """
-    if (x.dtype == torch.float32 and ops_dscn.gelu_available(x) and not torch.jit.is_tracing()
-            and not torch.compiler.is_compiling()):
+    if x.dtype == torch.float32 and ops_dscn.gelu_available(x) and not torch.jit.is_tracing() and (
+            not torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
         return ops_dscn.gelu(x)
     return F.gelu(x)
 
