@@ -217,9 +217,9 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     fast on DSAN-T's training shapes (b16, 2 threads), about 1 % of a training step. float64 keeps ATen's (the
     reference numbers); torch.jit tracing (FLOP counters, ONNX) sees ``F.gelu``. Under torch.compile the op stays where
     a gradient flows through the GELU: inductor's own GELU kernels (its vectorized erf, the backward fused with the
-    gradient sums around it) made a compiled DSAN-T training step 2.4-3.5 % slower (b16, 2 threads, three pairs of
-    processes). Without a gradient (inference) ``F.gelu`` is left to inductor, which with freezing fuses it into the
-    convolution before it.
+    gradient sums around it) made a compiled DSAN-T training step 2.5-3.5 % slower (b16, 2 threads, seven pairs of
+    processes; an earlier machine showed no difference). Without a gradient (inference) ``F.gelu`` is left to
+    inductor, which with freezing fuses it into the convolution before it.
     """
     if x.dtype == torch.float32 and ops_dscn.gelu_available(x) and not torch.jit.is_tracing() and (
             not torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
