@@ -257,14 +257,14 @@ struct OffsetGrads {
 };
 
 // A backward task's scratch, for a block of pixels: (block, C) rows of the normalised conv output, the activations,
-// the GELU derivatives and the activations' gradient; 1 / std per pixel; the block's LayerNorm and Linear bias
-// gradients.
+// the GELU derivatives and the activations' gradient; per pixel the mean (later mean(dn)), 1 / std and mean(dn * n)
+// (see offsets_backward_task_body); the block's LayerNorm and Linear bias gradients.
 template <typename scalar_t>
 struct OffsetScratch {
-  std::vector<scalar_t> nrm, act, dgelu, grad, rstd, ln_w, ln_b, lin_b;
+  std::vector<scalar_t> nrm, act, dgelu, grad, mean, rstd, dn_n, ln_w, ln_b, lin_b;
   OffsetScratch(int64_t block, const OffsetDims& d)
-      : nrm(block * d.C), act(block * d.C), dgelu(block * d.C), grad(block * d.C), rstd(block), ln_w(d.C),
-        ln_b(d.C), lin_b(d.GK) {}
+      : nrm(block * d.C), act(block * d.C), dgelu(block * d.C), grad(block * d.C), mean(block), rstd(block),
+        dn_n(block), ln_w(d.C), ln_b(d.C), lin_b(d.GK) {}
 };
 
 // Backward of output pixels [p0, p1): recomputes their conv, LayerNorm and GELU, then takes the gradient g of the
@@ -282,13 +282,18 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
   using V = typename VT::type;
   constexpr int64_t L = VT::size;
 #endif
-  // The forward again: n = (conv - mean) / std, z = n * ln_w + ln_b, act = gelu(z), and gelu'(z).
+  // The forward again: n = (conv - mean) / std, z = n * ln_w + ln_b, act = gelu(z), and gelu'(z); in two passes
+  // over the block, as the forward (offsets_task_body) does, so that pixels overlap.
+  for (int64_t i = 0; i < m; ++i) {
+    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p0 + i, s.nrm.data() + i * C);
+    s.mean[i] = mean;
+    s.rstd[i] = rstd;
+  }
   for (int64_t i = 0; i < m; ++i) {
     scalar_t* nr = s.nrm.data() + i * C;
     scalar_t* a = s.act.data() + i * C;
     scalar_t* dg = s.dgelu.data() + i * C;
-    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p0 + i, nr);
-    s.rstd[i] = rstd;
+    const scalar_t mean = s.mean[i], rstd = s.rstd[i];
     int64_t c0 = 0;
 #if DSCN_HAS_VEC
     for (; c0 + L <= C; c0 += L) {
@@ -322,7 +327,8 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
     for (int64_t j = 0; j < d.GK; ++j) s.lin_b[j] += gb[i * d.GK + j];
   }
   for (int64_t j = 0; j < d.GK; ++j) gr.lin_b[j] += s.lin_b[j];
-  // GELU and LayerNorm: with dn = dz * ln_w, d conv = (dn - mean(dn) - n * mean(dn * n)) / std.
+  // GELU and LayerNorm: with dn = dz * ln_w, d conv = (dn - mean(dn) - n * mean(dn * n)) / std. Two passes again:
+  // each pixel's output waits for its two channel sums, which in one pass left the core idle.
   std::fill(s.ln_w.begin(), s.ln_w.end(), scalar_t(0));
   std::fill(s.ln_b.begin(), s.ln_b.end(), scalar_t(0));
   const scalar_t inv_c = static_cast<scalar_t>(1) / static_cast<scalar_t>(C);
@@ -357,11 +363,15 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
       s1 += dn[c];
       s2 += dn[c] * nr[c];
     }
-    s1 *= inv_c;
-    s2 *= inv_c;
-    const scalar_t rstd = s.rstd[i];
+    s.mean[i] = s1 * inv_c;  // the pixel's mean(dn) and mean(dn * n); its conv's mean is not needed any more
+    s.dn_n[i] = s2 * inv_c;
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    const scalar_t* nr = s.nrm.data() + i * C;
+    const scalar_t* dn = s.grad.data() + i * C;
+    const scalar_t s1 = s.mean[i], s2 = s.dn_n[i], rstd = s.rstd[i];
     scalar_t* out = gd + (p0 + i) * C;
-    c0 = 0;
+    int64_t c0 = 0;
 #if DSCN_HAS_VEC
     for (; c0 + L <= C; c0 += L) {
       VT::store(out + c0, (VT::load(dn + c0) - s1 - VT::load(nr + c0) * s2) * rstd);
