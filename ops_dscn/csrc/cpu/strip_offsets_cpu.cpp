@@ -135,11 +135,11 @@ DSCN_INLINE void conv_vectors(const scalar_t* centre, const scalar_t* wdw, const
 }
 #endif
 
-// The depthwise conv of pixel p (flattened (n, h, w)) into d (C values); returns its LayerNorm mean and 1 / std.
-// Shared by the forward and the backward (which recomputes it), so both see the same values.
+// The depthwise conv of pixel p (flattened (n, h, w)) into d (C values); returns its LayerNorm mean. Shared by the
+// forward and the backward (which recomputes it), so both see the same values.
 template <int Bytes, typename scalar_t>
-DSCN_INLINE std::pair<scalar_t, scalar_t> conv_and_stats(const OffsetDims& dims, const OffsetWeights<scalar_t>& wt,
-                                                        const scalar_t* x, int64_t p, scalar_t* d) {
+DSCN_INLINE scalar_t conv_and_mean(const OffsetDims& dims, const OffsetWeights<scalar_t>& wt, const scalar_t* x,
+                                   int64_t p, scalar_t* d) {
   using acc_t = scalar_t;
   const int64_t C = dims.C, pad = (dims.K - 1) / 2;
   const scalar_t* wdw = wt.wdw.data();
@@ -177,10 +177,19 @@ DSCN_INLINE std::pair<scalar_t, scalar_t> conv_and_stats(const OffsetDims& dims,
     d[c] = acc;
     sum += acc;
   }
-  const acc_t mean = sum / static_cast<acc_t>(C);
+  return sum / static_cast<acc_t>(C);
+}
+
+// 1 / std of the LayerNorm over the C values d with their mean: the mean of the squared deviations, + eps.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE scalar_t layer_norm_rstd(const scalar_t* d, scalar_t mean, int64_t C, double eps) {
+  using acc_t = scalar_t;
   acc_t sq = 0;
-  c0 = 0;
+  int64_t c0 = 0;
 #if DSCN_HAS_VEC
+  using VT = Vec<scalar_t, Bytes>;
+  using V = typename VT::type;
+  constexpr int64_t L = VT::size;
   {
     V vsq = V{};
     for (; c0 + L <= C; c0 += L) {
@@ -191,7 +200,21 @@ DSCN_INLINE std::pair<scalar_t, scalar_t> conv_and_stats(const OffsetDims& dims,
   }
 #endif
   for (int64_t c = c0; c < C; ++c) sq += (d[c] - mean) * (d[c] - mean);
-  return {mean, static_cast<acc_t>(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(wt.eps))};
+  return static_cast<acc_t>(1) / std::sqrt(sq / static_cast<acc_t>(C) + static_cast<acc_t>(eps));
+}
+
+// The conv of the pixels [p0, p1) into d ((p1 - p0, C)) and their LayerNorm (mean, 1 / std) into stats ((p1 - p0, 2)),
+// in two passes: per pixel the statistics are a chain of dependent steps (the conv, a channel sum, the squared
+// deviations, another sum, a square root and a division), and with the pixels' conv and mean first, the second
+// pass's iterations are short and independent, so the core overlaps them.
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void conv_and_stats(const OffsetDims& dims, const OffsetWeights<scalar_t>& wt, const scalar_t* x,
+                                int64_t p0, int64_t p1, scalar_t* d, scalar_t* stats) {
+  const int64_t C = dims.C;
+  for (int64_t p = p0; p < p1; ++p) stats[2 * (p - p0)] = conv_and_mean<Bytes>(dims, wt, x, p, d + (p - p0) * C);
+  for (int64_t i = 0; i < p1 - p0; ++i) {
+    stats[2 * i + 1] = layer_norm_rstd<Bytes>(d + i * C, stats[2 * i], C, wt.eps);
+  }
 }
 
 // Output pixels [p0, p1) (flattened (n, h, w)): their activations into `act` ((p1 - p0, C)), then the Linear.
@@ -201,15 +224,12 @@ DSCN_INLINE void offsets_task_body(const OffsetDims& d, const OffsetWeights<scal
                                    scalar_t* out, int64_t p0, int64_t p1, scalar_t* act, scalar_t* stats,
                                    const at::TensorOptions& opts) {
   const int64_t C = d.C;
-  // Two passes over the block: the conv and the statistics of every pixel, then the norm and GELU of every pixel.
-  // In one pass, each pixel's chain of dependent steps (conv, two reductions, sqrt and division, then GELU's
-  // division) left the core waiting; the second pass has no dependencies between pixels, and the first a shorter
-  // body, so more pixels overlap (DSAN-T stage 1 at batch 32: 1.1-1.3x faster).
-  for (int64_t p = p0; p < p1; ++p) {
-    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p, act + (p - p0) * C);
-    stats[2 * (p - p0)] = mean;
-    stats[2 * (p - p0) + 1] = rstd;
-  }
+  // Passes over the block: the conv and the statistics of every pixel (conv_and_stats: two), then the norm and GELU
+  // of every pixel. In one pass, each pixel's chain of dependent steps (conv, two reductions, sqrt and division, then
+  // GELU's division) left the core waiting; the later passes have no dependencies between pixels, and the first a
+  // shorter body, so more pixels overlap (DSAN-T stage 1 at batch 32: 1.1-1.3x faster with two passes; the
+  // statistics in two, b16: stage-1 forward 1.56 -> 1.35 ms, backward 3.05 -> 2.81 ms, medians of 4 rounds).
+  conv_and_stats<Bytes>(d, wt, x, p0, p1, act, stats);
   for (int64_t p = p0; p < p1; ++p) {
     scalar_t* a = act + (p - p0) * C;
     const scalar_t mean = stats[2 * (p - p0)], rstd = stats[2 * (p - p0) + 1];
@@ -257,14 +277,15 @@ struct OffsetGrads {
 };
 
 // A backward task's scratch, for a block of pixels: (block, C) rows of the normalised conv output, the activations,
-// the GELU derivatives and the activations' gradient; per pixel the mean (later mean(dn)), 1 / std and mean(dn * n)
-// (see offsets_backward_task_body); the block's LayerNorm and Linear bias gradients.
+// the GELU derivatives and the activations' gradient; per pixel the LayerNorm's (mean, 1 / std) and the two means
+// of its gradient, (mean(dn), mean(dn * n)) (see offsets_backward_task_body); the block's LayerNorm and Linear bias
+// gradients.
 template <typename scalar_t>
 struct OffsetScratch {
-  std::vector<scalar_t> nrm, act, dgelu, grad, mean, rstd, dn_n, ln_w, ln_b, lin_b;
+  std::vector<scalar_t> nrm, act, dgelu, grad, stats, dn_means, ln_w, ln_b, lin_b;
   OffsetScratch(int64_t block, const OffsetDims& d)
-      : nrm(block * d.C), act(block * d.C), dgelu(block * d.C), grad(block * d.C), mean(block), rstd(block),
-        dn_n(block), ln_w(d.C), ln_b(d.C), lin_b(d.GK) {}
+      : nrm(block * d.C), act(block * d.C), dgelu(block * d.C), grad(block * d.C), stats(2 * block),
+        dn_means(2 * block), ln_w(d.C), ln_b(d.C), lin_b(d.GK) {}
 };
 
 // Backward of output pixels [p0, p1): recomputes their conv, LayerNorm and GELU, then takes the gradient g of the
@@ -284,16 +305,12 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
 #endif
   // The forward again: n = (conv - mean) / std, z = n * ln_w + ln_b, act = gelu(z), and gelu'(z); in two passes
   // over the block, as the forward (offsets_task_body) does, so that pixels overlap.
-  for (int64_t i = 0; i < m; ++i) {
-    const auto [mean, rstd] = conv_and_stats<Bytes>(d, wt, x, p0 + i, s.nrm.data() + i * C);
-    s.mean[i] = mean;
-    s.rstd[i] = rstd;
-  }
+  conv_and_stats<Bytes>(d, wt, x, p0, p1, s.nrm.data(), s.stats.data());
   for (int64_t i = 0; i < m; ++i) {
     scalar_t* nr = s.nrm.data() + i * C;
     scalar_t* a = s.act.data() + i * C;
     scalar_t* dg = s.dgelu.data() + i * C;
-    const scalar_t mean = s.mean[i], rstd = s.rstd[i];
+    const scalar_t mean = s.stats[2 * i], rstd = s.stats[2 * i + 1];
     int64_t c0 = 0;
 #if DSCN_HAS_VEC
     for (; c0 + L <= C; c0 += L) {
@@ -363,13 +380,13 @@ DSCN_INLINE void offsets_backward_task_body(const OffsetDims& d, const OffsetWei
       s1 += dn[c];
       s2 += dn[c] * nr[c];
     }
-    s.mean[i] = s1 * inv_c;  // the pixel's mean(dn) and mean(dn * n); its conv's mean is not needed any more
-    s.dn_n[i] = s2 * inv_c;
+    s.dn_means[2 * i] = s1 * inv_c;
+    s.dn_means[2 * i + 1] = s2 * inv_c;
   }
   for (int64_t i = 0; i < m; ++i) {
     const scalar_t* nr = s.nrm.data() + i * C;
     const scalar_t* dn = s.grad.data() + i * C;
-    const scalar_t s1 = s.mean[i], s2 = s.dn_n[i], rstd = s.rstd[i];
+    const scalar_t s1 = s.dn_means[2 * i], s2 = s.dn_means[2 * i + 1], rstd = s.stats[2 * i + 1];
     scalar_t* out = gd + (p0 + i) * C;
     int64_t c0 = 0;
 #if DSCN_HAS_VEC
