@@ -118,7 +118,16 @@ def test_config_matches_the_original_recipe(name):
     assert next(t for t in test_pipe if t.type == 'Resize').scale == test_scale
     # The original resized ADE20K test images to a multiple of 32; not Cityscapes.
     assert any(t.type == 'ResizeToMultiple' for t in test_pipe) == (dataset == 'ade20k')
-    assert cfg.tta_model.type == 'SegTTAModel' and cfg.tta_pipeline
+    assert cfg.tta_model.type == 'SegTTAModel'
+    # --tta as the original's aug-test: ratios 0.5-1.75 of the test scale (not of each image's size), then flips.
+    tta = cfg.tta_pipeline[1]
+    assert tta.type == 'TestTimeAug'
+    scales, *rest = tta.transforms
+    w, h = test_scale
+    assert [(t.type, t.scale, t.keep_ratio) for t in scales] == \
+        [('Resize', (int(w * r), int(h * r)), True) for r in (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)]
+    assert (rest[0] == [dict(type='ResizeToMultiple', size_divisor=32)]) == (dataset == 'ade20k')
+    assert [t.prob for t in rest[-3]] == [0., 1.]
 
 
 @pytest.mark.parametrize('name', sorted(RECIPES))

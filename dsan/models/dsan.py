@@ -227,7 +227,7 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x)
 
 
-class PointwiseConv2d(nn.Conv2d):
+class PointwiseConv2d(ops_dscn.KeepsPackedWeights, nn.Conv2d):
     """1x1 ``nn.Conv2d`` (same parameters, names and results) that runs single-image inference as a matrix product.
 
     On one channels_last image oneDNN's 1x1 convolution spends much of its time outside the arithmetic: a plain
@@ -344,7 +344,7 @@ class DWConv(nn.Module):
         return self.dwconv(x)
 
 
-class Mlp(nn.Module):
+class Mlp(ops_dscn.KeepsPackedWeights, nn.Module):
     """Convolutional MLP: 1x1 conv, depthwise 3x3 conv, GELU, 1x1 conv.
 
     On CPU in float32 (exact GELU, no active dropout) the four layers run as one fused operator,

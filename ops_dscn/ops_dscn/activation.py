@@ -10,7 +10,8 @@ float32/float64 tensor) and ``F.gelu`` elsewhere; both compute ``x * Phi(x)`` to
 import torch
 import torch.nn.functional as F
 
-from .conv_mlp import _KERNEL_DTYPES, _has_cpu_kernel, _use_kernel
+from ._double_backward import recording_backward, twin_gradients
+from .conv_mlp import _KERNEL_DTYPES, _check_same_device, _has_cpu_kernel, _use_kernel
 from .functional import _dtype_name, _shape
 
 __all__ = ["gelu", "gelu_available"]
@@ -56,6 +57,7 @@ if _CPU_KERNEL:
         if grad_output.shape != input.shape:
             raise ValueError(f"_gelu_backward: grad_output must have the input's shape {_shape(input)}; got "
                              f"{_shape(grad_output)}")
+        _check_same_device("_gelu_backward", input, grad_output=grad_output)
         return torch.empty_like(input)
 
     def _gelu_setup_context(ctx, inputs, output):
@@ -63,6 +65,8 @@ if _CPU_KERNEL:
 
     def _gelu_backward(ctx, grad):
         (input,) = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: a gradient that can be differentiated again
+            return twin_gradients(F.gelu, (input,), grad, ctx.needs_input_grad)[0]
         return torch.ops.ops_dscn._gelu_backward(grad, input)
 
     torch.library.register_autograd("ops_dscn::gelu", _gelu_backward, setup_context=_gelu_setup_context)

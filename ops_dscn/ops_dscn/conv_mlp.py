@@ -12,6 +12,7 @@ elsewhere.
 import torch
 import torch.nn.functional as F
 
+from ._double_backward import recording_backward, twin_gradients
 from .functional import _dtype_name, _shape, extension_available
 
 __all__ = ["check_conv_mlp_args", "conv_mlp", "conv_mlp_available", "conv_mlp_reference"]
@@ -69,6 +70,14 @@ def _check_kernel_input(op: str, input: torch.Tensor) -> None:
         raise ValueError(f"{op}: input must be 4-D (N, C, H, W); got {input.dim()}-D with shape {_shape(input)}")
     if input.dtype not in _KERNEL_DTYPES:
         raise ValueError(f"{op}: input dtype must be one of float32, float64; got {_dtype_name(input.dtype)}")
+
+
+def _check_same_device(op: str, input: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    # For the fake kernels: a meta tensor among CPU ones sends the call to them, and they must not return a tensor of
+    # uninitialized memory on the input's device.
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise ValueError(f"{op}: {name} must be on the input's device {input.device}; got {t.device}")
 
 
 # The layout of ops_dscn::pack_weight (csrc/cpu/cpu_small_gemm.h, PanelMatrix): panels of 64 output columns, each
@@ -195,8 +204,8 @@ def conv_mlp(
         fc2_weight: (C_out, hidden, 1, 1); fc2_bias: (C_out,) or None.
         residual: (N, C_out, H, W) added to the output, or None.
         backend: 'auto' runs the fused kernel when :func:`conv_mlp_available`, else :func:`conv_mlp_reference`;
-            'cpp' requires the kernel; 'pytorch' always runs the reference. The kernel is differentiable (first
-            order) in every input.
+            'cpp' requires the kernel; 'pytorch' always runs the reference. The kernel is differentiable in every
+            input (second derivatives through the reference).
         fc1_packed, fc2_packed: ``pack_weight(fc1_weight)`` and ``pack_weight(fc2_weight)`` (float32), made once for
             inference so that the kernel does not copy the weights on every call; both or neither. They must be
             packed from the weights given (the forward reads them in place of the weights; the backward and the
@@ -244,12 +253,17 @@ if _CPU_KERNEL:
     def _setup_context(ctx, inputs, output):
         input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias, residual = inputs[:8]
         # Only the input and the weights are kept: the backward recomputes the hidden rows.
-        ctx.save_for_backward(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight)
+        ctx.save_for_backward(input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias)
         ctx.has_bias = (fc1_bias is not None, dw_bias is not None, fc2_bias is not None)
         ctx.has_residual = residual is not None
 
     def _backward(ctx, grad_output):
-        input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight = ctx.saved_tensors
+        input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight, fc2_bias = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: gradients that can be differentiated again
+            grads = twin_gradients(conv_mlp_reference, (input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight,
+                                                        fc2_bias), grad_output, ctx.needs_input_grad[:7])
+            # The residual is added: its gradient is grad_output itself, whatever its value.
+            return (*grads, grad_output if ctx.needs_input_grad[7] else None, None, None)
         g_in, g_w1, g_b1, g_wd, g_bd, g_w2, g_b2 = torch.ops.ops_dscn._conv_mlp_backward(
             grad_output, input, fc1_weight, fc1_bias, dw_weight, dw_bias, fc2_weight)
         has_b1, has_bd, has_b2 = ctx.has_bias

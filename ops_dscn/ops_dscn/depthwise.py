@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel
+from ._double_backward import recording_backward, twin_gradients
+from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _check_same_device, _has_cpu_kernel
 
 __all__ = ["DepthwiseConv2d", "FORWARD_MAX_BATCH", "MAX_KERNEL_H", "dw_conv2d", "dw_conv_weight_grad",
            "dw_conv_weight_grad_reference"]
@@ -76,8 +77,11 @@ def dw_conv2d(input, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=
     return torch.ops.ops_dscn.dw_conv2d(input, weight, bias, *stride, *padding, *dilation)
 
 
-def _conv_backward(grad, x, weight, has_bias, stride, padding, dilation, needs):
+def _conv_backward(grad, x, weight, bias, stride, padding, dilation, needs):
     """(input, weight, bias) gradients of a depthwise conv2d; None where `needs` (three bools) says not needed."""
+    if recording_backward():  # create_graph=True: gradients that can be differentiated again
+        return tuple(twin_gradients(lambda x_, w_, b_: F.conv2d(x_, w_, b_, stride, padding, dilation, x_.shape[1]),
+                                    (x, weight, bias), grad, needs))
     cl = torch.channels_last
     grad, x = grad.contiguous(memory_format=cl), x.contiguous(memory_format=cl)
     g_x = g_w = g_b = None
@@ -86,7 +90,7 @@ def _conv_backward(grad, x, weight, has_bias, stride, padding, dilation, needs):
                                                   [0, 0], x.shape[1], [True, False, False])[0]
     if needs[1]:
         g_w = dw_conv_weight_grad(grad, x, weight.shape[2:], stride, padding, dilation)
-    if has_bias and needs[2]:
+    if bias is not None and needs[2]:
         g_b = grad.sum((0, 2, 3))
     return g_x, g_w, g_b
 
@@ -101,15 +105,13 @@ class _DepthwiseConv2dFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         x, weight, bias, stride, padding, dilation = inputs
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, bias)
         ctx.geometry = (stride, padding, dilation)
-        ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        return (*_conv_backward(grad, x, weight, ctx.has_bias, *ctx.geometry, ctx.needs_input_grad[:3]),
-                None, None, None)
+        x, weight, bias = ctx.saved_tensors
+        return (*_conv_backward(grad, x, weight, bias, *ctx.geometry, ctx.needs_input_grad[:3]), None, None, None)
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -157,6 +159,7 @@ if _CPU_KERNEL:
     def _dw_conv_weight_grad_fake(grad_output, input, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
                                   dilation_h, dilation_w):
         _check_kernel_input("dw_conv_weight_grad", input)
+        _check_same_device("dw_conv_weight_grad", input, grad_output=grad_output)
         return input.new_empty((input.shape[1], 1, kernel_h, kernel_w))
 
 if _FORWARD_KERNEL:
@@ -164,6 +167,7 @@ if _FORWARD_KERNEL:
     @torch.library.register_fake("ops_dscn::dw_conv2d")
     def _dw_conv2d_fake(input, weight, bias, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w):
         _check_kernel_input("dw_conv2d", input)
+        _check_same_device("dw_conv2d", input, weight=weight, bias=bias)
         n, c, h, w = input.shape
         kh, kw = weight.shape[2:]
         ho = (h + 2 * pad_h - dilation_h * (kh - 1) - 1) // stride_h + 1
@@ -173,13 +177,11 @@ if _FORWARD_KERNEL:
 
     def _dw_conv2d_setup_context(ctx, inputs, output):
         input, weight, bias, *geometry = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.has_bias = bias is not None
+        ctx.save_for_backward(input, weight, bias)
         ctx.geometry = ((geometry[0], geometry[1]), (geometry[2], geometry[3]), (geometry[4], geometry[5]))
 
     def _dw_conv2d_backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        return (*_conv_backward(grad, x, weight, ctx.has_bias, *ctx.geometry, ctx.needs_input_grad[:3]),
-                *([None] * 6))
+        x, weight, bias = ctx.saved_tensors
+        return (*_conv_backward(grad, x, weight, bias, *ctx.geometry, ctx.needs_input_grad[:3]), *([None] * 6))
 
     torch.library.register_autograd("ops_dscn::dw_conv2d", _dw_conv2d_backward, setup_context=_dw_conv2d_setup_context)

@@ -7,10 +7,12 @@ The compiled operator's schema is declared once in ``csrc/dscn.cpp`` (``torch.op
 
 import logging
 import math
+import numbers
 import warnings
 
 import torch
 
+from ._double_backward import recording_backward, twin_gradients
 from .pytorch_impl import dscn_pytorch
 
 __all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "compiled_device_types", "dscn",
@@ -153,11 +155,14 @@ def check_config(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_
             ("stride_w", stride_w, 1), ("dilation_h", dilation_h, 1), ("dilation_w", dilation_w, 1),
             ("group", group, 1), ("group_channels", group_channels, 1), ("pad_h", pad_h, 0), ("pad_w", pad_w, 0))
     for name, value, minimum in ints:
-        if isinstance(value, bool) or not isinstance(value, int):
+        # Any integer (numpy's too), as the compiled op's int64 arguments take them; bools are not sizes.
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"dscn: {name} must be an int; got {type(value).__name__} {value!r}")
         if value < minimum:
             raise ValueError(f"dscn: {name} must be >= {minimum}; got {value}")
-    if isinstance(offset_scale, bool) or not isinstance(offset_scale, (int, float)):
+        if value >= 2**31:  # as the C++ check, which keeps int64 products of two arguments from overflowing
+            raise ValueError(f"dscn: {name} must be < 2^31; got {value}")
+    if isinstance(offset_scale, bool) or not isinstance(offset_scale, numbers.Real):
         raise TypeError(f"dscn: offset_scale must be a float; got {type(offset_scale).__name__} {offset_scale!r}")
     if not math.isfinite(offset_scale):
         raise ValueError(f"dscn: offset_scale must be finite; got {offset_scale}")
@@ -327,8 +332,10 @@ def dscn(
         raise ValueError("dscn: input must be 4-D (N, H, W, C) channels-last; got "
                          + (f"{input.dim()}-D with shape {_shape(input)}" if isinstance(input, torch.Tensor)
                             else type(input).__name__))
-    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+    if isinstance(group, bool) or not isinstance(group, numbers.Integral) or group < 1:
         raise ValueError(f"dscn: group must be a positive int; got {group!r}")
+    if input.shape[-1] == 0:
+        raise ValueError(f"dscn: input must have at least one channel (N, H, W, C); got shape {_shape(input)}")
     if input.shape[-1] % group != 0:
         raise ValueError(f"dscn: input channels must be divisible by group; got C = {input.shape[-1]}, group = {group}")
     gc = input.shape[-1] // group
@@ -368,6 +375,10 @@ if extension_available():
 
     def _backward(ctx, grad_output):
         input, offset = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: gradients that can be differentiated again
+            grads = twin_gradients(lambda i, o: dscn_pytorch(i, o, *ctx.args), (input, offset), grad_output,
+                                   ctx.needs_input_grad[:2])
+            return (*grads, *(None,) * len(ctx.args))
         mask = [bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])]
         grad_input, grad_offset = torch.ops.ops_dscn._dscn_backward(grad_output.contiguous(), input, offset,
                                                                     *ctx.args, mask)

@@ -14,11 +14,19 @@ as one matrix product on channels_last memory whose output blocks get the epilog
 import torch
 import torch.nn.functional as F
 
-from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel, _use_kernel, check_packed, packed_size
+from .conv_mlp import (
+    _KERNEL_DTYPES,
+    _check_kernel_input,
+    _check_same_device,
+    _has_cpu_kernel,
+    _use_kernel,
+    check_packed,
+    packed_size,
+)
 from .functional import _dtype_name, _shape
 
-__all__ = ["keep_packed_weight", "kept_packed_weight", "pack_weight", "pack_weight_available", "pointwise_conv",
-           "pointwise_conv_available", "pointwise_conv_reference"]
+__all__ = ["KeepsPackedWeights", "keep_packed_weight", "kept_packed_weight", "pack_weight", "pack_weight_available",
+           "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("pointwise_conv")
 _PACK_KERNEL = _has_cpu_kernel("pack_weight")
@@ -74,14 +82,27 @@ def keep_packed_weight(owner: torch.nn.Module, name: str, weight: torch.Tensor) 
     owner.__dict__.setdefault("_packed_keys", {})[name] = _weight_key(weight)
 
 
+class KeepsPackedWeights:
+    """Mixin for a module that keeps weights packed by :func:`keep_packed_weight` (put it before the nn.Module base).
+
+    ``train()`` and ``eval()`` make every packed weight of the module be packed again at its next use, so that a
+    change through ``.data`` (which no version counter sees) takes effect from the next mode switch.
+    """
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop("_packed_keys", None)
+        return super().train(mode)
+
+
 def kept_packed_weight(owner: torch.nn.Module, name: str, weight: torch.Tensor,
                        input: torch.Tensor) -> torch.Tensor | None:
     """`owner`'s buffer `name` (`weight` packed by :func:`keep_packed_weight`) for a call on `input` that needs no
     gradient of `weight`; None where there is none or it does not apply (a float64 input, another device, gradients).
 
     In eager mode a buffer packed from other values (the weight changed in place, was replaced, or the module was
-    copied) is packed again first. Compiled code takes the buffer as it is: as with inductor's freezing, a module with
-    packed weights is a snapshot for inference.
+    copied) is packed again first; a change through ``.data`` counts from the owner's next ``train()`` / ``eval()``
+    where the owner is a :class:`KeepsPackedWeights`. Compiled code takes the buffer as it is: as with inductor's
+    freezing, a module with packed weights is a snapshot for inference.
     """
     packed = getattr(owner, name, None)
     if (packed is None or input.dtype != torch.float32 or packed.dtype != torch.float32
@@ -150,6 +171,7 @@ def _check_args(input, weight, bias, gate, residual, residual_scale, packed=None
     def same_dtype(t, name):
         if t.dtype != input.dtype:
             raise ValueError(f"{op}: {name} dtype must equal input dtype {dtype}; got {_dtype_name(t.dtype)}")
+        _check_same_device(op, input, **{name: t})
 
     n, c, h, w = input.shape
     if not ((weight.dim() == 4 and weight.shape[2:] == (1, 1)) or weight.dim() == 2):

@@ -13,6 +13,7 @@ input) and the layers one by one, :func:`strip_offsets_reference`, elsewhere.
 import torch
 import torch.nn.functional as F
 
+from ._double_backward import recording_backward, twin_gradients
 from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _has_cpu_kernel, _use_kernel
 from .depthwise import dw_conv_weight_grad
 from .functional import _dtype_name, _shape
@@ -133,12 +134,16 @@ if _CPU_KERNEL:
     def _setup_context(ctx, inputs, output):
         input, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, lin_bias, on_x = inputs
         # Only the input and the parameters are kept: the backward recomputes the branch.
-        ctx.save_for_backward(input, dw_weight, dw_bias, ln_weight, ln_bias, lin_weight)
+        ctx.save_for_backward(input, dw_weight, dw_bias, ln_weight, ln_bias, lin_weight, lin_bias)
         ctx.eps, ctx.on_x = eps, on_x
         ctx.has_bias = (dw_bias is not None, lin_bias is not None)
 
     def _backward(ctx, grad_output):
-        input, dw_weight, dw_bias, ln_weight, ln_bias, lin_weight = ctx.saved_tensors
+        input, dw_weight, dw_bias, ln_weight, ln_bias, lin_weight, lin_bias = ctx.saved_tensors
+        if recording_backward():  # create_graph=True: gradients that can be differentiated again
+            return tuple(twin_gradients(strip_offsets_reference, (input, dw_weight, dw_bias, ln_weight, ln_bias,
+                                                                  ctx.eps, lin_weight, lin_bias, ctx.on_x),
+                                        grad_output, ctx.needs_input_grad))
         g_conv, g_lnw, g_lnb, g_linw, g_linb = torch.ops.ops_dscn._strip_offsets_backward(
             grad_output, input, dw_weight, dw_bias, ln_weight, ln_bias, ctx.eps, lin_weight, ctx.on_x)
         padding = _conv_padding(dw_weight, ctx.on_x)

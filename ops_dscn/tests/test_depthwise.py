@@ -204,8 +204,8 @@ def test_forward_bad_input_is_named():
         op(x.half(), w.half(), None, 1, 1, 1, 1, 1, 1)
     with pytest.raises(ValueError, match=r"the output size must be at least 1x1; got -3x4 for input 5x6, kernel 3x3"):
         op(x, w, b, 1, 1, 0, 0, 4, 1)
-    with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0; got kernel \(3, 3\), "
-                                         r"stride \(1, 0\)"):
+    with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0, all below 2\^31; got "
+                                         r"kernel \(3, 3\), stride \(1, 0\)"):
         op(x, w, b, 1, 0, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="kernel_h must be at most 32; got 33"):
         op(x, torch.zeros(8, 1, 33, 1), None, 1, 1, 8, 0, 1, 1)
@@ -322,8 +322,8 @@ def test_bad_input_is_named():
         op(g.double(), x, 3, 3, 1, 1, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="input dtype must be one of float32, float64; got float16"):
         op(g.half(), x.half(), 3, 3, 1, 1, 1, 1, 1, 1)
-    with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0; got kernel \(3, 3\), "
-                                         r"stride \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"stride and dilation must be >= 1 and padding >= 0, all below 2\^31; got "
+                                         r"kernel \(3, 3\), stride \(0, 1\)"):
         op(g, x, 3, 3, 0, 1, 1, 1, 1, 1)
     with pytest.raises(ValueError, match="kernel_h must be at most 32; got 33"):
         op(g, x, 33, 1, 1, 1, 16, 0, 1, 1)
@@ -353,3 +353,34 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)
+
+
+def test_a_tensor_on_another_device_is_named():
+    """A meta tensor among CPU ones sends the call to the fake kernel, which used to return uninitialized memory."""
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(4, 1, 3, 3), torch.randn(4)
+    with pytest.raises(ValueError, match="dw_conv2d: weight must be on the input's device cpu; got meta"):
+        dw_conv2d(x, w.to("meta"), b, padding=(1, 1))
+    with pytest.raises(ValueError, match="dw_conv2d: bias must be on the input's device cpu; got meta"):
+        dw_conv2d(x, w, b.to("meta"), padding=(1, 1))
+    with pytest.raises(ValueError, match="dw_conv_weight_grad: grad_output must be on the input's device cpu; got "
+                                         "meta"):
+        dw_conv_weight_grad(torch.randn(1, 4, 5, 5, device="meta"), x, (3, 3), padding=(1, 1))
+
+
+def test_geometry_that_overflows_or_leaves_no_output_is_rejected():
+    """Geometry values are bounded by 2^31 (a padding of 2^63 - 1 used to wrap around to an output of one row), and
+    the output length is a floor division: a window longer than the padded input is an error, as in F.conv2d."""
+    x = torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"dw_conv2d: kernel, stride and dilation must be >= 1 and padding >= 0, all "
+                                         r"below 2\^31; got .* padding \(9223372036854775807, 0\)"):
+        dw_conv2d(x, w, padding=(2**63 - 1, 0))
+    with pytest.raises(ValueError, match=r"dw_conv_weight_grad: .* all below 2\^31; got kernel \(3, 3\), stride "
+                                         r"\(4294967296, 1\)"):
+        dw_conv_weight_grad(torch.randn(1, 4, 1, 2), x, (3, 3), stride=(2**32, 1))
+    tall = torch.randn(4, 1, 5, 1)
+    with pytest.raises(RuntimeError):  # F.conv2d refuses it too
+        F.conv2d(x, tall, stride=(2, 1), groups=4)
+    with pytest.raises(ValueError, match=r"dw_conv2d: the output size must be at least 1x1; got 0x4"):
+        dw_conv2d(x, tall, stride=(2, 1))

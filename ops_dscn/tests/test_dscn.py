@@ -508,6 +508,8 @@ def test_empty_image_is_rejected(backend, axis, hw):
          r"remove_center needs an odd kernel size; got 2"),
         ((1, 4, 5, 8), (1, 4, 5, 3), {"stride": 0}, r"stride_w must be >= 1; got 0"),
         ((1, 4, 5, 8), (1, 4, 5, 3), {"axis": "z"}, r"axis must be 'x' or 'y'; got 'z'"),
+        ((1, 4, 5, 0), (1, 4, 5, 3), {}, r"input must have at least one channel \(N, H, W, C\); got shape "
+                                         r"\[1, 4, 5, 0\]"),
     ],
 )
 def test_bad_input_is_named(backend, x_shape, off_shape, kwargs, match):
@@ -515,6 +517,22 @@ def test_bad_input_is_named(backend, x_shape, off_shape, kwargs, match):
     kw.update(kwargs)
     with pytest.raises(ValueError, match=match):
         dscn(torch.randn(*x_shape), torch.randn(*off_shape), backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_taken_by_every_backend(backend):
+    """The compiled op's int64 / double arguments take numpy scalars; the twin's checks take them alike."""
+    x, off = torch.randn(1, 4, 5, 8), torch.randn(1, 4, 5, 6)
+    expected = dscn(x, off, 3, pad=1, group=2, offset_scale=0.5, backend=backend)
+    got = dscn(x, off, np.int64(3), pad=np.int64(1), group=np.int64(2), offset_scale=np.float32(0.5),
+               backend=backend)
+    torch.testing.assert_close(got, expected)
+
+
+def test_module_names_an_offset_source_of_the_wrong_width():
+    m = DSCNX(16, group=4)
+    with pytest.raises(ValueError, match=r"DSCNX: off_x must be \(N, C, H, W\) with C = 16; got shape \[1, 8, 5, 6\]"):
+        m(torch.randn(1, 5, 6, 16), torch.randn(1, 8, 5, 6))
 
 
 def test_mixed_dtype_and_device_are_named():
@@ -563,6 +581,16 @@ _REJECTED = [
      r"remove_center needs an odd kernel size; got 2"),
     ((3, 5, 8), (1, 3, 5, 3), torch.float32, (1, 3, 1, 1, 0, 1, 1, 1, 1, 8, 1.0, False, True),
      r"input must be 4-D \(N, H, W, C\) channels-last; got 3-D with shape \[3, 5, 8\]"),
+    # Geometry arguments are bounded by 2^31: their products used to wrap around in int64 and pass the checks (a
+    # crash, or an output from a geometry that makes no sense).
+    ((1, 3, 4, 4), (1, 3, 4, 4), torch.float32, (1, 4, 1, 1, 0, 1, 1, 1, 2**62 + 1, 4, 1.0, False, True),
+     r"group must be < 2\^31; got 4611686018427387905"),
+    ((1, 2, 8, 4), (1, 2, 6, 2), torch.float32, (1, 1, 1, 1, 0, 2**63 - 1, 1, 1, 2, 2, 1.0, False, True),
+     r"pad_w must be < 2\^31; got 9223372036854775807"),
+    ((1, 2, 8, 4), (1, 2, 8, 10), torch.float32, (1, 5, 1, 1, 0, 0, 1, 2**62, 2, 2, 1.0, False, True),
+     r"dilation_w must be < 2\^31; got 4611686018427387904"),
+    ((1, 2, 8, 4), (1, 2, 8, 10), torch.float32, (1, 2**31, 1, 1, 0, 0, 1, 1, 2, 2, 1.0, False, True),
+     r"kernel_w must be < 2\^31; got 2147483648"),
 ]
 
 
@@ -688,6 +716,17 @@ def test_module_rejects_bad_configuration():
         DSCNX(32, backend="triton")
     with pytest.raises(ValueError, match="norm_layer must be 'LN' or 'BN'; got 'GN'"):
         DSCNX(32, norm_layer="GN")
+    # Offsets are predicted at every input pixel: a strip that changes the size could never run (it used to fail at
+    # the first forward, naming an offset tensor the caller never passes).
+    for kwargs in ({"stride": 2}, {"dilation": 2}, {"kernel_size": 5, "pad": 1},
+                   {"kernel_size": 4, "pad": 2, "dw_kernel_size": 3}):
+        with pytest.raises(ValueError, match=r"DSCNX: the strip must keep the input's size .* got stride="):
+            DSCNX(16, **kwargs)
+    assert DSCNY(16, kernel_size=5, pad=4, dilation=2)(torch.randn(1, 6, 5, 16), torch.randn(1, 16, 6, 5)).shape \
+        == (1, 6, 5, 16)
+    for bad in (4, 0, 2.0):
+        with pytest.raises(ValueError, match=f"dw_kernel_size must be a positive odd int .*; got {bad!r}"):
+            DSCNX(16, dw_kernel_size=bad)
 
 
 def test_auto_backend_falls_back_with_one_warning(monkeypatch):
@@ -967,6 +1006,13 @@ def test_dscnx_packed_projection_matches_float64_and_follows_the_weight():
         changed = m(x, src)
     assert (changed - out).abs().max() > 0.1
     torch.testing.assert_close(changed.double(), _forward64(m, x, src), atol=2e-5, rtol=2e-5)
+    # A change through .data moves no version counter: it counts from the next train() / eval().
+    m.input_proj.weight.data.mul_(2)
+    m.eval()
+    with torch.no_grad(), _PointwiseCalls() as calls:
+        doubled = m(x, src)
+    assert calls.packed == [True]
+    torch.testing.assert_close(doubled.double(), _forward64(m, x, src), atol=2e-5, rtol=2e-5)
 
 
 @needs_pack

@@ -160,3 +160,9 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)
+
+
+def test_a_gradient_on_another_device_is_named():
+    """A meta tensor among CPU ones sends the call to the fake kernel, which used to return uninitialized memory."""
+    with pytest.raises(ValueError, match="_gelu_backward: grad_output must be on the input's device cpu; got meta"):
+        torch.ops.ops_dscn._gelu_backward(torch.randn(3, device="meta"), torch.randn(3))

@@ -289,3 +289,16 @@ def test_every_cpu_simd_path(isa, tmp_path):
         "print('ok')\n"
     )
     run_under_isa(isa, script_text, tmp_path)
+
+
+def test_a_tensor_on_another_device_is_named():
+    """A meta tensor among CPU ones sends the call to the fake kernel, which used to return uninitialized memory."""
+    x = torch.randn(1, 4, 3, 3)
+    w, b = torch.randn(5, 4), torch.randn(5)
+    out = (1, 5, 3, 3)
+    for kwargs, name in (({"weight": w.to("meta")}, "weight"), ({"bias": b.to("meta")}, "bias"),
+                         ({"gate": torch.randn(out, device="meta")}, "gate"),
+                         ({"residual": torch.randn(out, device="meta")}, "residual")):
+        args = {"weight": w, "bias": b, **kwargs}
+        with pytest.raises(ValueError, match=f"pointwise_conv: {name} must be on the input's device cpu; got meta"):
+            pointwise_conv(x, backend="cpp", **args)

@@ -87,14 +87,20 @@ inline DSCNParams make_params(const at::Tensor& input, const at::Tensor& offset,
   TORCH_CHECK_VALUE(input.scalar_type() == offset.scalar_type(),
                     "dscn: offset dtype must equal input dtype ", dtype_name(input.scalar_type()), "; got ",
                     dtype_name(offset.scalar_type()));
-  const std::pair<const char*, int64_t> positive[] = {
-      {"kernel_h", kernel_h}, {"kernel_w", kernel_w},     {"stride_h", stride_h}, {"stride_w", stride_w},
-      {"dilation_h", dilation_h}, {"dilation_w", dilation_w}, {"group", group}, {"group_channels", group_channels}};
-  for (const auto& [name, value] : positive) {
-    TORCH_CHECK_VALUE(value >= 1, "dscn: ", name, " must be >= 1; got ", value);
+  // Each geometry argument is also bounded by 2^31, so that no product or sum of two of them below (group *
+  // group_channels, dilation * (kernel - 1), 2 * pad) can overflow int64 and slip past a check.
+  struct Bounded {
+    const char* name;
+    int64_t value, minimum;
+  };
+  const Bounded geometry[] = {{"kernel_h", kernel_h, 1},     {"kernel_w", kernel_w, 1},     {"stride_h", stride_h, 1},
+                              {"stride_w", stride_w, 1},     {"dilation_h", dilation_h, 1}, {"dilation_w", dilation_w, 1},
+                              {"group", group, 1},           {"group_channels", group_channels, 1},
+                              {"pad_h", pad_h, 0},           {"pad_w", pad_w, 0}};
+  for (const auto& [name, value, minimum] : geometry) {
+    TORCH_CHECK_VALUE(value >= minimum, "dscn: ", name, " must be >= ", minimum, "; got ", value);
+    TORCH_CHECK_VALUE(value < (int64_t(1) << 31), "dscn: ", name, " must be < 2^31; got ", value);
   }
-  TORCH_CHECK_VALUE(pad_h >= 0, "dscn: pad_h must be >= 0; got ", pad_h);
-  TORCH_CHECK_VALUE(pad_w >= 0, "dscn: pad_w must be >= 0; got ", pad_w);
   TORCH_CHECK_VALUE(std::isfinite(offset_scale), "dscn: offset_scale must be finite; got ", offset_scale);
   // A strip samples along one axis only: the other kernel extent must be 1.
   if (on_x) {

@@ -319,6 +319,29 @@ DSCN_INLINE void forward_rows_body(const DwDims& d, const scalar_t* x, const sca
 
 DSCN_DEFINE_ISA_DISPATCH(forward_rows)
 
+// The geometry checks of both entry points: positive kernel, stride and dilation, padding >= 0, all below 2^31 (so
+// that no product or sum of two of them overflows int64 and slips past a check), and the output length along each
+// axis by floor division (strip_out_len), so that a window longer than the padded input is rejected, not given
+// one output.
+inline std::pair<int64_t, int64_t> dw_output_size(const char* op, int64_t H, int64_t W, int64_t kernel_h,
+                                                  int64_t kernel_w, int64_t stride_h, int64_t stride_w, int64_t pad_h,
+                                                  int64_t pad_w, int64_t dilation_h, int64_t dilation_w) {
+  const int64_t limit = int64_t(1) << 31;
+  TORCH_CHECK_VALUE(kernel_h >= 1 && kernel_w >= 1 && stride_h >= 1 && stride_w >= 1 && dilation_h >= 1 &&
+                        dilation_w >= 1 && pad_h >= 0 && pad_w >= 0 && kernel_w < limit && stride_h < limit &&
+                        stride_w < limit && dilation_h < limit && dilation_w < limit && pad_h < limit && pad_w < limit,
+                    op, ": kernel, stride and dilation must be >= 1 and padding >= 0, all below 2^31; got kernel (",
+                    kernel_h, ", ", kernel_w, "), stride (", stride_h, ", ", stride_w, "), padding (", pad_h, ", ",
+                    pad_w, "), dilation (", dilation_h, ", ", dilation_w, ")");
+  TORCH_CHECK_VALUE(kernel_h <= kMaxKh, op, ": kernel_h must be at most ", kMaxKh, "; got ", kernel_h);
+  const int64_t Ho = strip_out_len(H, kernel_h, stride_h, pad_h, dilation_h);
+  const int64_t Wo = strip_out_len(W, kernel_w, stride_w, pad_w, dilation_w);
+  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, op, ": the output size must be at least 1x1; got ", Ho, "x", Wo,
+                    " for input ", H, "x", W, ", kernel ", kernel_h, "x", kernel_w, ", stride (", stride_h, ", ",
+                    stride_w, "), padding (", pad_h, ", ", pad_w, "), dilation (", dilation_h, ", ", dilation_w, ")");
+  return {Ho, Wo};
+}
+
 // grad_output (N, C, Ho, Wo) and input (N, C, H, W), any memory format (channels_last avoids a copy) -> the weight
 // gradient (C, 1, kh, kw) of conv2d(input, weight, stride, padding, dilation, groups=C).
 at::Tensor dw_conv_weight_grad_cpu(const at::Tensor& grad_output_, const at::Tensor& input_, int64_t kernel_h,
@@ -329,15 +352,9 @@ at::Tensor dw_conv_weight_grad_cpu(const at::Tensor& grad_output_, const at::Ten
   TORCH_CHECK_VALUE(input_.scalar_type() == at::kFloat || input_.scalar_type() == at::kDouble,
                     "dw_conv_weight_grad: input dtype must be one of float32, float64; got ",
                     dtype_name(input_.scalar_type()));
-  TORCH_CHECK_VALUE(kernel_h >= 1 && kernel_w >= 1 && stride_h >= 1 && stride_w >= 1 && dilation_h >= 1 &&
-                        dilation_w >= 1 && pad_h >= 0 && pad_w >= 0,
-                    "dw_conv_weight_grad: kernel, stride and dilation must be >= 1 and padding >= 0; got kernel (",
-                    kernel_h, ", ", kernel_w, "), stride (", stride_h, ", ", stride_w, "), padding (", pad_h, ", ",
-                    pad_w, "), dilation (", dilation_h, ", ", dilation_w, ")");
-  TORCH_CHECK_VALUE(kernel_h <= kMaxKh, "dw_conv_weight_grad: kernel_h must be at most ", kMaxKh, "; got ", kernel_h);
   const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
-  const int64_t Ho = (H + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1;
-  const int64_t Wo = (W + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
+  const auto [Ho, Wo] = dw_output_size("dw_conv_weight_grad", H, W, kernel_h, kernel_w, stride_h, stride_w, pad_h,
+                                       pad_w, dilation_h, dilation_w);
   const std::vector<int64_t> expected{N, C, Ho, Wo};
   TORCH_CHECK_VALUE(grad_output_.sizes() == at::IntArrayRef(expected),
                     "dw_conv_weight_grad: grad_output must have shape ", at::IntArrayRef(expected), "; got ",
@@ -390,17 +407,8 @@ at::Tensor dw_conv2d_cpu(const at::Tensor& input_, const at::Tensor& weight, con
                       dtype_name(input_.scalar_type()), "; got ", dtype_name(bias->scalar_type()));
   }
   const int64_t kernel_h = weight.size(2), kernel_w = weight.size(3);
-  TORCH_CHECK_VALUE(kernel_h >= 1 && kernel_w >= 1 && stride_h >= 1 && stride_w >= 1 && dilation_h >= 1 &&
-                        dilation_w >= 1 && pad_h >= 0 && pad_w >= 0,
-                    "dw_conv2d: kernel, stride and dilation must be >= 1 and padding >= 0; got kernel (", kernel_h,
-                    ", ", kernel_w, "), stride (", stride_h, ", ", stride_w, "), padding (", pad_h, ", ", pad_w,
-                    "), dilation (", dilation_h, ", ", dilation_w, ")");
-  TORCH_CHECK_VALUE(kernel_h <= kMaxKh, "dw_conv2d: kernel_h must be at most ", kMaxKh, "; got ", kernel_h);
-  const int64_t Ho = (H + 2 * pad_h - dilation_h * (kernel_h - 1) - 1) / stride_h + 1;
-  const int64_t Wo = (W + 2 * pad_w - dilation_w * (kernel_w - 1) - 1) / stride_w + 1;
-  TORCH_CHECK_VALUE(Ho >= 1 && Wo >= 1, "dw_conv2d: the output size must be at least 1x1; got ", Ho, "x", Wo,
-                    " for input ", H, "x", W, ", kernel ", kernel_h, "x", kernel_w, ", padding (", pad_h, ", ", pad_w,
-                    "), dilation (", dilation_h, ", ", dilation_w, ")");
+  const auto [Ho, Wo] = dw_output_size("dw_conv2d", H, W, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
+                                       dilation_h, dilation_w);
   TORCH_CHECK(input_.device().is_cpu() && weight.device().is_cpu() && (!bias.has_value() || bias->device().is_cpu()),
               "dw_conv2d: tensors must be on the CPU for the CPU kernel; got input on ", input_.device(),
               " and weight on ", weight.device());

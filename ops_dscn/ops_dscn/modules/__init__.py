@@ -6,7 +6,13 @@ from torch import nn
 
 from ..depthwise import DepthwiseConv2d
 from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
-from ..pointwise import keep_packed_weight, kept_packed_weight, pointwise_conv, pointwise_conv_available
+from ..pointwise import (
+    KeepsPackedWeights,
+    keep_packed_weight,
+    kept_packed_weight,
+    pointwise_conv,
+    pointwise_conv_available,
+)
 from ..strip_offsets import strip_offsets_available
 
 __all__ = ["DSCNX", "DSCNY", "ToChannelsFirst", "ToChannelsLast"]
@@ -44,7 +50,7 @@ def _act(act_layer: str) -> nn.Module:
     return acts[act_layer]()
 
 
-class _DSCNStrip(nn.Module):
+class _DSCNStrip(KeepsPackedWeights, nn.Module):
     """Shared body of DSCNX / DSCNY: offsets predicted from ``off_x``, then DSCN along one axis."""
 
     on_x: bool = True
@@ -77,6 +83,15 @@ class _DSCNStrip(nn.Module):
         if backend == "cpp":
             resolve_backend(backend)  # an error now if the compiled op is not built
         dw_kernel_size = kernel_size if dw_kernel_size is None else dw_kernel_size
+        if isinstance(dw_kernel_size, bool) or not isinstance(dw_kernel_size, int) or dw_kernel_size % 2 != 1 \
+                or dw_kernel_size < 1:
+            raise ValueError(f"dw_kernel_size must be a positive odd int (the offset branch's conv keeps the input's "
+                             f"size); got {dw_kernel_size!r}")
+        # The offset branch predicts offsets at every input pixel, so the strip must keep the input's size too.
+        if stride != 1 or 2 * pad != dilation * (kernel_size - 1):
+            raise ValueError(f"{type(self).__name__}: the strip must keep the input's size (its offsets are predicted "
+                             f"at every input pixel): stride == 1 and 2 * pad == dilation * (kernel_size - 1); got "
+                             f"stride={stride}, pad={pad}, dilation={dilation}, kernel_size={kernel_size}")
         self.channels = channels
         self.kernel_size = kernel_size
         self.dw_kernel_size = dw_kernel_size
@@ -118,6 +133,9 @@ class _DSCNStrip(nn.Module):
         backward recomputes the branch, so autograd keeps only ``off_x``); ``fused_offsets = False`` runs its layers
         one by one. Under autocast the layers run too, so that the offsets come out in autocast's dtype.
         """
+        if off_x.dim() != 4 or off_x.shape[1] != self.channels:
+            raise ValueError(f"{type(self).__name__}: off_x must be (N, C, H, W) with C = {self.channels}; got shape "
+                             f"{list(off_x.shape)}")
         conv, norm, act = self.dw_conv[0], self.dw_conv[1][-1], self.dw_conv[2]
         if (self.fused_offsets and self.backend != "pytorch" and off_x.dtype == torch.float32
                 and not torch.is_autocast_enabled(off_x.device.type)
