@@ -64,6 +64,27 @@ def check_image_folder(root: str, split: str) -> list[str]:
     return classes
 
 
+def check_val_classes(train_classes: list[str], val_classes: list[str], root: str, train_split: str,
+                      val_split: str) -> None:
+    """Check that every validation class folder is a training class (its label is the training split's index).
+
+    A validation split without some classes is allowed (logged); one with a class the training split lacks is an
+    error, since that class has no label the model could predict.
+
+    Raises:
+        DatasetError: naming the validation classes that are not training classes.
+    """
+    extra = sorted(set(val_classes) - set(train_classes))
+    if extra:
+        shown = ', '.join(repr(c) for c in extra[:10]) + (f' and {len(extra) - 10} more' if len(extra) > 10 else '')
+        raise DatasetError(f'class folder(s) of {os.path.join(root, val_split)!r} not in '
+                           f'{os.path.join(root, train_split)!r}: {shown}')
+    missing = len(train_classes) - len(val_classes)
+    if missing:
+        _logger.warning('%s has no folder for %d of the %d training classes; its labels are the training indices',
+                        os.path.join(root, val_split), missing, len(train_classes))
+
+
 class StrictImageDataset(ImageDataset):
     """timm's :class:`~timm.data.ImageDataset` that fails on an unreadable image, naming the file.
 
@@ -111,7 +132,7 @@ def build_dataset(
         root: Dataset root.
         split: Split folder / name.
         is_training: Training split (affects iterable datasets only).
-        class_map: Optional class-to-index map file.
+        class_map: Optional class-to-index map: a file, or a dict (e.g. the training split's ``class_to_idx``).
         skip_bad_images: Skip unreadable images with a warning instead of raising.
         **kwargs: Passed to :func:`timm.data.create_dataset` for non-folder datasets.
     """

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from timm.data.distributed_sampler import OrderedDistributedSampler
 from tqdm import tqdm
 from train_utils import GracefulStop, NonFiniteError, TrainingInterrupted, is_distributed, unwrap_model
 
@@ -216,6 +217,18 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def padded_repeats(rank: int, world_size: int, start: int, n: int, total: int) -> torch.Tensor:
+    """Which of a rank's samples ``start .. start + n - 1`` are the repeats timm's OrderedDistributedSampler adds.
+
+    The sampler hands rank r the indices r, r + W, r + 2W, ... of the dataset's indices padded to a multiple of W
+    (the padding repeats the first ones), so local sample p is a repeat when r + p * W >= len(dataset).
+
+    Returns:
+        (n,) bool, True for a repeat.
+    """
+    return rank + torch.arange(start, start + n) * world_size >= total
+
+
 def evaluate(
         model: torch.nn.Module,
         loader,
@@ -230,8 +243,9 @@ def evaluate(
 ) -> dict[str, Any]:
     """Top-1 / top-5 accuracy and cross-entropy of ``model`` on ``loader``.
 
-    In distributed runs the sums are all-reduced (timm's ordered distributed sampler pads the last batch
-    with repeated samples, so a handful of images may count twice; validate on one process for exact numbers).
+    In distributed runs the sums are all-reduced. timm's ordered distributed sampler pads the last batches with
+    repeated images so that every rank gets as many; those repeats are left out (:func:`padded_repeats`), so the
+    numbers are those of one process (validate.py) over the same images.
 
     Args:
         model: Model in any wrapper.
@@ -248,10 +262,12 @@ def evaluate(
         ``top1``, ``top5`` (percent), ``loss`` and ``count``; plus the per-sample lists when ``collect``.
     """
     model.eval()
-    loss_fn = torch.nn.CrossEntropyLoss(reduction='sum')
+    loss_fn = torch.nn.CrossEntropyLoss(reduction='none')
+    sampler = getattr(loader, 'sampler', None)
+    ordered = is_distributed() and isinstance(sampler, OrderedDistributedSampler)
     # loss, correct@1, correct@5 summed on the device and read once at the end (no sync per batch)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    count = 0
+    count = seen = 0  # samples counted, samples this rank was given
     rows: dict[str, list] = {'targets': [], 'topk_idx': [], 'topk_prob': []}
     bar = tqdm(total=len(loader), desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for inputs, target in loader:
@@ -262,9 +278,14 @@ def evaluate(
             output = model(inputs)
         output = output.float()
         k5 = min(5, output.shape[1])
-        correct = output.topk(k5, dim=1).indices.eq(target[:, None])
-        sums += torch.stack([loss_fn(output, target).double(), correct[:, 0].sum().double(), correct.sum().double()])
-        count += inputs.size(0)
+        correct = output.topk(k5, dim=1).indices.eq(target[:, None]).double()
+        per_sample = torch.stack([loss_fn(output, target).double(), correct[:, 0], correct.sum(1)], 1)
+        if ordered:
+            keep = ~padded_repeats(sampler.rank, sampler.num_replicas, seen, inputs.size(0), len(sampler.dataset))
+            per_sample = per_sample[keep.to(device)]
+        sums += per_sample.sum(0)
+        seen += inputs.size(0)
+        count += inputs.size(0) if not ordered else int(keep.sum())
         if collect:
             prob, idx = output.softmax(-1).topk(min(topk, output.shape[1]), dim=-1)
             rows['targets'].extend(target.cpu().tolist())

@@ -41,6 +41,7 @@ def create(
         pretrained: bool = False,
         checkpoint: str = '',
         use_ema: bool = False,
+        require_classifier: bool = False,
         **kwargs: Any,
 ) -> torch.nn.Module:
     """Create ``name`` with timm, optionally loading weights from ``checkpoint``.
@@ -48,8 +49,8 @@ def create(
     DSAN checkpoints go through the model file's loader (``dsan.models``): original ``.pth.tar`` files,
     timm CheckpointSaver files and this repository's own checkpoints all load, the DSCN groups of each stage
     are read from the file, and the class count defaults to the checkpoint's classifier. If ``num_classes``
-    differs from the checkpoint's, the classifier is re-initialised (fine-tuning). Other models use
-    :func:`timm.models.load_checkpoint`.
+    differs from the checkpoint's, or the file has none (a backbone-only file), the classifier is initialised afresh
+    (fine-tuning). Other models use :func:`timm.models.load_checkpoint`.
 
     Args:
         name: Model name (``dsan_t`` ... or any timm model).
@@ -57,6 +58,8 @@ def create(
         pretrained: Load the registered pretrained weights.
         checkpoint: Weights file to start from ('' for none).
         use_ema: Load the EMA weights of a training checkpoint.
+        require_classifier: The classifier must come from ``checkpoint`` (evaluation): a file without one, or a
+            ``num_classes`` other than its own, is a ModelError instead of a freshly initialised classifier.
         **kwargs: Passed to :func:`timm.create_model` (``drop_path_rate``, ``backend`` ...).
 
     Raises:
@@ -84,12 +87,20 @@ def create(
         except CheckpointError as e:
             raise ModelError(str(e)) from e
         ckpt_classes = state_dict['head.weight'].shape[0] if 'head.weight' in state_dict else None
+        if require_classifier and ckpt_classes is None:
+            raise ModelError(f'{checkpoint} has no classifier (head.weight): a backbone-only file cannot be evaluated')
+        if require_classifier and num_classes not in (None, ckpt_classes):
+            raise ModelError(f'--num-classes {num_classes} differs from the {ckpt_classes} classes of {checkpoint}: '
+                             'the evaluation would score a randomly initialised classifier')
         if num_classes is None:
-            num_classes = ckpt_classes
-        overlay = dict(state_dict=state_dict, num_classes=ckpt_classes or num_classes or 1000)
-        if num_classes is not None:
-            kwargs['num_classes'] = num_classes
-        if ckpt_classes is not None and num_classes != ckpt_classes:
+            num_classes = ckpt_classes or 1000  # a backbone-only file: DSAN's default, ImageNet's 1000
+        # A file without a classifier declares 0 classes, so that timm loads it without one (its other keys are
+        # still checked: see the DSAN loader) and the model keeps its freshly initialised head.
+        overlay = dict(state_dict=state_dict, num_classes=ckpt_classes or 0)
+        kwargs['num_classes'] = num_classes
+        if ckpt_classes is None:
+            _logger.info('%s has no classifier: the model\'s is initialised afresh', checkpoint)
+        elif num_classes != ckpt_classes:
             _logger.info('Checkpoint has %d classes, model %d: the classifier is re-initialised',
                          ckpt_classes, num_classes)
         try:

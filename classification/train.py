@@ -181,11 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--amp', action='store_true',
                        help='mixed precision (float16 on CUDA, bfloat16 on CPU); off by default, as in the paper\'s '
                             'recipe')
-    group.add_argument('--amp-dtype', default='', type=str, help='"float16" or "bfloat16" (default: per device)')
+    group.add_argument('--amp-dtype', default='', type=str, choices=['', 'float16', 'bfloat16'],
+                       help='"float16" or "bfloat16" (default: float16 on CUDA, bfloat16 on the CPU)')
     group.add_argument('--output', default='output/train', type=str, metavar='PATH', help='output root folder')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='run folder name (default: <date>-<model>; on --resume, the checkpoint\'s folder)')
-    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC', help='"top1" or "loss"')
+    group.add_argument('--eval-metric', default='top1', type=str, choices=['top1', 'top5', 'loss'],
+                       help='metric that picks the best checkpoint (default: top1)')
     group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
                        help='also keep the N best epoch checkpoints by --eval-metric as checkpoint-<epoch>.pth.tar, '
                             'as timm; 0 keeps none (default: 10)')
@@ -193,6 +195,43 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--no-plot', action='store_true', help='do not write training_curves.png')
     group.add_argument('--no-progress', action='store_true', help='no progress bar (logs only)')
     return parser
+
+
+def _unit(v: float) -> bool:
+    return 0 <= v <= 1
+
+
+# What each numeric flag accepts (checked after parsing, so that a bad value fails at once, naming the flag, and
+# not deep inside torch or timm, or silently).
+_RANGES = (
+    ('-b/--batch-size', 'batch_size', lambda v: v >= 1, '>= 1'),
+    ('-vb/--validation-batch-size', 'validation_batch_size', lambda v: v >= 1, '>= 1'),
+    ('--grad-accum-steps', 'grad_accum_steps', lambda v: v >= 1, '>= 1'),
+    ('--num-classes', 'num_classes', lambda v: v >= 1, '>= 1'),
+    ('--img-size', 'img_size', lambda v: v >= 1, '>= 1'),
+    ('--crop-pct', 'crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    ('--epochs', 'epochs', lambda v: v >= 1, '>= 1'),
+    ('--warmup-epochs', 'warmup_epochs', lambda v: v >= 0, '>= 0'),
+    ('--cooldown-epochs', 'cooldown_epochs', lambda v: v >= 0, '>= 0'),
+    ('--lr', 'lr', lambda v: v > 0, '> 0'),
+    ('--min-lr', 'min_lr', lambda v: v >= 0, '>= 0'),
+    ('--warmup-lr', 'warmup_lr', lambda v: v >= 0, '>= 0'),
+    ('--weight-decay', 'weight_decay', lambda v: v >= 0, '>= 0'),
+    ('--smoothing', 'smoothing', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('--drop', 'drop', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('--drop-path', 'drop_path', lambda v: 0 <= v < 1, 'in [0, 1)'),
+    ('--reprob', 'reprob', _unit, 'in [0, 1]'),
+    ('--hflip', 'hflip', _unit, 'in [0, 1]'),
+    ('--vflip', 'vflip', _unit, 'in [0, 1]'),
+    ('--mixup', 'mixup', lambda v: v >= 0, '>= 0'),
+    ('--cutmix', 'cutmix', lambda v: v >= 0, '>= 0'),
+    ('--mixup-prob', 'mixup_prob', _unit, 'in [0, 1]'),
+    ('--mixup-switch-prob', 'mixup_switch_prob', _unit, 'in [0, 1]'),
+    ('--model-ema-decay', 'model_ema_decay', lambda v: 0 < v < 1, 'in (0, 1)'),
+    ('-j/--workers', 'workers', lambda v: v >= 0, '>= 0'),
+    ('--log-interval', 'log_interval', lambda v: v >= 1, '>= 1'),
+    ('--checkpoint-hist', 'checkpoint_hist', lambda v: v >= 0, '>= 0'),
+)
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -210,8 +249,7 @@ def parse_args(argv: Sequence[str] | None = None):
             parser.error(f'unknown key(s) in {args_config.config}: {", ".join(unknown)}')
         parser.set_defaults(**cfg)
     args = parser.parse_args(remaining)
-    if args.grad_accum_steps < 1:
-        parser.error(f'--grad-accum-steps must be >= 1, got {args.grad_accum_steps}')
+    tu.check_ranges(parser, args, _RANGES)
     if args.opt_fused and not _has_fused_step(args):
         parser.error(f'--opt-fused: --opt {args.opt} has no fused step (adam, adamw, sgd, momentum and nesterov '
                      'have; not with --opt-foreach)')
@@ -276,12 +314,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train; returns the process exit code (0 done, 1 NaN/Inf, 2 bad input, 128+N on signal N)."""
     args, args_text = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    info = tu.init_distributed(args.device)
+    try:
+        info = tu.init_distributed(args.device)
+    except tu.DeviceError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
     device, rank, world_size = info['device'], info['rank'], info['world_size']
     primary = rank == 0
     try:
         return _train(args, args_text, device, rank, world_size, primary)
-    except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, FileNotFoundError) as e:
+    except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, tu.ResumeError,
+            FileNotFoundError) as e:
         _logger.error('%s', e)
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
@@ -294,10 +337,18 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     # ---- input checks first, so mistakes fail in a second and with a message naming the path
     if not args.dataset:
         classes = cls_data.check_image_folder(args.data_dir, args.train_split)
-        if args.val_split:
-            cls_data.check_image_folder(args.data_dir, args.val_split)
+        if args.val_split and not args.class_map:
+            cls_data.check_val_classes(classes, cls_data.check_image_folder(args.data_dir, args.val_split),
+                                       args.data_dir, args.train_split, args.val_split)
         if args.num_classes is None:
             args.num_classes = len(classes)
+        elif args.num_classes < len(classes) and not args.class_map:
+            raise cls_data.DatasetError(
+                f'--num-classes {args.num_classes} is less than the {len(classes)} class folders of '
+                f'{os.path.join(args.data_dir, args.train_split)}: their labels would not fit the classifier')
+    if args.sync_bn and world_size > 1 and device.type != 'cuda':
+        raise model_factory.ModelError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); on the CPU --dist-bn '
+                                       'reduce (the default) averages the BatchNorm statistics after each epoch')
     resume_ckpt = tu.load_training_checkpoint(args.resume) if args.resume else None
 
     # ---- output folder (rank 0 names it), logging
@@ -350,10 +401,16 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
         ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         auto_augment=args.aa or None, interpolation=args.train_interpolation, **loader_kw)
+    if len(loader_train) == 0:
+        raise cls_data.DatasetError(f'-b/--batch-size {args.batch_size} is larger than the {len(ds_train)} training '
+                                    f'images ({world_size} process(es)): no full batch per epoch')
     loader_eval = None
     if args.val_split:
+        # A folder dataset's validation labels are the training split's class indices (a class missing from the
+        # validation folders would otherwise shift every label after it).
+        eval_class_map = args.class_map or (ds_train.reader.class_to_idx if not args.dataset else '')
         ds_eval = cls_data.build_dataset(args.dataset, args.data_dir, args.val_split, is_training=False,
-                                         class_map=args.class_map, skip_bad_images=args.skip_bad_images)
+                                         class_map=eval_class_map, skip_bad_images=args.skip_bad_images)
         loader_eval = create_loader(
             ds_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
             is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
@@ -379,10 +436,20 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     # ---- resume: everything the next epoch depends on
     start_epoch, best_metric, best_epoch = 0, None, None
     if resume_ckpt is not None:
-        tu.unwrap_model(model).load_state_dict(resume_ckpt['state_dict'])
+        try:
+            tu.unwrap_model(model).load_state_dict(resume_ckpt['state_dict'])
+        except RuntimeError as e:
+            raise tu.ResumeError(f'--resume {args.resume}: its weights do not fit --model {args.model} with '
+                                 f'{args.num_classes} classes (resume with the arguments of that run): {e}') from None
+        # A schedule changed on resume (say, more --epochs) follows the new arguments, as timm's resume does; an
+        # unchanged one is restored exactly.
+        changed = tu.changed_schedule_args(resume_ckpt.get('args'), args)
+        if changed:
+            _logger.warning('--resume with a changed schedule (%s): the lr schedule follows the new arguments',
+                            ', '.join(f'{k} {old} -> {new}' for k, (old, new) in changed.items()))
         if not args.no_resume_opt:
             optimizer.load_state_dict(resume_ckpt['optimizer'])
-            if 'scheduler' in resume_ckpt:
+            if 'scheduler' in resume_ckpt and not changed:
                 lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
             if loss_scaler is not None and 'amp_scaler' in resume_ckpt:
                 loss_scaler.load_state_dict(resume_ckpt['amp_scaler'])

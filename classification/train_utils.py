@@ -34,12 +34,24 @@ import torch.distributed as dist
 
 _logger = logging.getLogger(__name__)
 
+# The process's umask, read once at import (setting it to read it is not thread-safe later).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 # timm's meaning: `epoch` is the last completed epoch, so timm.models.resume_checkpoint resumes at epoch + 1.
 CHECKPOINT_VERSION = 2
 
 
 class NonFiniteError(RuntimeError):
     """The loss or the weights became NaN/Inf; training stops and no checkpoint is written."""
+
+
+class DeviceError(ValueError):
+    """A --device that does not exist here; the message names it."""
+
+
+class ResumeError(ValueError):
+    """A --resume checkpoint that cannot be read or does not fit the run; the message says which and why."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -54,6 +66,45 @@ class TrainingInterrupted(RuntimeError):
 # distributed
 
 
+def resolve_device(device: str = '', index: int | None = None) -> torch.device:
+    """The torch.device for a --device value ('' picks CUDA when available, else the CPU), with an index on CUDA.
+
+    Args:
+        device: '', 'cpu', 'cuda' or 'cuda:N'.
+        index: The CUDA device to use in place of the given one (torchrun's local rank), or None.
+
+    Raises:
+        DeviceError: not a device name, or CUDA asked for where there is none; the message names --device.
+    """
+    if not device:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise DeviceError(f'--device must be a torch device such as "cuda", "cuda:1" or "cpu"; got {device!r}') from e
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise DeviceError(f'--device {device}: no CUDA device is available here (torch.cuda.is_available() is '
+                             'False); use --device cpu')
+        # torch.cuda.set_device and DDP's device_ids need an index: the given one (default 0), or the local rank.
+        dev = torch.device('cuda', index if index is not None else (dev.index or 0))
+    return dev
+
+
+def check_ranges(parser, args, rules) -> None:
+    """``parser.error`` (exit status 2) naming the first argument outside its range.
+
+    Args:
+        parser: The argparse parser.
+        args: The parsed arguments.
+        rules: ``(flag, attribute, predicate, expected)`` tuples; None values pass (an unset optional argument).
+    """
+    for flag, attr, ok, expected in rules:
+        value = getattr(args, attr)
+        if value is not None and not ok(value):
+            parser.error(f'{flag} must be {expected}; got {value}')
+
+
 def init_distributed(device: str = '') -> dict[str, Any]:
     """Initialise ``torch.distributed`` from torchrun's environment, if present.
 
@@ -65,16 +116,12 @@ def init_distributed(device: str = '') -> dict[str, Any]:
     Returns:
         Dict with ``distributed``, ``rank``, ``world_size``, ``local_rank`` and ``device`` (a torch.device).
     """
-    if not device:
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     distributed = world_size > 1
-    dev = torch.device(device)
+    dev = resolve_device(device, local_rank if distributed else None)
     if dev.type == 'cuda':
-        if distributed:
-            dev = torch.device('cuda', local_rank)
         torch.cuda.set_device(dev)
     if distributed:
         backend = 'nccl' if dev.type == 'cuda' else 'gloo'
@@ -149,6 +196,8 @@ def atomic_save(obj: Any, path: str) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
     try:
+        # mkstemp makes the file 0600 whatever the umask; give it the mode open() would (0666 less the umask).
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
             f.flush()
@@ -286,14 +335,33 @@ def build_checkpoint(
     return state
 
 
+# The arguments that define the lr schedule of a run.
+SCHEDULE_ARGS = ('sched', 'epochs', 'lr', 'min_lr', 'warmup_lr', 'warmup_epochs', 'cooldown_epochs', 'decay_epochs',
+                 'decay_rate', 'sched_on_updates', 'grad_accum_steps', 'batch_size')
+
+
+def changed_schedule_args(saved: dict[str, Any] | None, args) -> dict[str, tuple[Any, Any]]:
+    """The schedule arguments (`SCHEDULE_ARGS`) whose value in `args` differs from a checkpoint's saved ones.
+
+    Returns:
+        ``{name: (saved value, new value)}``; empty when nothing changed or the checkpoint saved no arguments.
+    """
+    saved = saved or {}
+    return {k: (saved[k], getattr(args, k)) for k in SCHEDULE_ARGS
+            if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)}
+
+
 def load_training_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint written by :func:`build_checkpoint` (a trusted, locally written file)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint to resume from not found: {path!r}')
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # a truncated or foreign file: torch/pickle raise all kinds of errors
+        raise ResumeError(f'--resume {path!r} is not a readable checkpoint ({type(e).__name__}: {e})') from e
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
-        raise ValueError(f'{path!r} is not a training checkpoint (needs "state_dict" and "epoch"); '
-                         'use --initial-checkpoint to start from weights only')
+        raise ResumeError(f'--resume {path!r} is not a training checkpoint (needs "state_dict" and "epoch"); '
+                          'use --initial-checkpoint to start from weights only')
     return ckpt
 
 

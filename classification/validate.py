@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> dict[str, Any]:
     """Run the evaluation described by ``args``; returns the summary dict (top1, top5, loss, count ...)."""
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = tu.resolve_device(args.device)
     if args.tune_malloc:
         tu.keep_freed_memory(device)
     data_dir = args.data_dir or args.data
@@ -98,8 +98,12 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     if not args.checkpoint and not args.pretrained:
         _logger.warning('No --checkpoint given: evaluating randomly initialised weights')
     model = model_factory.create(args.model, num_classes=args.num_classes, pretrained=args.pretrained,
-                                 checkpoint=args.checkpoint, use_ema=args.use_ema, **args.model_kwargs)
+                                 checkpoint=args.checkpoint, use_ema=args.use_ema, require_classifier=True,
+                                 **args.model_kwargs)
     num_classes = model.num_classes if hasattr(model, 'num_classes') else None
+    if not args.dataset and not args.class_map and num_classes is not None and num_classes < len(classes):
+        raise cls_data.DatasetError(f'{os.path.join(data_dir, args.split)} has {len(classes)} class folders but the '
+                                    f'model only {num_classes} classes: the labels would not fit its classifier')
     if not args.dataset and num_classes is not None and num_classes != len(classes):
         _logger.warning('The model has %d classes but %s has %d class folders: check --model/--checkpoint',
                         num_classes, os.path.join(data_dir, args.split), len(classes))
@@ -169,10 +173,18 @@ def _write_summary(path: str, summary: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 on bad input)."""
     logging.basicConfig(level=logging.INFO, format='%(levelname)s %(name)s: %(message)s')
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    tu.check_ranges(parser, args, (
+        ('-b/--batch-size', 'batch_size', lambda v: v >= 1, '>= 1'),
+        ('-j/--workers', 'workers', lambda v: v >= 0, '>= 0'),
+        ('--num-classes', 'num_classes', lambda v: v >= 1, '>= 1'),
+        ('--img-size', 'img_size', lambda v: v >= 1, '>= 1'),
+        ('--crop-pct', 'crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]')))
     try:
         summary = validate(args)
-    except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, FileNotFoundError) as e:
+    except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, tu.DeviceError,
+            FileNotFoundError) as e:
         print(f'validate.py: error: {e}', file=sys.stderr)
         return 2
     print(f"{summary['model']}: top1 {summary['top1']:.3f}  top5 {summary['top5']:.3f}  "

@@ -205,7 +205,7 @@ def test_pretrained_without_a_file_is_one_clear_error(name, monkeypatch, tmp_pat
                           pretrained_cfg_overlay=dict(url='https://example.invalid/dsan.pth'))
 
 
-def test_converter_writes_clean_files(source, tmp_path):
+def test_converter_writes_clean_files(source, tmp_path, capsys):
     convert = load_tool('tools/convert_checkpoint.py')
     src = source['paths']['saver.pth.tar']
     for name in ('dsan_t.safetensors', 'dsan_t.pth'):
@@ -227,5 +227,13 @@ def test_converter_writes_clean_files(source, tmp_path):
     # EMA on request.
     convert.main([str(src), str(tmp_path / 'ema.pth'), '--ema'])
     assert torch.equal(torch.load(tmp_path / 'ema.pth', weights_only=True)['head.bias'], source['ema_sd']['head.bias'])
-    with pytest.raises(CheckpointError):
-        convert.main([str(src), str(tmp_path / 'x.pth'), '--model', 'dsan_s'])
+    # What cannot be converted is one line naming the reason, exit code 2 (it used to be a traceback).
+    capsys.readouterr()
+    for argv, reason in (([str(src), '--model', 'dsan_s'], 'belongs to another architecture'),
+                         ([str(tmp_path / 'missing.pth')], 'not found: '),
+                         ([str(tmp_path / 'dsan_t.pth'), '--ema'], 'EMA weights requested'),
+                         ([str(src), '--model', 'resnet18'], "--model must be one of ['dsan_s', 'dsan_t', 'dsan_t2']")):
+        assert convert.main([argv[0], str(tmp_path / 'x.pth'), *argv[1:]]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('convert_checkpoint.py: error: ') and reason in err, (argv, err)
+    assert not (tmp_path / 'x.pth').exists()

@@ -167,6 +167,81 @@ def test_validate_cli_bad_inputs(tiny, tmp_path):
     assert r.returncode == 2 and 'nodata' in r.stderr
 
 
+def test_train_rejects_out_of_range_arguments(capsys):
+    """A bad value fails at once with the flag's name (it used to fail deep in torch/timm, or train on silently)."""
+    for argv, message in ((['-b', '0'], '-b/--batch-size must be >= 1; got 0'),
+                          (['--epochs', '0'], '--epochs must be >= 1; got 0'),
+                          (['--lr', '0'], '--lr must be > 0; got 0.0'),
+                          (['--smoothing', '1.5'], '--smoothing must be in [0, 1); got 1.5'),
+                          (['--drop-path', '1.5'], '--drop-path must be in [0, 1); got 1.5'),
+                          (['--crop-pct', '0'], '--crop-pct must be in (0, 1]; got 0.0'),
+                          (['--model-ema-decay', '2'], '--model-ema-decay must be in (0, 1); got 2.0'),
+                          (['-j', '-1'], '-j/--workers must be >= 0; got -1'),
+                          (['--num-classes', '0'], '--num-classes must be >= 1; got 0'),
+                          (['--eval-metric', 'acc1'], "invalid choice: 'acc1'"),
+                          (['--amp-dtype', 'fp16'], "invalid choice: 'fp16'")):
+        with pytest.raises(SystemExit) as exc:
+            train.parse_args(['data', *argv])
+        assert exc.value.code == 2
+        assert message in capsys.readouterr().err, argv
+    args, _ = train.parse_args(['data', '--eval-metric', 'top5', '-b', '1', '--lr', '1e-9'])
+    assert args.eval_metric == 'top5'
+
+
+def test_device_is_resolved_with_an_index(monkeypatch):
+    """torch.cuda.set_device and DDP need an indexed device: plain `--device cuda` (and the default on a GPU machine)
+    used to fail in a single process. Without CUDA, asking for it is a named error."""
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert tu.resolve_device('') == torch.device('cpu')
+    with pytest.raises(tu.DeviceError, match='--device cuda: no CUDA device is available'):
+        tu.resolve_device('cuda')
+    with pytest.raises(tu.DeviceError, match="--device must be a torch device .* got 'gpu0'"):
+        tu.resolve_device('gpu0')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    assert tu.resolve_device('') == tu.resolve_device('cuda') == torch.device('cuda', 0)
+    assert tu.resolve_device('cuda:1') == torch.device('cuda', 1)
+    assert tu.resolve_device('cuda:1', index=3) == torch.device('cuda', 3)
+    chosen = []
+    monkeypatch.setattr(torch.cuda, 'set_device', chosen.append)
+    monkeypatch.delenv('WORLD_SIZE', raising=False)
+    assert tu.init_distributed('cuda')['device'] == torch.device('cuda', 0) and chosen == [torch.device('cuda', 0)]
+
+
+def test_validation_labels_are_the_training_indices(tiny, tmp_path, monkeypatch):
+    """A validation split without a class keeps the training split's labels (its folders used to be indexed on
+    their own, shifting every label after the missing class); one with a class training lacks is an error."""
+    import shutil
+    root = _copy_tree(tiny, tmp_path / 'd')
+    shutil.rmtree(root / 'val' / '00_disk')
+    built = {}
+    real_build = cls_data.build_dataset
+
+    def build(name, data_root, split, **kw):
+        built[split] = real_build(name, data_root, split, **kw)
+        return built[split]
+
+    monkeypatch.setattr(cls_data, 'build_dataset', build)
+    out = tmp_path / 'o'
+    assert train.main([str(root), '--model', 'resnet10t', '--epochs', '1', '-b', '4', '--output', str(out),
+                       '--no-plot', *FAST]) == 0
+    train_idx = built['train'].reader.class_to_idx
+    for i in range(len(built['val'])):
+        path = built['val'].filename(i, absolute=True)
+        assert built['val'].reader.samples[i][1] == train_idx[Path(path).parent.name]
+    (root / 'val' / '99_extra').mkdir()
+    shutil.copy(next((root / 'val' / '01_ring').iterdir()), root / 'val' / '99_extra')
+    assert train.main([str(root), '--model', 'resnet10t', '--epochs', '1', '-b', '4', '--output', str(out),
+                       *FAST]) == 2
+
+
+def test_train_names_data_that_cannot_fit(tiny, tmp_path, capsys):
+    common = ['--model', 'resnet10t', '--epochs', '1', '--output', str(tmp_path), *FAST]
+    assert train.main([str(tiny), '--num-classes', '2', '-b', '4', *common]) == 2
+    assert '--num-classes 2 is less than the 3 class folders' in capsys.readouterr().err
+    assert train.main([str(tiny), '-b', '64', *common]) == 2
+    assert '-b/--batch-size 64 is larger than the 24 training images' in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
@@ -185,6 +260,68 @@ def test_atomic_save_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path)['epoch'] == 1
     assert os.listdir(tmp_path) == ['last.pth.tar']  # no temp file left behind
+
+
+def test_checkpoints_are_written_with_the_umask_mode(tmp_path):
+    """mkstemp's 0600 used to stay: other users and groups could not read a run's checkpoints."""
+    path = tmp_path / 'last.pth.tar'
+    tu.atomic_save({'epoch': 1}, str(path))
+    assert path.stat().st_mode & 0o777 == 0o666 & ~tu._UMASK
+
+
+def test_resume_problems_are_named(tiny, tmp_path, capsys):
+    common = ['--epochs', '2', '-b', '4', '--output', str(tmp_path), '--no-plot', *FAST]
+    assert train.main([str(tiny), '--model', 'resnet10t', '--experiment', 'a', *common[:1], '1', *common[2:]]) == 0
+    last = tmp_path / 'a' / 'last.pth.tar'
+    assert train.main([str(tiny), '--model', 'resnet14t', '--resume', str(last), *common]) == 2
+    assert f'--resume {last}: its weights do not fit --model resnet14t' in capsys.readouterr().err
+    corrupt = tmp_path / 'corrupt.pth.tar'
+    corrupt.write_bytes(last.read_bytes()[:500])
+    assert train.main([str(tiny), '--model', 'resnet10t', '--resume', str(corrupt), *common]) == 2
+    assert 'is not a readable checkpoint' in capsys.readouterr().err
+    weights = tmp_path / 'weights.pth'
+    torch.save(torch.load(last, weights_only=False)['state_dict'], weights)
+    assert train.main([str(tiny), '--model', 'resnet10t', '--resume', str(weights), *common]) == 2
+    assert 'is not a training checkpoint' in capsys.readouterr().err
+
+
+def test_resume_with_more_epochs_follows_the_new_schedule(tiny, tmp_path):
+    """A finished 2-epoch run resumed with --epochs 4 used to keep the old schedule (min lr for the new epochs)."""
+    common = ['--model', 'resnet10t', '-b', '4', '--output', str(tmp_path), '--no-plot', *FAST]
+    assert train.main([str(tiny), '--epochs', '2', '--experiment', 'a', *common]) == 0
+    assert train.main([str(tiny), '--epochs', '4', '--resume', str(tmp_path / 'a' / 'last.pth.tar'), *common]) == 0
+    with open(tmp_path / 'a' / 'summary.csv') as f:
+        lrs = [float(row['lr']) for row in csv.DictReader(f)]
+    # The old schedule had ended (--min-lr 1e-5 from epoch 2 on); the new one is a 4-epoch cosine, still decaying.
+    assert len(lrs) == 4 and lrs[2] > 10 * 1e-5 and lrs[3] < lrs[2]
+    assert tu.changed_schedule_args({'epochs': 2, 'lr': 1e-3}, argparse.Namespace(epochs=4, lr=1e-3)) == \
+        {'epochs': (2, 4)}
+    assert tu.changed_schedule_args(None, argparse.Namespace(epochs=4)) == {}
+
+
+def test_backbone_only_checkpoint_fine_tunes_but_does_not_evaluate(tmp_path):
+    """A backbone-only file (convert_checkpoint.py --encoder) starts a fine-tuning run with a fresh classifier (it
+    used to fail on the missing head keys); evaluation refuses it, and a --num-classes other than the file's
+    (it used to score a randomly initialised classifier)."""
+    import model_factory
+    source = timm.create_model('dsan_t', num_classes=5)
+    full = tmp_path / 'full.pth'
+    torch.save(source.state_dict(), full)
+    encoder = tmp_path / 'encoder.pth'
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith('head.')}, encoder)
+    model = model_factory.create('dsan_t', num_classes=3, checkpoint=str(encoder))
+    assert model.num_classes == 3
+    torch.testing.assert_close(model.patch_embed1.proj.weight, source.patch_embed1.proj.weight)
+    assert model_factory.create('dsan_t', checkpoint=str(encoder)).num_classes == 1000
+    with pytest.raises(model_factory.ModelError, match='has no classifier .*cannot be evaluated'):
+        model_factory.create('dsan_t', checkpoint=str(encoder), require_classifier=True)
+    with pytest.raises(model_factory.ModelError, match='--num-classes 3 differs from the 5 classes'):
+        model_factory.create('dsan_t', num_classes=3, checkpoint=str(full), require_classifier=True)
+    assert model_factory.create('dsan_t', checkpoint=str(full), require_classifier=True).num_classes == 5
+    broken = tmp_path / 'broken.pth'  # a backbone key missing is still an error, classifier or not
+    torch.save({k: v for k, v in source.state_dict().items() if not k.startswith(('head.', 'norm4.'))}, broken)
+    with pytest.raises(model_factory.ModelError, match='norm4'):
+        model_factory.create('dsan_t', num_classes=3, checkpoint=str(broken))
 
 
 def test_non_finite_weights_are_never_saved():
@@ -821,9 +958,27 @@ def test_resume_after_sigterm_is_exact(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_padded_repeats_are_the_samplers_padding():
+    """engine.padded_repeats marks exactly the indices timm's OrderedDistributedSampler repeats."""
+    from timm.data.distributed_sampler import OrderedDistributedSampler
+    for total, world in ((21, 2), (10, 4), (8, 4), (1, 3)):
+        seen = []
+        for rank in range(world):
+            indices = list(OrderedDistributedSampler(range(total), num_replicas=world, rank=rank))
+            repeat = engine.padded_repeats(rank, world, 0, len(indices), total)
+            assert repeat.tolist() == [rank + p * world >= total for p in range(len(indices))]
+            seen += [i for i, r in zip(indices, repeat.tolist()) if not r]
+            # a batch in the middle of the rank's samples
+            assert engine.padded_repeats(rank, world, 1, len(indices) - 1, total).tolist() == repeat.tolist()[1:]
+        assert sorted(seen) == list(range(total))  # every image once
+
+
 def test_two_process_gloo_run(tiny, tmp_path):
     env = _env()
     env['PYTHON'] = PY
+    # An odd number of validation images: the sampler pads one rank with a repeat, which must not count.
+    tiny = _copy_tree(tiny, tmp_path / 'data')
+    sorted((tiny / 'val' / '00_disk').iterdir())[0].unlink()
     r = subprocess.run(['bash', str(CLS / 'distributed_train.sh'), '2', str(tiny), '--model', 'dsan_t',
                         '--epochs', '2', '-b', '4', '--output', str(tmp_path), '--experiment', 'ddp', *FAST,
                         '--grad-accum-steps', '2'],  # DDP's no_sync on the batches that only accumulate
@@ -834,6 +989,13 @@ def test_two_process_gloo_run(tiny, tmp_path):
     ckpt = torch.load(tmp_path / 'ddp' / 'last.pth.tar', weights_only=False)
     assert ckpt['epoch'] == 1 and len(ckpt['rng_states']) == 2
     assert not any(k.startswith('module.') for k in ckpt['state_dict'])
+    # The logged accuracy of the last epoch is validate.py's on one process.
+    with open(tmp_path / 'ddp' / 'summary.csv') as f:
+        logged = float(list(csv.DictReader(f))[-1]['eval_top1'])
+    v = _run([CLS / 'validate.py', tiny, '--model', 'dsan_t', '--checkpoint', tmp_path / 'ddp' / 'last.pth.tar',
+              '--img-size', '32', '--crop-pct', '1.0', '-b', '4', '-j', '0', '--no-progress'], timeout=300)
+    assert v.returncode == 0, v.stderr[-2000:]
+    assert '(11 images' in v.stdout and abs(float(v.stdout.split('top1 ')[1].split()[0]) - logged) < 1e-3
 
 
 # ----------------------------------------------------------------------------------------------------- tools

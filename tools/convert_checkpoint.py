@@ -26,7 +26,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import dsan.models  # noqa: F401
 
-from dsan.models import checkpoint_filter_fn, extract_state_dict, infer_groups, read_checkpoint
+from dsan.models import CheckpointError, checkpoint_filter_fn, extract_state_dict, infer_groups, read_checkpoint
 
 _logger = logging.getLogger('convert_checkpoint')
 
@@ -91,12 +91,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
+    """Command-line entry point; returns the exit code (2 when the input cannot be converted, with the reason)."""
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
-    convert(args.src, args.dst, args.model, use_ema=args.ema, encoder=args.encoder,
-            weights_only=not args.unsafe_load)
+    if not timm.is_model(args.model) or not args.model.startswith('dsan'):
+        print(f'convert_checkpoint.py: error: --model must be one of {timm.list_models("dsan*")}; got {args.model!r}',
+              file=sys.stderr)
+        return 2
+    try:
+        convert(args.src, args.dst, args.model, use_ema=args.ema, encoder=args.encoder,
+                weights_only=not args.unsafe_load)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == '__main__':
-    main()
+    sys.exit(main())
