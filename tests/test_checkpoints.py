@@ -1,5 +1,6 @@
 """Loading original-format DSAN checkpoints: wrapper formats, groups read from the file, clear errors, converter."""
 import argparse
+import logging
 
 import pytest
 import timm
@@ -149,6 +150,37 @@ def test_missing_and_unexpected_keys_are_listed(source):
     # BN counters are not weights: a checkpoint without them still loads.
     sd = {k: v for k, v in source['sd'].items() if not k.endswith('num_batches_tracked')}
     model.load_state_dict(checkpoint_filter_fn(sd, model), strict=True)
+
+
+def test_timm_loading_options_pretrained_strict_and_in_chans(source, tmp_path):
+    """timm's pretrained_strict=False loads what fits with a warning, and in_chans adapts the first conv (the
+    strict check in the filter used to refuse both, where timm's own models take them)."""
+    sd = dict(source['sd'])
+    del sd['norm4.weight']
+    sd['extra.weight'] = torch.zeros(1)
+    path = tmp_path / 'damaged.pth'
+    torch.save(sd, path)
+    overlay = dict(file=str(path))
+    with pytest.raises(CheckpointError, match='missing keys'):
+        timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=overlay, backend=BACKEND)
+    logger, records = logging.getLogger('dsan.models.dsan'), []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        model = timm.create_model('dsan_t', pretrained=True, pretrained_strict=False, pretrained_cfg_overlay=overlay,
+                                  backend=BACKEND)
+    finally:
+        logger.removeHandler(handler)
+    assert any('missing keys (1): norm4.weight' in r.getMessage() for r in records)
+    assert torch.equal(model.norm3.weight, sd['norm3.weight'])
+    gray = timm.create_model('dsan_t', pretrained=True, in_chans=1, backend=BACKEND,
+                             pretrained_cfg_overlay=dict(file=str(source['paths']['plain.pth'])))
+    w = source['sd']['patch_embed1.proj.weight']
+    torch.testing.assert_close(gray.patch_embed1.proj.weight, w.sum(1, keepdim=True))  # timm's adapt_input_conv
+    torch.testing.assert_close(gray.head.weight, source['sd']['head.weight'])
+    with torch.no_grad():
+        assert gray.eval()(torch.randn(1, 1, 64, 64)).shape == (1, 1000)
 
 
 def test_unreadable_files_are_reported(source, tmp_path):

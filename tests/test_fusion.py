@@ -397,8 +397,9 @@ def test_eval_blocks_fold_their_norms_on_the_fly_in_float32_inference(monkeypatc
 def test_kept_folded_weights_follow_every_change_of_their_sources(monkeypatch):
     """Eager eval keeps each block's folded (and packed) weights between calls, and makes them again after any change
     of what they come from: in-place updates (buffers and parameters), a replaced parameter, load_state_dict, a
-    change through `.data` (no version counter sees it) once `eval()` is called again, a dtype round trip. Copies
-    and pickles leave them out. Each time the output equals the layer-by-layer model's with the same weights."""
+    change through `.data` (no version counter sees it) once `eval()` is called again, a dtype round trip, fused
+    optimizer steps (no version bump either). Copies and pickles leave them out. Each time the output equals the
+    layer-by-layer model's with the same weights."""
     import copy
     import pickle
 
@@ -438,6 +439,13 @@ def test_kept_folded_weights_follow_every_change_of_their_sources(monkeypatch):
     check(4)
     model.double().float()
     check(4)
+    # torch's fused optimizer step changes the weights without a version bump (frozen-BN fine-tuning in eval mode)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    for _ in range(2):
+        model(x).logsumexp(1).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        check(4)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert not any('_kept_inference_weights' in m.__dict__ for m in clone.modules())
         with torch.no_grad():
@@ -618,6 +626,14 @@ def test_reparameterize_packs_the_1x1_weights_for_the_kernels(monkeypatch):
     model = timm.utils.reparameterize_model(model)  # a copy (its Blocks are already fused: nothing is folded again)
     check()
     model.double().float()  # the buffers follow the model's dtype, and back
+    check()
+    # A fused optimizer step (no version bump) on both: the packed copies follow it too.
+    for m in (model, layers):
+        params = [p for p in m.parameters() if p.requires_grad]
+        torch.manual_seed(0)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.optim.SGD(params, lr=0.05, fused=True).step()
     check()
     # Under gradients (the MLP kernel allowed at any size) the kernel gets the weights themselves.
     monkeypatch.setattr(Mlp, 'fused_train_min_pixels', 1)

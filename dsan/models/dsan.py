@@ -34,6 +34,7 @@ import re
 import sys
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -594,9 +595,9 @@ class Block(nn.Module):
     # equals the layer-by-layer one to float rounding; False: always the layers. In eager mode the folded weights and
     # their packed copies (`ops_dscn.pack_weight`) are kept between calls and made again when any tensor they come
     # from has changed (replaced, or its memory or version counter: in-place updates, `load_state_dict`, `.to()`,
-    # optimizer and EMA steps) and after `train()` / `eval()`, so that a change through `.data`, which no version
-    # counter sees, counts from the next `eval()`. Under torch.compile they are made in the graph (constants with
-    # freezing), never kept.
+    # EMA steps), after any torch.optim step (fused steps bump no version counter) and after `train()` / `eval()`,
+    # so that a change no version counter sees (through `.data`, to inference tensors) counts from the next
+    # `eval()`. Under torch.compile they are made in the graph (constants with freezing), never kept.
     fold_in_inference = True
 
     def _use_folded_inference(self, x: torch.Tensor) -> bool:
@@ -619,7 +620,8 @@ class Block(nn.Module):
                 tensors += [m.running_mean, m.running_var]
         state = tuple(None if t is None else (t.data_ptr(), t.device, None if t.is_inference() else t._version)
                       for t in tensors)
-        return tensors, state + (self.norm1.eps, self.norm2.eps)
+        # Fused optimizer steps change weights without a version bump: the step count covers them.
+        return tensors, state + (self.norm1.eps, self.norm2.eps, ops_dscn.optimizer_step_count())
 
     def _packed(self, attn_w: tuple[torch.Tensor, ...], mlp_w: tuple[torch.Tensor, ...]) -> tuple[tuple[Any, ...], ...]:
         """The weights packed for the kernels, None where packing does not apply: DSA's (the folded proj_1 and
@@ -1175,7 +1177,8 @@ def infer_groups(state_dict: Mapping[str, torch.Tensor], kernel_sizes: Sequence[
     return groups
 
 
-def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_ema: bool = False) -> dict:
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_ema: bool = False,
+                         strict: bool = True) -> dict:
     """Turn any supported checkpoint format into a state_dict for `model` and check that it fits.
 
     Used by timm as `pretrained_filter_fn`. Unwraps `state_dict` / `model` (or the EMA weights when
@@ -1189,9 +1192,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_em
         state_dict: Checkpoint dict or state_dict.
         model: Target DSAN model.
         use_ema: Prefer the EMA weights of a training checkpoint.
+        strict: False (timm's ``pretrained_strict=False``): what does not fit is logged as a warning, not raised.
 
     Returns:
-        State_dict for `model.load_state_dict`.
+        State_dict for `model.load_state_dict`. A first conv of another input channel count (the model's
+        ``in_chans``) is left for timm to adapt (``adapt_input_conv``), as for its own models.
 
     Raises:
         CheckpointError: The weights do not fit `model`; the message lists what is wrong.
@@ -1203,10 +1208,21 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_em
     for k, v in expected.items():
         if k.endswith('num_batches_tracked') and k not in state_dict:
             state_dict[k] = v.clone()
-    check_state_dict(
-        state_dict, model, ignore_prefixes=('head.',),
-        header=f'Checkpoint does not fit the model ({type(model).__name__}, groups={getattr(model, "groups", "?")}); '
-               f'checkpoint: {describe_state_dict(state_dict)}')
+    ignore = ['head.']
+    first, theirs = 'patch_embed1.proj.weight', state_dict.get('patch_embed1.proj.weight')
+    if (first in expected and isinstance(theirs, torch.Tensor) and theirs.dim() == 4
+            and theirs.shape[1] != expected[first].shape[1] and theirs.shape[0] == expected[first].shape[0]
+            and theirs.shape[2:] == expected[first].shape[2:]):
+        ignore.append(first)  # timm's load_pretrained adapts it to in_chans after this filter
+    try:
+        check_state_dict(
+            state_dict, model, ignore_prefixes=tuple(ignore),
+            header=f'Checkpoint does not fit the model ({type(model).__name__}, groups='
+                   f'{getattr(model, "groups", "?")}); checkpoint: {describe_state_dict(state_dict)}')
+    except CheckpointError as e:
+        if strict:
+            raise
+        _logger.warning('%s\n(pretrained_strict=False: loading what fits)', e)
     return state_dict
 
 
@@ -1291,7 +1307,7 @@ def _create_dsan(variant: str, pretrained: bool, model_args: Mapping[str, Any], 
             kwargs['pretrained_cfg_overlay'] = overlay
     model = build_model_with_cfg(
         DSAN, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **dict(model_args, **kwargs),
     )

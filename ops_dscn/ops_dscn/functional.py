@@ -6,7 +6,6 @@ The compiled operator's schema is declared once in ``csrc/dscn.cpp`` (``torch.op
 """
 
 import logging
-import math
 import numbers
 import warnings
 
@@ -104,8 +103,8 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
     if _EXT_ERROR is not None:
         reason = f"the compiled DSCN operator is not available ({_EXT_ERROR})"
         device_type = None if device is None else torch.device(device).type
-    elif device is None or torch.device(device).type in _KERNEL_DEVICE_TYPES:
-        return "cpp"
+    elif device is None or torch.device(device).type in _KERNEL_DEVICE_TYPES or torch.device(device).type == "meta":
+        return "cpp"  # meta tensors (shapes only) run the registered fake kernel
     else:
         device_type = torch.device(device).type
         built = ", ".join(compiled_device_types()) or "none"
@@ -164,7 +163,9 @@ def check_config(kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_
             raise ValueError(f"dscn: {name} must be < 2^31; got {value}")
     if isinstance(offset_scale, bool) or not isinstance(offset_scale, numbers.Real):
         raise TypeError(f"dscn: offset_scale must be a float; got {type(offset_scale).__name__} {offset_scale!r}")
-    if not math.isfinite(offset_scale):
+    # x - x == 0 exactly when x is finite; unlike math.isfinite it also traces (torch.compile with dynamic=True makes
+    # the value a SymFloat).
+    if not offset_scale - offset_scale == 0:
         raise ValueError(f"dscn: offset_scale must be finite; got {offset_scale}")
     if on_x and kernel_h != 1:
         raise ValueError(f"dscn: an x-strip (on_x=True) needs kernel_h == 1; got {kernel_h}")

@@ -13,6 +13,7 @@ as one matrix product on channels_last memory whose output blocks get the epilog
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .conv_mlp import (
     _KERNEL_DTYPES,
@@ -25,8 +26,8 @@ from .conv_mlp import (
 )
 from .functional import _dtype_name, _shape
 
-__all__ = ["KeepsPackedWeights", "keep_packed_weight", "kept_packed_weight", "pack_weight", "pack_weight_available",
-           "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference"]
+__all__ = ["KeepsPackedWeights", "keep_packed_weight", "kept_packed_weight", "optimizer_step_count", "pack_weight",
+           "pack_weight_available", "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference"]
 
 _CPU_KERNEL = _has_cpu_kernel("pointwise_conv")
 _PACK_KERNEL = _has_cpu_kernel("pack_weight")
@@ -60,10 +61,30 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.ops_dscn.pack_weight(weight.detach())
 
 
-def _weight_key(weight: torch.Tensor) -> tuple[int, int | None]:
-    """What identifies a weight's values between calls: its memory and its version counter (bumped by every in-place
-    change through PyTorch; inference tensors, which have none, by their memory only)."""
-    return weight.data_ptr(), None if weight.is_inference() else weight._version
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# torch.optim's fused steps (Adam / AdamW / SGD with fused=True) update the parameters in place without bumping
+# their version counters, so a copy made from a weight (packed, folded) cannot see them: every optimizer step is
+# counted here (a hook common to all optimizers), and the copies are keyed on the count too.
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def optimizer_step_count() -> int:
+    """How many ``torch.optim`` optimizer steps this process has taken (part of what keys kept weight copies)."""
+    return _optimizer_steps
+
+
+def _weight_key(weight: torch.Tensor) -> tuple[int, int | None, int]:
+    """What identifies a weight's values between calls: its memory, its version counter (bumped by every in-place
+    change through PyTorch's operators; inference tensors, which have none, by their memory only) and the optimizer
+    step count (fused steps bump no version counter)."""
+    return weight.data_ptr(), None if weight.is_inference() else weight._version, _optimizer_steps
 
 
 def keep_packed_weight(owner: torch.nn.Module, name: str, weight: torch.Tensor) -> None:

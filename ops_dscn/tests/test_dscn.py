@@ -1262,3 +1262,28 @@ def test_dscnx_projection_as_conv_in_training_matches_the_linear(monkeypatch):
     assert (64, 64, 1, 1) not in convs
     torch.testing.assert_close(out_lin, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx_lin, gx, atol=1e-5, rtol=1e-5)
+
+
+def test_twin_compiles_with_dynamic_shapes_and_offset_scale():
+    """fullgraph + dynamic=True makes offset_scale a SymFloat: the argument checks must trace (math.isfinite did
+    not)."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda a, b, s: dscn(a, b, 3, pad=1, group=4, offset_scale=s, backend="pytorch"),
+                       fullgraph=True, dynamic=True, backend="eager")
+    x, off = torch.randn(1, 5, 6, 8), torch.randn(1, 5, 6, 12)
+    for scale in (0.5, 2.0):
+        torch.testing.assert_close(fn(x, off, scale), dscn(x, off, 3, pad=1, group=4, offset_scale=scale,
+                                                           backend="pytorch"))
+    torch._dynamo.reset()
+
+
+@needs_ext
+def test_meta_tensors_take_the_compiled_ops_shapes():
+    """Meta tensors run the fake kernel: backend='cpp' and 'auto' give the output's shape (no rebuild advice, no
+    fallback warning)."""
+    x, off = torch.empty(2, 5, 6, 8, device="meta"), torch.empty(2, 5, 3, 12, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for backend in ("cpp", "auto"):
+            out = dscn(x, off, 3, stride=2, pad=1, group=4, backend=backend)
+            assert out.device.type == "meta" and out.shape == (2, 5, 3, 8)
