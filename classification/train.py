@@ -327,6 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             FileNotFoundError) as e:
         _logger.error('%s', e)
         print(f'train.py: error: {e}', file=sys.stderr)
+        tu.remove_unused_run_dir(getattr(args, 'new_run_dir', None))
         return 2
     finally:
         if tu.is_distributed():
@@ -361,11 +362,19 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     out_dir = os.path.dirname(os.path.abspath(args.resume)) if resume_ckpt is not None and not args.experiment \
         else os.path.join(args.output, exp_name)
     if primary:
+        if not os.path.exists(out_dir):
+            args.new_run_dir = out_dir  # removed again if the run stops on bad input before writing anything
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
     _setup_logging(os.path.join(out_dir, 'log.txt') if primary else '', primary)
     _logger.info('Output folder: %s', out_dir)
+    last_epoch = tu.later_checkpoint_epoch(os.path.join(out_dir, 'last.pth.tar'), args.resume) if resume_ckpt \
+        else None
+    if last_epoch is not None and last_epoch > resume_ckpt['epoch']:
+        _logger.warning('Resuming from epoch %d of %s into %s, whose last.pth.tar has reached epoch %d: its later '
+                        'checkpoints will be overwritten as the run goes on (--experiment NAME keeps them)',
+                        resume_ckpt['epoch'], args.resume, out_dir, last_epoch)
     _logger.info('Training on %s with %d process(es)', device, world_size)
     if args.tune_malloc:
         tu.keep_freed_memory(device)

@@ -351,6 +351,31 @@ def changed_schedule_args(saved: dict[str, Any] | None, args) -> dict[str, tuple
             if k in saved and hasattr(args, k) and saved[k] != getattr(args, k)}
 
 
+def remove_unused_run_dir(path: str | None) -> None:
+    """Remove a run folder this run created that holds nothing but its ``args.yaml`` and ``log.txt`` (a run stopped
+    by bad input before any epoch), closing the log file handlers that write into it."""
+    if not path or not os.path.isdir(path) or not set(os.listdir(path)) <= {'args.yaml', 'log.txt'}:
+        return
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, logging.FileHandler) and os.path.dirname(os.path.abspath(h.baseFilename)) == \
+                os.path.abspath(path):
+            root.removeHandler(h)
+            h.close()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def later_checkpoint_epoch(last: str, resumed: str) -> int | None:
+    """The epoch of `last` (a run folder's last.pth.tar) when it is another file than `resumed`, else None."""
+    if not os.path.isfile(last) or os.path.samefile(last, resumed):
+        return None
+    try:  # memory-mapped: only the small entries are read
+        epoch = torch.load(last, map_location='cpu', mmap=True, weights_only=False).get('epoch')
+    except Exception:  # an unreadable last.pth.tar is not this run's problem
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
 def load_training_checkpoint(path: str) -> dict[str, Any]:
     """Load a checkpoint written by :func:`build_checkpoint` (a trusted, locally written file)."""
     if not os.path.isfile(path):

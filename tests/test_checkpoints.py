@@ -269,3 +269,4 @@ def test_converter_writes_clean_files(source, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith('convert_checkpoint.py: error: ') and reason in err, (argv, err)
     assert not (tmp_path / 'x.pth').exists()
+    assert not list(tmp_path.rglob('.*.tmp-*'))  # written through a temporary file, renamed, none left behind

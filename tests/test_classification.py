@@ -240,6 +240,7 @@ def test_train_names_data_that_cannot_fit(tiny, tmp_path, capsys):
     assert '--num-classes 2 is less than the 3 class folders' in capsys.readouterr().err
     assert train.main([str(tiny), '-b', '64', *common]) == 2
     assert '-b/--batch-size 64 is larger than the 24 training images' in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []  # no run folder left behind by a run that stopped on bad input
 
 
 # ----------------------------------------------------------------------------------------------------- checkpoints
@@ -279,6 +280,10 @@ def test_resume_problems_are_named(tiny, tmp_path, capsys):
     corrupt.write_bytes(last.read_bytes()[:500])
     assert train.main([str(tiny), '--model', 'resnet10t', '--resume', str(corrupt), *common]) == 2
     assert 'is not a readable checkpoint' in capsys.readouterr().err
+    # Resuming an earlier checkpoint of a run folder whose last.pth.tar is further on says what it will overwrite.
+    assert train.main([str(tiny), '--model', 'resnet10t', '--resume', str(last), '--experiment', 'a', *common]) == 0
+    assert tu.later_checkpoint_epoch(str(last), str(tmp_path / 'a' / 'checkpoint-0.pth.tar')) == 1
+    assert tu.later_checkpoint_epoch(str(last), str(last)) is None
     weights = tmp_path / 'weights.pth'
     torch.save(torch.load(last, weights_only=False)['state_dict'], weights)
     assert train.main([str(tiny), '--model', 'resnet10t', '--resume', str(weights), *common]) == 2

@@ -14,6 +14,7 @@ Examples:
 """
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -68,11 +69,16 @@ def convert(
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.suffix == '.safetensors':
-        from safetensors.torch import save_file
-        save_file(state_dict, str(dst), metadata={'arch': model_name, 'groups': ','.join(map(str, groups))})
-    else:
-        torch.save(state_dict, dst)
+    tmp = dst.with_name(f'.{dst.name}.tmp-{os.getpid()}')  # written whole, then renamed: never a partial file
+    try:
+        if dst.suffix == '.safetensors':
+            from safetensors.torch import save_file
+            save_file(state_dict, str(tmp), metadata={'arch': model_name, 'groups': ','.join(map(str, groups))})
+        else:
+            torch.save(state_dict, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
     _logger.info('%s -> %s: %s, groups %s, %d tensors, %s params%s', src, dst, model_name, groups, len(state_dict),
                  f'{n_params:,}', ' (encoder, no head)' if encoder else '')
