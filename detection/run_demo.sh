@@ -15,6 +15,10 @@ DATA="${DATA:-data/demo_det}"
 CONFIG=detection/configs/demo/mask_rcnn_dsan_t_demo.py
 WORK="work_dirs/demo_det-$(date +%Y%m%d-%H%M%S)"
 START=$(date +%s)
+if [[ -n "${EPOCHS:-}" && ! "$EPOCHS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "detection/run_demo.sh: EPOCHS must be a positive integer; got '$EPOCHS'" >&2
+  exit 2
+fi
 
 echo "== 1/5 setting up the environment and the OpenMMLab stack (scripts/setup_env.sh --mm)"
 bash scripts/setup_env.sh --mm

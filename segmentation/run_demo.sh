@@ -15,6 +15,10 @@ DATA="${DATA:-data/demo_seg}"
 CONFIG=segmentation/configs/demo/ham_dsan_t_demo.py
 WORK="work_dirs/demo_seg-$(date +%Y%m%d-%H%M%S)"
 START=$(date +%s)
+if [[ -n "${ITERS:-}" && ! "$ITERS" =~ ^[1-9][0-9]*$ ]]; then
+  echo "segmentation/run_demo.sh: ITERS must be a positive integer; got '$ITERS'" >&2
+  exit 2
+fi
 
 echo "== 1/5 setting up the environment and the OpenMMLab stack (scripts/setup_env.sh --mm)"
 bash scripts/setup_env.sh --mm
@@ -37,8 +41,10 @@ else
   echo "backbone trained from scratch (run 'bash run_demo.sh' first for a pretrained one, or set PRETRAINED=FILE)"
 fi
 if [[ -n "${ITERS:-}" ]]; then
+  WARMUP=$(( ITERS < 100 ? ITERS / 2 : 50 ))  # the config's 50 warmup iterations, or half of a shorter run
   OPTS+=(train_cfg.max_iters="$ITERS" train_cfg.val_interval="$ITERS" train_cfg.val_begin=$((ITERS + 1))
-         default_hooks.checkpoint.interval="$ITERS" param_scheduler.1.end="$ITERS")
+         default_hooks.checkpoint.interval="$ITERS" param_scheduler.0.end="$WARMUP"
+         param_scheduler.1.begin="$WARMUP" param_scheduler.1.end="$ITERS")
 fi
 echo "== 3/5 training DSAN-T + LightHamHead ($CONFIG) -> $WORK"
 "$PY" segmentation/tools/train.py "$CONFIG" --work-dir "$WORK" --cfg-options "${OPTS[@]}"

@@ -72,6 +72,8 @@ def test_config_matches_the_original_recipe(name):
     assert next(t for t in cfg.test_dataloader.dataset.pipeline if t.type == 'Resize').scale == scale
     assert cfg.val_evaluator.classwise is True
     assert cfg.val_evaluator.metric == (['bbox', 'segm'] if detector == 'MaskRCNN' else 'bbox')
+    # The best checkpoint by box mAP: 'auto' took the first metric key, one class's AP with classwise=True.
+    assert cfg.default_hooks.checkpoint.get('save_best') in (None, 'coco/bbox_mAP')
 
 
 @pytest.mark.parametrize('name', sorted(RECIPES))

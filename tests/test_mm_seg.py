@@ -4,6 +4,7 @@ The ``slow`` tests run the real `segmentation/tools` scripts (train, test, dist_
 subprocesses on tiny generated data in ADE20K and Cityscapes layout; they run in CI too.
 """
 import os
+import subprocess
 import sys
 
 import pytest
@@ -393,6 +394,10 @@ def test_baseline_miou_counts_a_constant_prediction(tmp_path):
     assert baseline.constant_prediction_miou(paths, 4) == pytest.approx(100 * (12 / 20) / 3)
     with pytest.raises(ValueError, match=r'values \[2\] are not classes 0..1'):
         baseline.constant_prediction_miou(paths, 2)
+    # An mIoU of 0 is a result, not a failure: exit status 0 (sys.exit(0.0) used to exit 1, printing "0.0").
+    r = subprocess.run([sys.executable, str(ROOT / 'segmentation/tools/baseline_miou.py'), str(tmp_path),
+                        '--num-classes', '4', '--label', '3'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip() == '', r.stderr
 
 
 def test_overlay_blends_and_draws_a_legend():
@@ -473,10 +478,12 @@ def test_test_tool_evaluates_an_original_mmseg0x_checkpoint(ade_tiny, tmp_path):
     config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
     torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
     opts = _data_opts(ade_tiny, '(256,64)')
-    for extra in ([], ['--tta']):
+    for extra in ([], ['--tta'], ['--show-dir', 'vis']):
         r = run_script([PY, SEG / 'tools/test.py', config, tmp_path / 'released.pth', '--work-dir', tmp_path / 'w',
                         *extra, '--cfg-options', *opts])
         assert 0 <= _miou(r.stdout + r.stderr) <= 100
+    # --show-dir: every image (mmseg's hook drew every 50th), under the work dir
+    assert len(list((tmp_path / 'w' / 'vis').rglob('*.png'))) == 3
     # Strict by default: a checkpoint of another model is an error, not a silent random evaluation.
     bad = _mmseg0x_checkpoint(_build(Config.fromfile(CONFIGS / 'ham/ham_dsan_s_ade20k_160k.py').model))
     torch.save(bad, tmp_path / 'other.pth')
@@ -506,6 +513,13 @@ def test_visualize_writes_overlays(ade_tiny, tmp_path):
     assert len(outs) == 3
     with Image.open(outs[0]) as im:
         assert im.height >= 64 and im.width > 64  # the image plus the legend column (one row per class found)
+    # A checkpoint that does not fit is refused (mmseg's init_model only warns, and drew a random head).
+    other = _mmseg0x_checkpoint(_build(Config.fromfile(config).model))
+    other['state_dict'] = {k: v for k, v in other['state_dict'].items() if not k.startswith('decode_head.')}
+    torch.save(other, tmp_path / 'headless.pth')
+    r = run_script([PY, SEG / 'tools/visualize.py', config, tmp_path / 'headless.pth', '--image-dir',
+                    ade_tiny / 'images/validation', '--out-dir', tmp_path / 'vis2'], check=False)
+    assert r.returncode != 0 and 'headless.pth does not fit the config\'s model' in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow

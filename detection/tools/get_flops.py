@@ -15,7 +15,6 @@ Examples:
     python detection/tools/get_flops.py detection/configs/coco/retinanet_dsan_t_fpn_1x.py --shape 800 1333
 """
 import argparse
-import sys
 from math import prod
 from pathlib import Path
 
@@ -114,4 +113,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()  # its return value is for callers; the exit status is 0 (errors exit through argparse or raise)

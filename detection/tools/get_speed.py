@@ -10,7 +10,6 @@ Examples:
     python detection/tools/get_speed.py --rounds 5 --device cuda --train-batch 2
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,4 +116,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()  # its return value is for callers; the exit status is 0 (errors exit through argparse or raise)

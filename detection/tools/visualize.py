@@ -11,7 +11,6 @@ Examples:
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 from tqdm import tqdm
@@ -43,7 +42,7 @@ def main(argv=None) -> list[Path]:
     from mmdet.apis import inference_detector, init_detector
     from mmdet.visualization import DetLocalVisualizer
 
-    from dsan.mm.tools import load_config
+    from dsan.mm.tools import load_checkpoint_strictly, load_config
     from dsan.mm.utils import list_images
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
@@ -53,6 +52,7 @@ def main(argv=None) -> list[Path]:
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
     model = init_detector(cfg, args.checkpoint, device=args.device, palette=args.palette)
+    load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
     visualizer = DetLocalVisualizer(name=f'dsan_det_vis_{os.getpid()}', bbox_color=args.palette,
                                     mask_color=args.palette, text_color=(200, 200, 200))
     visualizer.dataset_meta = model.dataset_meta
@@ -72,4 +72,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()  # its return value is for callers; the exit status is 0 (errors exit through argparse or raise)

@@ -37,6 +37,22 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
 
 
+def load_checkpoint_strictly(model: torch.nn.Module, checkpoint: str, tool: str) -> None:
+    """Load `checkpoint` into `model` with every name and shape checked (mmseg's `init_model` / mmdet's
+    `init_detector` load non-strictly: a checkpoint of another model would only be warned about).
+
+    Raises:
+        SystemExit: the checkpoint does not fit, with the first lines of the mismatch.
+    """
+    from mmengine.runner import load_checkpoint
+    try:
+        load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
+    except RuntimeError as e:
+        lines = str(e).strip().splitlines()
+        raise SystemExit(f'{tool}: error: {checkpoint} does not fit the config\'s model: '
+                         + ' '.join(lines[:3])[:600]) from None
+
+
 def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
     """Read `path`, apply `--cfg-options`, the work dir, the launcher, and BN instead of SyncBN without CUDA."""
     cfg = Config.fromfile(resolve_config_path(path))
@@ -164,7 +180,8 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     parser.add_argument('--out', help='save the predictions: a directory of label images (segmentation) or a '
                                       '.pkl file of results (detection)')
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
-    parser.add_argument('--show-dir', help='write visualised predictions into this directory (under the work dir)')
+    parser.add_argument('--show-dir', help='write every visualised prediction into this directory (under the work '
+                                           'dir)')
     parser.add_argument('--wait-time', type=float, default=2, help='seconds each shown image stays up')
     parser.add_argument('--tta', action='store_true', help='multi-scale + flip test (the config\'s tta_pipeline)')
     parser.add_argument('--no-strict', dest='strict', action='store_false',
@@ -190,7 +207,10 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
             vis.wait_time = args.wait_time
         if args.show_dir:
             if task == 'seg':
-                cfg.visualizer.save_dir = args.show_dir
+                # Every image (mmseg's hook draws every `interval`-th, 50 by default), under the work dir as the
+                # detection hook writes its own.
+                vis.interval = 1
+                cfg.visualizer.save_dir = osp.join(cfg.work_dir, args.show_dir)
             else:
                 vis.test_out_dir = args.show_dir
     if args.tta:

@@ -8,7 +8,6 @@ Example:
     python segmentation/tools/baseline_miou.py data/demo_seg/annotations/validation --num-classes 11
 """
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -63,4 +62,4 @@ def main(argv=None) -> float:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()  # its return value is for callers; the exit status is 0 (errors exit through argparse or raise)

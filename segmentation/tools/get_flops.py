@@ -10,7 +10,6 @@ Examples:
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from dsan.flops import count_macs, count_params
@@ -75,4 +74,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()  # its return value is for callers; the exit status is 0 (errors exit through argparse or raise)

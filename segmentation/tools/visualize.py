@@ -12,7 +12,6 @@ Examples:
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,7 +111,7 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     from mmseg.apis import inference_model, init_model
 
-    from dsan.mm.tools import load_config
+    from dsan.mm.tools import load_checkpoint_strictly, load_config
     from dsan.mm.utils import list_images
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
@@ -122,6 +121,7 @@ def main(argv=None) -> list[Path]:
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
     model = init_model(cfg, args.checkpoint, device=args.device)
+    load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
     classes, colours = resolve_meta(args.palette, model)
     tag = args.tag or Path(args.config).stem
     out_dir = Path(args.out_dir)
@@ -139,4 +139,4 @@ def main(argv=None) -> list[Path]:
 
 
 if __name__ == '__main__':
-    sys.exit(main() and 0)
+    main()  # its return value is for callers; the exit status is 0 (errors exit through argparse or raise)

@@ -29,4 +29,7 @@ train_dataloader = dict(batch_size=4)
 auto_scale_lr = dict(base_batch_size=16)
 val_evaluator = dict(classwise=True)
 test_evaluator = val_evaluator
-default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=3, save_last=True, save_best='auto'))
+# The best checkpoint by box mAP (the original's 'auto': mmdet 2.x's first metric; in 3.x with classwise=True the
+# first key is one class's AP)
+default_hooks = dict(checkpoint=dict(interval=1, max_keep_ckpts=3, save_last=True, save_best='coco/bbox_mAP',
+                                     rule='greater'))
