@@ -11,6 +11,9 @@ import os
 
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
+from timm.data.readers.class_map import load_class_map
+from timm.data.readers.reader_image_folder import ReaderImageFolder
+from timm.utils.misc import natural_key
 
 _logger = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ def check_image_folder(root: str, split: str) -> list[str]:
         split: Split sub-folder name.
 
     Returns:
-        Sorted class-folder names.
+        Class-folder names in timm's order (natural sort: 'c2' before 'c10'), which is the label order.
 
     Raises:
         DatasetError: naming the missing root or split folder, or every class folder without images.
@@ -54,7 +57,7 @@ def check_image_folder(root: str, split: str) -> list[str]:
     if not os.path.isdir(split_dir):
         raise DatasetError(f'split folder {split_dir!r} does not exist (expected {split_dir}/<class>/*.jpg; '
                            f'found in {root!r}: {sorted(os.listdir(root))})')
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir(follow_symlinks=True))
+    classes = sorted((e.name for e in os.scandir(split_dir) if e.is_dir(follow_symlinks=True)), key=natural_key)
     if not classes:
         raise DatasetError(f'split folder {split_dir!r} has no class sub-folders (expected {split_dir}/<class>/*.jpg)')
     empty = [os.path.join(split_dir, c) for c in classes if not _list_images(os.path.join(split_dir, c))]
@@ -83,6 +86,67 @@ def check_val_classes(train_classes: list[str], val_classes: list[str], root: st
     if missing:
         _logger.warning('%s has no folder for %d of the %d training classes; its labels are the training indices',
                         os.path.join(root, val_split), missing, len(train_classes))
+
+
+def read_class_map(class_map: str | dict, root: str = '') -> dict:
+    """A ``{class name: index}`` map from a ``.txt`` (one class per line: the line number is the index) or ``.pkl``
+    file (timm's formats; a relative path may also be relative to ``root``), or a dict as it is.
+
+    Raises:
+        DatasetError: the file is missing, has another suffix or holds no valid map.
+    """
+    if isinstance(class_map, dict):
+        mapping = class_map
+    else:
+        try:
+            mapping = load_class_map(class_map, root)
+        except (AssertionError, OSError, ValueError, EOFError) as e:  # timm asserts on a missing file / suffix
+            raise DatasetError(f'--class-map {class_map!r}: {e}') from None
+    bad = [k for k, v in mapping.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
+    if not mapping or bad:
+        raise DatasetError(f'--class-map {class_map!r} must map class names to indices >= 0; '
+                           + (f'got {_shown([f"{k}: {mapping[k]!r}" for k in bad])}' if bad else 'it is empty'))
+    return mapping
+
+
+def _shown(items: list[str], limit: int = 5) -> str:
+    return ', '.join(repr(i) for i in items[:limit]) + (f' and {len(items) - limit} more' if len(items) > limit else '')
+
+
+class ClassFolderReader(ReaderImageFolder):
+    """ImageNet layout reader: every image under ``root/<class>/`` (at any depth) is labelled ``<class>``.
+
+    timm's folder reader labels an image by the folder that directly holds it, so ``cat/2019/x.jpg`` would become
+    class '2019' and an image directly in ``root`` class ''; it also reads fewer suffixes than
+    :func:`check_image_folder` accepts. This reader labels by the top-level folder, reads every suffix of
+    ``IMG_EXTENSIONS``, skips (with a warning) image files directly in ``root`` and keeps timm's class order
+    (natural sort) and sample order, so flat ImageNet folders get exactly timm's labels.
+
+    Args:
+        root: The split folder (``<data>/train``).
+        class_map: Optional class-to-index map: a file (one class per line, or ``class,index``) or a dict.
+    """
+
+    def __init__(self, root: str, class_map: str | dict = ''):
+        super(ReaderImageFolder, self).__init__()
+        self.root = root
+        classes = sorted((e.name for e in os.scandir(root) if e.is_dir(follow_symlinks=True)), key=natural_key)
+        if class_map:
+            self.class_to_idx = read_class_map(class_map, root)
+            unmapped = [c for c in classes if c not in self.class_to_idx]
+            if unmapped:
+                _logger.warning('%s: %d class folder(s) not in the class map are not read: %s', root,
+                                len(unmapped), _shown(unmapped))
+        else:
+            self.class_to_idx = {c: i for i, c in enumerate(classes)}
+        stray = sorted(e.name for e in os.scandir(root)
+                       if e.is_file() and e.name.lower().endswith(IMG_EXTENSIONS))
+        if stray:
+            _logger.warning('%s: %d image file(s) outside the class folders are not read: %s', root, len(stray),
+                            _shown(stray))
+        samples = [(f, self.class_to_idx[c]) for c in classes if c in self.class_to_idx
+                   for f in _list_images(os.path.join(root, c))]
+        self.samples = sorted(samples, key=lambda s: natural_key(s[0]))
 
 
 class StrictImageDataset(ImageDataset):
@@ -140,17 +204,20 @@ def build_dataset(
         return create_dataset(name, root=root, split=split, is_training=is_training, class_map=class_map, **kwargs)
     check_image_folder(root, split)
     split_dir = os.path.join(root, split)
-    ds = StrictImageDataset(split_dir, class_map=class_map, input_img_mode='RGB', skip_bad_images=skip_bad_images)
+    ds = StrictImageDataset(split_dir, reader=ClassFolderReader(split_dir, class_map), input_img_mode='RGB',
+                            skip_bad_images=skip_bad_images)
+    if not len(ds):
+        raise DatasetError(f'no image of {split_dir!r} belongs to a class of the class map')
     _logger.info('%s: %d images in %d classes', split_dir, len(ds), len(ds.reader.class_to_idx))
     return ds
 
 
 def num_classes_of(dataset) -> int | None:
-    """Number of classes of a folder dataset, or None when it cannot be told."""
+    """Number of classes of a folder dataset (one more than its largest label), or None when it cannot be told."""
     reader = getattr(dataset, 'reader', None)
     class_to_idx = getattr(reader, 'class_to_idx', None)
-    return len(class_to_idx) if class_to_idx else None
+    return max(class_to_idx.values()) + 1 if class_to_idx else None
 
 
-__all__ = ['CorruptImageError', 'DatasetError', 'StrictImageDataset', 'build_dataset', 'check_image_folder',
-           'num_classes_of']
+__all__ = ['ClassFolderReader', 'CorruptImageError', 'DatasetError', 'StrictImageDataset', 'build_dataset',
+           'check_image_folder', 'num_classes_of', 'read_class_map']

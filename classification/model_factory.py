@@ -118,7 +118,8 @@ def create(
         raise ModelError(f'{checkpoint} is not a readable checkpoint: {e}') from e
     model = timm.create_model(name, **kwargs, **({} if num_classes is None else {'num_classes': num_classes}))
     if num_classes is None:  # take the class count from the checkpoint's classifier
-        head = f"{model.pretrained_cfg.get('classifier', 'head')}.weight"
+        # A model registered outside timm's builders may have no pretrained_cfg.
+        head = f"{(getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'head')}.weight"
         if head in state_dict and state_dict[head].shape[0] != model.num_classes:
             model = timm.create_model(name, num_classes=state_dict[head].shape[0], **kwargs)
     try:

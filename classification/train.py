@@ -325,8 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _train(args, args_text, device, rank, world_size, primary)
     except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, tu.ResumeError,
             FileNotFoundError) as e:
-        _logger.error('%s', e)
-        print(f'train.py: error: {e}', file=sys.stderr)
+        _logger.error('%s', tu.error_message(e))
+        print(f'train.py: error: {tu.error_message(e)}', file=sys.stderr)
         tu.remove_unused_run_dir(getattr(args, 'new_run_dir', None))
         return 2
     finally:
@@ -341,12 +341,17 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
         if args.val_split and not args.class_map:
             cls_data.check_val_classes(classes, cls_data.check_image_folder(args.data_dir, args.val_split),
                                        args.data_dir, args.train_split, args.val_split)
+        train_dir = os.path.join(args.data_dir, args.train_split)
+        if args.class_map:
+            labels = max(cls_data.read_class_map(args.class_map, train_dir).values()) + 1
+            source = f'the indices of --class-map {args.class_map} (up to {labels - 1})'
+        else:
+            labels, source = len(classes), f'the {len(classes)} class folders of {train_dir}'
         if args.num_classes is None:
-            args.num_classes = len(classes)
-        elif args.num_classes < len(classes) and not args.class_map:
-            raise cls_data.DatasetError(
-                f'--num-classes {args.num_classes} is less than the {len(classes)} class folders of '
-                f'{os.path.join(args.data_dir, args.train_split)}: their labels would not fit the classifier')
+            args.num_classes = labels
+        elif args.num_classes < labels:
+            raise cls_data.DatasetError(f'--num-classes {args.num_classes} is less than {source}: their labels would '
+                                        'not fit the classifier')
     if args.sync_bn and world_size > 1 and device.type != 'cuda':
         raise model_factory.ModelError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); on the CPU --dist-bn '
                                        'reduce (the default) averages the BatchNorm statistics after each epoch')
@@ -509,6 +514,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     progress = primary and not args.no_progress
     decreasing = args.eval_metric == 'loss'
     eval_metrics = {}
+    # From here on the run folder holds the log of real work: an error no longer removes it.
+    args.new_run_dir = None
     try:
         for epoch in range(start_epoch, num_epochs):
             if hasattr(loader_train.sampler, 'set_epoch'):
@@ -554,6 +561,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                     model_ema=model_ema, loss_scaler=loss_scaler, rng_states=rng_states, metric=metric,
                     args=yaml.safe_load(args_text))
                 ckpt.update(best_metric=best_metric, best_epoch=best_epoch)
+                if not args.dataset:  # the labels' class names, so validate.py labels any folder the same way
+                    ckpt['class_to_idx'] = dict(ds_train.reader.class_to_idx)
                 tu.atomic_save(ckpt, last_path)
                 if improved:
                     tu.atomic_save(ckpt, os.path.join(out_dir, 'model_best.pth.tar'))

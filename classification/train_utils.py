@@ -91,6 +91,20 @@ def resolve_device(device: str = '', index: int | None = None) -> torch.device:
     return dev
 
 
+def error_message(e: BaseException) -> str:
+    """The one-line message of an input error, also when a DataLoader worker raised it.
+
+    torch re-raises a worker's exception with the worker's whole traceback as its message ("Caught ... in DataLoader
+    worker process 0. Original Traceback ..."); the user needs its last line, the original message.
+    """
+    text = str(e)
+    if 'Original Traceback' in text:
+        last = text.strip().splitlines()[-1]
+        name = type(e).__name__
+        text = last.split(f'{name}: ', 1)[1] if f'{name}: ' in last else last
+    return text
+
+
 def check_ranges(parser, args, rules) -> None:
     """``parser.error`` (exit status 2) naming the first argument outside its range.
 
@@ -374,6 +388,19 @@ def later_checkpoint_epoch(last: str, resumed: str) -> int | None:
     except Exception:  # an unreadable last.pth.tar is not this run's problem
         return None
     return epoch if isinstance(epoch, int) else None
+
+
+def checkpoint_class_map(path: str) -> dict[str, int] | None:
+    """The ``class_to_idx`` a train.py checkpoint saved (the training folders' class indices), or None for any other
+    file (released weights, timm files, safetensors) or one that does not read."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    except Exception:  # not a torch zip file, or one of another kind: the caller falls back to the folder order
+        return None
+    mapping = ckpt.get('class_to_idx') if isinstance(ckpt, dict) else None
+    if isinstance(mapping, dict) and mapping and all(isinstance(v, int) for v in mapping.values()):
+        return mapping
+    return None
 
 
 def load_training_checkpoint(path: str) -> dict[str, Any]:

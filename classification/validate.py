@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--data-dir', metavar='DIR', help='dataset root (alternative to the positional DIR)')
     group.add_argument('--dataset', metavar='NAME', default='', help='timm dataset type (default: image folders)')
     group.add_argument('--split', metavar='NAME', default='val', help='split folder (default: val)')
-    group.add_argument('--class-map', default='', type=str, metavar='FILENAME', help='class to index map file')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                       help='class to index map file (default: the one a train.py checkpoint saved, else the class '
+                            'folders in natural order)')
     group.add_argument('--skip-bad-images', action='store_true', help='skip unreadable images instead of failing')
 
     group = parser.add_argument_group('Model parameters')
@@ -101,12 +103,25 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                                  checkpoint=args.checkpoint, use_ema=args.use_ema, require_classifier=True,
                                  **args.model_kwargs)
     num_classes = model.num_classes if hasattr(model, 'num_classes') else None
-    if not args.dataset and not args.class_map and num_classes is not None and num_classes < len(classes):
-        raise cls_data.DatasetError(f'{os.path.join(data_dir, args.split)} has {len(classes)} class folders but the '
-                                    f'model only {num_classes} classes: the labels would not fit its classifier')
-    if not args.dataset and num_classes is not None and num_classes != len(classes):
-        _logger.warning('The model has %d classes but %s has %d class folders: check --model/--checkpoint',
-                        num_classes, os.path.join(data_dir, args.split), len(classes))
+    class_map = args.class_map
+    if not args.dataset:
+        split_dir = os.path.join(data_dir, args.split)
+        saved = tu.checkpoint_class_map(args.checkpoint) if args.checkpoint and not class_map else None
+        if saved:
+            # Labelled as in training: a folder that lacks some classes keeps the training indices.
+            unknown = [c for c in classes if c not in saved]
+            if unknown:
+                raise cls_data.DatasetError(f'class folder(s) of {split_dir!r} are not classes of {args.checkpoint}: '
+                                            + ', '.join(repr(c) for c in unknown[:10]))
+            _logger.info('Labels: the class indices saved in %s', args.checkpoint)
+            class_map = saved
+        labels = max(cls_data.read_class_map(class_map, split_dir).values()) + 1 if class_map else len(classes)
+        what = f'the class map has {labels} labels' if class_map else f'{split_dir} has {len(classes)} class folders'
+        if num_classes is not None and num_classes < labels:
+            raise cls_data.DatasetError(f'{what} but the model only {num_classes} classes: the labels would not fit '
+                                        'its classifier')
+        if num_classes is not None and num_classes != labels:
+            _logger.warning('The model has %d classes but %s: check --model/--checkpoint', num_classes, what)
     data_config = resolve_data_config(vars(args), model=model, verbose=True)
     model.to(device).eval()
     if args.channels_last:
@@ -116,7 +131,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         model = compile_model(model, backend=args.torchcompile, mode=args.torchcompile_mode)
 
     dataset = cls_data.build_dataset(args.dataset, data_dir, args.split, is_training=False,
-                                     class_map=args.class_map, skip_bad_images=args.skip_bad_images)
+                                     class_map=class_map, skip_bad_images=args.skip_bad_images)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -185,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = validate(args)
     except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, tu.DeviceError,
             FileNotFoundError) as e:
-        print(f'validate.py: error: {e}', file=sys.stderr)
+        print(f'validate.py: error: {tu.error_message(e)}', file=sys.stderr)
         return 2
     print(f"{summary['model']}: top1 {summary['top1']:.3f}  top5 {summary['top5']:.3f}  "
           f"({summary['count']} images, {summary['split']})")

@@ -243,6 +243,110 @@ def test_train_names_data_that_cannot_fit(tiny, tmp_path, capsys):
     assert os.listdir(tmp_path) == []  # no run folder left behind by a run that stopped on bad input
 
 
+def _image(path, mode='RGB', size=(12, 12)):
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, 128).save(path)
+
+
+def test_folder_reader_labels_by_the_class_folder(tmp_path, caplog):
+    """Images in sub-folders of a class belong to it (timm's reader labels by the leaf folder: 'cat/2019/x.jpg'
+    became class '2019'); every suffix the folder check accepts is read; images beside the class folders are left
+    out with a warning (timm made them class '' at index 0); flat folders get exactly timm's labels."""
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+    split = tmp_path / 'train'
+    for rel in ('cat/2019/a.jpg', 'cat/b.png', 'dog/2019/c.jpg', 'dog/d.JPG', 'c10/e.bmp', 'c2/f.webp', 'c2/g.tif'):
+        _image(split / rel)
+    _image(split / 'preview.jpg')
+    with caplog.at_level('WARNING'):
+        reader = cls_data.ClassFolderReader(str(split))
+    assert reader.class_to_idx == {'c2': 0, 'c10': 1, 'cat': 2, 'dog': 3}  # timm's natural order
+    labels = {os.path.relpath(p, split): t for p, t in reader.samples}
+    assert labels == {'c10/e.bmp': 1, 'c2/f.webp': 0, 'c2/g.tif': 0, 'cat/2019/a.jpg': 2, 'cat/b.png': 2,
+                      'dog/2019/c.jpg': 3, 'dog/d.JPG': 3}
+    assert "image file(s) outside the class folders are not read: 'preview.jpg'" in caplog.text
+    assert cls_data.check_image_folder(str(tmp_path), 'train') == list(reader.class_to_idx)
+    flat = tmp_path / 'flat'
+    for rel in ('b/1.jpg', 'a/10.png', 'a/9.png', 'n10/x.jpg', 'n9/y.jpeg'):
+        _image(flat / rel)
+    ours, timms = cls_data.ClassFolderReader(str(flat)), ReaderImageFolder(str(flat))
+    assert ours.samples == timms.samples and ours.class_to_idx == timms.class_to_idx
+    ds = cls_data.build_dataset('', str(tmp_path), 'train', is_training=False)
+    assert len(ds) == 7 and ds[0][0].size == (12, 12)
+
+
+def test_class_map_sets_the_labels_and_the_class_count(tiny, tmp_path, capsys):
+    """--class-map indices past the folder count size the classifier (a run used to fail mid-epoch with an index
+    error); a map that cannot be read is named; validation folders follow the map."""
+    cmap = tmp_path / 'map.txt'
+    cmap.write_text('x\ny\n00_disk\n01_ring\n02_square\n')
+    out = tmp_path / 'o'
+    assert _tiny_run(tiny, out, 'cmap', '--epochs', '1', '--class-map', cmap) == 0
+    ckpt = torch.load(out / 'cmap' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert ckpt['state_dict']['fc.weight'].shape[0] == 5
+    assert ckpt['class_to_idx'] == {'x': 0, 'y': 1, '00_disk': 2, '01_ring': 3, '02_square': 4}
+    common = ['--model', '_test_tiny_net', '-b', '4', '--epochs', '1', '--output', str(tmp_path / 'p'), *FAST]
+    assert train.main([str(tiny), '--class-map', str(cmap), '--num-classes', '4', *common]) == 2
+    assert '--num-classes 4 is less than the indices of --class-map' in capsys.readouterr().err
+    for text, message in (('', 'it is empty'), (None, 'Cannot locate')):
+        if text is not None:
+            (tmp_path / 'bad.txt').write_text(text)
+        assert train.main([str(tiny), '--class-map', str(tmp_path / ('bad.txt' if text is not None else 'no.txt')),
+                           *common]) == 2
+        err = capsys.readouterr().err
+        assert message in err and 'Traceback' not in err
+    with pytest.raises(cls_data.DatasetError, match=r"must map class names to indices >= 0; got 'a: -1'"):
+        cls_data.read_class_map({'a': -1})
+
+
+def test_validate_labels_with_the_classes_of_the_checkpoint(tiny, tmp_path, capsys):
+    """validate.py on a folder that lacks a training class keeps the training indices (saved in the checkpoint);
+    it used to index the folder's own classes, so every class after the gap was scored against the wrong label."""
+    import shutil
+    out = tmp_path / 'o'
+    assert _tiny_run(tiny, out, 'run', '--epochs', '1') == 0
+    ckpt = out / 'run' / 'last.pth.tar'
+    assert tu.checkpoint_class_map(str(ckpt)) == {'00_disk': 0, '01_ring': 1, '02_square': 2}
+    root = _copy_tree(tiny, tmp_path / 'd')
+    shutil.rmtree(root / 'val' / '00_disk')
+    csv_path = tmp_path / 'rows.csv'
+    args = validate.build_parser().parse_args([
+        str(root), '--model', '_test_tiny_net', '--checkpoint', str(ckpt), '--img-size', '32', '--crop-pct', '1.0',
+        '-j', '0', '--no-progress', '--per-image-csv', str(csv_path)])
+    validate.validate(args)
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8
+    expected = {'01_ring': 1, '02_square': 2}
+    for row in rows:
+        assert int(row['target']) == expected[row['file'].split('/')[0]], row
+    (root / 'val' / 'zz_new').mkdir()
+    shutil.copy(next((root / 'val' / '01_ring').iterdir()), root / 'val' / 'zz_new')
+    with pytest.raises(cls_data.DatasetError, match="'zz_new'"):
+        validate.validate(args)
+
+
+def test_error_after_training_began_keeps_the_run_folder(tiny, tmp_path, capsys):
+    """A corrupt validation image found after the first training epoch ends the run (exit 2, one line naming the
+    file) but keeps the run folder and its log: only a run that never started is removed."""
+    root = _copy_tree(tiny, tmp_path / 'd')
+    bad = sorted((root / 'val' / '01_ring').iterdir())[0]
+    bad.write_bytes(b'not a jpeg')
+    assert _tiny_run(root, tmp_path / 'o', 'run', '--epochs', '1') == 2
+    err = capsys.readouterr().err
+    assert f'train.py: error: cannot decode image file {str(bad)!r}' in err
+    assert (tmp_path / 'o' / 'run' / 'log.txt').is_file()
+
+
+def test_error_message_of_a_loader_worker():
+    inner = cls_data.CorruptImageError("cannot decode image file '/x/a.jpg': broken data stream")
+    wrapped = cls_data.CorruptImageError('Caught CorruptImageError in DataLoader worker process 0.\nOriginal '
+                                         'Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
+                                         f'data.CorruptImageError: {inner}\n')
+    assert tu.error_message(wrapped) == str(inner)
+    assert tu.error_message(inner) == str(inner)
+
+
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 

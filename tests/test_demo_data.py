@@ -135,6 +135,64 @@ def test_cli_and_errors(tmp_path, capsys):
     assert counts == {'train': 2, 'val': 2}
     assert 'wrote classification demo data' in capsys.readouterr().out
     with pytest.raises(FileExistsError, match='not empty'):
-        demo.main(['--out', str(out), '--num-classes', '2'])
+        demo.make_classification(str(out), num_classes=2)
     with pytest.raises(ValueError, match='num_classes must be between 2 and 10'):
         demo.make_classification(str(tmp_path / 'x'), num_classes=11)
+    assert not (tmp_path / 'x').exists()  # arguments are checked before anything is written
+    bad = [(['--out', str(out), '--num-classes', '2'], 'not empty (pass --overwrite'),
+           (['--num-classes', '11'], 'num_classes must be between 2 and 10, got 11'),
+           (['--size', '0'], 'size must be an integer >= 16, got 0'),
+           (['--train-per-class', '-2'], 'train_per_class must be an integer >= 1, got -2'),
+           (['--task', 'detection', '--max-objects', '0'], 'max_objects must be an integer >= 1, got 0'),
+           (['--task', 'segmentation', '--num-val', '0'], 'num_val must be an integer >= 1, got 0')]
+    for argv, message in bad:
+        if '--out' not in argv:
+            argv = argv + ['--out', str(tmp_path / 'y')]
+        with pytest.raises(SystemExit) as exc:
+            demo.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith('dsan.data.demo: error: '), (argv, err)
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / 'y').exists()
+
+
+@pytest.mark.parametrize('task', ['classification', 'segmentation', 'detection'])
+def test_overwrite_replaces_what_a_run_wrote(tmp_path, task):
+    out = tmp_path / task
+    big = dict(classification=dict(num_classes=3, train_per_class=3, val_per_class=2, size=24),
+               segmentation=dict(num_classes=3, num_train=4, num_val=2, size=32),
+               detection=dict(num_classes=3, num_train=4, num_val=2, size=32))[task]
+    small = {k: (2 if k != 'size' else 16) for k in big}
+    make = getattr(demo, f'make_{task}')
+    make(str(out), **big)
+    (out / 'notes.txt').write_text('mine')  # not the generator's: kept
+    make(str(out), overwrite=True, **small)
+    fresh = tmp_path / 'fresh'
+    make(str(fresh), **small)
+    assert _files(out) == sorted(_files(fresh) + ['notes.txt'])  # no file of the first run is left
+    assert all((out / f).read_bytes() == (fresh / f).read_bytes() for f in _files(fresh))
+
+
+def test_interrupted_run_leaves_the_folder_as_it_was(tmp_path, monkeypatch):
+    out = tmp_path / 'cls'
+    demo.make_classification(str(out), num_classes=2, train_per_class=2, val_per_class=1, size=16)
+    before = {f: (out / f).read_bytes() for f in _files(out)}
+    calls = []
+
+    def failing_render(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real_render(*args, **kwargs)
+
+    real_render = demo.render_scene
+    monkeypatch.setattr(demo, 'render_scene', failing_render)
+    with pytest.raises(KeyboardInterrupt):
+        demo.make_classification(str(out), num_classes=3, train_per_class=2, val_per_class=1, size=24, overwrite=True)
+    assert {f: (out / f).read_bytes() for f in _files(out)} == before  # nothing half-written, no staging folder
+    # A run killed outright leaves its staging folder: the next run removes it and does not count it as content.
+    (out.parent / 'empty').mkdir()
+    (out.parent / 'empty' / '.partial-x1' / 'train').mkdir(parents=True)
+    monkeypatch.undo()
+    demo.make_classification(str(out.parent / 'empty'), num_classes=2, train_per_class=1, val_per_class=1, size=16)
+    assert sorted(os.listdir(out.parent / 'empty')) == ['classes.txt', 'train', 'val']

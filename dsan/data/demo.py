@@ -24,10 +24,14 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
+import shutil
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -245,10 +249,52 @@ def render_scene(
     return Scene(image=image, objects=objs)
 
 
-def _check_out(out: str, overwrite: bool) -> None:
-    if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"output directory {out!r} exists and is not empty (pass --overwrite to replace files)")
+_STAGE_PREFIX = '.partial-'
+
+
+@contextlib.contextmanager
+def _staged_output(out: str, overwrite: bool):
+    """Yield a staging folder inside `out`; when the body succeeds, move each of its entries into `out`, replacing the
+    entry of the same name (``train/``, ``annotations/``, ``classes.txt`` ...) whole.
+
+    So an interrupted run leaves `out` as it was (a rerun starts clean), and ``overwrite`` replaces what an earlier
+    run wrote instead of mixing its files with the new ones. Other entries of `out` are left alone.
+
+    Raises:
+        FileExistsError: `out` holds files and ``overwrite`` is false.
+    """
+    if os.path.isdir(out):
+        for name in os.listdir(out):  # the staging folder of a run that was killed
+            if name.startswith(_STAGE_PREFIX):
+                shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+        if os.listdir(out) and not overwrite:
+            raise FileExistsError(f'output directory {out!r} exists and is not empty (pass --overwrite to replace '
+                                  'the files an earlier run wrote)')
     os.makedirs(out, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=_STAGE_PREFIX, dir=out)
+    try:
+        yield stage
+        # Folders first: the files (classes.txt, which run_demo.sh takes as "complete") arrive last.
+        for name in sorted(os.listdir(stage), key=lambda n: (os.path.isfile(os.path.join(stage, n)), n)):
+            dst = os.path.join(out, name)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            elif os.path.lexists(dst):
+                os.remove(dst)
+            os.replace(os.path.join(stage, name), dst)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+# Smallest image side the scenes render at (a shape's radius is a fraction of the side).
+MIN_SIZE = 16
+
+
+def _check_counts(**counts: int) -> None:
+    for name, value in counts.items():
+        low = MIN_SIZE if name == 'size' else 1
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f'{name} must be an integer >= {low}, got {value!r}')
 
 
 def _class_names(num_classes: int) -> list[str]:
@@ -280,21 +326,22 @@ def make_classification(
     Returns:
         Number of images written per split.
     """
-    _check_out(out, overwrite)
     names = _class_names(num_classes)
-    counts = {}
-    for split_idx, (split, per_class) in enumerate((('train', train_per_class), ('val', val_per_class))):
-        for label, name in enumerate(names):
-            d = os.path.join(out, split, name)
-            os.makedirs(d, exist_ok=True)
-            rng = np.random.default_rng([seed, split_idx, label])
-            for i in range(per_class):
-                scene = render_scene(rng, (size, size), [label])
-                Image.fromarray(scene.image).save(os.path.join(d, f'{split}_{label:02d}_{i:05d}.jpg'), quality=95)
-        counts[split] = per_class * num_classes
-    with open(os.path.join(out, 'classes.txt'), 'w') as f:
-        f.write('\n'.join(names) + '\n')
-    return counts
+    _check_counts(train_per_class=train_per_class, val_per_class=val_per_class, size=size)
+    with _staged_output(out, overwrite) as stage:  # written here, moved into `out` when complete
+        counts = {}
+        for split_idx, (split, per_class) in enumerate((('train', train_per_class), ('val', val_per_class))):
+            for label, name in enumerate(names):
+                d = os.path.join(stage, split, name)
+                os.makedirs(d, exist_ok=True)
+                rng = np.random.default_rng([seed, split_idx, label])
+                for i in range(per_class):
+                    scene = render_scene(rng, (size, size), [label])
+                    Image.fromarray(scene.image).save(os.path.join(d, f'{split}_{label:02d}_{i:05d}.jpg'), quality=95)
+            counts[split] = per_class * num_classes
+        with open(os.path.join(stage, 'classes.txt'), 'w') as f:
+            f.write('\n'.join(names) + '\n')
+        return counts
 
 
 def _scene_categories(rng: np.random.Generator, num_classes: int, max_objects: int) -> list[int]:
@@ -343,39 +390,40 @@ def make_segmentation(
     """
     if layout not in SEG_LAYOUTS:
         raise ValueError(f'layout must be one of {SEG_LAYOUTS}, got {layout!r}')
-    _check_out(out, overwrite)
     _class_names(num_classes)
     if layout == 'cityscapes' and num_classes > 18:
         raise ValueError('the Cityscapes layout has 19 train ids (background + 18 shapes), '
                          f'got num_classes={num_classes}')
-    counts = {}
-    splits = ('training', 'validation') if layout == 'ade20k' else ('train', 'val')
-    for split_idx, (split, n) in enumerate(zip(splits, (num_train, num_val))):
-        if layout == 'ade20k':
-            img_dir, ann_dir = os.path.join(out, 'images', split), os.path.join(out, 'annotations', split)
-        else:
-            img_dir = os.path.join(out, 'leftImg8bit', split, 'demo')
-            ann_dir = os.path.join(out, 'gtFine', split, 'demo')
-        os.makedirs(img_dir, exist_ok=True)
-        os.makedirs(ann_dir, exist_ok=True)
-        # The same seed stream for both layouts: the same arguments give the same scenes in either.
-        rng = np.random.default_rng([seed, 100 + split_idx])
-        for i in range(n):
-            scene = render_scene(rng, (size, size), _scene_categories(rng, num_classes, max_objects),
-                                 scale=(0.12, 0.3))
-            image, mask = Image.fromarray(scene.image), Image.fromarray(scene.semantic_mask())
+    _check_counts(num_train=num_train, num_val=num_val, size=size, max_objects=max_objects)
+    with _staged_output(out, overwrite) as stage:  # written here, moved into `out` when complete
+        counts = {}
+        splits = ('training', 'validation') if layout == 'ade20k' else ('train', 'val')
+        for split_idx, (split, n) in enumerate(zip(splits, (num_train, num_val))):
             if layout == 'ade20k':
-                stem = f'demo_{split}_{i:06d}'
-                image.save(os.path.join(img_dir, stem + '.jpg'), quality=95)
-                mask.save(os.path.join(ann_dir, stem + '.png'))
+                img_dir, ann_dir = os.path.join(stage, 'images', split), os.path.join(stage, 'annotations', split)
             else:
-                stem = f'demo_{split_idx}{i:05d}_000019'
-                image.save(os.path.join(img_dir, stem + '_leftImg8bit.png'))
-                mask.save(os.path.join(ann_dir, stem + '_gtFine_labelTrainIds.png'))
-        counts[split] = n
-    with open(os.path.join(out, 'classes.txt'), 'w') as f:
-        f.write('\n'.join(('background',) + SHAPES[:num_classes]) + '\n')
-    return counts
+                img_dir = os.path.join(stage, 'leftImg8bit', split, 'demo')
+                ann_dir = os.path.join(stage, 'gtFine', split, 'demo')
+            os.makedirs(img_dir, exist_ok=True)
+            os.makedirs(ann_dir, exist_ok=True)
+            # The same seed stream for both layouts: the same arguments give the same scenes in either.
+            rng = np.random.default_rng([seed, 100 + split_idx])
+            for i in range(n):
+                scene = render_scene(rng, (size, size), _scene_categories(rng, num_classes, max_objects),
+                                     scale=(0.12, 0.3))
+                image, mask = Image.fromarray(scene.image), Image.fromarray(scene.semantic_mask())
+                if layout == 'ade20k':
+                    stem = f'demo_{split}_{i:06d}'
+                    image.save(os.path.join(img_dir, stem + '.jpg'), quality=95)
+                    mask.save(os.path.join(ann_dir, stem + '.png'))
+                else:
+                    stem = f'demo_{split_idx}{i:05d}_000019'
+                    image.save(os.path.join(img_dir, stem + '_leftImg8bit.png'))
+                    mask.save(os.path.join(ann_dir, stem + '_gtFine_labelTrainIds.png'))
+            counts[split] = n
+        with open(os.path.join(stage, 'classes.txt'), 'w') as f:
+            f.write('\n'.join(('background',) + SHAPES[:num_classes]) + '\n')
+        return counts
 
 
 def mask_to_rle(mask: np.ndarray) -> dict[str, list]:
@@ -416,35 +464,37 @@ def make_detection(
     Returns:
         Number of images written per split.
     """
-    _check_out(out, overwrite)
     _class_names(num_classes)
-    os.makedirs(os.path.join(out, 'annotations'), exist_ok=True)
-    categories = [{'id': k + 1, 'name': SHAPES[k], 'supercategory': 'shape'} for k in range(num_classes)]
-    counts = {}
-    ann_id = 1
-    for split_idx, (split, n) in enumerate((('train2017', num_train), ('val2017', num_val))):
-        os.makedirs(os.path.join(out, split), exist_ok=True)
-        rng = np.random.default_rng([seed, 200 + split_idx])
-        images, annotations = [], []
-        for i in range(n):
-            scene = render_scene(rng, (size, size), _scene_categories(rng, num_classes, max_objects),
-                                 scale=(0.12, 0.3))
-            file_name = f'{split_idx * 10_000_000 + i + 1:012d}.jpg'
-            Image.fromarray(scene.image).save(os.path.join(out, split, file_name), quality=95)
-            images.append({'id': split_idx * 10_000_000 + i + 1, 'file_name': file_name, 'height': size, 'width': size})
-            for obj in scene.objects:
-                area = int(obj.mask.sum())
-                if area == 0:
-                    continue
-                annotations.append({
-                    'id': ann_id, 'image_id': images[-1]['id'], 'category_id': obj.category + 1,
-                    'bbox': list(obj.bbox), 'area': area, 'iscrowd': 0, 'segmentation': mask_to_rle(obj.mask),
-                })
-                ann_id += 1
-        with open(os.path.join(out, 'annotations', f'instances_{split}.json'), 'w') as f:
-            json.dump({'images': images, 'annotations': annotations, 'categories': categories}, f)
-        counts[split] = n
-    return counts
+    _check_counts(num_train=num_train, num_val=num_val, size=size, max_objects=max_objects)
+    with _staged_output(out, overwrite) as stage:  # written here, moved into `out` when complete
+        os.makedirs(os.path.join(stage, 'annotations'), exist_ok=True)
+        categories = [{'id': k + 1, 'name': SHAPES[k], 'supercategory': 'shape'} for k in range(num_classes)]
+        counts = {}
+        ann_id = 1
+        for split_idx, (split, n) in enumerate((('train2017', num_train), ('val2017', num_val))):
+            os.makedirs(os.path.join(stage, split), exist_ok=True)
+            rng = np.random.default_rng([seed, 200 + split_idx])
+            images, annotations = [], []
+            for i in range(n):
+                scene = render_scene(rng, (size, size), _scene_categories(rng, num_classes, max_objects),
+                                     scale=(0.12, 0.3))
+                file_name = f'{split_idx * 10_000_000 + i + 1:012d}.jpg'
+                Image.fromarray(scene.image).save(os.path.join(stage, split, file_name), quality=95)
+                images.append(
+                    {'id': split_idx * 10_000_000 + i + 1, 'file_name': file_name, 'height': size, 'width': size})
+                for obj in scene.objects:
+                    area = int(obj.mask.sum())
+                    if area == 0:
+                        continue
+                    annotations.append({
+                        'id': ann_id, 'image_id': images[-1]['id'], 'category_id': obj.category + 1,
+                        'bbox': list(obj.bbox), 'area': area, 'iscrowd': 0, 'segmentation': mask_to_rle(obj.mask),
+                    })
+                    ann_id += 1
+            with open(os.path.join(stage, 'annotations', f'instances_{split}.json'), 'w') as f:
+                json.dump({'images': images, 'annotations': annotations, 'categories': categories}, f)
+            counts[split] = n
+        return counts
 
 
 def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -467,19 +517,28 @@ def _parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, int]:
-    """Command-line entry point; returns the number of images written per split."""
+    """Command-line entry point; returns the number of images written per split.
+
+    A bad argument or a non-empty output folder without ``--overwrite`` exits with a one-line error (status 2).
+    """
     args = _parse_args(argv)
     start = time.time()
-    if args.task == 'classification':
-        counts = make_classification(args.out, args.num_classes, args.train_per_class, args.val_per_class,
-                                     size=args.size or 64, seed=args.seed, overwrite=args.overwrite)
-    else:
-        fn = make_detection
-        extra = {}
-        if args.task == 'segmentation':
-            fn, extra = make_segmentation, dict(layout=args.layout)
-        counts = fn(args.out, args.num_classes, args.num_train, args.num_val, size=args.size or 128,
-                    max_objects=args.max_objects, seed=args.seed, overwrite=args.overwrite, **extra)
+    try:
+        if args.task == 'classification':
+            counts = make_classification(args.out, args.num_classes, args.train_per_class, args.val_per_class,
+                                         size=64 if args.size is None else args.size, seed=args.seed,
+                                         overwrite=args.overwrite)
+        else:
+            fn = make_detection
+            extra = {}
+            if args.task == 'segmentation':
+                fn, extra = make_segmentation, dict(layout=args.layout)
+            counts = fn(args.out, args.num_classes, args.num_train, args.num_val,
+                        size=128 if args.size is None else args.size, max_objects=args.max_objects, seed=args.seed,
+                        overwrite=args.overwrite, **extra)
+    except (ValueError, OSError) as e:  # bad arguments, a non-empty or unwritable output folder
+        print(f'dsan.data.demo: error: {e}', file=sys.stderr)
+        raise SystemExit(2) from None
     summary = ', '.join(f'{k}: {v}' for k, v in counts.items())
     print(f'wrote {args.task} demo data to {args.out} ({summary} images) in {time.time() - start:.1f}s')
     return counts
