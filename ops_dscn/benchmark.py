@@ -21,27 +21,57 @@ between the two input gradients.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 # Run as a script, this folder would come first on sys.path and `import ops_dscn` would find the source tree
 # (which has no built extension) instead of the installed package.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if sys.path and os.path.abspath(sys.path[0] or ".") == _HERE:
     sys.path.pop(0)
 import ops_dscn  # noqa: E402
 
-# MLP expansion per stage (both variants)
-MLP_RATIOS = (8, 8, 4, 4)
-# (channels, spatial size at 224, kernel, groups) per stage, from the model definitions
-STAGES = {
-    "dsan_t": [(32, 56, 11, 1), (64, 28, 11, 4), (160, 14, 7, 8), (256, 7, 5, 8)],
-    "dsan_s": [(64, 56, 15, 4), (128, 28, 13, 8), (320, 14, 7, 16), (512, 7, 5, 16)],
-}
+# The models benchmarked (their shapes come from the model definitions, see `stages`).
+MODELS = ("dsan_t", "dsan_s")
+IMG_SIZE = 224
+
+
+class Stage(NamedTuple):
+    """The shapes of one DSAN stage's layers at `IMG_SIZE`, as the model runs them."""
+
+    channels: int
+    size: int  # height = width of the stage's feature map
+    kernel: int  # DSCN taps
+    dw_kernel: int  # the depthwise strip conv of each offset branch (DSAN-S: not the DSCN kernel)
+    groups: int  # DSCN offset groups
+    mlp_ratio: int  # MLP expansion
+
+
+@functools.cache
+def stages(model_name: str) -> tuple[Stage, ...]:
+    """Each stage's shapes, read from the first block of the stage of a `model_name` built by timm."""
+    try:
+        import dsan.models  # noqa: F401  (registers the DSAN models with timm)
+    except ImportError:  # running from a checkout without `pip install -e .`
+        sys.path.insert(0, os.path.dirname(_HERE))
+        import dsan.models  # noqa: F401
+    import timm
+
+    model = timm.create_model(model_name, backend="pytorch")  # only read: the pure-PyTorch op needs nothing built
+    result = []
+    for i, info in enumerate(model.feature_info):
+        block = getattr(model, f"block{i + 1}")[0]
+        strip = block.attn.spatial_gating_unit.dscn_x
+        result.append(Stage(strip.channels, IMG_SIZE // info["reduction"], strip.kernel_size, strip.dw_kernel_size,
+                            strip.group, block.mlp.fc1.out_channels // strip.channels))
+    return tuple(result)
 
 
 def _sync(device: torch.device) -> None:
@@ -102,8 +132,9 @@ def _cases(c, s, k, g, batch, axis, device, dtype):
     return {kind: make(kind) for kind in ("conv", "cpp", "pytorch")}
 
 
-def _fused_cases(c, s, k, g, ratio, batch):
-    """{name: (fused_fn, layers_fn)} for the MLP and the two offset branches of one stage (float32 CPU)."""
+def _fused_cases(c, s, k, dw_k, g, ratio, batch):
+    """{name: (fused_fn, layers_fn)} for the MLP and the two offset branches of one stage (float32 CPU); `k` is the
+    DSCN kernel (the offsets per group), `dw_k` the offset branch's depthwise strip kernel."""
     gen = torch.Generator().manual_seed(0)
 
     def r(*shape, scale=1.0):
@@ -115,7 +146,7 @@ def _fused_cases(c, s, k, g, ratio, batch):
            r(c, ch, 1, 1, scale=ch ** -0.5), r(c), x)
     cases = {"mlp": (lambda: torch.ops.ops_dscn.conv_mlp(*mlp), lambda: ops_dscn.conv_mlp_reference(*mlp))}
     for axis, on_x in (("x", True), ("y", False)):
-        dw = r(c, 1, 1, k, scale=1 / k) if on_x else r(c, 1, k, 1, scale=1 / k)
+        dw = r(c, 1, 1, dw_k, scale=1 / dw_k) if on_x else r(c, 1, dw_k, 1, scale=1 / dw_k)
         off = (x, dw, r(c), 1 + r(c, scale=0.1), r(c, scale=0.1), 1e-6, r(g * k, c, scale=c ** -0.5), r(g * k), on_x)
         cases[f"offsets {axis}"] = (lambda off=off: torch.ops.ops_dscn.strip_offsets(*off),
                                     lambda off=off: ops_dscn.strip_offsets_reference(*off))
@@ -153,14 +184,14 @@ def _mlp_train_case(c, s, ratio, batch):
     return (lambda: run("cpp")), (lambda: run("pytorch"))
 
 
-def _offsets_train_cases(c, s, k, g, batch):
-    """{name: (fused_fn, layers_fn)}: forward+backward of the two offset branches of one stage (float32 CPU); each
-    returns the input gradient."""
+def _offsets_train_cases(c, s, k, dw_k, g, batch):
+    """{name: (fused_fn, layers_fn)}: forward+backward of the two offset branches of one stage (float32 CPU; `k`: the
+    DSCN kernel, `dw_k`: the branch's depthwise strip kernel); each returns the input gradient."""
     gen = torch.Generator().manual_seed(0)
     cases = {}
     for axis, on_x in (("x", True), ("y", False)):
         x = torch.randn(batch, c, s, s, generator=gen).contiguous(memory_format=torch.channels_last)
-        dw = torch.randn(*((c, 1, 1, k) if on_x else (c, 1, k, 1)), generator=gen) / k
+        dw = torch.randn(*((c, 1, 1, dw_k) if on_x else (c, 1, dw_k, 1)), generator=gen) / dw_k
         params = [dw, torch.randn(c, generator=gen), 1 + 0.1 * torch.randn(c, generator=gen),
                   0.1 * torch.randn(c, generator=gen), torch.randn(g * k, c, generator=gen) * c ** -0.5,
                   torch.randn(g * k, generator=gen)]
@@ -187,9 +218,10 @@ def fused_main(args) -> None:
     cpu = torch.device("cpu")
     for batch in args.batch:
         for model in args.models:
-            for i, ((c, s, k, g), ratio) in enumerate(zip(STAGES[model], MLP_RATIOS), start=1):
-                cases = ({"mlp train": _mlp_train_case(c, s, ratio, batch), **_offsets_train_cases(c, s, k, g, batch)}
-                         if args.train else _fused_cases(c, s, k, g, ratio, batch))
+            for i, (c, s, k, dw_k, g, ratio) in enumerate(stages(model), start=1):
+                cases = ({"mlp train": _mlp_train_case(c, s, ratio, batch),
+                          **_offsets_train_cases(c, s, k, dw_k, g, batch)}
+                         if args.train else _fused_cases(c, s, k, dw_k, g, ratio, batch))
                 for name, (fused, layers) in cases.items():
                     with torch.inference_mode(not args.train):
                         t_layers, t_fused = _time(layers, cpu, args.repeat), _time(fused, cpu, args.repeat)
@@ -198,11 +230,12 @@ def fused_main(args) -> None:
                           f"{t_fused:8.3f}ms | {t_layers / t_fused:11.2f}x | {diff:.1e}", flush=True)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments; bad input is a one-line usage error (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--models", nargs="+", default=list(STAGES), choices=list(STAGES))
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--axes", nargs="+", default=["x", "y"], choices=["x", "y"])
     parser.add_argument("--repeat", type=int, default=5, help="minimum timed repetitions per measurement")
     parser.add_argument("--rounds", type=int, default=3,
@@ -216,12 +249,23 @@ def main() -> None:
     parser.add_argument("--train", action="store_true",
                         help="with --fused: time forward+backward of the MLP and the offset branches (fused "
                              "backwards against autograd through their layers)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if min(args.batch) < 1:
+        parser.error(f"argument --batch: each must be >= 1, got {' '.join(map(str, args.batch))}")
+    for flag in ("repeat", "rounds"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag}: must be >= 1, got {getattr(args, flag)}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"argument --threads: must be >= 1, got {args.threads}")
+    return args
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if not ops_dscn.extension_available():
         raise SystemExit(f"the compiled op is not built: {ops_dscn.extension_error()}")
     device = torch.device(args.device)
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.fused:
         return fused_main(args)
@@ -239,7 +283,7 @@ def main() -> None:
     print("-" * len(header))
     for batch in args.batch:
         for model in args.models:
-            for i, (c, s, k, g) in enumerate(STAGES[model], start=1):
+            for i, (c, s, k, _, g, _) in enumerate(stages(model), start=1):
                 for axis in args.axes:
                     runs = _cases(c, s, k, g, batch, axis, device, dtype)
                     # The kinds take turns, round after round, and each keeps its best round: a burst of load

@@ -1,5 +1,7 @@
 """Classification tools: the paper's params/FLOPs figures, the paper table, speed and memory scripts."""
+import csv
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -358,7 +360,7 @@ def test_train_throughput_arithmetic_on_a_fake_clock(monkeypatch):
     per_step = {'a': [0.5, 0.25, 1.0], 'b': [0.125, 0.125, 0.0625]}
     warmup, steps, batch = 2, 4, 8
 
-    def fake_step(model, opt, x, y, loss_fn):
+    def fake_step(model, opt, x, y, loss_fn, amp_autocast=None):
         if model.calls >= warmup:
             clock.advance(per_step[model.tool_name][(model.calls - warmup) // steps])
         model.calls += 1
@@ -470,3 +472,329 @@ def test_get_memory_arithmetic(monkeypatch):
     assert r['method'] == 'cpu_vmhwm'
     monkeypatch.setattr(mem, '_reset_cpu_peak', lambda: False)
     assert mem.training_step_memory('resnet10t', 2, 64)['method'].startswith('cpu_vmhwm_unreset')
+
+
+# ------------------------------------------------------------------------------------ measurement-tool defects
+
+
+def _usage_error(fn, argv, capsys) -> str:
+    """Run `fn(argv)`, which must stop with a usage error (exit status 2, no traceback); its error line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        fn(argv)
+    assert e.value.code == 2, (argv, e.value.code)
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.strip(), (argv, err)
+    return err.strip().splitlines()[-1]
+
+
+def _tiny_net(width: int) -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten(), torch.nn.Linear(width, 10)).eval()
+
+
+def test_get_inf_speed_later_rounds_time_compiled_code(monkeypatch):
+    """--rounds with compiled modes: preparing a model must not drop the code compiled for the models before it, so
+    that the later rounds (no warm-up) time compiled calls, not a recompilation. A counting dynamo backend (no
+    inductor: fast) sees every graph compiled."""
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    widths = {'a': 4, 'b': 6}
+    monkeypatch.setattr(speed, 'create', lambda name, checkpoint=None, backend=None: _tiny_net(widths[name]))
+    monkeypatch.setattr(speed, 'compile_model', lambda module: torch.compile(module, backend=counting_backend))
+    real_measure = speed.measure
+    compiled_in_later_rounds = []
+
+    def spy_measure(runner, x, warmup=3, **kwargs):
+        before = len(graphs)
+        result = real_measure(runner, x, warmup=warmup, **kwargs)
+        if warmup == 0:  # the calls of the rounds after the first
+            compiled_in_later_rounds.append(len(graphs) - before)
+        return result
+
+    monkeypatch.setattr(speed, 'measure', spy_measure)
+    results = speed.run(['a', 'b'], batch_size=1, img_size=8, modes=('compile', 'fused_compile'), warmup=1, iters=1,
+                        rounds=3)
+    assert [r['timed'] for r in results] == [3] * 4
+    assert len(graphs) >= 4  # each (model, mode) was compiled in the first round
+    assert compiled_in_later_rounds == [0] * 8  # 4 pairs x 2 later rounds, none compiling again
+
+
+def test_get_flops_non_dsan_model(capsys):
+    """A timm model without DSCN groups (the help says timm model names): its row has '-' for the groups."""
+    r = get_flops.measure('resnet18', (32, 32))
+    assert r['groups'] is None and r['params'] == 11_689_512
+    assert (r['macs'], r['macs_with_dscn']) == get_flops.count_macs(timm.create_model('resnet18').eval(), (32, 32))
+    get_flops.main(['resnet18', 'dsan_t', '--img-size', '32'])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows['resnet18'][1:3] == ['-', '11,689,512'] and float(rows['resnet18'][3]) == round(r['macs'] / 1e9, 3)
+    assert ' '.join(rows['dsan_t'][1:5]) == '[1, 4, 8, 8]'
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['no_such_model_x'], ['argument models', "'no_such_model_x'"]),
+    (['resnet18', '--img-size', '0'], ['argument --img-size', '>= 1', 'got 0']),
+    (['dsan_t', '--img-size', '16'], ['argument --img-size', '>= 32', 'got 16 16']),
+    (['dsan_t', '--img-size', '64', '64', '64'], ['argument --img-size', 'H or H W', '3 values']),
+    (['dsan_t', '--groups', '3', '4', '8', '8'], ['argument --groups', '[32, 64, 160, 256]', 'got 3 4 8 8']),
+    (['dsan_t', '--groups', '0', '4', '8', '8'], ['argument --groups', '>= 1', 'got 0 4 8 8']),
+    (['resnet18', '--groups', '1', '1', '1', '1'], ['argument --groups', 'DSAN models only', 'resnet18']),
+    (['dsan_t', '--checkpoint', 'MISSING'], ['argument --checkpoint', 'existing file', 'missing.pth']),
+    (['dsan_t', '--checkpoint', 'GARBAGE'], ['argument --checkpoint', 'garbage.pth']),
+    (['vit_tiny_patch16_224', '--img-size', '64'], ['argument --img-size', 'vit_tiny_patch16_224', '64x64']),
+])
+def test_get_flops_arguments(argv, words, capsys, tmp_path):
+    (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
+    paths = {'MISSING': str(tmp_path / 'missing.pth'), 'GARBAGE': str(tmp_path / 'garbage.pth')}
+    line = _usage_error(get_flops.main, [paths.get(a, a) for a in argv], capsys)
+    assert all(w in line for w in words), line
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--threads', '0'], ['argument --threads', '>= 1', 'got 0']),
+    (['--device', 'tpu'], ['argument --device', "'cpu' or 'cuda[:N]'", "'tpu'"]),
+    (['--device', 'cuda'], ['argument --device', "'cuda'", 'no CUDA GPU']),
+    (['--backend', 'fast'], ['argument --backend', "'fast'"]),
+    (['dsan_t', '--checkpoint', 'MISSING'], ['argument --checkpoint', 'existing file', 'missing.pth']),
+    (['dsan_t', 'dsan_s', '--checkpoint', 'FILE'], ['argument --checkpoint', 'exactly one DSAN model', 'got 2',
+                                                     'dsan_t dsan_s']),
+    (['resnet18', '--checkpoint', 'FILE'], ['argument --checkpoint', 'exactly one DSAN model', 'got 0']),
+    (['resnet18', '--out', 'NODIR/speed.json'], ['argument --out', 'does not exist', 'nodir']),
+    (['resnet18', '--out', 'FILE/speed.json'], ['argument --out', 'is not a folder', 'file.pth']),
+    (['resnet18', '--out', 'DIR'], ['argument --out', 'file name', 'got the folder']),
+])
+def test_get_inf_speed_argument_checks(argv, words, capsys, tmp_path, monkeypatch):
+    """Bad input stops before anything is timed (--out used to fail only when the results were written)."""
+    speed = load_tool('classification/tools/get_inf_speed.py')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)  # --device cuda is refused on any machine
+    (tmp_path / 'file.pth').write_bytes(b'')
+    paths = {'MISSING': tmp_path / 'missing.pth', 'FILE': tmp_path / 'file.pth', 'DIR': tmp_path}
+    argv = [str(paths[a]) if a in paths else a.replace('NODIR', str(tmp_path / 'nodir')).replace(
+        'FILE', str(tmp_path / 'file.pth')) for a in argv]
+    line = _usage_error(speed.parse_args, argv, capsys)
+    assert all(w in line for w in words), line
+    assert [p.name for p in tmp_path.iterdir()] == ['file.pth']  # nothing written
+
+
+def test_cam_visual_overlay_paths_are_distinct(tmp_path):
+    cam = load_tool('classification/tools/cam_visual.py')
+    images = [str(tmp_path / p) for p in ('a/1.jpg', 'b/1.jpg', 'b/2.jpg', 'b/2.png', '3.jpg')]
+    out = cam.overlay_paths(images, str(tmp_path), 'cams', 'dsan_t')
+    assert out == [os.path.join('cams', p) for p in ('a/1_dsan_t.jpg', 'b/1_dsan_t.jpg', 'b/2_jpg_dsan_t.jpg',
+                                                      'b/2_png_dsan_t.jpg', '3_dsan_t.jpg')]
+
+
+def _write_images(folder, names):
+    from PIL import Image
+    for i, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new('RGB', (24, 24), (40 * i, 90, 200 - 40 * i)).save(path)
+
+
+def test_cam_visual_images_of_subfolders_keep_their_paths(tmp_path, capsys):
+    """imgs/cats/1.jpg and imgs/dogs/1.jpg used to be written to the same overlay; cams.csv now names each image's
+    own overlay. --class-index beyond the model's classes is a usage error, checked once the model is built."""
+    pytest.importorskip('pytorch_grad_cam')
+    cam = load_tool('classification/tools/cam_visual.py')
+    imgs, out_dir = tmp_path / 'imgs', tmp_path / 'cams'
+    _write_images(imgs, ['cats/1.jpg', 'dogs/1.jpg'])
+    base = ['--model', 'dsan_t', '--images-dir', str(imgs), '--out-dir', str(out_dir), '--img-size', '64',
+            '--device', 'cpu']
+    written = cam.main(base)
+    assert written == [str(out_dir / 'cats' / '1_dsan_t.jpg'), str(out_dir / 'dogs' / '1_dsan_t.jpg')]
+    assert all(os.path.getsize(w) > 0 for w in written)
+    with open(out_dir / 'cams.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['image'], r['overlay']) for r in rows] == [(str(imgs / 'cats' / '1.jpg'), written[0]),
+                                                          (str(imgs / 'dogs' / '1.jpg'), written[1])]
+    line = _usage_error(cam.main, [*base, '--class-index', '1000'], capsys)
+    assert all(w in line for w in ('argument --class-index', '[0, 999]', '1000 classes', 'got 1000')), line
+    line = _usage_error(cam.main, [*base, '--images-dir', str(tmp_path / 'none')], capsys)
+    assert 'argument --images-dir' in line and 'none' in line, line
+
+
+def test_train_throughput_amp_autocasts_the_bare_step(monkeypatch):
+    """--amp: the bare step runs its forward and loss under autocast (bfloat16 on the CPU), as it says."""
+    tool = load_tool('classification/tools/train_throughput.py')
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 1000)  # the tool draws targets of 1000 classes
+
+        def forward(self, x):
+            y = self.fc(x.flatten(1)[:, :4])
+            seen.append((torch.is_autocast_enabled('cpu'), y.dtype))
+            return y
+
+    monkeypatch.setattr(tool, 'model_factory', SimpleNamespace(create=lambda name, **kwargs: Recorder()))
+    tool.measure(['rec'], img_size=2, batch_size=2, warmup=1, steps=1, rounds=2, amp=True)
+    assert seen == [(True, torch.bfloat16)] * 3  # 1 warm-up step and 2 timed rounds of 1 step
+    seen.clear()
+    tool.measure(['rec'], img_size=2, batch_size=2, warmup=1, steps=1, rounds=1)
+    assert seen == [(False, torch.float32)] * 2
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['resnet10t', '-b', '0'], ['argument --batch-size', '>= 1', 'got 0']),
+    (['resnet10t', '--steps', '0'], ['argument --steps', '>= 1', 'got 0']),
+    (['resnet10t', '--rounds', '0'], ['argument --rounds', '>= 1', 'got 0']),
+    (['resnet10t', '--threads', '0'], ['argument --threads', '>= 1', 'got 0']),
+    (['resnet10t', 'no_such_model_x'], ['argument models', "'no_such_model_x'"]),
+    (['resnet10t', '--engine', 'MISSING'], ['argument --engine', 'existing', 'missing_engine.py']),
+])
+def test_train_throughput_argument_checks(argv, words, capsys, tmp_path):
+    tool = load_tool('classification/tools/train_throughput.py')
+    argv = [str(tmp_path / 'missing_engine.py') if a == 'MISSING' else a for a in argv]
+    line = _usage_error(tool.main, argv, capsys)
+    assert all(w in line for w in words), line
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['resnet10t', '-b', '0'], ['argument --batch-size', '>= 1', 'got 0']),
+    (['resnet10t', '--img-size', '0'], ['argument --img-size', '>= 1', 'got 0']),
+    (['dsan_t', '--backend', 'fast'], ['argument --backend', "'fast'"]),
+    (['no_such_model_x'], ['argument model', "'no_such_model_x'"]),
+])
+def test_get_memory_argument_checks(argv, words, capsys):
+    mem = load_tool('classification/tools/get_memory.py')
+    line = _usage_error(mem.parse_args, argv, capsys)
+    assert all(w in line for w in words), line
+
+
+def test_get_memory_cpu_label_names_the_process_rss(monkeypatch, capsys):
+    """On CPU the 'before' figure is the whole process's resident set, and the output says so (it said
+    'model + input')."""
+    mem = load_tool('classification/tools/get_memory.py')
+    monkeypatch.setattr(mem, '_proc_status_kib', {'VmRSS': 1024 * 300, 'VmHWM': 1024 * 340}.get)
+    monkeypatch.setattr(mem, '_reset_cpu_peak', lambda: True)
+    r = mem.main(['resnet10t', '-b', '2', '--img-size', '32', '--device', 'cpu'])
+    assert r['before_what'] == 'process RSS'
+    out = capsys.readouterr().out
+    assert 'training step peak +40.0 MiB over 300.0 MiB (process RSS), total 340.0 MiB [cpu_vmhwm]' in out, out
+    assert 'model + input' not in out
+
+
+def _convert_source(tmp_path):
+    src = tmp_path / 'src.pth'
+    torch.save({'state_dict': timm.create_model('dsan_t', backend=BACKEND).state_dict()}, src)
+    return src
+
+
+def test_convert_checkpoint_bad_destination_is_one_line(tmp_path, capsys, monkeypatch):
+    """A dst that is a folder, or under a regular file, is refused before anything is read or written; an OSError
+    while writing (here: a full disk) is the same one-line error, with no temporary file left."""
+    convert = load_tool('tools/convert_checkpoint.py')
+    src = _convert_source(tmp_path)
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'afile').write_bytes(b'x')
+    for dst, words in ((tmp_path / 'out', ['folder', 'out']),
+                       (tmp_path / 'afile' / 'x.pth', ['is a file', 'afile']),
+                       (tmp_path / 'afile' / 'sub' / 'x.pth', ['is a file', 'afile'])):
+        capsys.readouterr()
+        assert convert.main([str(src), str(dst)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith('convert_checkpoint.py: error: dst ') and err.count('\n') == 1, err
+        assert all(w in err for w in words), err
+    assert list((tmp_path / 'out').iterdir()) == []
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(convert.torch, 'save', full_disk)
+    assert convert.main([str(src), str(tmp_path / 'new' / 'x.pth')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('convert_checkpoint.py: error: ') and 'No space left on device' in err, err
+    assert sorted(p.name for p in tmp_path.rglob('*')) == ['afile', 'new', 'out', 'src.pth']
+
+
+def test_ops_benchmark_shapes_are_the_models(monkeypatch):
+    """The shapes ops_dscn/benchmark.py times for each model and stage are those the model runs: the DSCN kernel
+    and groups, the offset branch's depthwise kernel (DSAN-S: 9/7/5/5, not the DSCN kernel), the MLP, and the
+    feature-map size at 224 (seen by hooks on a real forward)."""
+    bench = load_tool('ops_dscn/benchmark.py')
+    calls = {}
+
+    def record(name, real):
+        def fn(*args, **kwargs):
+            calls[name] = [tuple(a.shape) if torch.is_tensor(a) else a for a in args]
+            return real(*args, **kwargs)
+        return fn
+
+    for attr, key in (('strip_offsets_reference', 'offsets'), ('strip_offsets', 'offsets train'),
+                      ('conv_mlp_reference', 'mlp')):
+        monkeypatch.setattr(bench.ops_dscn, attr, record(key, getattr(bench.ops_dscn, attr)))
+    for name in bench.MODELS:
+        model = timm.create_model(name, backend=BACKEND).eval()
+        firsts = [getattr(model, f'block{i}')[0] for i in range(1, 5)]
+        seen = {}
+
+        def note_offset_source(module, inputs, seen=seen):  # the (N, C, H, W) map the offset branches read
+            seen.setdefault(module, tuple(inputs[1].shape))
+
+        hooks = [b.attn.spatial_gating_unit.dscn_x.register_forward_pre_hook(note_offset_source) for b in firsts]
+        with torch.inference_mode():
+            model(torch.randn(1, 3, 224, 224))
+        for h in hooks:
+            h.remove()
+        stages = bench.stages(name)
+        assert len(stages) == 4
+        for i, (stage, block) in enumerate(zip(stages, firsts)):
+            sgu = block.attn.spatial_gating_unit
+            c, s = stage.channels, stage.size
+            assert seen[sgu.dscn_x] == (1, c, s, s), (name, i)
+            assert (stage.kernel, stage.groups) == (sgu.dscn_x.kernel_size, sgu.dscn_x.group), (name, i)
+            cases = bench._fused_cases(c, s, stage.kernel, stage.dw_kernel, stage.groups, stage.mlp_ratio, 1)
+            train = bench._offsets_train_cases(c, s, stage.kernel, stage.dw_kernel, stage.groups, 1)
+            for axis, strip in (('x', sgu.dscn_x), ('y', sgu.dscn_y)):
+                dw, offset = strip.dw_conv[0].weight, strip.offset.weight
+                for case, key in ((cases[f'offsets {axis}'], 'offsets'), (train[f'off {axis} train'], 'offsets train')):
+                    calls.pop(key, None)
+                    case[1]()  # the layers' function, which records its operands
+                    x, dw_shape, *_ = calls[key]
+                    assert x == (1, c, s, s) and dw_shape == tuple(dw.shape), (name, i, axis, key, dw_shape)
+                    ln_w, lin_w = calls[key][3], calls[key][6]
+                    assert ln_w == (c,) and lin_w == tuple(offset.shape), (name, i, axis, key)
+            cases['mlp'][1]()
+            assert calls['mlp'][1] == tuple(block.mlp.fc1.weight.shape), (name, i)
+    assert [s.dw_kernel for s in bench.stages('dsan_s')] == [9, 7, 5, 5]
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--batch', '1', '0'], ['argument --batch', '>= 1', 'got 1 0']),
+    (['--rounds', '0'], ['argument --rounds', '>= 1', 'got 0']),
+    (['--repeat', '0'], ['argument --repeat', '>= 1', 'got 0']),
+    (['--threads', '0'], ['argument --threads', '>= 1', 'got 0']),
+])
+def test_ops_benchmark_argument_checks(argv, words, capsys):
+    bench = load_tool('ops_dscn/benchmark.py')
+    line = _usage_error(bench.main, argv, capsys)
+    assert all(w in line for w in words), line
+
+
+def test_plot_curves_output_folder_and_bad_csv(tmp_path, capsys):
+    plot = load_tool('classification/tools/plot_curves.py')
+    summary = tmp_path / 'summary.csv'
+    summary.write_text('epoch,train_loss,eval_top1,lr\n0,1.0,5,0.001\n1,0.9,6,0.0005\n')
+    out = tmp_path / 'new' / 'deeper' / 'curves.png'
+    plot.main([str(summary), '-o', str(out)])  # a missing folder is made
+    from PIL import Image
+    assert Image.open(out).size == (1500, 400)
+    no_loss = tmp_path / 'no_loss.csv'
+    no_loss.write_text('epoch,eval_top1\n0,5\n')
+    (tmp_path / 'afile').write_bytes(b'')
+    for argv, words in (([str(no_loss)], ['argument summary', 'no train_loss column', 'epoch, eval_top1']),
+                        ([str(tmp_path / 'missing.csv')], ['argument summary', 'missing.csv']),
+                        ([str(summary), '-o', str(tmp_path / 'afile' / 'c.png')], ['argument -o/--out', 'afile']),
+                        ([str(summary), '-o', str(tmp_path / 'new')], ['argument -o/--out', 'folder']),
+                        ([str(summary), '-o', str(tmp_path / 'c.txt')], ['argument -o/--out', 'c.txt', 'png'])):
+        line = _usage_error(plot.main, argv, capsys)
+        assert all(w in line for w in words), (argv, line)
+    assert not (tmp_path / 'training_curves.png').exists()

@@ -85,6 +85,24 @@ def convert(
     return state_dict
 
 
+def dst_problem(dst: str | Path) -> str | None:
+    """Why `convert` could not write `dst`, or None; checked before the (slow) conversion.
+
+    A missing folder is fine (`convert` creates it) as long as no part of its path is a file.
+    """
+    dst = Path(dst)
+    if dst.is_dir() or not dst.name:
+        return f'dst must be a file name, got the folder {str(dst)!r}'
+    folder = dst.parent
+    while not folder.exists():  # the first part of the path that exists must be a folder
+        folder = folder.parent
+    if not folder.is_dir():
+        return f'dst must be under a folder, but {str(folder)!r} is a file (dst {str(dst)!r})'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'dst must be in a writable folder, but {str(folder)!r} is not writable (dst {str(dst)!r})'
+    return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('src', help='input checkpoint')
@@ -105,10 +123,14 @@ def main(argv=None) -> int:
         print(f'convert_checkpoint.py: error: --model must be one of {timm.list_models("dsan*")}; got {args.model!r}',
               file=sys.stderr)
         return 2
+    problem = dst_problem(args.dst)
+    if problem:
+        print(f'convert_checkpoint.py: error: {problem}', file=sys.stderr)
+        return 2
     try:
         convert(args.src, args.dst, args.model, use_ema=args.ema, encoder=args.encoder,
                 weights_only=not args.unsafe_load)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, OSError) as e:  # OSError: src unreadable, or dst unwritable (e.g. the disk is full)
         print(f'convert_checkpoint.py: error: {e}', file=sys.stderr)
         return 2
     return 0

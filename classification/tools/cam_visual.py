@@ -3,8 +3,10 @@
 
 Uses the ``grad-cam`` package (``pip install grad-cam``). The CAM is taken at the output of the last block of
 the last stage (``block4[-1]`` for DSAN, as in the original; the last feature stage for other timm models) for
-the predicted class, or for ``--class-index``. One ``<image>_<model>.jpg`` overlay is written per image, plus
-``cams.csv`` with the predicted class and its probability::
+the predicted class, or for ``--class-index``. One ``<image>_<model>.jpg`` overlay is written per image, in the
+image's sub-folder of the images folder under the output folder (``a/1.jpg`` gives ``a/1_<model>.jpg``; images
+that differ only in their suffix keep it: ``1_png_<model>.jpg``), plus ``cams.csv`` with the image, its overlay, the
+class explained and its probability::
 
     python classification/tools/cam_visual.py --model dsan_t --checkpoint dsan_t.pth.tar \
         --images-dir images/ --out-dir cams/
@@ -15,9 +17,11 @@ import argparse
 import csv
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
+import timm
 import torch
 from PIL import Image
 
@@ -37,6 +41,19 @@ def find_images(folder: str, limit: int = 0) -> list[str]:
     if not found:
         raise FileNotFoundError(f'no image files ({"/".join(IMG_EXTENSIONS)}) under {folder!r}')
     return found[:limit] if limit > 0 else found
+
+
+def overlay_paths(images: Sequence[str], images_dir: str, out_dir: str, model_name: str) -> list[str]:
+    """A distinct overlay path under ``out_dir`` for each of ``images`` (files under ``images_dir``).
+
+    The path keeps the image's sub-path under ``images_dir`` (images of different sub-folders may share a name),
+    its suffix replaced by ``_<model_name>.jpg``; images whose sub-paths differ only in the suffix keep it in the
+    name (``1.jpg``, ``1.png``: ``1_jpg_<model>.jpg``, ``1_png_<model>.jpg``).
+    """
+    stems = [os.path.splitext(os.path.relpath(path, images_dir)) for path in images]
+    count = Counter(stem for stem, _ in stems)
+    return [os.path.join(out_dir, f'{stem}_{ext.lstrip(".")}_{model_name}.jpg' if count[stem] > 1
+                         else f'{stem}_{model_name}.jpg') for stem, ext in stems]
 
 
 def resolve_target_layer(model: torch.nn.Module, name: str = '') -> torch.nn.Module:
@@ -75,6 +92,16 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument('--max-images', type=int, default=0, help='at most this many images (0: all)')
     p.add_argument('--device', default='', help='"cuda" or "cpu" (default: cuda when available)')
     args = p.parse_args(argv)
+    if args.img_size is not None and args.img_size < 1:
+        p.error(f'argument --img-size: must be >= 1, got {args.img_size}')
+    if args.max_images < 0:
+        p.error(f'argument --max-images: must be >= 0, got {args.max_images}')
+    if not 0 <= args.alpha <= 1:
+        p.error(f'argument --alpha: must be in [0, 1], got {args.alpha}')
+    try:
+        images = find_images(args.images_dir, args.max_images)
+    except FileNotFoundError as e:
+        p.error(f'argument --images-dir: {e}')
 
     try:
         from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM
@@ -84,8 +111,17 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     methods = {'gradcam': GradCAM, 'gradcam++': GradCAMPlusPlus, 'layercam': LayerCAM, 'eigencam': EigenCAM}
 
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    model = model_factory.create(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
-                                 pretrained=False).to(device).eval()
+    if not timm.is_model(args.model.split('.')[0]):  # a pretrained tag (name.tag) is the model's
+        p.error(f'argument --model: unknown timm model {args.model!r}')
+    try:
+        model = model_factory.create(args.model, checkpoint=args.checkpoint, use_ema=args.use_ema,
+                                     pretrained=False).to(device).eval()
+    except (model_factory.ModelError, FileNotFoundError) as e:
+        p.error(f'argument --checkpoint: {e}')
+    # The class count is known only now (a checkpoint's classifier sets it).
+    if args.class_index is not None and not 0 <= args.class_index < model.num_classes:
+        p.error(f'argument --class-index: must be in [0, {model.num_classes - 1}] ({args.model} has '
+                f'{model.num_classes} classes), got {args.class_index}')
     cfg = model.pretrained_cfg
     size = args.img_size or cfg.get('input_size', (3, 224, 224))[-1]
     mean = torch.tensor(cfg.get('mean', (0.5, 0.5, 0.5))).view(3, 1, 1)
@@ -94,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     os.makedirs(args.out_dir, exist_ok=True)
 
     written, rows = [], []
-    for path in find_images(args.images_dir, args.max_images):
+    for path, out in zip(images, overlay_paths(images, args.images_dir, args.out_dir, args.model)):
         try:
             rgb = np.asarray(Image.open(path).convert('RGB').resize((size, size), Image.Resampling.BICUBIC),
                              np.float32) / 255.0
@@ -107,7 +143,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(cls)])[0]
         heat_rgb = _colormap(heat)
         overlay = (1 - args.alpha) * rgb + args.alpha * heat_rgb
-        out = os.path.join(args.out_dir, f'{os.path.splitext(os.path.basename(path))[0]}_{args.model}.jpg')
+        os.makedirs(os.path.dirname(out), exist_ok=True)
         Image.fromarray(np.uint8(np.clip(overlay, 0, 1) * 255)).save(out, quality=95)
         written.append(out)
         rows.append((path, out, cls, f'{float(prob[cls]):.4f}'))

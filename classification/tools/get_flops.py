@@ -27,7 +27,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
 
 import ops_dscn  # noqa: F401  (tests patch ops_dscn.available_backends through this name)
 from dsan.flops import DSCN_OP, count_macs, count_params  # noqa: F401  (re-exported for the tests and users)
-from dsan.models.dsan import extract_state_dict, infer_groups, read_checkpoint
+from dsan.models.dsan import CheckpointError, extract_state_dict, infer_groups, read_checkpoint
 
 _logger = logging.getLogger('get_flops')
 
@@ -39,6 +39,7 @@ PAPER_TABLE = [
     ('dsan_s', 19.9, 3.2, 82.3, 19_880_248, 3.203),
 ]
 DSAN_T_README_GROUPS = (4, 8, 16, 16)  # the grouping behind the README's 4.6 M / 1.0 G DSAN-T row
+DSAN_OUTPUT_STRIDE = 32  # the input to DSAN's last stage is 1/32 of the image
 PAPER_DOWNSTREAM = [
     # task, model, published params, published FLOPs, metric
     ('ADE20K 512x512, LightHamHead 160k', 'DSAN-T', '4.6 M', '6.8 G', 'mIoU(MS) 43.5'),
@@ -48,6 +49,10 @@ PAPER_DOWNSTREAM = [
     ('COCO Mask R-CNN FPN 1x', 'DSAN-T', '24.3 M', '188.6 G', 'box AP 42.6 / mask AP 38.9'),
     ('COCO Mask R-CNN FPN 1x', 'DSAN-S', '39.5 M', '235.4 G', 'box AP 46.1 / mask AP 41.5'),
 ]
+
+
+def _is_dsan(name: str) -> bool:
+    return name.startswith('dsan')
 
 
 def build(name: str, checkpoint: str | None = None, groups: tuple[int, ...] | None = None) -> nn.Module:
@@ -71,8 +76,9 @@ def measure(
     """Params, MACs with the op counted 0, and MACs with the op's own multiply-adds (cached)."""
     model = build(name, checkpoint, groups)
     macs, macs_with_dscn = count_macs(model, img_size)
-    return dict(model=name, groups=list(model.groups), params=count_params(model), macs=macs,
-                macs_with_dscn=macs_with_dscn)
+    # Only DSAN has DSCN groups; other timm models get None (a '-' in the table).
+    model_groups = list(model.groups) if _is_dsan(name) else None
+    return dict(model=name, groups=model_groups, params=count_params(model), macs=macs, macs_with_dscn=macs_with_dscn)
 
 
 def format_table(rows: list[dict], img_size) -> str:
@@ -82,7 +88,8 @@ def format_table(rows: list[dict], img_size) -> str:
         f'{"model":<10} {"groups":<16} {"params":>12} {"GFLOPs":>8} {"GFLOPs+DSCN":>12}',
     ]
     for r in rows:
-        lines.append(f'{r["model"]:<10} {str(r["groups"]):<16} {r["params"]:>12,} {r["macs"] / 1e9:>8.3f} '
+        groups = '-' if r['groups'] is None else str(r['groups'])
+        lines.append(f'{r["model"]:<10} {groups:<16} {r["params"]:>12,} {r["macs"] / 1e9:>8.3f} '
                      f'{r["macs_with_dscn"] / 1e9:>12.3f}')
     return '\n'.join(lines)
 
@@ -114,28 +121,73 @@ def paper_table() -> str:
     return '\n'.join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('models', nargs='*', default=[r[0] for r in PAPER_TABLE], help='timm model names')
     parser.add_argument('--img-size', type=int, nargs='+', default=[224], help='H [W] of the input')
-    parser.add_argument('--checkpoint', default=None, help='read the DSCN groups from this checkpoint')
-    parser.add_argument('--groups', type=int, nargs=4, default=None, help='override the DSCN groups per stage')
+    parser.add_argument('--checkpoint', default=None, help='read the DSCN groups from this checkpoint (DSAN models)')
+    parser.add_argument('--groups', type=int, nargs=4, default=None,
+                        help='override the DSCN groups per stage (DSAN models)')
     parser.add_argument('--paper-table', action='store_true', help='print the paper table next to ours')
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments; bad input is a one-line usage error (exit status 2).
+
+    Sets `args.img_size` to (H, W).
+    """
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name in args.models:
+        if not timm.is_model(name):
+            parser.error(f'argument models: unknown timm model {name!r}')
+    if len(args.img_size) not in (1, 2):
+        parser.error(f'argument --img-size: takes H or H W, got {len(args.img_size)} values {args.img_size}')
+    args.img_size = tuple(args.img_size) * (2 // len(args.img_size))
+    # DSAN downsamples by 32: below that its last stages see a 1x1 map made of padding, a count that means nothing.
+    least = DSAN_OUTPUT_STRIDE if any(_is_dsan(n) for n in args.models) else 1
+    if min(args.img_size) < least:
+        parser.error(f'argument --img-size: must be >= {least}' + (' (DSAN downsamples by 32)' if least > 1 else '')
+                     + f', got {" ".join(map(str, args.img_size))}')
+    others = [n for n in args.models if not _is_dsan(n)]
+    for flag, value in (('--checkpoint', args.checkpoint), ('--groups', args.groups)):
+        if value is not None and others:
+            parser.error(f'argument {flag}: applies to DSAN models only, got {", ".join(others)}')
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        parser.error(f'argument --checkpoint: expected an existing file, got {args.checkpoint!r}')
+    if args.groups is not None:
+        for name in args.models:
+            dims = timm.create_model(name, backend='pytorch').embed_dims
+            if any(g < 1 or c % g for g, c in zip(args.groups, dims)):
+                parser.error(f'argument --groups: each must be >= 1 and divide its stage\'s channels {dims} of '
+                             f'{name}, got {" ".join(map(str, args.groups))}')
 
 
 def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    args = parse_args(argv)
+    parser = _build_parser()
+    args = parser.parse_args(argv)
     if args.paper_table:
         print(paper_table())
         return
-    if len(args.img_size) not in (1, 2):
-        raise SystemExit('--img-size takes H or H W')
-    img_size = tuple(args.img_size) * (2 // len(args.img_size))
+    _check_args(parser, args)
     groups = tuple(args.groups) if args.groups else None
-    rows = [measure(m, img_size, args.checkpoint, groups) for m in args.models]
-    print(format_table(rows, img_size))
+    rows = []
+    for name in args.models:
+        try:
+            rows.append(measure(name, args.img_size, args.checkpoint, groups))
+        except CheckpointError as e:
+            parser.error(f'argument --checkpoint: {e}'.splitlines()[0])
+        except (RuntimeError, AssertionError) as e:  # e.g. a ViT built for one input size only
+            parser.error(f'argument --img-size: {name} cannot run at {args.img_size[0]}x{args.img_size[1]}: '
+                         + (str(e).splitlines() or [type(e).__name__])[0])
+    print(format_table(rows, args.img_size))
 
 
 if __name__ == '__main__':

@@ -33,6 +33,8 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
+import ops_dscn
+
 try:
     import dsan.models  # noqa: F401  (registers the DSAN models with timm)
 except ImportError:  # running from a checkout without `pip install -e .`
@@ -104,7 +106,7 @@ def prepare(model: nn.Module, mode: str, channels_last: bool = False) -> Prepare
 
     Returns:
         The `Prepared` model. The compiled modes compile lazily, on the first call; inductor's settings (e.g.
-        `freezing`) are read then.
+        `freezing`) are read then. Code compiled earlier stays compiled (see `run` for when it is dropped).
 
     Raises:
         ValueError: `mode` is not one of `MODES`.
@@ -117,7 +119,6 @@ def prepare(model: nn.Module, mode: str, channels_last: bool = False) -> Prepare
     module = module.to(memory_format=fmt)
     runner = module
     if mode.endswith('compile'):
-        torch._dynamo.reset()
         runner = compile_model(module)  # with the inductor options the model asks for, as validate.py
     return Prepared(mode, module, runner, fmt)
 
@@ -256,6 +257,7 @@ def run(
                     threads=torch.get_num_threads(), freezing=freezing)
     results = []
     kept = []  # (result, prepared model) pairs timed again in the later rounds
+    reset_done = False
     with inductor_config.patch(freezing=freezing):
         for name in models:
             model = create(name, checkpoint if name.startswith('dsan') else None, backend).eval()
@@ -264,6 +266,12 @@ def run(
             model = model.to(dev)
             first = len(results)
             for mode in modes:
+                # A reset drops all compiled code: with one round, that of the pairs already timed (freeing
+                # memory); with several rounds only before the first compiled pair, since the later rounds (no
+                # warm-up) must find every pair still compiled, else they would time its recompilation.
+                if mode.endswith('compile') and (rounds == 1 or not reset_done):
+                    torch._dynamo.reset()
+                    reset_done = True
                 prepared = prepare(model, mode, channels_last)
                 t0 = time.perf_counter()
                 r = measure(prepared.runner, prepared.input(x), warmup=warmup, iters=iters, min_time=min_time,
@@ -376,8 +384,8 @@ def _build_parser() -> argparse.ArgumentParser:
     modes.add_argument('--modes', nargs='+', default=['eager'], choices=MODES,
                        help='modes, timed in this order in one process (default: eager)')
     modes.add_argument('--all-modes', action='store_true', help=f'every mode: {" ".join(MODES)}')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help="'cpu' or 'cuda[:N]'")
+    parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU), >= 1')
     parser.add_argument('--channels-last', action='store_true',
                         help='run the eager mode in channels_last too (the other modes always are)')
     parser.add_argument('--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
@@ -387,8 +395,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--rounds', type=int, default=1,
                         help='interleaved rounds of --iters calls per model and mode (all kept in memory); '
                              'the median is over all rounds: steadier ratios on a shared machine')
-    parser.add_argument('--checkpoint', default=None, help='weights (and DSCN groups) for the DSAN models')
-    parser.add_argument('--backend', default=None, help="DSCN backend of the DSAN models ('cpp', 'pytorch')")
+    parser.add_argument('--checkpoint', default=None,
+                        help='weights (and DSCN groups) of the DSAN model; a run with it names exactly one')
+    parser.add_argument('--backend', default=None, choices=ops_dscn.BACKENDS, help='DSCN backend of the DSAN models')
     parser.add_argument('--micro-batch', type=int, default=0,
                         help='run each batch as chunks of this many images (every model alike)')
     parser.add_argument('--flops', action='store_true', help='also count torchprofile GFLOPs of every model')
@@ -419,14 +428,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ('warmup', 'micro_batch', 'profile'):
         if getattr(args, flag) < 0:
             parser.error(f'argument --{flag.replace("_", "-")}: must be >= 0, got {getattr(args, flag)}')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'argument --threads: must be >= 1, got {args.threads}')
+    problem = _device_problem(args.device)
+    if problem:
+        parser.error(f'argument --device: {problem}')
+    if args.checkpoint is not None:
+        dsan_models = list(dict.fromkeys(n for n in args.models if n.startswith('dsan')))
+        if not Path(args.checkpoint).is_file():
+            parser.error(f'argument --checkpoint: expected an existing file, got {args.checkpoint!r}')
+        # A file holds one architecture's weights: loading it into the others would fail mid-run, after the
+        # models before them were timed.
+        if len(dsan_models) != 1:
+            parser.error(f'argument --checkpoint: applies to exactly one DSAN model, got {len(dsan_models)}'
+                         + (f' ({" ".join(dsan_models)}); time the others in another run' if dsan_models else ''))
+    if args.out is not None:
+        problem = _out_problem(Path(args.out))
+        if problem:
+            parser.error(f'argument --out: {problem}')
     return args
+
+
+def _device_problem(device: str) -> str | None:
+    """Why `device` cannot run the benchmark, or None."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return f"expected 'cpu' or 'cuda[:N]', got {device!r}"
+    if dev.type not in ('cpu', 'cuda'):
+        return f"expected 'cpu' or 'cuda[:N]', got {device!r}"
+    if dev.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            return f'got {device!r}, but no CUDA GPU is available'
+        if dev.index is not None and dev.index >= count:
+            return f'got {device!r}, but there are {count} CUDA GPUs (cuda:0 to cuda:{count - 1})'
+    return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why `write_json` could not write `out`, or None (checked before the run, which can take long)."""
+    if out.is_dir():
+        return f'expected a file name, got the folder {str(out)!r}'
+    folder = out.parent
+    if not folder.exists():
+        return f'expected a file in an existing folder, but {str(folder)!r} does not exist'
+    if not folder.is_dir():
+        return f'expected a file in a folder, but {str(folder)!r} is not a folder'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'expected a file in a writable folder, but {str(folder)!r} is not writable'
+    return None
 
 
 def main(argv=None) -> list[dict]:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
     tuned = keep_freed_memory() if args.tune_malloc else False
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     results = run(args.models, args.batch_size, args.img_size, tuple(args.modes), args.device, args.channels_last,
                   args.amp, args.warmup, args.iters, args.min_time, args.checkpoint, args.backend,

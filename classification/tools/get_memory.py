@@ -2,7 +2,12 @@
 
 On CUDA the figure is `torch.cuda.max_memory_allocated` above what the model and input already hold. On CPU
 it is the rise of the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs just
-before the step), so run one model per process for a clean number.
+before the step) over the whole process's resident set (Python, torch and its libraries, model and input), so run
+one model per process for a clean number.
+
+The step measured is the process's first: its figure includes one-time allocations of the first call (lazily
+initialised kernels and library workspaces). There is no warm-up step on purpose: on CPU the memory a warm-up step
+frees stays in the process and the measured step would reuse it, hiding its peak.
 
 Examples:
     python classification/tools/get_memory.py dsan_t -b 64
@@ -17,6 +22,8 @@ from pathlib import Path
 
 import timm
 import torch
+
+import ops_dscn
 
 try:
     import dsan.models  # noqa: F401  (registers the DSAN models with timm)
@@ -61,7 +68,8 @@ def training_step_memory(
     """Peak memory of one training step of `name`.
 
     Returns:
-        dict with `peak_step_mib` (memory the step adds at its peak), `before_mib` (model + input) and
+        dict with `peak_step_mib` (memory the step adds at its peak), `before_mib` (what was held before the step),
+        `before_what` (what `before_mib` counts: 'allocated, model + input' on CUDA, 'process RSS' on CPU) and
         `method` ('cuda_allocator' or 'cpu_vmhwm').
     """
     dev = torch.device(device)
@@ -79,9 +87,11 @@ def training_step_memory(
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         before = torch.cuda.memory_allocated(dev)
+        before_what = 'allocated, model + input'
     else:
         method_ok = _reset_cpu_peak()
         before = (_proc_status_kib('VmRSS') or 0) * 1024
+        before_what = 'process RSS'
 
     with amp_ctx:
         loss = torch.nn.functional.cross_entropy(model(x), target)
@@ -98,20 +108,28 @@ def training_step_memory(
         peak = (_proc_status_kib('VmHWM') or 0) * 1024
         method = 'cpu_vmhwm' if method_ok else 'cpu_vmhwm_unreset (process peak, includes setup)'
     return dict(model=name, batch_size=batch_size, img_size=img_size, device=device, method=method,
-                before_mib=before / MiB, peak_step_mib=(peak - before) / MiB, peak_total_mib=peak / MiB)
+                before_mib=before / MiB, before_what=before_what, peak_step_mib=(peak - before) / MiB,
+                peak_total_mib=peak / MiB)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Parse and check the arguments; bad input is a one-line usage error (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('model', nargs='?', default='dsan_t')
+    parser.add_argument('model', nargs='?', default='dsan_t', help='timm model name (default: dsan_t)')
     parser.add_argument('-b', '--batch-size', type=int, default=64)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
     parser.add_argument('--optimizer', action='store_true', help='include an AdamW step (its state)')
     parser.add_argument('--grad-checkpointing', action='store_true')
-    parser.add_argument('--backend', default=None, help="DSCN backend of DSAN models ('cpp', 'pytorch')")
-    return parser.parse_args(argv)
+    parser.add_argument('--backend', default=None, choices=ops_dscn.BACKENDS, help='DSCN backend of DSAN models')
+    args = parser.parse_args(argv)
+    if not timm.is_model(args.model):
+        parser.error(f'argument model: unknown timm model {args.model!r}')
+    for flag in ('batch_size', 'img_size'):
+        if getattr(args, flag) < 1:
+            parser.error(f'argument --{flag.replace("_", "-")}: must be >= 1, got {getattr(args, flag)}')
+    return args
 
 
 def main(argv=None) -> dict:
@@ -120,7 +138,7 @@ def main(argv=None) -> dict:
     r = training_step_memory(args.model, args.batch_size, args.img_size, args.device, args.amp, args.optimizer,
                              args.grad_checkpointing, args.backend)
     print(f'{r["model"]}: batch {r["batch_size"]} at {r["img_size"]}, {r["device"]}: training step peak '
-          f'+{r["peak_step_mib"]:.1f} MiB over {r["before_mib"]:.1f} MiB (model + input), '
+          f'+{r["peak_step_mib"]:.1f} MiB over {r["before_mib"]:.1f} MiB ({r["before_what"]}), '
           f'total {r["peak_total_mib"]:.1f} MiB [{r["method"]}]')
     return r
 

@@ -31,12 +31,20 @@ def read_summary(path: str) -> dict[str, list[float]]:
 
 
 def plot_summary(summary_csv: str, out_png: str, title: str | None = None) -> str:
-    """Write a three-panel PNG (loss, top-1/top-5, lr per epoch) and return its path."""
+    """Write a three-panel PNG (loss, top-1/top-5, lr per epoch) and return its path.
+
+    Raises:
+        ValueError: ``summary_csv`` has no epoch rows or no ``train_loss`` column (not a train.py summary).
+        OSError: ``summary_csv`` cannot be read or ``out_png`` cannot be written.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     cols = read_summary(summary_csv)
+    if 'train_loss' not in cols:
+        raise ValueError(f'{summary_csv} has no train_loss column (columns: {", ".join(cols)}); '
+                         'expected the summary.csv of a train.py run')
     ep = cols['epoch']
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), constrained_layout=True)
     ax = axes[0]
@@ -70,8 +78,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument('summary', help='summary.csv written by train.py')
     p.add_argument('-o', '--out', default='', help='PNG path (default: training_curves.png beside the CSV)')
     args = p.parse_args(argv)
+    if not os.path.isfile(args.summary):
+        p.error(f'argument summary: expected an existing summary.csv file, got {args.summary!r}')
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.summary)), 'training_curves.png')
-    print(plot_summary(args.summary, out))
+    if os.path.isdir(out):
+        p.error(f'argument -o/--out: expected a PNG file name, got the folder {out!r}')
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    suffix = os.path.splitext(out)[1].lstrip('.').lower()
+    if suffix not in formats:  # matplotlib would refuse it only after reading and drawing
+        p.error(f'argument -o/--out: expected a file name ending in an image format ({", ".join(sorted(formats))}), '
+                f'got {out!r}')
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # -o into a new folder is fine
+    except OSError as e:
+        p.error(f'argument -o/--out: cannot create the folder of {out!r}: {e}')
+    try:
+        print(plot_summary(args.summary, out))
+    except ValueError as e:
+        p.error(f'argument summary: {e}')
+    except OSError as e:
+        p.error(f'argument -o/--out: cannot write {out!r}: {e}')
 
 
 if __name__ == '__main__':

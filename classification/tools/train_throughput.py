@@ -32,6 +32,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import partial
 
+import timm
 import torch
 
 _CLS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -45,9 +46,11 @@ from dsan.compile import compile_model  # noqa: E402
 from dsan.profiling import kernel_names, op_table  # noqa: E402
 
 
-def _step(model, opt, x, y, loss_fn) -> None:
+def _step(model, opt, x, y, loss_fn, amp_autocast=nullcontext) -> None:
     opt.zero_grad(set_to_none=True)
-    loss_fn(model(x), y).backward()
+    with amp_autocast():  # forward and loss only, as engine.train_one_epoch: backward runs outside autocast
+        loss = loss_fn(model(x), y)
+    loss.backward()
     opt.step()
 
 
@@ -86,7 +89,8 @@ def measure(models: Sequence[str], img_size: int = 224, batch_size: int = 32, wa
         model_kwargs: Extra ``create_model`` kwargs per model name.
         engines: Paths of ``engine.py`` versions: time ``train_one_epoch`` of each (with every model) instead of
             the bare step; the rows then also name the ``engine``.
-        amp: Autocast (float16 on CUDA, bfloat16 on CPU) in the engine runs.
+        amp: Autocast (float16 on CUDA, bfloat16 on CPU) of the forward and loss, in the bare step and the engine
+            runs alike.
         log_interval: ``log_interval`` of the engine runs.
         modes: For the bare step: 'eager' and / or 'compile' (the model wrapped in ``torch.compile``, as
             ``train.py --torchcompile`` does; compilation happens in the warmup steps).
@@ -119,11 +123,11 @@ def _measure(models, img_size, batch_size, warmup, steps, rounds, device, model_
                 opt = torch.optim.AdamW(mm.parameters(), lr=1e-3, weight_decay=0.05, **fused)
                 fn = compile_model(mm) if mode == 'compile' else mm  # as train.py --torchcompile
                 for _ in range(max(warmup, 2 if mode == 'compile' else 0)):  # forward and backward compiled
-                    _step(fn, opt, x, y, loss_fn)
+                    _step(fn, opt, x, y, loss_fn, amp_autocast)
 
                 def run(fn=fn, opt=opt, x=x, y=y):
                     for _ in range(steps):
-                        _step(fn, opt, x, y, loss_fn)
+                        _step(fn, opt, x, y, loss_fn, amp_autocast)
                 state[(name, ('mode', mode))] = (run, params_m, [])
             continue
         for path, eng in engine_modules:
@@ -159,6 +163,23 @@ def _measure(models, img_size, batch_size, warmup, steps, rounds, device, model_
     return rows
 
 
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One-line usage errors (exit status 2) for what would fail, or time nothing, only once the run is under way."""
+    for flag, least in (('batch_size', 1), ('img_size', 1), ('steps', 1), ('rounds', 1), ('warmup', 0),
+                        ('log_interval', 1), ('profile', 0)):
+        value = getattr(args, flag)
+        if value < least:
+            p.error(f'argument --{flag.replace("_", "-")}: must be >= {least}, got {value}')
+    if args.threads is not None and args.threads < 1:
+        p.error(f'argument --threads: must be >= 1, got {args.threads}')
+    for name in args.models:
+        if not timm.is_model(name.split('.')[0]):  # a pretrained tag (name.tag) is the model's
+            p.error(f'argument models: unknown timm model {name!r}')
+    for path in args.engine:
+        if not os.path.isfile(path):
+            p.error(f'argument --engine: expected an existing engine.py file, got {path!r}')
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict]:
     """Command-line entry point; prints a Markdown table."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -169,11 +190,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--device', default='cpu')
-    p.add_argument('--threads', type=int, default=0, help='torch threads (default: torch default)')
+    p.add_argument('--threads', type=int, default=None, help='torch threads, >= 1 (default: torch default)')
     p.add_argument('--loop', action='store_true', help="time engine.train_one_epoch (this checkout's engine.py)")
     p.add_argument('--engine', nargs='+', default=[], metavar='ENGINE_PY',
                    help='time train_one_epoch of these engine.py files, interleaved (implies --loop)')
-    p.add_argument('--amp', action='store_true', help='autocast in the --loop runs')
+    p.add_argument('--amp', action='store_true',
+                   help='autocast of forward and loss (bfloat16 on CPU, float16 on CUDA), in every step')
     p.add_argument('--log-interval', type=int, default=50, help='log_interval of the --loop runs (default: 50)')
     p.add_argument('--tune-malloc', action='store_true',
                    help='keep freed memory in the process for reuse (glibc; dsan.allocator.keep_freed_memory), '
@@ -186,9 +208,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument('--profile', type=int, default=0, metavar='N',
                    help="after timing, print a torch.profiler table (N rows) of one round's steps per model and mode")
     args = p.parse_args(argv)
-    if args.profile < 0:
-        p.error(f'argument --profile: must be >= 0, got {args.profile}')
-    if args.threads:
+    _check_args(p, args)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     tuned = train_utils.keep_freed_memory(torch.device(args.device)) if args.tune_malloc else False
     fused_opt = args.opt_fused if args.opt_fused is not None else torch.device(args.device).type == 'cpu'
