@@ -151,6 +151,37 @@ def test_reparameterized_model_holds_no_autograd_graph_and_copies():
         torch.testing.assert_close(twin(x), model(x), rtol=0, atol=0)
 
 
+def test_reset_classifier_keeps_the_model_mode_and_reparameterizes():
+    """A classifier reset on an eval-mode model is in eval mode too (it used to be created in training mode, and
+    reparameterize() then refused the model although model.training was False)."""
+    model = make_model()
+    x = torch.randn(2, 3, 64, 64)
+    model.reset_classifier(5)
+    assert not model.head.training and model.head.out_features == 5
+    with torch.no_grad():
+        before = model(x)
+        timm.utils.reparameterize_model(model)
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+    model.train().reset_classifier(3)
+    assert model.head.training
+
+
+def test_prune_intermediate_layers_keeps_the_requested_stages():
+    model = make_model()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert model.prune_intermediate_layers([0, 1]) == [0, 1]
+    assert model.num_stages == 2 and model.num_features == model.embed_dims[1] and model.num_classes == 0
+    assert not any(hasattr(model, f'{part}{i}') for part in ('patch_embed', 'block', 'norm') for i in (3, 4))
+    with torch.no_grad():
+        got = model.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        # timm's convention: no head and no pooling left, the model returns the last kept stage's map
+        torch.testing.assert_close(model(x), expected[1], rtol=0, atol=0)
+
+
 def test_reparameterize_in_training_mode_raises():
     model = make_model().train()
     state = {k: v.clone() for k, v in model.state_dict().items()}

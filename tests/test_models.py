@@ -474,7 +474,8 @@ def test_cuda_model_matches_cpu_float64():
                                           pytest.param('cuda', torch.float16, marks=requires_cuda),
                                           pytest.param('cuda', torch.bfloat16, marks=requires_cuda)], ids=str)
 def test_autocast_training_step(device, dtype):
-    """An AdamW step under autocast: finite loss, every parameter updated, logits near float32's."""
+    """An AdamW step under autocast: finite loss, every parameter has a finite, non-zero gradient and is updated,
+    logits near float32's. (No weight decay: decay alone would change every non-zero parameter.)"""
     torch.manual_seed(0)
     model = timm.create_model('dsan_t', backend=BACKEND, num_classes=10, **SMALL).to(device).train()
     x = torch.randn(4, 3, 64, 64, device=device)
@@ -487,11 +488,14 @@ def test_autocast_training_step(device, dtype):
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
     model.train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)
     with torch.autocast(device, dtype=dtype):
         loss = F.cross_entropy(model(x), target)
     scaler.scale(loss).backward()
+    no_grad = [n for n, p in model.named_parameters()
+               if p.grad is None or not torch.isfinite(p.grad).all() or not p.grad.any()]
+    assert not no_grad, no_grad
     scaler.step(opt)
     scaler.update()
     assert torch.isfinite(loss)

@@ -115,10 +115,12 @@ def _require_eval(module: nn.Module, what: str) -> None:
     Raises:
         RuntimeError: Some module is in training mode.
     """
-    if any(m.training for m in module.modules()):
+    training = [name or type(module).__name__ for name, m in module.named_modules() if m.training]
+    if training:
         raise RuntimeError(
             f'{what}.reparameterize() folds the BatchNorm running statistics into the convolutions and is for '
-            'inference only: call .eval() on the model first.')
+            f'inference only: call .eval() on the model first (in training mode: {", ".join(training[:3])}'
+            + (f' and {len(training) - 3} more)' if len(training) > 3 else ')'))
 
 
 def _bn_scale_shift(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1021,6 +1023,7 @@ class DSAN(nn.Module):
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         if num_classes > 0:
             self._init_weights(self.head)
+        self.head.train(self.training)  # a new module is in training mode; the model's mode is what counts
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Run stage `i` (0-based): (N, C_in, H, W) -> (N, C_i, H / r_i, W / r_i), normalised."""

@@ -332,6 +332,43 @@ def test_taps_exactly_at_the_line_ends(axis, gc, group):
     torch.testing.assert_close(y.double(), torch.from_numpy(ref), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
+@pytest.mark.parametrize("orth_stride, orth_pad, across", [(2, 1, 7), (1, 2, 4), (3, 0, 8), (2, 3, 5)])
+def test_orth_stride_and_padding_against_the_reference(backend, on_x, orth_stride, orth_pad, across):
+    """Stride and zero padding across the strip (an x-strip's stride_h / pad_h), forward and both gradients, against
+    the float64 reference applied to the lines the strip reads: line i of the output reads input line
+    i * stride - pad, and a line in the padding is all zeros."""
+    k, length, group, gc, stride, pad = 5, 9, 2, 3, 2, 2
+    h, w = (across, length) if on_x else (length, across)
+    n_lines = (across + 2 * orth_pad - 1) // orth_stride + 1
+    out_len = (length + 2 * pad - (k - 1) - 1) // stride + 1
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, h, w, group * gc, generator=g, dtype=torch.float64)
+    off_shape = (2, n_lines, out_len) if on_x else (2, out_len, n_lines)
+    off = torch.randn(*off_shape, group * k, generator=g, dtype=torch.float64) * 2.5 + 0.3
+    grad_out = torch.randn(*off_shape, group * gc, generator=g, dtype=torch.float64)
+    geometry = ((1, k, orth_stride, stride, orth_pad, pad) if on_x else (k, 1, stride, orth_stride, pad, orth_pad))
+    xs, offs = x.clone().requires_grad_(), off.clone().requires_grad_()
+    out = ops_dscn.dscn_strip(xs, offs, *geometry, 1, 1, group, gc, 1.0, False, on_x, backend=backend)
+    gx, goff = torch.autograd.grad(out, (xs, offs), grad_out)
+    # The reference input: the lines read, in output order (zeros for the padding), as an input of its own.
+    lines = torch.arange(n_lines) * orth_stride - orth_pad
+    inside = (lines >= 0) & (lines < across)
+    picked = x.index_select(1 if on_x else 2, lines.clamp(0, across - 1))
+    mask = inside.view(1, -1, 1, 1) if on_x else inside.view(1, 1, -1, 1)
+    picked = picked * mask
+    ref, ref_gx_lines, ref_goff = dscn_reference(picked.numpy(), off.numpy(), k, stride, pad, 1, group, 1.0, False,
+                                                 "x" if on_x else "y", grad_out=grad_out.numpy())
+    ref_gx = torch.zeros_like(x)
+    ref_gx_lines = torch.from_numpy(ref_gx_lines) * mask
+    ref_gx.index_add_(1 if on_x else 2, lines.clamp(0, across - 1), ref_gx_lines)
+    torch.testing.assert_close(out, torch.from_numpy(ref), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gx, ref_gx, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(goff, torch.from_numpy(ref_goff), rtol=1e-10, atol=1e-10)
+    assert not inside.all() or orth_pad == 0  # the cases with padding do read padding lines
+
+
 @needs_ext
 @pytest.mark.parametrize("on_x", [True, False], ids=["x", "y"])
 @pytest.mark.parametrize("gc, group", [(16, 4), (20, 7), (32, 1), (3, 2)])
@@ -705,6 +742,27 @@ def test_module_backends_agree(cls):
     assert results["cpp"][0].abs().sum() > 0 and results["cpp"][2].abs().sum() > 0
     for a, b in zip(results["cpp"], results["pytorch"]):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [DSCNX, DSCNY])
+@pytest.mark.parametrize("norm_layer, act", [("LN", "GELU"), ("LN", "ReLU"), ("LN", "SiLU"), ("BN", "GELU"),
+                                             ("LN", "tanh-GELU")])
+def test_module_offset_branch_options(cls, norm_layer, act):
+    """Every act_layer / norm_layer of the offset branch, in float32 where the fused branch kernel may take over:
+    the module's offsets equal its layers run one by one (the kernel only computes LayerNorm + exact GELU, so any
+    other choice must fall back to the layers, whatever the backend)."""
+    torch.manual_seed(1)
+    m = cls(16, kernel_size=5, pad=2, group=2, norm_layer=norm_layer, act_layer="GELU" if "GELU" in act else act)
+    if act == "tanh-GELU":
+        m.dw_conv[2] = torch.nn.GELU(approximate="tanh")
+    torch.nn.init.normal_(m.offset.weight, std=0.5)
+    m.eval()
+    src = torch.randn(2, 16, 7, 8)
+    expected = m.offset(m.dw_conv(src))
+    for backend in BACKENDS:
+        m.backend = backend
+        torch.testing.assert_close(m._offsets(src), expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().sum() > 0
 
 
 def test_module_rejects_bad_configuration():
