@@ -615,3 +615,16 @@ def test_dsan_gradient_penalty_through_the_kernels():
     numeric = (plus - minus) / (2 * eps)
     analytic = sum((g * v).sum() for g, v in zip(grads, direction))
     torch.testing.assert_close(analytic, numeric, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize('blocked, module, message', [
+    ('ops_dscn', 'dsan.models', 'dsan needs the ops_dscn operator package'),
+    ('mmengine', 'dsan.mm', 'dsan.mm needs the OpenMMLab stack'),
+])
+def test_a_missing_dependency_is_named_with_its_install_command(blocked, module, message):
+    # sys.modules[name] = None makes `import name` fail as if the package were not installed.
+    code = f'import sys; sys.modules[{blocked!r}] = None; import {module}'
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith('ImportError: ' + message) and 'install' in last, r.stderr[-2000:]

@@ -47,9 +47,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
-import ops_dscn
-from ops_dscn import DepthwiseConv2d
-from ops_dscn.modules import DSCNX, DSCNY
+try:
+    import ops_dscn
+    from ops_dscn import DepthwiseConv2d
+    from ops_dscn.modules import DSCNX, DSCNY
+except ImportError as e:  # e.g. from the repository root, where the un-installed ops_dscn/ folder is a namespace
+    raise ImportError(f'dsan needs the ops_dscn operator package ({e}): install it with `pip install '
+                      '--no-build-isolation ./ops_dscn` (or `cd ops_dscn && python setup.py install`)') from e
 
 from ..compile import compile_kwargs
 from ._checkpoint import (
