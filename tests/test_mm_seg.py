@@ -192,9 +192,26 @@ def test_adapter_out_indices_and_frozen_stages():
     for i in (1, 2):
         assert not any(p.requires_grad for n, p in adapter.named_parameters()
                        if n.startswith((f'patch_embed{i}.', f'block{i}.', f'norm{i}.')))
-        assert not adapter.block1[0].norm1.training and not getattr(adapter, f'patch_embed{i}').norm.training
+        frozen = [getattr(adapter, f'patch_embed{i}'), getattr(adapter, f'block{i}'), getattr(adapter, f'norm{i}')]
+        assert not any(m.training for part in frozen for m in part.modules())
     assert all(p.requires_grad for n, p in adapter.named_parameters() if n.startswith(('block3.', 'norm4.')))
     assert adapter.block3[0].norm1.training
+
+
+def test_adapter_with_fewer_stages_loads_a_full_checkpoint():
+    """num_stages=3 builds three stages; a four-stage file loads into them (its stage-4 keys left out) and the maps
+    equal the four-stage backbone's."""
+    torch.manual_seed(0)
+    full = _adapter(out_indices=(0, 1, 2, 3)).eval()
+    three = _adapter(num_stages=3, out_indices=(0, 1, 2)).eval()
+    assert not any(hasattr(three, f'{m}4') for m in ('patch_embed', 'block', 'norm'))
+    three.load_pretrained({'state_dict': full.state_dict()})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(three(x), full(x)[:3], strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r'out_indices'):
+        _adapter(num_stages=3, out_indices=(3,))
 
 
 def test_adapter_norm_cfg():
@@ -553,19 +570,41 @@ def test_sync_bn_to_bn_walks_nested_configs():
 
 
 def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys):
-    from dsan.mm.tools import test as seg_test
-    from dsan.mm.tools import train as seg_train
-    with pytest.raises(FileNotFoundError, match='config file not found'):
-        seg_train([str(tmp_path / 'nope.py')])
-    with pytest.raises(FileNotFoundError, match='checkpoint file not found'):
-        seg_test([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), str(tmp_path / 'nope.pth')])
+    from dsan.mm.tools import test as mm_test
+    from dsan.mm.tools import train as mm_train
+    ham = str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
+    det = str(ROOT / 'detection/configs/coco/mask_rcnn_dsan_t_fpn_1x.py')
+    ckpt = tmp_path / 'model.pth'
+    ckpt.write_bytes(b'')  # only its existence is checked before the errors below
+    no_base = tmp_path / 'no_base.py'
+    no_base.write_text("_base_ = ['./missing_base.py']\n")
+    no_tta = tmp_path / 'no_tta.py'
+    no_tta.write_text(f"_base_ = ['{ham}']\ntta_model = None\n")
+    cases = [
+        (mm_train, [str(tmp_path / 'nope.py')], 'config file not found: '),
+        (mm_train, [str(no_base)], 'missing_base.py'),
+        (mm_test, [ham, str(tmp_path / 'nope.pth')], 'checkpoint file not found: '),
+        (mm_train, [ham, '--resume', str(tmp_path / 'nope.pth'), '--work-dir', str(tmp_path)],
+         '--resume checkpoint not found: '),
+        (mm_test, [ham, str(ckpt), '--tta', '--cfg-options', 'tta_model=None'], '--tta needs tta_model'),
+        (mm_test, [str(no_tta), str(ckpt), '--tta'], '--tta needs tta_model'),
+    ]
+    det_cases = [(['train', det, '--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'], '--auto-scale-lr needs'),
+                 (['test', det, str(ckpt), '--out', str(tmp_path / 'r.json')], '--out must be a .pkl or .pickle'),
+                 (['test', det, str(ckpt), '--show-dir', 'vis', '--cfg-options', 'default_hooks.visualization=None'],
+                  '--show/--show-dir need a `visualization` hook')]
+    for argv, message in det_cases:
+        cases.append(((mm_train if argv[0] == 'train' else mm_test), argv[1:], message))
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit):
-            seg_train([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), '--amp'])
-        assert '--amp needs a CUDA GPU' in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match='--resume checkpoint not found'):
-        seg_train([str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), '--resume', str(tmp_path / 'nope.pth'),
-                   '--work-dir', str(tmp_path)])
+        cases.append((mm_train, [ham, '--amp'], '--amp needs a CUDA GPU'))
+    for tool, argv, message in cases:
+        task = 'det' if det in argv else 'seg'
+        with pytest.raises(SystemExit) as exc:
+            tool(argv, task=task)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2, (argv, err)
+        last = err.strip().splitlines()[-1]
+        assert 'error: ' in last and message in last and 'Traceback' not in err, (argv, err)
 
 
 def test_install_script_is_idempotent_and_pins_the_stack():

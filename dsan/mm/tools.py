@@ -104,6 +104,15 @@ def build_model(config: str, device: str = 'cpu') -> torch.nn.Module:
     return MODELS.build(cfg.model).to(device)
 
 
+def _load_config_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Config:
+    # A missing config (or a missing `_base_` file of it) is a usage error: one line naming the file, as argparse
+    # reports its own errors, rather than a traceback.
+    try:
+        return load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    except FileNotFoundError as e:
+        parser.error(str(e))
+
+
 def _build_runner(cfg: Config) -> Runner:
     if cfg.launcher != 'none' and not torch.cuda.is_available() and not dist.is_initialized():
         # mmengine's init_dist calls torch.cuda.set_device first, which fails without a GPU: start gloo here, and
@@ -143,7 +152,7 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     if args.amp and not torch.cuda.is_available():
         parser.error('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); none is visible here')
 
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg = _load_config_or_exit(parser, args)
     if args.amp:
         if cfg.optim_wrapper.get('type', 'OptimWrapper') == 'AmpOptimWrapper':
             print_log('AMP is already enabled in the config.', logger='current', level=logging.WARNING)
@@ -151,15 +160,15 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
             cfg.optim_wrapper.type = 'AmpOptimWrapper'
             cfg.optim_wrapper.loss_scale = 'dynamic'
     if getattr(args, 'auto_scale_lr', False):
-        if 'auto_scale_lr' not in cfg or 'base_batch_size' not in cfg.auto_scale_lr:
-            raise KeyError(f'--auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}')
+        if not cfg.get('auto_scale_lr') or 'base_batch_size' not in cfg.auto_scale_lr:
+            parser.error(f'--auto-scale-lr needs auto_scale_lr.base_batch_size in {args.config}')
         cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
         cfg.resume = True
         cfg.load_from = None
     elif args.resume is not None:
         if not osp.isfile(args.resume):
-            raise FileNotFoundError(f'--resume checkpoint not found: {args.resume}')
+            parser.error(f'--resume checkpoint not found: {args.resume}')
         cfg.resume = True
         cfg.load_from = args.resume
     _build_runner(cfg).train()
@@ -190,16 +199,16 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     if not osp.isfile(args.checkpoint):
-        raise FileNotFoundError(f'checkpoint file not found: {args.checkpoint}')
+        parser.error(f'checkpoint file not found: {args.checkpoint}')
     if task == 'det' and args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
-        raise ValueError(f'--out must be a .pkl or .pickle file for detection, got {args.out!r}')
+        parser.error(f'--out must be a .pkl or .pickle file for detection, got {args.out!r}')
 
-    cfg = load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+    cfg = _load_config_or_exit(parser, args)
     cfg.load_from = None  # loaded below, strictly
     if args.show or args.show_dir:
-        hooks = cfg.get('default_hooks', ConfigDict())
-        if 'visualization' not in hooks:
-            raise KeyError('--show/--show-dir need a `visualization` hook in default_hooks of the config')
+        hooks = cfg.get('default_hooks') or ConfigDict()
+        if not hooks.get('visualization'):
+            parser.error('--show/--show-dir need a `visualization` hook in default_hooks of the config')
         vis = hooks.visualization
         vis.draw = True
         if args.show:
@@ -214,8 +223,8 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
             else:
                 vis.test_out_dir = args.show_dir
     if args.tta:
-        if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
-            raise KeyError(f'--tta needs tta_model and tta_pipeline in {args.config}')
+        if not cfg.get('tta_model') or not cfg.get('tta_pipeline'):
+            parser.error(f'--tta needs tta_model and tta_pipeline in {args.config}')
         cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
         cfg.tta_model.module = cfg.model
         cfg.model = cfg.tta_model
