@@ -5,8 +5,13 @@
 # Usage: bash classification/train.sh /path/to/imagenet [dsan_t|dsan_t2|dsan_s] [extra train.py args]
 set -euo pipefail
 DATA=${1:?usage: bash train.sh /path/to/imagenet [MODEL] [args...]}
-MODEL=${2:-dsan_t}
-shift $(( $# >= 2 ? 2 : 1 ))
+# The model argument is optional: a second argument starting with '-' is already a train.py flag.
+MODEL=dsan_t
+shift
+if [[ $# -gt 0 && "$1" != -* ]]; then
+  MODEL=$1
+  shift
+fi
 DROP_PATH=${DROP_PATH:-0.1}
 NUM_GPUS=${NUM_GPUS:-8}
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the OpenMMLab stack of requirements-mm.txt (mmengine, mmcv with its compiled ops, mmsegmentation,
-# mmdetection, pycocotools) into the virtual environment $VENV (default .venv). Idempotent.
+# mmdetection, pycocotools) into the virtual environment $VENV (default: the active one, $VIRTUAL_ENV, else the
+# repository's .venv). Idempotent.
 #
 # mmcv 2.1.0 publishes no wheel for torch 2.14, and its sdist does not build against it as shipped:
 #   1. its setup.py imports pkg_resources: it needs setuptools < 81 and --no-build-isolation;
@@ -8,16 +9,17 @@
 # So the sdist is taken from the package index, its setup.py is patched to C++20, and it is built with its ops
 # (MMCV_WITH_OPS=1; CUDA ops too when torch sees a GPU or FORCE_CUDA=1). The debug info of the compiled
 # library is stripped (a 32 MB wheel becomes about 1.4 MB) and the wheel is cached, keyed by mmcv, Python,
-# torch and CUDA flavour, so the first build takes 11-21 minutes on 2 cores and every later install seconds.
+# torch and CUDA flavour, so the first build takes 10-21 minutes on 2 cores and every later install seconds.
 #
 # Environment: VENV, DSAN_WHEEL_CACHE (default ~/.cache/dsan/wheels), MAX_JOBS (parallel compile jobs),
 # FORCE_CUDA=1 and TORCH_CUDA_ARCH_LIST (build the CUDA ops without a visible GPU).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VENV="${VENV:-$ROOT/.venv}"
+# An installation by hand (README) runs this inside the user's own activated environment.
+VENV="${VENV:-${VIRTUAL_ENV:-$ROOT/.venv}}"
 REQ="$ROOT/requirements-mm.txt"
 if [[ ! -x "$VENV/bin/python" ]]; then
-  echo "[install_mm] no virtual environment at $VENV: run 'bash scripts/setup_env.sh' first" >&2
+  echo "[install_mm] no virtual environment at $VENV: activate yours, set VENV=/path/to/env, or run 'bash scripts/setup_env.sh' first" >&2
   exit 1
 fi
 # shellcheck disable=SC1091
@@ -65,7 +67,7 @@ PY
     START=$(date +%s)
     WORK="$(mktemp -d)"
     trap 'rm -rf "$WORK"' EXIT
-    echo "[install_mm] building mmcv $MMCV_VERSION ($FLAVOUR) from its sdist: 11-21 minutes on 2 cores, once;"
+    echo "[install_mm] building mmcv $MMCV_VERSION ($FLAVOUR) from its sdist: 10-21 minutes on 2 cores, once;"
     echo "[install_mm] the wheel is then cached in $CACHE"
     python -m pip download -q --no-deps --no-binary :all: --no-build-isolation "mmcv==$MMCV_VERSION" -d "$WORK"
     tar -xzf "$WORK/mmcv-$MMCV_VERSION.tar.gz" -C "$WORK"

@@ -5,7 +5,7 @@
 #   - the ops_dscn extension (C++ CPU kernel; CUDA too when a GPU is visible or FORCE_CUDA=1),
 #   - the dsan package itself (editable),
 #   - with --mm (implied by --test): the OpenMMLab stack for segmentation/ and detection/ (scripts/install_mm.sh:
-#     mmcv is built from source the first time, 11-21 minutes on 2 cores, then installed from a cached wheel).
+#     mmcv is built from source the first time, 10-21 minutes on 2 cores, then installed from a cached wheel).
 # Usage: bash scripts/setup_env.sh [--test] [--mm]
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

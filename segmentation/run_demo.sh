@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The segmentation demo, from nothing but Python 3 + pip: sets up the environment and the OpenMMLab stack
-# (scripts/setup_env.sh --mm; the first mmcv build takes 11-21 minutes, later runs reuse the cached wheel),
+# (scripts/setup_env.sh --mm; the first mmcv build takes 10-21 minutes, later runs reuse the cached wheel),
 # generates the demo shapes in ADE20K layout (no download), trains DSAN-T + LightHamHead on them with
 # segmentation/tools/train.py (a few minutes on a CPU), evaluates mIoU with tools/test.py, prints the mIoU of the
 # all-background prediction next to it, and writes coloured overlays.

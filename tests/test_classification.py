@@ -705,19 +705,41 @@ def test_validate_loads_original_format_checkpoint(tiny, tmp_path):
 PAPER_COMMAND = ['--model', 'dsan_t', '-b', '64', '--lr', '1e-3', '--drop-path', '0.1', '--workers', '16']
 
 
-def _train_sh_argv(tmp_path, data):
-    """The train.py arguments that train.sh really runs (a stub PYTHON prints what torchrun would get)."""
+def _script_argv(tmp_path, script, *args, tool='train.py'):
+    """The `tool` arguments that `script` (train.sh, eval.sh) really runs (a stub PYTHON prints its arguments)."""
     stub = tmp_path / 'python'
     stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     stub.chmod(0o755)
     env = _env()
     env['PYTHON'] = str(stub)
-    r = subprocess.run(['bash', str(CLS / 'train.sh'), data], capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(['bash', str(CLS / script), *args], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     argv = r.stdout.splitlines()
-    script = [i for i, a in enumerate(argv) if a.endswith('train.py')]
-    assert len(script) == 1 and '--nproc_per_node=8' in argv[:script[0]], argv
-    return argv[script[0] + 1:]
+    found = [i for i, a in enumerate(argv) if a.endswith(tool)]
+    assert len(found) == 1, argv
+    if script == 'train.sh':
+        assert '--nproc_per_node=8' in argv[:found[0]], argv
+    return argv[found[0] + 1:]
+
+
+def _train_sh_argv(tmp_path, data):
+    return _script_argv(tmp_path, 'train.sh', data)
+
+
+def test_train_and_eval_sh_model_argument_is_optional(tmp_path):
+    """`train.sh DATA --amp` (as its header says) keeps the default model and passes the flag on; it used to take
+    '--amp' as the model name."""
+    def value(argv, flag):
+        return argv[len(argv) - 1 - argv[::-1].index(flag) + 1]
+    argv = _script_argv(tmp_path, 'train.sh', '/data', '--amp')
+    assert value(argv, '--model') == 'dsan_t' and argv[-1] == '--amp' and argv[0] == '/data'
+    argv = _script_argv(tmp_path, 'train.sh', '/data', 'dsan_s', '--amp')
+    assert value(argv, '--model') == 'dsan_s' and argv[-1] == '--amp'
+    argv = _script_argv(tmp_path, 'eval.sh', '/data', 'c.pth', '--img-size', '64', tool='validate.py')
+    assert value(argv, '--model') == 'dsan_t' and value(argv, '--checkpoint') == 'c.pth' and argv[-2:] == [
+        '--img-size', '64']
+    argv = _script_argv(tmp_path, 'eval.sh', '/data', 'c.pth', 'dsan_t2', tool='validate.py')
+    assert value(argv, '--model') == 'dsan_t2'
 
 
 def test_imagenet_recipe_is_the_same_in_train_sh_yaml_and_defaults(tmp_path):

@@ -798,3 +798,14 @@ def test_plot_curves_output_folder_and_bad_csv(tmp_path, capsys):
         line = _usage_error(plot.main, argv, capsys)
         assert all(w in line for w in words), (argv, line)
     assert not (tmp_path / 'training_curves.png').exists()
+
+
+def test_install_mm_uses_the_active_environment(tmp_path):
+    """scripts/install_mm.sh installs into the activated environment (README's installation by hand), not into a
+    .venv the user never made; an explicit VENV still wins."""
+    env = {k: v for k, v in os.environ.items() if k not in ('VENV', 'VIRTUAL_ENV')}
+    script = os.path.join(ROOT, 'scripts', 'install_mm.sh')
+    for extra, named in (({'VIRTUAL_ENV': str(tmp_path / 'active')}, 'active'),
+                         ({'VIRTUAL_ENV': str(tmp_path / 'active'), 'VENV': str(tmp_path / 'chosen')}, 'chosen')):
+        r = subprocess.run(['bash', script], env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and f'no virtual environment at {tmp_path / named}' in r.stderr, r.stderr
