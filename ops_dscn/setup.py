@@ -2,6 +2,7 @@
 
     cd ops_dscn && python setup.py install          # the original command
     pip install --no-build-isolation ./ops_dscn     # or this (torch must already be installed)
+    pip install --no-build-isolation --use-pep517 -e ./ops_dscn    # editable (`setup.py develop` cannot see torch)
 
 The C++ CPU kernel is always built. The CUDA kernel is built too when a GPU is visible or ``FORCE_CUDA=1`` is set
 (``TORCH_CUDA_ARCH_LIST`` picks the architectures); ``FORCE_CUDA=0`` builds the CPU kernel only.
@@ -14,17 +15,33 @@ import sysconfig
 
 from setuptools import find_packages, setup
 
+
+def no_torch_message(exc: ImportError) -> str:
+    """The one-line error for a build environment without torch, naming the commands that do see it.
+
+    Without `--use-pep517`, pip 23 runs `pip install -e` of this project as `setup.py develop`, and setuptools >= 80
+    runs that as an isolated PEP 517 build, which sees no torch whatever the surrounding environment holds; asking pip
+    for the PEP 517 editable build itself keeps `--no-build-isolation` in force.
+    """
+    return (f"ops_dscn: building needs PyTorch importable in the build environment; got {type(exc).__name__}: {exc}. "
+            "Install torch first, then build without build isolation: `pip install --no-build-isolation ./ops_dscn` "
+            "or `cd ops_dscn && python setup.py install`; for an editable install use `pip install "
+            "--no-build-isolation --use-pep517 -e ./ops_dscn` (not `python setup.py develop` or `pip install -e` "
+            "without `--use-pep517`: they build in an isolated environment without torch), or `python setup.py "
+            "build_ext --inplace`.")
+
+
 try:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 except ImportError as exc:  # pragma: no cover - depends on the build environment
-    sys.exit(
-        f"ops_dscn: building needs PyTorch importable in the build environment ({exc}). Install torch first, then "
-        "build with `pip install --no-build-isolation ./ops_dscn` or `python setup.py install`."
-    )
+    sys.exit(no_torch_message(exc))
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
+# Every header the sources include: setuptools rebuilds the extension only when one of `sources` or `depends` is newer
+# than it, so a header edit alone would otherwise leave a stale _C in place.
+HEADERS = sorted(os.path.join(CSRC, h) for h in glob.glob("**/*.h", root_dir=os.path.join(HERE, CSRC), recursive=True))
 
 
 def _want_cuda() -> bool:
@@ -74,6 +91,7 @@ def _extensions():
             CUDAExtension(
                 "ops_dscn._C",
                 sources,
+                depends=HEADERS,
                 include_dirs=[os.path.join(HERE, CSRC)] + _cuda_pip_include_dirs(),
                 define_macros=[("DSCN_WITH_CUDA", None)],
                 extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
@@ -86,6 +104,7 @@ def _extensions():
         CppExtension(
             "ops_dscn._C",
             sources,
+            depends=HEADERS,
             include_dirs=[os.path.join(HERE, CSRC)],
             extra_compile_args={"cxx": cxx_flags},
             extra_link_args=link_flags,

@@ -8,6 +8,7 @@ The compiled operator's schema is declared once in ``csrc/dscn.cpp`` (``torch.op
 import logging
 import numbers
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -28,14 +29,26 @@ _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "meta")
 _REBUILD = ("`cd ops_dscn && python setup.py install` or `pip install --no-build-isolation ./ops_dscn` (add "
             "FORCE_CUDA=1 with a CUDA toolkit to build the CUDA kernel on a machine without a visible GPU)")
 
+
+def _source_tree_hint(module_file: str) -> str:
+    """The hint for a load error when ``module_file`` (this module's file) lies in the source tree, else ''.
+
+    The source tree is recognized by its setup.py beside the package folder: an install (site-packages,
+    dist-packages, --prefix, --target) has none there, and its load error is a genuine one the hint would misname.
+    """
+    if not (Path(module_file).parents[1] / "setup.py").is_file():
+        return ""
+    # An editable install imports from the source tree too; there running elsewhere does not help, building does.
+    return (f" (ops_dscn was imported from the source tree {module_file}; run from another directory to use the "
+            "installed one, or build it in place with `python setup.py build_ext --inplace`)")
+
+
 try:  # importing the extension runs its TORCH_LIBRARY registrations
     from . import _C  # noqa: F401
 
     _EXT_ERROR: str | None = None
 except ImportError as exc:  # not built, or built against another torch
-    _EXT_ERROR = f"{type(exc).__name__}: {exc}"
-    if "site-packages" not in __file__:
-        _EXT_ERROR += f" (ops_dscn was imported from the source tree {__file__}; run from another directory)"
+    _EXT_ERROR = f"{type(exc).__name__}: {exc}{_source_tree_hint(__file__)}"
 
 
 def _kernel_device_types() -> frozenset[str]:

@@ -40,6 +40,10 @@ def check_strip_offsets_args(input, dw_weight, dw_bias, ln_weight, ln_bias, eps,
     if lin_weight.dim() != 2:
         raise ValueError(f"strip_offsets: lin_weight must be 2-D (G * K', C); got shape {_shape(lin_weight)}")
     n, c, h, w = input.shape
+    across = dw_weight.shape[2] if on_x else dw_weight.shape[3]
+    if across != 1:  # a kernel along the wrong axis: say so rather than report a shape built from its other side
+        layout = "[C, 1, 1, K] (a kernel along W, on_x=True)" if on_x else "[C, 1, K, 1] (a kernel along H, on_x=False)"
+        raise ValueError(f"strip_offsets: dw_weight must have shape {layout}; got {_shape(dw_weight)}")
     k = dw_weight.shape[3] if on_x else dw_weight.shape[2]
     if k % 2 != 1:
         raise ValueError(f"strip_offsets: the depthwise kernel length must be odd ('same' padding); got {k}")

@@ -103,7 +103,12 @@ def _bad_cases():
     x, dw, dwb, lnw, lnb, eps, lw, lb, on_x = make(2, 8, 5, 6, 3, 6, True, dtype=torch.float32)
     yield (x[0], dw, dwb, lnw, lnb, eps, lw, lb, on_x), "input must be 4-D"
     yield (x.half(), dw, dwb, lnw, lnb, eps, lw, lb, on_x), "input dtype must be one of float32, float64; got float16"
-    yield (x, dw, dwb, lnw, lnb, eps, lw, lb, False), r"dw_weight must have shape \[8, 1, 1, 1\]; got \[8, 1, 1, 3\]"
+    yield (x, dw, dwb, lnw, lnb, eps, lw, lb, False), (r"dw_weight must have shape \[C, 1, K, 1\] \(a kernel along H, "
+                                                       r"on_x=False\); got \[8, 1, 1, 3\]")
+    yield (x, dw.transpose(2, 3), dwb, lnw, lnb, eps, lw, lb, True), (
+        r"dw_weight must have shape \[C, 1, 1, K\] \(a kernel along W, on_x=True\); got \[8, 1, 3, 1\]")
+    yield (x, dw[:4], dwb, lnw, lnb, eps, lw, lb, on_x), (r"dw_weight must have shape \[8, 1, 1, 3\]; "
+                                                          r"got \[4, 1, 1, 3\]")
     yield (x, dw[..., :2], dwb, lnw, lnb, eps, lw, lb, on_x), "kernel length must be odd"
     yield (x, dw, dwb[:3], lnw, lnb, eps, lw, lb, on_x), r"dw_bias must have shape \[8\]; got \[3\]"
     yield (x, dw, dwb, lnw.double(), lnb, eps, lw, lb, on_x), "ln_weight dtype must equal input dtype float32"

@@ -334,6 +334,13 @@ DSCN_INLINE void gelu_backward_row(const scalar_t* pre, scalar_t* grad, scalar_t
     VT::store(grad + i, VT::load(grad + i) * dg);
     if (act != nullptr) VT::store(act + i, a);
   }
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (i < count) {  // the tail through the vector code: rows split across threads differently give the same bits
+      float dg[VT::size];
+      gelu_and_grad_partial<Bytes>(pre + i, count - i, act != nullptr ? act + i : nullptr, dg);
+      for (int64_t j = 0; i < count; ++i, ++j) grad[i] *= dg[j];
+    }
+  }
 #endif
   for (; i < count; ++i) {
     scalar_t a, dg;

@@ -42,9 +42,12 @@ DSCN_INLINE scalar_t gelu_scalar(scalar_t x) {
 }
 
 // exp for float: Cephes' expf (2^n * a degree-6 polynomial on |r| <= ln2 / 2; relative error < 2e-7), arguments
-// clamped to [-87, 88] (exp(-87) ~ 1.6e-38 is the smallest result, which is all the GELU derivative needs).
+// clamped to at most 88; below -87 the result is 0 (exp(-87) ~ 1.6e-38 is the smallest normal result). Returning
+// exp(-87) there instead would keep the GELU derivative's z * pdf(z) growing with |z| (-2.2 at z = -3.4e38, where
+// the derivative is 0).
 template <typename V, typename IV>
 DSCN_INLINE V exp_cephes(V x) {
+  const V arg = x;
   x = x < V{} + 88.f ? x : V{} + 88.f;
   x = x > V{} - 87.f ? x : V{} - 87.f;
   const V t = x * 1.44269504088896341f;
@@ -61,7 +64,7 @@ DSCN_INLINE V exp_cephes(V x) {
   const IV bits = (n + 127) << 23;  // 2^n as a float's bit pattern (n in [-126, 127] after the clamp)
   V scale;
   std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return arg >= V{} - 87.f ? p * scale : V{};  // NaN: 0 too; the callers' z * pdf then stays NaN
 }
 
 // The exact GELU and its derivative at once: gelu(z) = z * cdf(z), gelu'(z) = cdf(z) + z * pdf(z), with cdf and pdf
@@ -73,7 +76,9 @@ DSCN_INLINE void gelu_and_grad_scalar(scalar_t z, scalar_t& act, scalar_t& grad)
   if constexpr (std::is_same_v<scalar_t, float>) {
     cdf = 0.5f * (1.f + erf_rational(z * static_cast<float>(M_SQRT1_2)));
 #if defined(__GNUC__)
-    // scalar exp through the same code as the vectors, so tails and vector lanes agree bit for bit
+    // scalar exp through the same code as the vectors. Not bit for bit the vector lanes' result when the compiler
+    // contracts multiply-adds differently for scalars (AVX2 / AVX-512 builds): float loops whose tails must agree
+    // with their lanes take them through gelu_and_grad_partial instead.
     using V1 = float __attribute__((vector_size(4)));
     using I1 = int32_t __attribute__((vector_size(4)));
     const V1 v = {-0.5f * z * z};
@@ -109,6 +114,20 @@ DSCN_INLINE void gelu_and_grad_vec(typename Vec<scalar_t, Bytes>::type z, typena
       grad[i] = g;
     }
   }
+}
+
+// gelu_and_grad_vec over the n < lanes floats at z (the other lanes zero), results to grad and, unless nullptr, act.
+// For the tails of float loops: an element's result then does not depend on whether it falls in a tail, i.e. on
+// the thread count that places the tails.
+template <int Bytes>
+DSCN_INLINE void gelu_and_grad_partial(const float* z, int64_t n, float* act, float* grad) {
+  using V = typename Vec<float, Bytes>::type;
+  V zv{};
+  std::memcpy(&zv, z, n * sizeof(float));
+  V a, g;
+  gelu_and_grad_vec<float, Bytes>(zv, a, g);
+  std::memcpy(grad, &g, n * sizeof(float));
+  if (act != nullptr) std::memcpy(act, &a, n * sizeof(float));
 }
 
 template <typename scalar_t, int Bytes>

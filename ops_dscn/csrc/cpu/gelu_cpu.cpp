@@ -55,6 +55,11 @@ DSCN_INLINE void gelu_grad_range_body(const scalar_t* g, const scalar_t* x, scal
       gelu_and_grad_vec<float, Bytes>(VT::load(x + i), act, grad);
       VT::store(dx + i, VT::load(g + i) * grad);
     }
+    if (i < i1) {  // the tail through the vector code: the same bits whichever chunk (thread) it falls in
+      float grad[L];
+      gelu_and_grad_partial<Bytes>(x + i, i1 - i, nullptr, grad);
+      for (int64_t j = 0; i < i1; ++i, ++j) dx[i] = g[i] * grad[j];
+    }
   }
 #endif
   for (; i < i1; ++i) {

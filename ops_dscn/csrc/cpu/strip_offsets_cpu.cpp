@@ -427,6 +427,10 @@ OffsetDims check_args(const at::Tensor& input, const at::Tensor& dw_weight, cons
   TORCH_CHECK_VALUE(dw_weight.dim() == 4, "strip_offsets: dw_weight must be 4-D; got shape ", dw_weight.sizes());
   TORCH_CHECK_VALUE(lin_weight.dim() == 2, "strip_offsets: lin_weight must be 2-D (G * K', C); got shape ",
                     lin_weight.sizes());
+  // A kernel along the wrong axis: say so rather than report a shape built from its other side.
+  TORCH_CHECK_VALUE((on_x ? dw_weight.size(2) : dw_weight.size(3)) == 1, "strip_offsets: dw_weight must have shape ",
+                    on_x ? "[C, 1, 1, K] (a kernel along W, on_x=True)" : "[C, 1, K, 1] (a kernel along H, on_x=False)",
+                    "; got ", dw_weight.sizes());
   const int64_t C = input.size(1), K = on_x ? dw_weight.size(3) : dw_weight.size(2);
   TORCH_CHECK_VALUE(K % 2 == 1, "strip_offsets: the depthwise kernel length must be odd ('same' padding); got ", K);
   const OffsetDims d{input.size(0), input.size(2), input.size(3), C, K, lin_weight.size(0), on_x};
