@@ -16,6 +16,7 @@ from dsan.models import (
     extract_state_dict,
     infer_groups,
     load_checkpoint,
+    read_checkpoint,
 )
 
 T_GROUPS = [(1, 4, 8, 8), (4, 8, 16, 16)]  # official code / README row of DSAN-T
@@ -191,8 +192,10 @@ def test_unreadable_files_are_reported(source, tmp_path):
     text.write_text('this is not a checkpoint\n')
     bad_st = tmp_path / 'bad.safetensors'
     bad_st.write_bytes(b'\x00' * 64)
-    for path in (truncated, text, bad_st):
-        with pytest.raises(CheckpointError, match='truncated, corrupt or not a|not a readable safetensors'):
+    for path, reason in ((truncated, 'could not be read as a torch checkpoint: it is truncated or corrupt'),
+                         (text, r"is not a torch checkpoint \(starts with b'this is not a checkpoint\\n'\)"),
+                         (bad_st, 'not a readable safetensors')):
+        with pytest.raises(CheckpointError, match=reason):
             timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
                               backend=BACKEND)
     with pytest.raises(FileNotFoundError, match='not found'):
@@ -270,3 +273,118 @@ def test_converter_writes_clean_files(source, tmp_path, capsys):
         assert err.startswith('convert_checkpoint.py: error: ') and reason in err, (argv, err)
     assert not (tmp_path / 'x.pth').exists()
     assert not list(tmp_path.rglob('.*.tmp-*'))  # written through a temporary file, renamed, none left behind
+
+
+def _warnings_of(logger_name: str) -> tuple[logging.Handler, list]:
+    """A handler collecting the WARNING records of `logger_name` (attach it, and remove it after use)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger(logger_name).addHandler(handler)
+    return handler, records
+
+
+def test_mmengine_training_checkpoint_loads_through_the_classification_loaders(source, tmp_path):
+    """A segmentor checkpoint as mmengine writes it (numpy metadata, the log's HistoryBuffer) is read with the same
+    allowlist as dsan.mm's reader; a valid file holding something else is refused as such, not called corrupt."""
+    import numpy as np
+    history = pytest.importorskip('mmengine.logging').HistoryBuffer()
+    history.update(0.5)
+    encoder = {k: v for k, v in source['sd'].items() if not k.startswith('head.')}
+    path = tmp_path / 'iter_160000.pth'
+    torch.save({'meta': {'epoch': 1, 'iter': 160000, 'best_score': np.float64(0.41), 'seed': np.int64(0)},
+                'state_dict': {**{'backbone.' + k: v for k, v in encoder.items()},
+                               'decode_head.conv_seg.weight': torch.zeros(150, 256, 1, 1)},
+                'message_hub': {'log_scalars': {'train/loss': history}, 'runtime_info': {'iter': 160000}}}, path)
+    model = timm.create_model('dsan_t', num_classes=0, groups=source['groups'], backend=BACKEND)
+    load_checkpoint(model, path)
+    created = timm.create_model('dsan_t', num_classes=0, pretrained=True, backend=BACKEND,
+                                pretrained_cfg_overlay=dict(file=str(path)))
+    for m in (model, created):
+        for k, v in m.state_dict().items():
+            torch.testing.assert_close(v, encoder[k], rtol=0, atol=0, msg=k)
+    refused = tmp_path / 'with_path.pth'
+    torch.save({'state_dict': encoder, 'meta': {'work_dir': __import__('pathlib').Path('/tmp')}}, refused)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(model, refused)
+    msg = str(e.value)
+    assert 'outside the allowlist' in msg and 'pathlib.PosixPath' in msg and 'weights_only=False' in msg
+    assert 'truncated' not in msg and 'corrupt' not in msg
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    lfs = tmp_path / 'dsan_t.pth.tar'
+    lfs.write_text('version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 18136123\n')
+    html = tmp_path / 'download.pth'
+    html.write_text('<!DOCTYPE html><html><body>Not Found</body></html>\n')
+    hello = tmp_path / 'hello.pth'
+    hello.write_text('hello world\n')
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
+    for path, reason in ((lfs, 'is a Git LFS pointer .*run git lfs pull'),
+                         (html, r"is not a torch checkpoint \(starts with b'<!DOCTYPE html>"),
+                         (hello, r"\(12 bytes\) is not a torch checkpoint \(starts with b'hello world\\n'\)"),
+                         (empty, r'is empty \(0 bytes\)')):
+        with pytest.raises(CheckpointError, match=reason) as e:
+            read_checkpoint(path)
+        assert str(e.value).startswith(str(path))
+        assert 'weights_only' not in str(e.value)  # nothing unsafe in them: that advice would mislead
+    with pytest.raises(CheckpointError, match='is a directory'):
+        read_checkpoint(tmp_path)
+
+
+def test_fit_error_describes_the_file_and_names_it(source):
+    """The file's widths and depths (not the model's, filled in with its BN counters) and its path are reported."""
+    path = source['paths']['plain.pth']
+    deeper = timm.create_model('dsan_t', depths=(3, 3, 6, 2), groups=source['groups'], backend=BACKEND)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(deeper, path)
+    first = str(e.value).splitlines()[0]
+    assert first.startswith(f'Checkpoint {path} does not fit the model (DSAN')
+    assert first.endswith('checkpoint: embed_dims [32, 64, 160, 256], depths [3, 3, 5, 2] (looks like dsan_t):')
+    with pytest.raises(CheckpointError, match=rf'Checkpoint {path} does not fit .*depths \[3, 3, 5, 2\] \(looks like'):
+        timm.create_model('dsan_t', depths=(3, 3, 6, 2), pretrained=True, backend=BACKEND,
+                          pretrained_cfg_overlay=dict(file=str(path)))
+
+
+def test_pretrained_strict_false_leaves_out_weights_of_another_shape(source, tmp_path):
+    """pretrained_strict=False loads what fits: the offset weights of other DSCN groups keep the model's own."""
+    other = next(g for g in T_GROUPS if g != source['groups'])
+    handler, records = _warnings_of('dsan.models.dsan')
+    try:
+        model = timm.create_model('dsan_t', groups=other, pretrained=True, pretrained_strict=False, backend=BACKEND,
+                                  pretrained_cfg_overlay=dict(file=str(source['paths']['plain.pth'])))
+    finally:
+        logging.getLogger('dsan.models.dsan').removeHandler(handler)
+    offset = 'block1.0.attn.spatial_gating_unit.dscn_x.offset.weight'
+    assert model.state_dict()[offset].shape[0] == other[0] * 11
+    torch.testing.assert_close(model.state_dict()['block1.0.mlp.fc1.weight'], source['sd']['block1.0.mlp.fc1.weight'])
+    torch.testing.assert_close(model.head.weight, source['sd']['head.weight'])
+    left_out = [r.getMessage() for r in records if 'another shape' in r.getMessage()]
+    assert len(left_out) == 1 and str(source['paths']['plain.pth']) in left_out[0] and offset in left_out[0]
+
+
+def test_encoder_file_into_a_model_with_a_classifier(source, tmp_path):
+    encoder = tmp_path / 'dsan_t_encoder.pth'
+    torch.save({k: v for k, v in source['sd'].items() if not k.startswith('head.')}, encoder)
+    overlay = dict(file=str(encoder))
+    with pytest.raises(CheckpointError) as e:
+        timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=overlay, backend=BACKEND)
+    msg = str(e.value)
+    assert msg.startswith(f'Checkpoint {encoder} has no classifier (head.weight, head.bias)') and '\n' not in msg
+    assert 'num_classes=0' in msg and 'features_only=True' in msg
+    with pytest.raises(CheckpointError, match=f'Checkpoint {encoder} has no classifier'):
+        load_checkpoint(timm.create_model('dsan_t', groups=source['groups'], backend=BACKEND), encoder)
+    # What the message suggests works; strict=False keeps the model's own head.
+    headless = timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0,
+                                 backend=BACKEND)
+    torch.testing.assert_close(headless.norm4.weight, source['sd']['norm4.weight'])
+    assert timm.create_model('dsan_t', pretrained=True, pretrained_cfg_overlay=overlay, features_only=True,
+                             backend=BACKEND).model.groups == list(source['groups'])
+    torch.manual_seed(1)
+    own = timm.create_model('dsan_t', groups=source['groups'], backend=BACKEND).head.weight.detach().clone()
+    torch.manual_seed(1)
+    kept = timm.create_model('dsan_t', pretrained=True, pretrained_strict=False, pretrained_cfg_overlay=overlay,
+                             backend=BACKEND)
+    torch.testing.assert_close(kept.head.weight, own, rtol=0, atol=0)
+    torch.testing.assert_close(kept.norm4.weight, source['sd']['norm4.weight'])

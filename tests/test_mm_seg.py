@@ -198,6 +198,14 @@ def test_adapter_out_indices_and_frozen_stages():
     assert adapter.block3[0].norm1.training
 
 
+def test_adapter_out_indices_as_an_int():
+    """A single stage may be given as an int, as mmseg's backbones take it; anything else is named."""
+    outs = _adapter(out_indices=3)(torch.randn(1, 3, 64, 64))
+    assert len(outs) == 1 and outs[0].shape == (1, 256, 2, 2)
+    with pytest.raises(TypeError, match=r"out_indices must be an int or a sequence of ints .*got str '3'"):
+        _adapter(out_indices='3')
+
+
 def test_adapter_with_fewer_stages_loads_a_full_checkpoint():
     """num_stages=3 builds three stages; a four-stage file loads into them (its stage-4 keys left out) and the maps
     equal the four-stage backbone's."""
@@ -236,7 +244,7 @@ def test_adapter_rejects_bad_arguments(kwargs, match):
 
 
 def test_adapter_pretrained_argument_is_deprecated_init_cfg():
-    with pytest.warns(DeprecationWarning, match='pretrained'):
+    with pytest.warns(FutureWarning, match='pretrained'):
         adapter = _adapter(pretrained='some.pth')
     assert adapter.init_cfg == dict(type='Pretrained', checkpoint='some.pth')
     with pytest.raises(TypeError, match='pretrained must be a str or None'):
@@ -314,6 +322,33 @@ def test_adapter_reports_missing_and_foreign_files(tmp_path):
         _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 's.pth'))).init_weights()
 
 
+def test_adapter_list_init_cfg_loads_through_the_dsan_loader(tmp_path):
+    """A Pretrained entry of a list init_cfg is loaded as a single one is (strictly, groups checked); the other
+    entries keep mmengine's initialisers and run first; two Pretrained entries are refused."""
+    encoder = {k: v for k, v in _classification_state_dict().items() if not k.startswith('head.')}
+    torch.save({'meta': {'iter': 10}, 'state_dict': {**{f'backbone.{k}': v for k, v in encoder.items()},
+                                                     'decode_head.conv_seg.weight': torch.zeros(150, 256, 1, 1)}},
+               tmp_path / 'seg.pth')
+    pretrained = dict(type='Pretrained', checkpoint=str(tmp_path / 'seg.pth'))
+    adapter = _adapter(init_cfg=[pretrained])
+    adapter.init_weights()
+    assert adapter.is_init
+    _assert_loaded(adapter, encoder)
+    constant = dict(type='Constant', layer='Conv2d', val=0.25, bias=0.0)
+    adapter = _adapter(init_cfg=[constant])
+    adapter.init_weights()
+    assert bool((adapter.patch_embed1.proj.weight == 0.25).all())
+    adapter = _adapter(init_cfg=[constant, pretrained])
+    adapter.init_weights()
+    _assert_loaded(adapter, encoder)
+    assert adapter.init_cfg == [constant, pretrained]
+    torch.save(_classification_state_dict(groups=(4, 8, 16, 16)), tmp_path / 'g.pth')
+    with pytest.raises(CheckpointError, match=r'stage 1 has DSCN groups 4 in the checkpoint but 1 in the config'):
+        _adapter(init_cfg=[dict(type='Pretrained', checkpoint=str(tmp_path / 'g.pth'))]).init_weights()
+    with pytest.raises(ValueError, match='init_cfg has 2 Pretrained entries, expected at most one'):
+        _adapter(init_cfg=[pretrained, pretrained]).init_weights()
+
+
 def test_released_segmentor_checkpoint_loads_strictly(tmp_path):
     """An original mmseg 0.x file (meta / state_dict / optimizer) fits the model built from our config."""
     cfg = Config.fromfile(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
@@ -374,6 +409,16 @@ def test_reader_loads_mmengine_training_checkpoints_and_refuses_code(tmp_path):
     (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(CheckpointError, match='junk.pth'):
         load_checkpoint_file(tmp_path / 'junk.pth')
+
+
+def test_reader_says_what_a_non_checkpoint_file_is(tmp_path):
+    (tmp_path / 'lfs.pth').write_text('version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\nsize 9\n')
+    (tmp_path / 'hello.pth').write_text('hello world\n')
+    for name, reason in (('lfs.pth', 'is a Git LFS pointer .*run git lfs pull'),
+                         ('hello.pth', r"is not a torch checkpoint \(starts with b'hello world\\n'\)")):
+        with pytest.raises(CheckpointError, match=reason) as e:
+            load_checkpoint_file(tmp_path / name)
+        assert 'weights_only' not in str(e.value)
 
 
 def test_mmengine_writes_checkpoints_atomically(tmp_path, monkeypatch):
@@ -566,6 +611,16 @@ def test_sync_bn_to_bn_walks_nested_configs():
     cfg = {'a': dict(type='SyncBN'), 'b': [dict(norm=dict(type='SyncBN', requires_grad=True)), dict(type='GN')]}
     assert sync_bn_to_bn(cfg) == 2
     assert cfg['a']['type'] == 'BN' and cfg['b'][0]['norm'] == dict(type='BN', requires_grad=True)
+    assert sync_bn_to_bn(cfg) == 0
+
+
+def test_sync_bn_to_bn_walks_an_mmengine_config_and_tuples(tmp_path):
+    (tmp_path / 'cfg.py').write_text("model = dict(backbone=dict(norm_cfg=dict(type='SyncBN')), heads=(dict(\n"
+                                     "    norm_cfg=dict(type='SyncBN')),), names=('a', 'b'))\n")
+    cfg = Config.fromfile(tmp_path / 'cfg.py')
+    assert sync_bn_to_bn(cfg) == 2
+    assert cfg.model.backbone.norm_cfg.type == 'BN' and cfg.model.heads[0].norm_cfg.type == 'BN'
+    assert cfg.model.names == ('a', 'b')
     assert sync_bn_to_bn(cfg) == 0
 
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 from mmcv.cnn import build_norm_layer
 from mmengine.logging import print_log
 from mmengine.model import BaseModule
+from mmengine.model.weight_init import PretrainedInit
 from mmengine.registry import MODELS
 from mmengine.runner import CheckpointLoader
 
@@ -71,7 +72,7 @@ class DSANBackbone(DSAN, BaseModule):
             drop_path_rate: float = 0.,
             depths: Sequence[int] = (3, 4, 6, 3),
             num_stages: int = 4,
-            out_indices: Sequence[int] = (0, 1, 2, 3),
+            out_indices: int | Sequence[int] = (0, 1, 2, 3),
             frozen_stages: int = -1,
             norm_cfg: Mapping[str, Any] | None = None,
             norm_eps: float = 1e-5,
@@ -94,7 +95,7 @@ class DSANBackbone(DSAN, BaseModule):
             drop_path_rate: Stochastic depth rate, linear from 0 over all blocks.
             depths: Blocks per stage.
             num_stages: Stages to build (the first `num_stages` entries of the per-stage lists).
-            out_indices: Stages (0-based) whose normalised output `forward` returns, in order.
+            out_indices: Stages (0-based) whose normalised output `forward` returns, in order (an int: one stage).
             frozen_stages: Stages 1..frozen_stages are frozen (no gradients, norms in eval mode); -1 none.
             norm_cfg: mmcv norm config of the BatchNorms (default SyncBN). SyncBN becomes plain BN where it
                 cannot synchronise: a single process, or no CUDA (a gloo run on CPU).
@@ -104,13 +105,16 @@ class DSANBackbone(DSAN, BaseModule):
             init_cfg: mmengine init config; `dict(type='Pretrained', checkpoint=PATH[, prefix=...])` loads an
                 original encoder file, any classification checkpoint format `dsan.models.load_checkpoint`
                 reads (the classifier is dropped), or the `backbone.*` part of a segmentor/detector file;
-                `checkpoint=None` keeps the random initialisation (with a warning).
+                `checkpoint=None` keeps the random initialisation (with a warning). In a list of init configs, the
+                `Pretrained` entry is loaded so too, after mmengine ran the others.
         """
         if init_cfg is not None and pretrained is not None:
             raise ValueError('init_cfg and pretrained cannot be set at the same time: use init_cfg.')
         if isinstance(pretrained, str):
+            # A FutureWarning as mmseg's backbones warn: a DeprecationWarning raised inside the registry's build is
+            # hidden by Python's default filters, so configs would never hear of it.
             warnings.warn("DSAN: 'pretrained' is deprecated, use init_cfg=dict(type='Pretrained', checkpoint=...)",
-                          DeprecationWarning, stacklevel=2)
+                          FutureWarning, stacklevel=2)
             init_cfg = dict(type='Pretrained', checkpoint=pretrained)
         elif pretrained is not None:
             raise TypeError(f'pretrained must be a str or None, got {type(pretrained).__name__}.')
@@ -132,6 +136,11 @@ class DSANBackbone(DSAN, BaseModule):
                 raise ValueError(
                     f"{name} must be {expected} for kernel_sizes {ks} (DSAN's DSCN layers use 'same' padding, "
                     f'stride 1 and dilation 1), got {list(values)}.')
+        if isinstance(out_indices, int):  # mmseg's backbones take a single stage as an int too
+            out_indices = (out_indices,)
+        if not isinstance(out_indices, Sequence) or not all(isinstance(i, int) for i in out_indices):
+            raise TypeError(f'out_indices must be an int or a sequence of ints (stage indices), got '
+                            f'{type(out_indices).__name__} {out_indices!r}.')
         out_indices = tuple(out_indices)
         if not out_indices or any(not 0 <= i < num_stages for i in out_indices):
             raise ValueError(f'out_indices must be non-empty stage indices in [0, {num_stages - 1}], '
@@ -172,14 +181,31 @@ class DSANBackbone(DSAN, BaseModule):
         """Load the `Pretrained` checkpoint of `init_cfg` (strictly, head dropped), or keep DSAN's own init.
 
         DSAN's constructor already initialises every layer as the original does when no checkpoint is given.
-        Other `init_cfg` types go to mmengine's initialisers.
+        Other `init_cfg` types go to mmengine's initialisers; in a list of configs they run first and the
+        `Pretrained` entry (at most one) is loaded last, as mmengine orders them.
+
+        Raises:
+            ValueError: A list `init_cfg` has more than one `Pretrained` entry.
         """
         cfg = self.init_cfg
         if cfg is None or self.is_init:
             return
-        if not (isinstance(cfg, Mapping) and cfg.get('type') == 'Pretrained'):
-            BaseModule.init_weights(self)
+        cfgs = [cfg] if isinstance(cfg, Mapping) else list(cfg)
+        pretrained = [c for c in cfgs if c.get('type') in ('Pretrained', PretrainedInit)]
+        others = [c for c in cfgs if c.get('type') not in ('Pretrained', PretrainedInit)]
+        if len(pretrained) > 1:
+            raise ValueError(f'init_cfg has {len(pretrained)} Pretrained entries, expected at most one: {cfg!r}.')
+        if others:
+            # mmengine's PretrainedInit would load non-strictly, without the prefix handling and the groups check:
+            # hand mmengine only the other entries, and load the checkpoint here.
+            self.init_cfg = others
+            try:
+                BaseModule.init_weights(self)
+            finally:
+                self.init_cfg = cfg
+        if not pretrained:
             return
+        cfg = pretrained[0]
         if cfg.get('checkpoint') is None:
             # Lets a config name the Pretrained init and leave the file to --cfg-options (the demos do).
             print_log('DSAN: init_cfg Pretrained has checkpoint=None: the backbone keeps its random initialisation.',
@@ -223,7 +249,7 @@ class DSANBackbone(DSAN, BaseModule):
                     f'{name}: stage {stage + 1} has DSCN groups {got} in the checkpoint but {want} in the config '
                     f'(checkpoint groups {file_groups}, config groups {self.groups}); set backbone groups='
                     f'{file_groups} to load it.')
-        self.load_state_dict(checkpoint_filter_fn(state_dict, self), strict=True)
+        self.load_state_dict(checkpoint_filter_fn(state_dict, self, source=str(name)), strict=True)
         print_log(f'DSAN: loaded backbone weights from {name} (groups {file_groups}).', logger='current',
                   level=logging.INFO)
 

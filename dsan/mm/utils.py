@@ -4,13 +4,18 @@ from collections.abc import MutableMapping, MutableSequence
 from pathlib import Path
 from typing import Any
 
+from mmengine.config import Config
+
 __all__ = ['IMAGE_SUFFIXES', 'list_images', 'resolve_config_path', 'sync_bn_to_bn', 'whole_inference']
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 
 def sync_bn_to_bn(cfg: Any) -> int:
-    """Turn every `type='SyncBN'` norm config inside `cfg` (nested dicts and lists) into `type='BN'`, in place.
+    """Turn every `type='SyncBN'` norm config inside `cfg` into `type='BN'`, in place.
+
+    `cfg` is an mmengine `Config` or any nesting of dicts, lists and tuples (the dicts inside a tuple are changed
+    in place; the tuple itself stays).
 
     The published configs use SyncBN, which needs CUDA; the tools call this when there is no GPU so that the same
     configs train and test on CPU, in one process or several (gloo).
@@ -19,13 +24,14 @@ def sync_bn_to_bn(cfg: Any) -> int:
         How many norm configs were changed.
     """
     changed = 0
-    if isinstance(cfg, MutableMapping):
+    # An mmengine Config is no MutableMapping, but get/values/item assignment reach the ConfigDict it wraps.
+    if isinstance(cfg, (MutableMapping, Config)):
         if cfg.get('type') in ('SyncBN', 'MMSyncBN'):
             cfg['type'] = 'BN'
             changed += 1
         for v in cfg.values():
             changed += sync_bn_to_bn(v)
-    elif isinstance(cfg, MutableSequence):
+    elif isinstance(cfg, (MutableSequence, tuple)):
         for v in cfg:
             changed += sync_bn_to_bn(v)
     return changed

@@ -1185,7 +1185,7 @@ def infer_groups(state_dict: Mapping[str, torch.Tensor], kernel_sizes: Sequence[
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_ema: bool = False,
-                         strict: bool = True) -> dict:
+                         strict: bool = True, source: str | None = None, require_head: bool | None = None) -> dict:
     """Turn any supported checkpoint format into a state_dict for `model` and check that it fits.
 
     Used by timm as `pretrained_filter_fn`. Unwraps `state_dict` / `model` (or the EMA weights when
@@ -1199,19 +1199,39 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_em
         state_dict: Checkpoint dict or state_dict.
         model: Target DSAN model.
         use_ema: Prefer the EMA weights of a training checkpoint.
-        strict: False (timm's ``pretrained_strict=False``): what does not fit is logged as a warning, not raised.
+        strict: False (timm's ``pretrained_strict=False``): what does not fit is logged as a warning, not raised,
+            and the weights whose shape differs from the model's are left out (the model keeps its own).
+        source: The file the checkpoint was read from, named in the errors.
+        require_head: The caller loads the classifier strictly, so a checkpoint without one (an encoder file) is
+            an error when `model` has a classifier. None: decide as timm's ``load_pretrained`` loads it, strictly
+            when `strict` and the model's ``num_classes`` equals its pretrained config's.
 
     Returns:
         State_dict for `model.load_state_dict`. A first conv of another input channel count (the model's
         ``in_chans``) is left for timm to adapt (``adapt_input_conv``), as for its own models.
 
     Raises:
-        CheckpointError: The weights do not fit `model`; the message lists what is wrong.
+        CheckpointError: The weights do not fit `model`, or it needs a classifier the checkpoint lacks; the
+            message names the file and lists what is wrong.
     """
     state_dict = extract_state_dict(state_dict, use_ema=use_ema)
+    # Described before the model's own BN counters are added below: the widths and depths are the file's.
+    described = describe_state_dict(state_dict)
+    name = f'Checkpoint {source}' if source else 'Checkpoint'
     expected = model.state_dict()
     if 'head.weight' not in expected:
         state_dict = {k: v for k, v in state_dict.items() if not k.startswith('head.')}
+    elif 'head.weight' not in state_dict:
+        if require_head is None:
+            pretrained_classes = (getattr(model, 'pretrained_cfg', None) or {}).get('num_classes')
+            require_head = strict and getattr(model, 'num_classes', None) == pretrained_classes
+        if require_head:
+            # Otherwise torch's load_state_dict reports the bare "Missing key(s): head.weight".
+            raise CheckpointError(
+                f'{name} has no classifier (head.weight, head.bias): it is a backbone/encoder file ({described}), '
+                f'but the model has a {expected["head.weight"].shape[0]}-class head. Build the model without one '
+                '(num_classes=0, or features_only=True), or load non-strictly (pretrained_strict=False / '
+                "strict=False) to keep the model's own, untrained head.")
     for k, v in expected.items():
         if k.endswith('num_batches_tracked') and k not in state_dict:
             state_dict[k] = v.clone()
@@ -1221,15 +1241,25 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_em
             and theirs.shape[1] != expected[first].shape[1] and theirs.shape[0] == expected[first].shape[0]
             and theirs.shape[2:] == expected[first].shape[2:]):
         ignore.append(first)  # timm's load_pretrained adapts it to in_chans after this filter
+    adapted = first if first in ignore else None
     try:
         check_state_dict(
             state_dict, model, ignore_prefixes=tuple(ignore),
-            header=f'Checkpoint does not fit the model ({type(model).__name__}, groups='
-                   f'{getattr(model, "groups", "?")}); checkpoint: {describe_state_dict(state_dict)}')
+            header=f'{name} does not fit the model ({type(model).__name__}, groups='
+                   f'{getattr(model, "groups", "?")}); checkpoint: {described}')
     except CheckpointError as e:
         if strict:
             raise
         _logger.warning('%s\n(pretrained_strict=False: loading what fits)', e)
+    if not strict:
+        # timm loads with strict=False, which skips missing and unexpected keys but still fails on a shape.
+        misfit = [k for k, v in state_dict.items()
+                  if k in expected and k != adapted and tuple(v.shape) != tuple(expected[k].shape)]
+        if misfit:
+            _logger.warning("pretrained_strict=False: %d weights of %s have another shape than the model's and are "
+                            'not loaded (the model keeps its own): %s', len(misfit), source or 'the checkpoint',
+                            ', '.join(misfit[:12]) + (f', ... ({len(misfit) - 12} more)' if len(misfit) > 12 else ''))
+            state_dict = {k: v for k, v in state_dict.items() if k not in misfit}
     return state_dict
 
 
@@ -1251,10 +1281,11 @@ def load_checkpoint(
         weights_only: See `read_checkpoint`.
 
     Raises:
-        CheckpointError: The checkpoint does not fit; the message lists what is wrong.
+        CheckpointError: The checkpoint does not fit; the message names the file and lists what is wrong.
     """
+    source = None if isinstance(checkpoint, Mapping) else os.fspath(checkpoint)
     _load_checkpoint(model, checkpoint, use_ema=use_ema, strict=strict, weights_only=weights_only,
-                     filter_fn=checkpoint_filter_fn, classifier='head')
+                     filter_fn=partial(checkpoint_filter_fn, source=source, require_head=strict), classifier='head')
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -1275,8 +1306,9 @@ def _no_weights_message(variant: str) -> str:
         '(tools/convert_checkpoint.py --encoder writes it).')
 
 
-def _pretrained_state_dict(variant: str, kwargs: dict[str, Any], use_ema: bool) -> dict | None:
-    """The pretrained weights given as a file or a state_dict; None when timm downloads them (url, hub).
+def _pretrained_state_dict(variant: str, kwargs: dict[str, Any], use_ema: bool) -> tuple[dict | None, str | None]:
+    """The pretrained weights given as a file or a state_dict (None when timm downloads them: url, hub), and the
+    file they come from (None: not a file).
 
     Raises:
         NoPretrainedWeightsError: The pretrained config names no weights at all (the default ones).
@@ -1285,11 +1317,11 @@ def _pretrained_state_dict(variant: str, kwargs: dict[str, Any], use_ema: bool) 
         variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
         pretrained_cfg_overlay=kwargs.get('pretrained_cfg_overlay'))
     if pretrained_cfg.state_dict is not None:
-        return extract_state_dict(pretrained_cfg.state_dict, use_ema=use_ema)
+        return extract_state_dict(pretrained_cfg.state_dict, use_ema=use_ema), None
     if pretrained_cfg.file:
-        return extract_state_dict(read_checkpoint(pretrained_cfg.file), use_ema=use_ema)
+        return extract_state_dict(read_checkpoint(pretrained_cfg.file), use_ema=use_ema), str(pretrained_cfg.file)
     if pretrained_cfg.url or pretrained_cfg.hf_hub_id:
-        return None
+        return None, None
     raise NoPretrainedWeightsError(_no_weights_message(variant))
 
 
@@ -1300,11 +1332,12 @@ def _create_dsan(variant: str, pretrained: bool, model_args: Mapping[str, Any], 
     released DSAN-T file's grouping is not documented, see `infer_groups`).
     """
     use_ema = kwargs.pop('pretrained_use_ema', False)
+    source = None
     if pretrained:
         # Groups must be known before construction: read them from the checkpoint, then hand the unwrapped
         # state_dict to timm so the file is read once (timm's own reader prefers EMA and rejects the
         # argparse.Namespace that CheckpointSaver files hold).
-        state_dict = _pretrained_state_dict(variant, kwargs, use_ema)
+        state_dict, source = _pretrained_state_dict(variant, kwargs, use_ema)
         if state_dict is not None:
             if 'groups' not in kwargs:
                 kwargs['groups'] = infer_groups(state_dict, kwargs.get('kernel_sizes', model_args['kernel_sizes']))
@@ -1314,7 +1347,9 @@ def _create_dsan(variant: str, pretrained: bool, model_args: Mapping[str, Any], 
             kwargs['pretrained_cfg_overlay'] = overlay
     model = build_model_with_cfg(
         DSAN, variant, pretrained,
-        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True)),
+        # features_only: timm builds the model with its classifier and drops it after loading, not from the file.
+        pretrained_filter_fn=partial(checkpoint_filter_fn, strict=kwargs.get('pretrained_strict', True),
+                                     source=source, require_head=False if kwargs.get('features_only') else None),
         feature_cfg=dict(feature_cls='getter', out_indices=(0, 1, 2, 3)),
         **dict(model_args, **kwargs),
     )
