@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import numpy as np
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
 from timm.data.readers.class_map import load_class_map
@@ -29,8 +30,16 @@ class CorruptImageError(OSError):
 
 
 def _list_images(folder: str) -> list[str]:
+    # Symlinked folders are followed (datasets are often assembled from links), but each real folder is read once:
+    # a link back to an ancestor would otherwise repeat its images until the path grows too long.
     found = []
-    for dirpath, _, files in os.walk(folder, followlinks=True):
+    seen = set()
+    for dirpath, dirnames, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
         found.extend(os.path.join(dirpath, f) for f in files if f.lower().endswith(IMG_EXTENSIONS))
     return found
 
@@ -161,16 +170,20 @@ class StrictImageDataset(ImageDataset):
         self.skip_bad_images = skip_bad_images
 
     def __getitem__(self, index):
-        if self.skip_bad_images:
-            return super().__getitem__(index)
-        fileobj, target = self.reader[index]
-        try:
-            with fileobj if hasattr(fileobj, 'close') else open(fileobj, 'rb') as f:
-                img = Image.open(f)
-                img = img.convert(self.input_img_mode or 'RGB')  # decodes all pixels now
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            path = self.reader.filename(index, absolute=True)
-            raise CorruptImageError(f'cannot decode image file {path!r}: {e}') from e
+        for _ in range(self._max_retries if self.skip_bad_images else 1):
+            fileobj, target = self.reader[index]
+            try:
+                with fileobj if hasattr(fileobj, 'close') else open(fileobj, 'rb') as f:
+                    img = _decode(Image.open(f), self.input_img_mode or 'RGB')
+                break
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                path = self.reader.filename(index, absolute=True)
+                if not self.skip_bad_images:
+                    raise CorruptImageError(f'cannot decode image file {path!r}: {e}') from e
+                _logger.warning('skipped unreadable image %r (index %d): %s', path, index, e)
+                index = (index + 1) % len(self.reader)
+        else:
+            raise CorruptImageError(f'{self._max_retries} consecutive images could not be decoded (the last: {path!r})')
         if self.transform is not None:
             img = self.transform(img)
         if target is None:
@@ -178,6 +191,14 @@ class StrictImageDataset(ImageDataset):
         elif self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
+
+
+def _decode(img: Image.Image, mode: str) -> Image.Image:
+    """Decode all pixels of ``img`` into ``mode``. 16-bit greyscale keeps its top 8 bits: PIL's convert clips it
+    at 255 instead, which turned almost every pixel of a 16-bit PNG white."""
+    if img.mode.startswith('I;16'):
+        img = Image.fromarray((np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8), 'L')
+    return img.convert(mode)
 
 
 def build_dataset(

@@ -112,10 +112,20 @@ def _extensions():
     ]
 
 
+def _readme() -> str:
+    path = os.path.join(HERE, "README.md")
+    if not os.path.exists(path):  # an sdist made before the README existed
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 setup(
     name="ops_dscn",
     version="1.0.0",
     description="DSCN: deformable strip convolution (CPU and CUDA kernels, pure-PyTorch twin) for DSAN",
+    long_description=_readme(),
+    long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["ops_dscn", "ops_dscn.*"]),

@@ -141,8 +141,24 @@ def test_corrupt_image_is_named(tiny, tmp_path):
         ds[idx]
     # timm's skip-with-a-warning behaviour stays available
     ds = cls_data.build_dataset('', str(root), 'val', is_training=False, skip_bad_images=True)
-    img, _ = ds[idx]
-    assert img.size == (32, 32)
+    img, target = ds[idx]
+    assert img.size == (32, 32) and (img, target) == (ds[idx + 1][0], ds.reader.samples[idx + 1][1])
+
+
+def test_16_bit_greyscale_images_keep_their_contrast(tmp_path):
+    """A 16-bit greyscale PNG reads as its top 8 bits in every channel, with or without skip_bad_images (PIL's
+    convert('RGB') clips at 255: the test image came out 99 % white)."""
+    import numpy as np
+    from PIL import Image
+    grey = (np.arange(256, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0..65535
+    for cls in ('a', 'b'):
+        (tmp_path / 'val' / cls).mkdir(parents=True)
+        Image.fromarray(grey).save(tmp_path / 'val' / cls / 'x.png')
+    assert Image.open(tmp_path / 'val' / 'a' / 'x.png').mode == 'I;16'
+    for skip in (False, True):
+        ds = cls_data.build_dataset('', str(tmp_path), 'val', is_training=False, skip_bad_images=skip)
+        rgb = np.asarray(ds[0][0])
+        assert rgb.shape == (16, 16, 3) and (rgb == (grey >> 8).astype(np.uint8)[..., None]).all()
 
 
 def test_train_cli_bad_inputs(tiny, tmp_path):
@@ -273,6 +289,22 @@ def test_folder_reader_labels_by_the_class_folder(tmp_path, caplog):
     assert ours.samples == timms.samples and ours.class_to_idx == timms.class_to_idx
     ds = cls_data.build_dataset('', str(tmp_path), 'train', is_training=False)
     assert len(ds) == 7 and ds[0][0].size == (12, 12)
+
+
+def test_folder_reader_reads_each_linked_folder_once(tmp_path):
+    """Symlinked folders are followed, but a link back to an ancestor does not repeat the class's images (os.walk
+    with followlinks went round the loop until the path was too long: each image ~40 times)."""
+    split = tmp_path / 'train'
+    _image(split / 'cat' / 'a.jpg')
+    _image(split / 'cat' / 'sub' / 'b.jpg')
+    _image(tmp_path / 'extra' / 'c.jpg')
+    (split / 'cat' / 'sub' / 'loop').symlink_to(split / 'cat', target_is_directory=True)
+    (split / 'cat' / 'more').symlink_to(tmp_path / 'extra', target_is_directory=True)
+    (split / 'dog').symlink_to(split / 'cat', target_is_directory=True)  # a linked class reads the same images
+    reader = cls_data.ClassFolderReader(str(split))
+    labels = sorted((os.path.relpath(p, split), t) for p, t in reader.samples)
+    assert labels == [('cat/a.jpg', 0), ('cat/more/c.jpg', 0), ('cat/sub/b.jpg', 0),
+                      ('dog/a.jpg', 1), ('dog/more/c.jpg', 1), ('dog/sub/b.jpg', 1)]
 
 
 def test_class_map_sets_the_labels_and_the_class_count(tiny, tmp_path, capsys):

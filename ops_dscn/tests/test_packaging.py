@@ -45,7 +45,8 @@ def test_sdist_holds_every_file_the_build_and_tests_need(tmp_path):
         # Names are "<name>-<version>/<path>"; the path is compared with the source tree's.
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
 
-    needed = _files(SRC, "csrc") | _files(SRC, "ops_dscn") | {"setup.py", "benchmark.py", "selfcheck_cuda.sh"}
+    needed = _files(SRC, "csrc") | _files(SRC, "ops_dscn")
+    needed |= {"setup.py", "benchmark.py", "selfcheck_cuda.sh", "README.md"}
     needed |= {f for f in _files(SRC, "tests") if f.endswith(".py")}
     assert any(f.endswith(".h") for f in needed) and "csrc/cuda/dscn_cuda.cu" in needed, f"odd source tree: {needed}"
     missing = sorted(needed - packed)
