@@ -462,6 +462,36 @@ def test_baseline_miou_counts_a_constant_prediction(tmp_path):
     assert r.returncode == 0 and r.stderr.strip() == '', r.stderr
 
 
+def test_baseline_miou_reads_the_official_layouts(tmp_path):
+    """ADE20K's raw labels (0 = ignore, class c stored as c + 1) with --reduce-zero-label, as mmseg reads them; a
+    Cityscapes gtFine folder through --suffix, which leaves out its colour / instance / id maps."""
+    import numpy as np
+    from PIL import Image
+    baseline = load_tool('segmentation/tools/baseline_miou.py')
+    ade = tmp_path / 'ade'
+    ade.mkdir()
+    raw = np.array([[0, 1, 1, 150], [150, 150, 255, 0]], np.uint8)  # 2 ignored + 1 raw 255, 2 px class 0, 3 px 149
+    Image.fromarray(raw).save(ade / 'a.png')
+    # Predicting class 149 ('flag'): IoU(149) = 3 / 5, IoU(0) = 0; the other classes are absent.
+    expected = 100 * (3 / 5) / 2
+    assert baseline.constant_prediction_miou([ade / 'a.png'], 150, 149, reduce_zero_label=True) == \
+        pytest.approx(expected)
+    assert baseline.main([str(ade), '--num-classes', '150', '--label', '149', '--reduce-zero-label']) == \
+        pytest.approx(expected)
+    city = tmp_path / 'gtFine' / 'val' / 'aachen'
+    city.mkdir(parents=True)
+    Image.fromarray(np.array([[18, 255], [0, 0]], np.uint8)).save(city / 'x_gtFine_labelTrainIds.png')
+    Image.fromarray(np.full((2, 2), 200, np.uint8)).save(city / 'x_gtFine_color.png')
+    r = subprocess.run([sys.executable, str(ROOT / 'segmentation/tools/baseline_miou.py'), str(tmp_path / 'gtFine'),
+                        '--num-classes', '19', '--label', '18', '--suffix', '_gtFine_labelTrainIds.png'],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and 'mIoU 16.67 over 1 label maps' in r.stdout, r.stdout + r.stderr
+    # Without the suffix the colour map is read too and refused in one line (exit 2), naming the file.
+    r = subprocess.run([sys.executable, str(ROOT / 'segmentation/tools/baseline_miou.py'), str(tmp_path / 'gtFine'),
+                        '--num-classes', '19'], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and 'x_gtFine_color.png: values [200]' in r.stderr and 'Traceback' not in r.stderr
+
+
 def test_overlay_blends_and_draws_a_legend():
     import numpy as np
     vis = load_tool('segmentation/tools/visualize.py')
@@ -585,6 +615,29 @@ def test_visualize_writes_overlays(ade_tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_visualize_draws_on_the_pixels_the_model_saw(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation: the model reads it upright (mmcv applies the tag),
+    and so must the overlay (drawn on the raw PIL image it was out of place, or the tool stopped on differing
+    sizes)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+    config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
+    torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:, :48] = 255  # left half white as stored; upright (orientation 6: turned 90 degrees) the top half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / 'img').mkdir()
+    Image.fromarray(stored).save(tmp_path / 'img' / 'phone.jpg', exif=exif, quality=95)
+    run_script([PY, SEG / 'tools/visualize.py', config, tmp_path / 'released.pth', '--image-dir', tmp_path / 'img',
+                '--out-dir', tmp_path / 'vis', '--tag', 't', '--opacity', '0', '--no-legend'])
+    drawn = np.asarray(Image.open(tmp_path / 'vis' / 'phone_t.png').convert('RGB'), np.float64)
+    upright = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / 'img' / 'phone.jpg')), np.float64)
+    assert drawn.shape == upright.shape == (96, 64, 3)
+    assert np.abs(drawn - upright).mean() < 3
+
+
+@pytest.mark.slow
 def test_get_flops_reproduces_the_paper_rows():
     flops = load_tool('segmentation/tools/get_flops.py')
     rows = {r['config']: r for r in (flops.measure(CONFIGS / c, s) for c, s, *_ in flops.PAPER_ROWS)}
@@ -605,6 +658,33 @@ def test_demo_config_is_the_ade20k_recipe_on_the_demo_classes():
     assert cfg.model.backbone.init_cfg == dict(type='Pretrained', checkpoint=None)  # run_demo.sh fills it in
     assert cfg.train_dataloader.dataset.type == 'BaseSegDataset'
     assert not cfg.train_dataloader.dataset.reduce_zero_label  # the background is a class in the demo
+
+
+@pytest.mark.parametrize('name', sorted(str(p.relative_to(CONFIGS)) for p in CONFIGS.glob('*/*.py')
+                                        if p.parent.name != '_base_'))
+def test_tta_pipeline_reads_labels_as_the_test_set(name):
+    """--tta swaps the test pipeline for tta_pipeline: its annotations must be read as the dataset's (the demo
+    inherited ADE20K's reduce_zero_label=True and 2048x512 scales, and --tta stopped on mmseg's assertion)."""
+    cfg = Config.fromfile(CONFIGS / name)
+    loads = [t for group in cfg.tta_pipeline[1].transforms for t in group if t.type == 'LoadAnnotations']
+    test_loads = [t for t in cfg.test_dataloader.dataset.pipeline if t.type == 'LoadAnnotations']
+    assert len(loads) == len(test_loads) == 1
+    assert loads[0].get('reduce_zero_label') == test_loads[0].get('reduce_zero_label')
+
+
+def test_demo_tta_pipeline_tests_around_the_demo_scale(tmp_path):
+    from mmseg.registry import DATASETS
+    make_segmentation(str(tmp_path), num_classes=4, num_train=1, num_val=1, size=96, seed=5)
+    cfg = Config.fromfile(CONFIGS / 'demo/ham_dsan_t_demo.py')
+    init_default_scope('mmseg')
+    ds_cfg = cfg.test_dataloader.dataset
+    ds_cfg.update(data_root=str(tmp_path), pipeline=cfg.tta_pipeline)
+    views = DATASETS.build(ds_cfg)[0]
+    shapes = [tuple(v.shape[1:]) for v in views['inputs']]
+    assert sorted(set(shapes)) == [(64, 64), (96, 96), (128, 128), (160, 160), (192, 192), (224, 224)]
+    assert len(shapes) == 12  # each scale, plain and flipped
+    gt = views['data_samples'][0].gt_sem_seg.data
+    assert gt.shape[-2:] == (96, 96) and int(gt.min()) == 0  # background stays class 0, not 255
 
 
 def test_sync_bn_to_bn_walks_nested_configs():

@@ -109,6 +109,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
+    import mmcv
     from mmseg.apis import inference_model, init_model
 
     from dsan.mm.tools import load_checkpoint_strictly, load_config
@@ -128,9 +129,14 @@ def main(argv=None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tqdm(images, desc='overlays', unit='img'):
-        result = inference_model(model, str(path))
+        # Decoded once, as the test pipeline's LoadImageFromFile does (EXIF orientation applied), and the model given
+        # these very pixels: drawing on a separately opened file put a rotated phone photo's labels out of place.
+        bgr = mmcv.imread(str(path))
+        if bgr is None:
+            raise ValueError(f'cannot decode image file {str(path)!r}')
+        result = inference_model(model, bgr)
         labels = result.pred_sem_seg.data[0].cpu().numpy()
-        image = np.asarray(Image.open(path).convert('RGB'))
+        image = np.ascontiguousarray(bgr[..., ::-1])
         out = out_dir / f'{path.stem}_{tag}.png'
         overlay(image, labels, colours, classes, args.opacity, args.legend).save(out)
         written.append(out)
