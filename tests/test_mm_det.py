@@ -4,6 +4,8 @@ The ``slow`` tests run the real `detection/tools` scripts (train, test, dist_tra
 subprocesses on tiny generated COCO-layout data; they run in CI too.
 """
 import re
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -168,13 +170,15 @@ def coco_tiny(tmp_path_factory):
 CLASSES = "('disk','ring','square')"
 
 
-def _data_opts(root, mask=True):
-    """Tiny and quick: 3 classes, 2 images of 64 px per batch (trained at 128 px), no workers, 1 epoch."""
-    opts = [f'{s}_dataloader.dataset.data_root={root}/' for s in ('train', 'val', 'test')]
+def _data_opts(root, mask=True, roots=True):
+    """Tiny and quick: 3 classes, 2 images of 64 px per batch (trained at 128 px), no workers, 1 epoch. Without
+    `roots` the data folder and annotation files are left to --data-root."""
+    opts = [f'{s}_dataloader.dataset.data_root={root}/' for s in ('train', 'val', 'test')] if roots else []
     opts += [f'{s}_dataloader.{k}' for s in ('train', 'val', 'test') for k in ('num_workers=0',
                                                                               'persistent_workers=False')]
     opts += [f'{s}_dataloader.dataset.metainfo.classes={CLASSES}' for s in ('train', 'val', 'test')]
-    opts += [f'{s}_evaluator.ann_file={root}/annotations/instances_val2017.json' for s in ('val', 'test')]
+    if roots:
+        opts += [f'{s}_evaluator.ann_file={root}/annotations/instances_val2017.json' for s in ('val', 'test')]
     opts += ['train_dataloader.dataset.pipeline.2.scale=(128,128)',
              'test_dataloader.dataset.pipeline.1.scale=(128,128)', 'val_dataloader.dataset.pipeline.1.scale=(128,128)',
              'train_dataloader.dataset.filter_cfg.min_size=4',
@@ -195,16 +199,19 @@ def _ap(text: str, metric: str) -> float:
 
 @pytest.mark.slow
 def test_train_then_coco_evaluation_through_the_real_tools(coco_tiny, tmp_path):
+    """The real tools, with the data given by --data-root: the evaluators read that folder's annotations too (there is
+    no data/coco where the tests run, so an evaluator left on the config's root would fail)."""
     config = CONFIGS / 'coco/mask_rcnn_dsan_t_fpn_1x.py'
-    opts = _data_opts(coco_tiny)
+    opts = ['--data-root', coco_tiny, '--cfg-options', *_data_opts(coco_tiny, roots=False)]
     work = tmp_path / 'work'
-    out = _run([PY, DET / 'tools/train.py', config, '--work-dir', work, '--cfg-options', *opts])
+    out = _run([PY, DET / 'tools/train.py', config, '--work-dir', work, *opts])
+    assert f'--data-root: evaluating against {coco_tiny}/annotations/instances_val2017.json' in out
     assert 'Epoch(train) [1][2/2]' in out
     assert -1 <= _ap(out, 'bbox') <= 1 and -1 <= _ap(out, 'segm') <= 1
     ckpt = work / 'epoch_1.pth'
     assert ckpt.is_file()
     out = _run([PY, DET / 'tools/test.py', config, ckpt, '--work-dir', tmp_path / 'test', '--out',
-                tmp_path / 'results.pkl', '--cfg-options', *opts])
+                tmp_path / 'results.pkl', *opts])
     assert 'bbox_mAP' in out and 'segm_mAP' in out and (tmp_path / 'results.pkl').stat().st_size > 0
 
 
@@ -243,13 +250,51 @@ def test_visualize_draws_detections(coco_tiny, tmp_path):
     config = CONFIGS / 'coco/mask_rcnn_dsan_t_fpn_1x.py'
     cfg = Config.fromfile(config)
     torch.save(_mmdet2x_checkpoint(_build(cfg.model)), tmp_path / 'released.pth')
-    _run([PY, DET / 'tools/visualize.py', config, tmp_path / 'released.pth', '--image-dir', coco_tiny / 'val2017',
-          '--out-dir', tmp_path / 'vis', '--tag', 'dsan_t', '--score-thr', '0.0'])
     from PIL import Image
+    images = tmp_path / 'images'
+    shutil.copytree(coco_tiny / 'val2017', images)
+    first = sorted(images.iterdir())[0]
+    Image.new('RGB', (48, 32), (90, 90, 90)).save(first.with_suffix('.png'))  # the same stem as a .jpg
+    _run([PY, DET / 'tools/visualize.py', config, tmp_path / 'released.pth', '--image-dir', images,
+          '--out-dir', tmp_path / 'vis', '--tag', 'dsan_t', '--score-thr', '0.0'])
     outs = sorted((tmp_path / 'vis').glob('*_dsan_t.png'))
-    assert len(outs) == 2
-    with Image.open(outs[0]) as im:
-        assert im.size == (64, 64)
+    assert len(outs) == 3  # none overwritten by another image of the same stem
+    sizes = {p.name: Image.open(p).size for p in outs}
+    assert sizes[f'{first.stem}_jpg_dsan_t.png'] == (64, 64) and sizes[f'{first.stem}_png_dsan_t.png'] == (48, 32)
+    # A palette of fewer colours than the model's 80 classes stops at once (mmdet asserted at the first drawing).
+    r = subprocess.run([PY, str(DET / 'tools/visualize.py'), str(config), str(tmp_path / 'released.pth'),
+                        '--image-dir', str(images), '--out-dir', str(tmp_path / 'vis2'), '--palette', 'voc'],
+                       capture_output=True, text=True, timeout=600, env=script_env())
+    assert r.returncode != 0 and "--palette voc has 20 colours, fewer than the model's 80 classes" in r.stderr
+    assert 'Traceback' not in r.stderr
+
+
+def test_visualize_keeps_detections_down_to_the_drawing_threshold():
+    """--score-thr below the configs' test_cfg threshold (0.05) lowers it: those detections were dropped before the
+    drawing threshold applied, so --score-thr 0.01 drew what 0.05 did."""
+    vis = load_tool('detection/tools/visualize.py')
+    mask_rcnn = Config.fromfile(CONFIGS / 'coco/mask_rcnn_dsan_t_fpn_1x.py').model
+    retinanet = Config.fromfile(CONFIGS / 'coco/retinanet_dsan_t_fpn_1x.py').model
+    assert mask_rcnn.test_cfg.rcnn.score_thr == retinanet.test_cfg.score_thr == 0.05
+    vis.lower_score_thr(mask_rcnn, 0.01)
+    vis.lower_score_thr(retinanet, 0.0)
+    assert mask_rcnn.test_cfg.rcnn.score_thr == 0.01 and retinanet.test_cfg.score_thr == 0.0
+    vis.lower_score_thr(retinanet, 0.3)  # a higher drawing threshold leaves the model's alone
+    assert retinanet.test_cfg.score_thr == 0.0
+
+
+@pytest.mark.parametrize('name', ['coco/mask_rcnn_dsan_t_fpn_1x.py', 'coco/retinanet_dsan_t_fpn_1x.py'])
+def test_data_root_moves_the_datasets_and_the_evaluators(name, tmp_path):
+    from dsan.mm.tools import load_config
+    cfg = load_config(str(CONFIGS / name), None, None, 'none', data_root=str(tmp_path / 'coco'))
+    for split in ('train', 'val', 'test'):
+        assert cfg[f'{split}_dataloader'].dataset.data_root == str(tmp_path / 'coco')
+    for split in ('val', 'test'):
+        assert cfg[f'{split}_evaluator'].ann_file == str(tmp_path / 'coco/annotations/instances_val2017.json')
+    # --cfg-options still wins over --data-root
+    cfg = load_config(str(CONFIGS / name), {'test_evaluator.ann_file': 'x.json'}, None, 'none', data_root='/d')
+    assert cfg.test_evaluator.ann_file == 'x.json'
+    assert cfg.val_evaluator.ann_file == '/d/annotations/instances_val2017.json'
 
 
 @pytest.mark.slow

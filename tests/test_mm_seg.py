@@ -492,6 +492,21 @@ def test_baseline_miou_reads_the_official_layouts(tmp_path):
     assert r.returncode == 2 and 'x_gtFine_color.png: values [200]' in r.stderr and 'Traceback' not in r.stderr
 
 
+@pytest.mark.parametrize('name', ['ham/ham_dsan_t_ade20k_160k.py', 'ham/ham_dsan_s_cityscapes_80k.py'])
+def test_data_root_moves_every_dataset(name, tmp_path):
+    from dsan.mm.tools import load_config
+    cfg = load_config(str(CONFIGS / name), None, None, 'none', data_root=str(tmp_path))
+    assert [cfg[f'{s}_dataloader'].dataset.data_root for s in ('train', 'val', 'test')] == [str(tmp_path)] * 3
+
+
+def test_output_names_keep_apart_images_of_one_stem():
+    from pathlib import Path
+
+    from dsan.mm.utils import output_names
+    images = [Path('d/a.JPG'), Path('d/a.png'), Path('d/b.jpg')]
+    assert output_names(images, 't') == ['a_jpg_t.png', 'a_png_t.png', 'b_t.png']
+
+
 def test_overlay_blends_and_draws_a_legend():
     import numpy as np
     vis = load_tool('segmentation/tools/visualize.py')

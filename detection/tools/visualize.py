@@ -2,7 +2,8 @@
 
 The original's `det_box_ins_mask_visual.py`: a config and checkpoint go in with an image folder; for each image
 `OUT_DIR/NAME_TAG.png` comes out with the detections above `--score-thr` drawn by mmdet's DetLocalVisualizer in the
-COCO palette (or 'voc', 'citys', 'random').
+COCO palette (or 'random'; 'voc' and 'citys' hold 20 and 8 colours, for models of as many classes at most). Images
+sharing a name stem keep their suffix in the output name.
 
 Examples:
     python detection/tools/visualize.py detection/configs/coco/mask_rcnn_dsan_t_fpn_1x.py mask_rcnn_dsan_t.pth \
@@ -35,15 +36,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def lower_score_thr(model_cfg, score_thr: float) -> None:
+    """Let the detector keep detections down to `score_thr`: the configs' test_cfg drops those under 0.05 before
+    the drawing threshold applies, so a lower --score-thr drew nothing more (Mask R-CNN: ``test_cfg.rcnn``,
+    RetinaNet: ``test_cfg``)."""
+    test_cfg = model_cfg.get('test_cfg') or {}
+    for stage in (test_cfg, test_cfg.get('rcnn')):
+        if stage and stage.get('score_thr') is not None and stage['score_thr'] > score_thr:
+            stage['score_thr'] = score_thr
+
+
 def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
     import mmcv
     from mmdet.apis import inference_detector, init_detector
     from mmdet.visualization import DetLocalVisualizer
+    from mmdet.visualization.palette import get_palette
 
     from dsan.mm.tools import load_checkpoint_strictly, load_config
-    from dsan.mm.utils import list_images
+    from dsan.mm.utils import list_images, output_names
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{what} file not found: {path}')
@@ -51,8 +63,14 @@ def main(argv=None) -> list[Path]:
 
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
+    lower_score_thr(cfg.model, args.score_thr)
     model = init_detector(cfg, args.checkpoint, device=args.device, palette=args.palette)
     load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
+    num_classes = len(model.dataset_meta['classes'])
+    colours = len(get_palette(args.palette, 0))
+    if args.palette in ('voc', 'citys') and colours < num_classes:  # mmdet asserts at the first drawing
+        raise SystemExit(f'visualize.py: error: --palette {args.palette} has {colours} colours, fewer than the '
+                         f"model's {num_classes} classes: use coco or random")
     visualizer = DetLocalVisualizer(name=f'dsan_det_vis_{os.getpid()}', bbox_color=args.palette,
                                     mask_color=args.palette, text_color=(200, 200, 200))
     visualizer.dataset_meta = model.dataset_meta
@@ -60,10 +78,10 @@ def main(argv=None) -> list[Path]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(images, desc='detections', unit='img'):
+    for path, name in tqdm(list(zip(images, output_names(images, tag))), desc='detections', unit='img'):
         result = inference_detector(model, str(path))
         image = mmcv.imread(str(path), channel_order='rgb')
-        out = out_dir / f'{path.stem}_{tag}.png'
+        out = out_dir / name
         visualizer.add_datasample(path.stem, image, data_sample=result, draw_gt=False, show=False,
                                   pred_score_thr=args.score_thr, out_file=str(out))
         written.append(out)

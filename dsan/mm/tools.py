@@ -18,7 +18,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .utils import resolve_config_path, sync_bn_to_bn
+from .utils import resolve_config_path, set_data_root, sync_bn_to_bn
 
 __all__ = ['build_model', 'load_config', 'test', 'train']
 
@@ -27,6 +27,8 @@ TASKS = ('seg', 'det')
 
 def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--work-dir', help='directory for logs and checkpoints (default: work_dirs/CONFIG_NAME)')
+    parser.add_argument('--data-root', help="the dataset folder, for the train, val and test sets and the evaluators' "
+                                            'annotation files alike (applied before --cfg-options)')
     parser.add_argument(
         '--cfg-options', nargs='+', action=DictAction,
         help='override config entries, key=value pairs, e.g. train_dataloader.dataset.data_root=/data/ade '
@@ -53,9 +55,14 @@ def load_checkpoint_strictly(model: torch.nn.Module, checkpoint: str, tool: str)
                          + ' '.join(lines[:3])[:600]) from None
 
 
-def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str) -> Config:
-    """Read `path`, apply `--cfg-options`, the work dir, the launcher, and BN instead of SyncBN without CUDA."""
+def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launcher: str,
+                data_root: str | None = None) -> Config:
+    """Read `path`, apply `--data-root`, `--cfg-options`, the work dir, the launcher, and BN instead of SyncBN
+    without CUDA."""
     cfg = Config.fromfile(resolve_config_path(path))
+    if data_root is not None:
+        for ann_file in set_data_root(cfg, data_root):
+            print_log(f'--data-root: evaluating against {ann_file}', logger='current')
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
@@ -108,7 +115,9 @@ def _load_config_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespa
     # A missing config (or a missing `_base_` file of it) is a usage error: one line naming the file, as argparse
     # reports its own errors, rather than a traceback.
     try:
-        return load_config(args.config, args.cfg_options, args.work_dir, args.launcher)
+        if args.data_root is not None and not osp.isdir(args.data_root):
+            raise FileNotFoundError(f'--data-root folder not found: {args.data_root}')
+        return load_config(args.config, args.cfg_options, args.work_dir, args.launcher, args.data_root)
     except FileNotFoundError as e:
         parser.error(str(e))
 

@@ -1,12 +1,17 @@
 """Helpers shared by the segmentation and detection tools."""
 import importlib
+import logging
+import os
 from collections.abc import MutableMapping, MutableSequence
 from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config
 
-__all__ = ['IMAGE_SUFFIXES', 'list_images', 'resolve_config_path', 'sync_bn_to_bn', 'whole_inference']
+__all__ = ['IMAGE_SUFFIXES', 'list_images', 'output_names', 'resolve_config_path', 'set_data_root', 'sync_bn_to_bn',
+           'whole_inference']
+
+_logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -35,6 +40,54 @@ def sync_bn_to_bn(cfg: Any) -> int:
         for v in cfg:
             changed += sync_bn_to_bn(v)
     return changed
+
+
+def set_data_root(cfg: Config, root: str) -> list[str]:
+    """Point the train, val and test datasets of `cfg` at `root`, in place, and the evaluators' annotation files with
+    them (mmdet's COCO evaluators name ``<data_root>annotations/instances_val2017.json`` in full).
+
+    A ``--cfg-options ...dataset.data_root=`` alone moved the datasets but left the evaluators reading the
+    annotations under the config's old root: a missing file, or silently the other copy's annotations.
+
+    Returns:
+        The evaluator annotation files changed, as they now read.
+    """
+    root = str(root)
+    old_roots = set()
+    for split in ('train', 'val', 'test'):
+        loader = cfg.get(f'{split}_dataloader')
+        dataset = loader.get('dataset') if loader else None
+        while dataset is not None and 'data_root' not in dataset and 'dataset' in dataset:  # dataset wrappers
+            dataset = dataset.dataset
+        if dataset is None:
+            continue
+        if dataset.get('data_root'):
+            old_roots.add(str(dataset.data_root))
+        dataset.data_root = root
+    changed = []
+    for split in ('val', 'test'):
+        evaluators = cfg.get(f'{split}_evaluator')
+        for evaluator in evaluators if isinstance(evaluators, (list, tuple)) else [evaluators]:
+            ann_file = evaluator.get('ann_file') if evaluator else None
+            if not ann_file:
+                continue
+            # The longest matching root first ('data/coco/' before 'data/').
+            old = next((r for r in sorted(old_roots, key=len, reverse=True) if str(ann_file).startswith(r)), None)
+            if old is None:
+                _logger.warning('%s_evaluator.ann_file %r is not under the datasets\' root(s) %s: left as it is',
+                                split, ann_file, sorted(old_roots))
+                continue
+            evaluator.ann_file = os.path.join(root, str(ann_file)[len(old):].lstrip('/'))
+            changed.append(evaluator.ann_file)
+    return changed
+
+
+def output_names(images: list[Path], tag: str) -> list[str]:
+    """File names ``<stem>_<tag>.png`` for `images`; images sharing a stem (``a.jpg``, ``a.png``) keep their suffix
+    in the name (``a_jpg_<tag>.png``), so that no drawing overwrites another."""
+    stems = [p.stem for p in images]
+    return [f'{p.stem}_{p.suffix.lstrip(".").lower()}_{tag}.png' if stems.count(p.stem) > 1 else f'{p.stem}_{tag}.png'
+            for p in images]
 
 
 def whole_inference(segmentor: Any, x: Any) -> Any:

@@ -3,7 +3,7 @@
 Examples:
     python segmentation/tools/train.py segmentation/configs/ham/ham_dsan_t_ade20k_160k.py
     python segmentation/tools/train.py CONFIG --work-dir work_dirs/run1 --resume            # latest checkpoint
-    python segmentation/tools/train.py CONFIG --cfg-options train_dataloader.dataset.data_root=/data/ade
+    python segmentation/tools/train.py CONFIG --data-root /data/ade/ADEChallengeData2016   # train, val and test sets
     bash segmentation/dist_train.sh CONFIG 8                                                 # 8 GPUs
 """
 from dsan.mm.tools import train

@@ -113,7 +113,7 @@ def main(argv=None) -> list[Path]:
     from mmseg.apis import inference_model, init_model
 
     from dsan.mm.tools import load_checkpoint_strictly, load_config
-    from dsan.mm.utils import list_images
+    from dsan.mm.utils import list_images, output_names
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{what} file not found: {path}')
@@ -128,7 +128,7 @@ def main(argv=None) -> list[Path]:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in tqdm(images, desc='overlays', unit='img'):
+    for path, name in tqdm(list(zip(images, output_names(images, tag))), desc='overlays', unit='img'):
         # Decoded once, as the test pipeline's LoadImageFromFile does (EXIF orientation applied), and the model given
         # these very pixels: drawing on a separately opened file put a rotated phone photo's labels out of place.
         bgr = mmcv.imread(str(path))
@@ -137,7 +137,7 @@ def main(argv=None) -> list[Path]:
         result = inference_model(model, bgr)
         labels = result.pred_sem_seg.data[0].cpu().numpy()
         image = np.ascontiguousarray(bgr[..., ::-1])
-        out = out_dir / f'{path.stem}_{tag}.png'
+        out = out_dir / name
         overlay(image, labels, colours, classes, args.opacity, args.legend).save(out)
         written.append(out)
     _logger.info('wrote %d overlays to %s', len(written), out_dir)
