@@ -4,6 +4,7 @@ The ``slow`` tests run the real `segmentation/tools` scripts (train, test, dist_
 subprocesses on tiny generated data in ADE20K and Cityscapes layout; they run in CI too.
 """
 import os
+import shutil
 import subprocess
 import sys
 
@@ -610,6 +611,59 @@ def test_dist_train_two_gloo_processes(ade_tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_slurm_launcher_runs_cpu_processes(ade_tiny, tmp_path):
+    # Two tasks as srun starts them (MASTER_ADDR given, as a job script may: there is no scontrol here), and a
+    # misspelt option, which is warned about and changes nothing.
+    port, work = str(free_port()), tmp_path / 'work'
+    args = [PY, SEG / 'tools/train.py', CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py', '--launcher', 'slurm', '--work-dir',
+            work, '--cfg-options', *_data_opts(ade_tiny, '(256,64)'), 'trian_cfg.max_iters=5']
+    procs = []
+    for rank in range(2):
+        env = script_env(SLURM_PROCID=str(rank), SLURM_NTASKS='2', SLURM_LOCALID=str(rank), SLURM_NODELIST='node1',
+                         MASTER_ADDR='127.0.0.1', MASTER_PORT=port)
+        for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+            env.pop(name, None)
+        procs.append(subprocess.Popen([str(a) for a in args], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert 'Distributed training: True' in outs[0] and "'backend': 'gloo'" in outs[0]
+    assert 'Iter(train) [3/3]' in outs[0] and (work / 'iter_3.pth').is_file()
+    assert '--cfg-options trian_cfg.max_iters: the config has no such entry' in outs[0]
+    assert '(did you mean train_cfg?)' in outs[0]
+
+
+def test_launcher_variables_become_torch_rendezvous_variables():
+    from dsan.mm.tools import cpu_rendezvous_env
+    slurm = dict(SLURM_PROCID='3', SLURM_NTASKS='8', SLURM_LOCALID='1', SLURM_NODELIST='n[1-2]', MASTER_ADDR='n1')
+    assert cpu_rendezvous_env('slurm', slurm) == dict(RANK='3', WORLD_SIZE='8', LOCAL_RANK='1', MASTER_ADDR='n1',
+                                                      MASTER_PORT='29500')
+    mpi = dict(OMPI_COMM_WORLD_RANK='2', OMPI_COMM_WORLD_SIZE='4', OMPI_COMM_WORLD_LOCAL_RANK='0', MASTER_ADDR='h',
+               MASTER_PORT='1234')
+    assert cpu_rendezvous_env('mpi', mpi) == dict(RANK='2', WORLD_SIZE='4', LOCAL_RANK='0', MASTER_ADDR='h',
+                                                  MASTER_PORT='1234')
+    with pytest.raises(ValueError, match='--launcher mpi needs MASTER_ADDR'):
+        cpu_rendezvous_env('mpi', {k: v for k, v in mpi.items() if k != 'MASTER_ADDR'})
+    del slurm['MASTER_ADDR']
+    if shutil.which('scontrol') is None:
+        with pytest.raises(ValueError, match=r'MASTER_ADDR is not set and scontrol.*SLURM_NODELIST=n\[1-2\]'):
+            cpu_rendezvous_env('slurm', slurm)
+
+
+def test_unknown_cfg_options_are_named_with_the_closest_key():
+    from dsan.mm.tools import new_option_keys
+    cfg = Config.fromfile(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
+    options = {'train_cfg.max_iters': 3, 'train_cfg.max_iter': 3, 'model.backbone.drop_path_rat': 0.1,
+               'trian_cfg.max_iters': 1, 'randomness.seed': 0, 'train_dataloader.dataset.pipeline.1.type': 'X',
+               'train_dataloader.dataset.pipeline.99.type': 'X'}
+    assert new_option_keys(cfg, options) == [
+        ('train_cfg.max_iter', 'train_cfg.max_iters'),
+        ('model.backbone.drop_path_rat', 'model.backbone.drop_path_rate'),
+        ('trian_cfg.max_iters', 'train_cfg'), ('randomness.seed', None),
+        ('train_dataloader.dataset.pipeline.99.type', None)]
+
+
+@pytest.mark.slow
 def test_visualize_writes_overlays(ade_tiny, tmp_path):
     config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
     torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model)), tmp_path / 'released.pth')
@@ -719,7 +773,7 @@ def test_sync_bn_to_bn_walks_an_mmengine_config_and_tuples(tmp_path):
     assert sync_bn_to_bn(cfg) == 0
 
 
-def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys):
+def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch):
     from dsan.mm.tools import test as mm_test
     from dsan.mm.tools import train as mm_train
     ham = str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
@@ -738,6 +792,9 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys):
          '--resume checkpoint not found: '),
         (mm_test, [ham, str(ckpt), '--tta', '--cfg-options', 'tta_model=None'], '--tta needs tta_model'),
         (mm_test, [str(no_tta), str(ckpt), '--tta'], '--tta needs tta_model'),
+        (mm_train, [ham, '--launcher', 'slurm'], '--launcher slurm needs SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST'),
+        (mm_test, [ham, str(ckpt), '--launcher', 'mpi'], '--launcher mpi needs OMPI_COMM_WORLD_RANK'),
+        (mm_train, [ham, '--launcher', 'pytorch'], '--launcher pytorch needs RANK, WORLD_SIZE'),
     ]
     det_cases = [(['train', det, '--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'], '--auto-scale-lr needs'),
                  (['test', det, str(ckpt), '--out', str(tmp_path / 'r.json')], '--out must be a .pkl or .pickle'),
@@ -747,6 +804,8 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys):
         cases.append(((mm_train if argv[0] == 'train' else mm_test), argv[1:], message))
     if not torch.cuda.is_available():
         cases.append((mm_train, [ham, '--amp'], '--amp needs a CUDA GPU'))
+    for name in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK'):
+        monkeypatch.delenv(name, raising=False)
     for tool, argv, message in cases:
         task = 'det' if det in argv else 'seg'
         with pytest.raises(SystemExit) as exc:

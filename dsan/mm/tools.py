@@ -6,10 +6,13 @@ and cannot drift apart. On a machine without CUDA the published SyncBN configs a
 config files train and test on CPU, in one process or several (gloo).
 """
 import argparse
+import difflib
 import logging
 import os
 import os.path as osp
-from collections.abc import Sequence
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,6 +67,9 @@ def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launc
         for ann_file in set_data_root(cfg, data_root):
             print_log(f'--data-root: evaluating against {ann_file}', logger='current')
     if cfg_options:
+        for key, hint in new_option_keys(cfg, cfg_options):
+            print_log(f'--cfg-options {key}: the config has no such entry; it is added as a new one'
+                      + (f' (did you mean {hint}?)' if hint else ''), logger='current', level=logging.WARNING)
         cfg.merge_from_dict(cfg_options)
     cfg.launcher = launcher
     if work_dir is not None:
@@ -84,6 +90,28 @@ def load_config(path: str, cfg_options: dict | None, work_dir: str | None, launc
                     find_unused_parameters=cfg.get('find_unused_parameters', False))
     _add_backbone_compile_options(cfg)
     return cfg
+
+
+def new_option_keys(cfg: Config | Mapping, options: Mapping[str, object]) -> list[tuple[str, str | None]]:
+    """The `--cfg-options` keys that name no entry of `cfg`, each with the closest existing key or None.
+
+    mmengine adds such keys without a word, so a misspelt key (``train_cfg.max_iter``) changes nothing. A key may also
+    be new on purpose (``randomness.seed``), so the tools warn rather than refuse.
+    """
+    found = []
+    for key in options:
+        node, parts = cfg, key.split('.')
+        for depth, part in enumerate(parts):
+            if isinstance(node, (Mapping, Config)) and part in node:
+                node = node[part]
+            elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                siblings = [str(k) for k in node.keys()] if isinstance(node, (Mapping, Config)) else []
+                close = difflib.get_close_matches(part, siblings, n=1, cutoff=0.75)
+                found.append((key, '.'.join(parts[:depth] + close) if close else None))
+                break
+    return found
 
 
 def _add_backbone_compile_options(cfg: Config) -> None:
@@ -122,11 +150,82 @@ def _load_config_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error(str(e))
 
 
+# The variables each launcher gives its processes, and how to start the tools under it.
+_LAUNCHER_ENV = {
+    'pytorch': (('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'), 'start the tool with dist_train.sh / torchrun'),
+    'slurm': (('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'), 'start the tool with srun'),
+    'mpi': (('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK'),
+            'start the tool with Open MPI\'s mpirun'),
+}
+
+
+def _launcher_env_error(launcher: str, env: Mapping[str, str] = os.environ) -> str | None:
+    """What is wrong with the environment for `launcher` (the variables it should have set), or None."""
+    if launcher == 'none':
+        return None
+    names, how = _LAUNCHER_ENV[launcher]
+    missing = [n for n in names if not env.get(n)]
+    if missing:
+        return f'--launcher {launcher} needs {", ".join(missing)} in the environment ({how})'
+    if launcher == 'mpi' and not env.get('MASTER_ADDR'):
+        return '--launcher mpi needs MASTER_ADDR in the environment (export it with mpirun -x MASTER_ADDR=HOST)'
+    return None
+
+
+def cpu_rendezvous_env(launcher: str, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """torch's env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) for a process that
+    `launcher` started, as mmengine's `init_dist` derives them; for CPU processes, which it cannot start (it pins a
+    GPU first).
+
+    Raises:
+        ValueError: the environment lacks what the launcher sets, or (slurm) the first node cannot be found.
+    """
+    error = _launcher_env_error(launcher, env)
+    if error:
+        raise ValueError(error)
+    if launcher == 'pytorch':
+        return {k: env[k] for k in ('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT')} | {
+            'LOCAL_RANK': env.get('LOCAL_RANK', '0')}
+    if launcher == 'slurm':
+        rank, world, local = env['SLURM_PROCID'], env['SLURM_NTASKS'], env.get('SLURM_LOCALID', '0')
+        addr = env.get('MASTER_ADDR')
+        if not addr:
+            # The first host of the allocation is rank 0's, as mmengine takes it.
+            if shutil.which('scontrol') is None:
+                raise ValueError('--launcher slurm: MASTER_ADDR is not set and scontrol, which names the first node '
+                                 f'of SLURM_NODELIST={env["SLURM_NODELIST"]}, is not on PATH')
+            hosts = subprocess.run(['scontrol', 'show', 'hostnames', env['SLURM_NODELIST']], capture_output=True,
+                                   text=True, check=False).stdout.split()
+            if not hosts:
+                raise ValueError(f'--launcher slurm: scontrol names no host in SLURM_NODELIST={env["SLURM_NODELIST"]}')
+            addr = hosts[0]
+    else:  # mpi
+        rank, world = env['OMPI_COMM_WORLD_RANK'], env['OMPI_COMM_WORLD_SIZE']
+        local, addr = env['OMPI_COMM_WORLD_LOCAL_RANK'], env['MASTER_ADDR']
+    return dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=local, MASTER_ADDR=addr,
+                MASTER_PORT=env.get('MASTER_PORT', '29500'))  # torch's default port, as mmengine's
+
+
+def _check_launcher(parser: argparse.ArgumentParser, launcher: str) -> None:
+    # Before any work: mmengine would stop on a KeyError naming one variable, after building the config.
+    try:
+        if launcher != 'none' and not torch.cuda.is_available():
+            cpu_rendezvous_env(launcher)
+        else:
+            error = _launcher_env_error(launcher)
+            if error:
+                raise ValueError(error)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def _build_runner(cfg: Config) -> Runner:
     if cfg.launcher != 'none' and not torch.cuda.is_available() and not dist.is_initialized():
-        # mmengine's init_dist calls torch.cuda.set_device first, which fails without a GPU: start gloo here, and
-        # mmengine then uses this process group.
-        dist.init_process_group(backend='gloo')
+        # mmengine's init_dist calls torch.cuda.set_device first, which fails without a GPU: start gloo here from the
+        # launcher's variables, and mmengine then uses this process group.
+        env = cpu_rendezvous_env(cfg.launcher)
+        os.environ.update(env)
+        dist.init_process_group(backend='gloo', rank=int(env['RANK']), world_size=int(env['WORLD_SIZE']))
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
@@ -157,6 +256,7 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
                             help="scale the lr by (GPUs x batch) / the config's auto_scale_lr.base_batch_size")
     _common_args(parser)
     args = parser.parse_args(argv)
+    _check_launcher(parser, args.launcher)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     if args.amp and not torch.cuda.is_available():
         parser.error('--amp needs a CUDA GPU (mmengine\'s AmpOptimWrapper); none is visible here')
@@ -206,6 +306,7 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
                         help='load the checkpoint even if some names do not match (warn instead of failing)')
     _common_args(parser)
     args = parser.parse_args(argv)
+    _check_launcher(parser, args.launcher)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     if not osp.isfile(args.checkpoint):
         parser.error(f'checkpoint file not found: {args.checkpoint}')
