@@ -11,14 +11,27 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from ._double_backward import recording_backward, twin_gradients
 from .pytorch_impl import dscn_pytorch
 
 __all__ = ["BACKENDS", "available_backends", "check_args", "check_config", "compiled_device_types", "dscn",
-           "dscn_strip", "extension_available", "extension_error", "resolve_backend"]
+           "dscn_strip", "extension_available", "extension_error", "known_true", "resolve_backend"]
 
 _logger = logging.getLogger(__name__)
+
+def known_true(cond) -> bool:
+    """Whether a condition on tensor sizes holds, for picking between kernels that compute the same thing.
+
+    Under ``torch.compile`` / ``torch.export`` with dynamic shapes the sizes are symbolic: the condition counts as
+    true only when it holds for every size they may take, and no guard is added (a guard would tie the program to
+    one side of it). Plain bools (eager) are returned as they are, and traced sizes (``torch.jit.trace``) evaluated.
+    """
+    if isinstance(cond, torch.Tensor):  # a traced size; statically_known_true takes bools and SymBools only
+        return bool(cond)
+    return statically_known_true(cond)
+
 
 #: Backend names accepted everywhere a ``backend`` argument is taken.
 BACKENDS = ("auto", "cpp", "pytorch")
@@ -238,6 +251,12 @@ def check_args(input, offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad
     if tuple(offset.shape) != (n, h_out, w_out, group * taps):
         raise ValueError(f"dscn: offset must have shape (N, H_out, W_out, group * K') = ({n}, {h_out}, {w_out}, "
                          f"{group * taps}); got {_shape(offset)}")
+    # As the C++ check: sample positions in float32 are exact integers only up to 2^24.
+    padded_axis = w + 2 * pad_w if on_x else h + 2 * pad_h
+    if input.dtype != torch.float64 and padded_axis > 2**24:
+        raise ValueError(f"dscn: the sampled axis plus its padding must be at most 2^24 = 16777216 for "
+                         f"{_dtype_name(input.dtype)} (sample positions are float32; float64 has no such limit); got "
+                         f"{padded_axis}")
     return h_out, w_out
 
 

@@ -43,7 +43,7 @@ def _x_strip(
     # Decided from the integers (not from tensor values) so that torch.compile sees no data-dependent branch.
     if orth_pad > 0 or (h_out - 1) * orth_stride >= h:
         row_ok = (rows >= 0) & (rows < h)
-        xr = xr * row_ok.view(1, h_out, 1, 1).to(x.dtype)
+        xr = torch.where(row_ok.view(1, h_out, 1, 1), xr, torch.zeros((), dtype=x.dtype, device=x.device))
     xr = xr.reshape(n, h_out, w, group, gc)
 
     # The interpolation math runs in at least float32 (as the kernels' accumulators do).
@@ -64,13 +64,19 @@ def _x_strip(
         frac = loc - lo
         i0 = lo.long()
         i1 = i0 + 1
-        w0 = torch.where(inside & (i0 >= 0), 1 - frac, torch.zeros_like(frac))
-        w1 = torch.where(inside & (i1 <= w - 1), frac, torch.zeros_like(frac))
+        use0 = (inside & (i0 >= 0)).unsqueeze(-1)
+        use1 = (inside & (i1 <= w - 1)).unsqueeze(-1)
         idx0 = i0.clamp(0, w - 1).unsqueeze(-1).expand(n, h_out, w_out, group, gc)
         idx1 = i1.clamp(0, w - 1).unsqueeze(-1).expand(n, h_out, w_out, group, gc)
-        v0 = torch.gather(xr, 2, idx0).to(acc_dtype)
-        v1 = torch.gather(xr, 2, idx1).to(acc_dtype)
-        out = out + w0.unsqueeze(-1) * v0 + w1.unsqueeze(-1) * v1
+        # An unused neighbour contributes nothing, selected rather than weighted by 0, so that an Inf or NaN in the
+        # input (or in the output's gradient) stays out of the taps that do not read it (0 * Inf = NaN), as in the
+        # kernels: its value is replaced before the product (for the gradient of the weight) and the product after
+        # (for the gradient of the value).
+        zero = torch.zeros((), dtype=acc_dtype, device=x.device)
+        v0 = torch.where(use0, torch.gather(xr, 2, idx0).to(acc_dtype), zero)
+        v1 = torch.where(use1, torch.gather(xr, 2, idx1).to(acc_dtype), zero)
+        out = out + torch.where(use0, (1 - frac).unsqueeze(-1) * v0, zero)
+        out = out + torch.where(use1, frac.unsqueeze(-1) * v1, zero)
     return out.reshape(n, h_out, w_out, c).to(x.dtype)
 
 

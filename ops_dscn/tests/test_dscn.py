@@ -212,6 +212,68 @@ def test_non_finite_and_huge_offsets_contribute_zero(backend, bad):
     assert (goff[..., 1] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", ["x", "y"])
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "n,h,w,gc,group,kernel,stride,pad,dilation,scale,remove_center",
+    [
+        (2, 5, 9, 4, 2, 3, 1, 1, 1, 1.0, False),
+        (2, 3, 14, 20, 8, 7, 1, 3, 1, 1.0, False),  # the x-strip's blocked lerp line on AVX-512
+        (1, 7, 6, 3, 3, 5, 2, 3, 2, 0.5, True),
+    ],
+)
+def test_non_finite_inputs_reach_only_the_taps_that_read_them(backend, axis, bad, dtype, n, h, w, gc, group, kernel,
+                                                              stride, pad, dilation, scale, remove_center):
+    # The spec: a neighbour outside the input contributes nothing. The fast CPU forms weighted unused neighbours by 0,
+    # so an Inf at the line's first element turned every tap left of the line into NaN (CUDA selects: 0).
+    if axis == "y":
+        h, w = w, h
+    taps = kernel - int(remove_center)
+    x, off = _inputs(n, h, w, gc * group, taps, group, axis, kernel, stride, pad, dilation, seed=3, dtype=dtype)
+    geometry = (kernel, stride, pad, dilation, scale, remove_center, axis)
+    off = _away_from_integers(off, *geometry)
+    first = (slice(None), slice(None), 0) if axis == "x" else (slice(None), 0)
+    x[first] = bad  # the first element of every line along the axis, all channels
+    x[0, h // 2, w // 2, 1] = bad
+    outside = (slice(None), slice(None), slice(0, 2)) if axis == "x" else (slice(None), slice(0, 2))
+    off[outside] = -50.0  # every tap of the first two output positions falls left of the line
+    x.requires_grad_(True)
+    off.requires_grad_(True)
+    kw = dict(kernel_size=kernel, stride=stride, pad=pad, dilation=dilation, group=group, offset_scale=scale,
+              remove_center=remove_center, axis=axis)
+    out = dscn(x, off, backend=backend, **kw)
+    assert (out[outside] == 0).all()
+    grad_out = torch.randn(out.shape, dtype=dtype, generator=torch.Generator().manual_seed(4))
+    grad_out[0, 0, 0, 0] = bad
+    gx, goff = torch.autograd.grad(out, (x, off), grad_out)
+    ref = dscn_reference(x.detach().numpy(), off.detach().numpy(), kernel, stride, pad, dilation, group, scale,
+                         remove_center, axis, grad_out.numpy())
+    tol = dict(atol=1e-9, rtol=1e-9) if dtype == torch.float64 else dict(atol=2e-5, rtol=2e-5)
+    with np.errstate(invalid="ignore"):
+        for got, want in zip((out, gx, goff), ref):
+            np.testing.assert_allclose(got.detach().double().numpy(), want, equal_nan=True, **tol)
+    assert torch.isfinite(out).any() and torch.isfinite(goff).any()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("axis", ["x", "y"])
+def test_huge_finite_inputs_interpolate_without_overflow(backend, axis):
+    # Neighbours of +-3e38 (float32's largest is 3.4e38): the lerp form's x0 + l * (x1 - x0) overflowed to +-Inf
+    # where (1 - l) * x0 + l * x1 is finite.
+    n, h, w, c = 2, 6, 9, 20
+    x, off = _inputs(n, h, w, c, 1, 1, axis, 1, 1, 0, 1, seed=5, dtype=torch.float32)
+    along = torch.arange(w if axis == "x" else h)
+    sign = torch.where(along % 2 == 0, 1.0, -1.0)
+    x = 3e38 * (sign.view(1, 1, -1, 1) if axis == "x" else sign.view(1, -1, 1, 1)).expand_as(x).contiguous()
+    off = _away_from_integers(off, 1, 1, 0, 1, 1.0, False, axis)
+    out = dscn(x, off, 1, axis=axis, backend=backend)
+    ref = dscn_reference(x.double().numpy(), off.double().numpy(), 1, axis=axis)
+    assert np.isfinite(ref).all() and torch.isfinite(out).all()
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e33)
+
+
 @needs_ext
 def test_backends_agree_in_float32():
     x = torch.randn(4, 14, 14, 160)
@@ -628,6 +690,14 @@ _REJECTED = [
      r"dilation_w must be < 2\^31; got 4611686018427387904"),
     ((1, 2, 8, 4), (1, 2, 8, 10), torch.float32, (1, 2**31, 1, 1, 0, 0, 1, 1, 2, 2, 1.0, False, True),
      r"kernel_w must be < 2\^31; got 2147483648"),
+    # Sample positions are float32 below float64: past 2^24 they were rounded to other pixels, silently. A huge
+    # padding with a huge stride reaches the limit with small tensors.
+    ((1, 2, 8, 4), (1, 2, 3, 1), torch.float32, (1, 1, 1, 2**24, 0, 2**24, 1, 1, 1, 4, 1.0, False, True),
+     r"sampled axis plus its padding must be at most 2\^24 = 16777216 for float32 .*; got 33554440"),
+    ((1, 8, 2, 4), (1, 3, 2, 1), torch.bfloat16, (1, 1, 2**24, 1, 2**24, 0, 1, 1, 1, 4, 1.0, False, False),
+     r"at most 2\^24 = 16777216 for bfloat16"),
+    ((1, 2, 8, 4), (1, 2, 3, 1), torch.float64, (1, 1, 1, 2**24, 0, 2**24, 1, 1, 1, 4, 1.0, False, True), None),
+    ((1, 2, 8, 4), (1, 2, 2, 1), torch.float32, (1, 1, 1, 2**23, 0, 2**23 - 4, 1, 1, 1, 4, 1.0, False, True), None),
 ]
 
 
@@ -703,6 +773,33 @@ def test_original_function_api(on_x):
     np.testing.assert_allclose(out.numpy(), ref, atol=1e-12)
     with pytest.raises(ValueError, match="im2col_step must be a positive int; got 0"):
         DSCNFunction.apply(x, off, *args[:11], 0, *args[12:])
+
+
+def test_original_module_paths_and_helpers():
+    """Code written against the original package imports from its module paths (ops_dscn/modules/dscn.py,
+    ops_dscn/functions/dscn_func.py) and uses its layout helpers."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from ops_dscn.functions.dscn_func import DSCNFunction as OriginalFunction
+    from ops_dscn.modules import dscn as original
+
+    assert OriginalFunction is DSCNFunction and original.DSCNX is DSCNX and original.DSCNY is DSCNY
+    x = torch.randn(2, 8, 5, 6)  # NCHW
+    bn = original.build_norm_layer(8, "BN", "channels_first", "channels_last").train()
+    assert [type(m) for m in bn] == [nn.BatchNorm2d, original.to_channels_last]
+    torch.testing.assert_close(bn(x), F.batch_norm(x, None, None, training=True).permute(0, 2, 3, 1))
+    ln = original.build_norm_layer(8, "LN", "channels_first", "channels_first", eps=1e-6)
+    assert [type(m) for m in ln] == [original.to_channels_last, nn.LayerNorm, original.to_channels_first]
+    torch.testing.assert_close(ln(x), F.layer_norm(x.permute(0, 2, 3, 1), (8,), eps=1e-6).permute(0, 3, 1, 2))
+    assert len(original.build_norm_layer(8, "LN")) == 1  # channels_last in and out: the LayerNorm alone
+    assert original.build_act_layer("SiLU").inplace and isinstance(original.build_act_layer("GELU"), nn.GELU)
+    with pytest.raises(ValueError, match="norm_layer must be 'BN' or 'LN'; got 'GN'"):
+        original.build_norm_layer(8, "GN")
+    with pytest.raises(ValueError, match="in_format must be one of"):
+        original.build_norm_layer(8, "BN", "nchw")
+    with pytest.raises(ValueError, match="act_layer must be one of"):
+        original.build_act_layer("Tanh")
 
 
 def test_module_parameter_names_match_the_original():

@@ -137,6 +137,13 @@ inline DSCNParams make_params(const at::Tensor& input, const at::Tensor& offset,
   // The CPU SIMD path computes sample indices in 32-bit lanes.
   TORCH_CHECK_VALUE((on_x ? p.W : p.H) < (int64_t(1) << 31),
                     "dscn: the sampled axis must be shorter than 2^31; got ", on_x ? p.W : p.H);
+  // Sample positions are computed in the accumulation type, float for float32, float16 and bfloat16, which holds
+  // every integer only up to 2^24: a longer (padded) axis would sample rounded positions, silently.
+  const int64_t padded_axis = on_x ? p.W + 2 * pad_w : p.H + 2 * pad_h;
+  TORCH_CHECK_VALUE(input.scalar_type() == at::kDouble || padded_axis <= (int64_t(1) << 24),
+                    "dscn: the sampled axis plus its padding must be at most 2^24 = 16777216 for ",
+                    dtype_name(input.scalar_type()), " (sample positions are float32; float64 has no such limit); got ",
+                    padded_axis);
   p.on_x = on_x;
   p.offset_scale = offset_scale;
   p.geom.kernel = K;

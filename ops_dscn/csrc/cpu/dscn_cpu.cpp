@@ -1324,8 +1324,202 @@ DSCN_INLINE void backward_task_body(const DSCNParams& p, const Frame& f, TapTabl
   });
 }
 
-DSCN_DEFINE_ISA_DISPATCH(forward_task)
-DSCN_DEFINE_ISA_DISPATCH(backward_task)
+
+// ---- Select path: the outputs the fast forms get wrong ----
+//
+// The forms above read an unused neighbour and multiply it by a weight of 0 (the general and pair forms), and the lerp
+// form samples x[q - 1] + l * (x[q] - x[q - 1]). Both are exact for finite inputs whose neighbour differences do not
+// overflow, and wrong otherwise: an Inf or NaN in the input (or in grad_output) reached every tap for which it was an
+// unused neighbour (0 * Inf = NaN), where the CUDA kernel and the spec have an unused neighbour contribute nothing,
+// and two huge neighbours of opposite sign gave Inf where the sample is finite. Each of those errors leaves a NaN or
+// an Inf in what the task wrote, and a finite input never does, so each task checks its own outputs while they are
+// still in cache, and recomputes its lines on a non-finite one with the CUDA kernels' arithmetic (the shared
+// resolve_tap, each neighbour read only when it is used). That costs one cached pass over the outputs; a task whose
+// output is rightly non-finite (an Inf the taps read) is computed twice.
+
+// True when the `count` values at `v` are finite. For float and double on the bits: an exponent of all ones (Inf,
+// NaN) plus one carries into the sign bit, and the OR of those sums is one AND, ADD and OR a lane, with no early
+// exit, so the loop vectorises at the task's ISA width (a float comparison loop cost twice as much).
+template <typename T>
+DSCN_INLINE bool all_finite(const T* v, int64_t count) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    using bits_t = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    using alias_t __attribute__((may_alias)) = bits_t;
+    constexpr int kMant = sizeof(T) == 4 ? 23 : 52;
+    constexpr bits_t kExp = sizeof(T) == 4 ? bits_t(0xFF) << kMant : bits_t(0x7FF) << kMant;
+    constexpr bits_t kOne = bits_t(1) << kMant;
+    const alias_t* u = reinterpret_cast<const alias_t*>(v);
+    bits_t acc = 0;
+    for (int64_t i = 0; i < count; ++i) acc |= (u[i] & kExp) + kOne;
+    return (acc >> (8 * sizeof(T) - 1)) == 0;
+  } else {
+    using acc_t = at::opmath_type<T>;
+    const acc_t lim = std::numeric_limits<acc_t>::max();
+    int bad = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t a = static_cast<acc_t>(v[i]);
+      bad |= !((a <= lim) & (a >= -lim));  // NaN fails both
+    }
+    return bad == 0;
+  }
+}
+
+// Whether the per-pixel values (`per_pixel` of them) of output lines o0..o1 of image n are all finite.
+template <typename T>
+DSCN_INLINE bool output_lines_finite(const DSCNParams& p, const Frame& f, const T* data, int64_t n, int64_t o0, int64_t o1,
+                         int64_t per_pixel) {
+  for (int64_t oo = o0; oo < o1; ++oo) {
+    const int64_t pix0 = n * f.out_batch + oo * f.out_orth;
+    if (f.out_ax == 1) {  // x-strip: the line is contiguous
+      if (!all_finite(data + pix0 * per_pixel, f.n_ax * per_pixel)) return false;
+      continue;
+    }
+    for (int64_t oa = 0; oa < f.n_ax; ++oa) {
+      if (!all_finite(data + (pix0 + oa * f.out_ax) * per_pixel, per_pixel)) return false;
+    }
+  }
+  return true;
+}
+
+// Element offset of the input line read by output line `oo` of image n, or -1 for a line in the padding.
+DSCN_INLINE int64_t input_line_base(const DSCNParams& p, const Frame& f, int64_t n, int64_t oo) {
+  const int64_t line = oo * p.orth_stride - p.orth_pad;
+  return line >= 0 && line < p.orth_len ? n * f.in_batch + line * f.in_orth : int64_t(-1);
+}
+
+// Whether the input line at `base` (axis_len pixels of C values, in_axis apart) is all finite.
+template <typename T>
+DSCN_INLINE bool input_line_finite(const DSCNParams& p, const Frame& f, const T* data, int64_t base) {
+  if (f.in_axis == p.C) return all_finite(data + base, p.geom.axis_len * p.C);  // contiguous
+  for (int64_t i = 0; i < p.geom.axis_len; ++i) {
+    if (!all_finite(data + base + i * f.in_axis, p.C)) return false;
+  }
+  return true;
+}
+
+// Output line `oo` of image n with the CUDA kernels' arithmetic.
+template <typename scalar_t>
+void forward_select_line(const DSCNParams& p, const Frame& f, const scalar_t* input, const scalar_t* offset,
+                         scalar_t* output, int64_t n, int64_t oo) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = p.group, gc = p.group_channels, C = p.C, KK = p.geom.taps;
+  const acc_t scale = static_cast<acc_t>(p.offset_scale);
+  const int64_t base = input_line_base(p, f, n, oo);
+  std::vector<acc_t> acc(gc);
+  for (int64_t oa = 0; oa < f.n_ax; ++oa) {
+    const int64_t pix = n * f.out_batch + oa * f.out_ax + oo * f.out_orth;
+    scalar_t* out = output + pix * C;
+    if (base < 0) {
+      std::fill(out, out + C, scalar_t(0));
+      continue;
+    }
+    const acc_t origin = strip_origin<acc_t>(p.geom, oa, scale);
+    for (int64_t grp = 0; grp < G; ++grp) {
+      const scalar_t* x = input + base + grp * gc;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < KK; ++j) {
+        const acc_t tap_pos = static_cast<acc_t>(tap_index(j, p.geom.center) * p.geom.dilation);
+        const LinearTap<acc_t> t = resolve_tap<acc_t>(
+            tap_location<acc_t>(origin, tap_pos, static_cast<acc_t>(offset[pix * G * KK + grp * KK + j]), scale),
+            p.geom.axis_len);
+        for (int64_t c = 0; c < gc; ++c) {
+          if (t.use0) acc[c] += t.w0 * static_cast<acc_t>(x[t.i0 * f.in_axis + c]);
+          if (t.use1) acc[c] += t.w1 * static_cast<acc_t>(x[t.i1 * f.in_axis + c]);
+        }
+      }
+      for (int64_t c = 0; c < gc; ++c) out[grp * gc + c] = static_cast<scalar_t>(acc[c]);
+    }
+  }
+}
+
+// Backward of output line `oo` of image n with the CUDA kernels' arithmetic; its input line's gradient must be zero.
+template <typename scalar_t>
+void backward_select_line(const DSCNParams& p, const Frame& f, const scalar_t* grad_out, const scalar_t* input,
+                          const scalar_t* offset, at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset,
+                          int64_t n, int64_t oo) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t G = p.group, gc = p.group_channels, C = p.C, KK = p.geom.taps;
+  const acc_t scale = static_cast<acc_t>(p.offset_scale);
+  const int64_t base = input_line_base(p, f, n, oo);
+  for (int64_t oa = 0; oa < f.n_ax; ++oa) {
+    const int64_t pix = n * f.out_batch + oa * f.out_ax + oo * f.out_orth;
+    scalar_t* goff = grad_offset != nullptr ? grad_offset + pix * G * KK : nullptr;
+    if (base < 0) {
+      if (goff != nullptr) std::fill(goff, goff + G * KK, scalar_t(0));
+      continue;
+    }
+    const acc_t origin = strip_origin<acc_t>(p.geom, oa, scale);
+    for (int64_t grp = 0; grp < G; ++grp) {
+      const scalar_t* x = input + base + grp * gc;
+      const scalar_t* g = grad_out + pix * C + grp * gc;
+      for (int64_t j = 0; j < KK; ++j) {
+        const acc_t tap_pos = static_cast<acc_t>(tap_index(j, p.geom.center) * p.geom.dilation);
+        const LinearTap<acc_t> t = resolve_tap<acc_t>(
+            tap_location<acc_t>(origin, tap_pos, static_cast<acc_t>(offset[pix * G * KK + grp * KK + j]), scale),
+            p.geom.axis_len);
+        if (grad_input != nullptr) {
+          acc_t* gx = grad_input + base + grp * gc;
+          for (int64_t c = 0; c < gc; ++c) {
+            const acc_t gv = static_cast<acc_t>(g[c]);
+            if (t.use0) gx[t.i0 * f.in_axis + c] += t.w0 * gv;
+            if (t.use1) gx[t.i1 * f.in_axis + c] += t.w1 * gv;
+          }
+        }
+        if (goff != nullptr) {
+          // d sample / d loc = x[i1] - x[i0], each term only where that neighbour is read, and 0 for a tap outside
+          // the window whatever grad_output holds (as the CUDA kernel).
+          acc_t dot = 0;
+          for (int64_t c = 0; c < gc && (t.use0 || t.use1); ++c) {
+            acc_t d = 0;
+            if (t.use1) d += static_cast<acc_t>(x[t.i1 * f.in_axis + c]);
+            if (t.use0) d -= static_cast<acc_t>(x[t.i0 * f.in_axis + c]);
+            dot += static_cast<acc_t>(g[c]) * d;
+          }
+          goff[grp * KK + j] = static_cast<scalar_t>(scale * dot);
+        }
+      }
+    }
+  }
+}
+
+// A task of the fast forms, then the check of what it wrote and, on a non-finite value, its lines again with the
+// select path (compiled per ISA with the task, so that the check runs at the vector width of the kernels).
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void checked_forward_task_body(const DSCNParams& p, const Frame& f, TapTable<scalar_t>& tab,
+                                           const scalar_t* input, const scalar_t* offset, scalar_t* output, int64_t n,
+                                           int64_t o0, int64_t o1) {
+  forward_task_body<Bytes, scalar_t>(p, f, tab, input, offset, output, n, o0, o1);
+  if (!output_lines_finite(p, f, output, n, o0, o1, p.C)) {
+    for (int64_t oo = o0; oo < o1; ++oo) forward_select_line(p, f, input, offset, output, n, oo);
+  }
+}
+
+template <int Bytes, typename scalar_t>
+DSCN_INLINE void checked_backward_task_body(const DSCNParams& p, const Frame& f, TapTable<scalar_t>& tab,
+                                            const scalar_t* grad_out, const scalar_t* input, const scalar_t* offset,
+                                            at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset, int64_t n,
+                                            int64_t o0, int64_t o1) {
+  backward_task_body<Bytes, scalar_t>(p, f, tab, grad_out, input, offset, grad_input, grad_offset, n, o0, o1);
+  bool ok = grad_offset == nullptr || output_lines_finite(p, f, grad_offset, n, o0, o1, p.group * p.geom.taps);
+  // The task's input lines, which no other task writes (distinct output lines read distinct input lines).
+  for (int64_t oo = o0; oo < o1 && ok && grad_input != nullptr; ++oo) {
+    const int64_t base = input_line_base(p, f, n, oo);
+    ok = base < 0 || input_line_finite(p, f, grad_input, base);
+  }
+  if (ok) return;
+  for (int64_t oo = o0; oo < o1; ++oo) {
+    const int64_t base = input_line_base(p, f, n, oo);
+    if (grad_input != nullptr && base >= 0) {
+      for (int64_t i = 0; i < p.geom.axis_len; ++i) {
+        std::fill(grad_input + base + i * f.in_axis, grad_input + base + i * f.in_axis + p.C, 0);
+      }
+    }
+    backward_select_line(p, f, grad_out, input, offset, grad_input, grad_offset, n, oo);
+  }
+}
+
+DSCN_DEFINE_ISA_DISPATCH(checked_forward_task)
+DSCN_DEFINE_ISA_DISPATCH(checked_backward_task)
 
 template <typename scalar_t>
 void forward_impl(const DSCNParams& p, const scalar_t* input, const scalar_t* offset, scalar_t* output) {
@@ -1336,7 +1530,7 @@ void forward_impl(const DSCNParams& p, const scalar_t* input, const scalar_t* of
   for_each_task<scalar_t>(
       p, f,
       [&](TapTable<scalar_t>& tab, int64_t n, int64_t o0, int64_t o1) {
-        forward_task<scalar_t>(p, f, tab, input, offset, output, n, o0, o1);
+        checked_forward_task<scalar_t>(p, f, tab, input, offset, output, n, o0, o1);
       },
       rows ? f.n_ax : 0);
 }
@@ -1346,7 +1540,7 @@ void backward_impl(const DSCNParams& p, const scalar_t* grad_out, const scalar_t
                    at::opmath_type<scalar_t>* grad_input, scalar_t* grad_offset) {
   const Frame f = make_frame(p);
   for_each_task<scalar_t>(p, f, [&](TapTable<scalar_t>& tab, int64_t n, int64_t o0, int64_t o1) {
-    backward_task<scalar_t>(p, f, tab, grad_out, input, offset, grad_input, grad_offset, n, o0, o1);
+    checked_backward_task<scalar_t>(p, f, tab, grad_out, input, offset, grad_input, grad_offset, n, o0, o1);
   });
 }
 

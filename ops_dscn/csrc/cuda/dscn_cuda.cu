@@ -162,8 +162,9 @@ __global__ void dscn_grad_offset_kernel(const Geo q, const scalar_t* __restrict_
       const scalar_t* g = grad_out + pix * q.C + c0;
       const scalar_t* x0 = input + base + c0 + t.i0 * q.in_axis;
       const scalar_t* x1 = input + base + c0 + t.i1 * q.in_axis;
-      // d value / d loc = x[i1] - x[i0], each term only where that neighbour is read.
-      for (int64_t c = 0; c < q.group_channels; ++c) {
+      // d value / d loc = x[i1] - x[i0], each term only where that neighbour is read; a tap outside the window
+      // gets 0, whatever grad_output holds (an Inf there would make 0 * Inf = NaN).
+      for (int64_t c = 0; c < q.group_channels && (t.use0 || t.use1); ++c) {
         acc_t d = 0;
         if (t.use1) d += static_cast<acc_t>(x1[c]);
         if (t.use0) d -= static_cast<acc_t>(x0[c]);
