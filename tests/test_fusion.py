@@ -310,6 +310,56 @@ def test_mlp_kernel_matches_the_layers_one_by_one(fuse):
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-4, msg=lambda m, k=k: f'{k}: {m}')
 
 
+@pytest.mark.parametrize('fuse', [False, True])
+def test_export_with_dynamic_batch_and_size_serves_every_size(fuse):
+    """The model picks kernels by batch and map size (the depthwise kernel up to 2 images, the 1x1 epilogues under
+    compile up to 8, the training MLP kernel from 28x28 maps). Those choices used to become guards, so an export with
+    dynamic batch, H and W refused batch 1 or 9, or maps over 784 pixels, or did not export at batch 2."""
+    from torch.export import Dim
+    model = make_model(**SMALL)
+    if fuse:
+        model = timm.utils.reparameterize_model(model)
+    dims = {'x': {0: Dim.DYNAMIC, 2: Dim.DYNAMIC, 3: Dim.DYNAMIC}}
+    with torch.no_grad():
+        ep = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=dims)
+        for shape in ((1, 3, 64, 64), (9, 3, 64, 64), (3, 3, 160, 160), (2, 3, 71, 97)):
+            x = torch.randn(shape)
+            torch.testing.assert_close(ep.module()(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_settles_on_dynamic_shapes():
+    """torch.compile (automatic dynamic shapes) over batches 1-9 and three image sizes: a few graphs, then none;
+    before, each batch band and map size made its own graph until the recompile limit sent the rest to eager."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = make_model(**SMALL)
+    compiled = torch.compile(model, backend='eager')
+    graphs = []
+    with torch.no_grad():
+        for size in (64, 96, 128):
+            for batch in (1, 2, 3, 9):
+                before = counters['stats']['unique_graphs']
+                x = torch.randn(batch, 3, size, size)
+                torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+                graphs.append(counters['stats']['unique_graphs'] - before)
+    assert sum(graphs) <= 6 and sum(graphs[-4:]) <= 1, str(graphs)  # batch 1 is specialised at each new size at most
+    torch._dynamo.reset()
+
+
+def test_jit_trace_sees_only_aten_operators():
+    """Tracers (FLOP counters used directly, ONNX export) must see the layers: none of the ops_dscn kernels but the
+    DSCN op itself may be recorded, in inference and in training mode."""
+    model = make_model(**SMALL)
+    x = torch.randn(1, 3, 64, 64)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            traced = torch.jit.trace(model, x, check_trace=False)
+        kinds = {n.kind() for n in traced.inlined_graph.nodes() if n.kind().startswith('ops_dscn::')}
+        assert kinds <= {'ops_dscn::dscn'}, kinds
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @requires_mlp_kernel
 def test_inference_export_keeps_the_mlp_kernel():
     """Exported under no_grad (an inference graph), the MLP kernel is in the graph and the program runs."""

@@ -223,6 +223,10 @@ def test_adapter_with_fewer_stages_loads_a_full_checkpoint():
         _adapter(num_stages=3, out_indices=(3,))
 
 
+def test_adapter_takes_the_original_linear_argument():
+    assert _adapter(linear=False).num_stages == 4  # as every original config passes it
+
+
 def test_adapter_norm_cfg():
     sync = _adapter(norm_cfg=dict(type='SyncBN', requires_grad=True))
     assert type(sync.patch_embed1.norm) is torch.nn.BatchNorm2d  # no multi-process CUDA run here
@@ -237,6 +241,7 @@ def test_adapter_norm_cfg():
     (dict(out_indices=(4,)), r'out_indices must be .*\[0, 3\], got \[4\]'),
     (dict(frozen_stages=5), r'frozen_stages must be in \[-1, 4\], got 5'),
     (dict(num_stages=5), r'num_stages must be in \[1, 4\].*got 5'),
+    (dict(linear=True), r"linear=True \(the original's ReLU after each MLP's fc1"),
     (dict(pretrained='x.pth', init_cfg=dict(type='Pretrained', checkpoint='x.pth')), 'cannot be set at the same'),
 ])
 def test_adapter_rejects_bad_arguments(kwargs, match):

@@ -272,6 +272,35 @@ def test_norm_eps_option():
                for i in range(1, 5))
 
 
+def test_original_constructor_arguments_build_the_same_model():
+    """The original DSAN's constructor: `norm_layer` is the stage LayerNorm (its variants pass
+    partial(nn.LayerNorm, eps=1e-6)), plus img_size, pads, strides, dilations, num_stages, flag and
+    forward_backbone. The model built its way equals timm's dsan_t, weight for weight and output for output."""
+    from functools import partial
+
+    from torch import nn
+    original = DSAN(img_size=224, embed_dims=[32, 64, 160, 256], kernel_sizes=[11, 11, 7, 5],
+                    dw_kernel_sizes=[11, 11, 7, 5], pads=[5, 5, 3, 2], strides=[1, 1, 1, 1], dilations=[1, 1, 1, 1],
+                    groups=[1, 4, 8, 8], mlp_ratios=[8, 8, 4, 4], norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                    depths=[3, 3, 5, 2], num_stages=4, flag=False).eval()
+    ours = timm.create_model('dsan_t').eval()
+    assert {k: v.shape for k, v in original.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert original.norm4.eps == 1e-6 and isinstance(original.block1[0].norm1, nn.BatchNorm2d)
+    ours.load_state_dict(original.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(original(x), ours(x), rtol=0, atol=0)
+        tokens = original.forward_backbone(x)
+        assert tokens.shape == (2, 4, 256)
+        torch.testing.assert_close(tokens.mean(1), original.forward_head(original.forward_features(x), pre_logits=True))
+    with pytest.raises(ValueError, match=r'pads must be \[5, 5, 3, 2\] .* got \[5, 5, 3, 3\]'):
+        DSAN(pads=[5, 5, 3, 3], **SMALL)
+    with pytest.raises(ValueError, match=r'strides must be \[1, 1, 1, 1\]'):
+        DSAN(strides=[1, 2, 1, 1], **SMALL)
+    with pytest.raises(ValueError, match='num_stages must be the number of per-stage entries'):
+        DSAN(num_stages=3, **SMALL)
+
+
 def test_backend_name_is_checked_by_ops_dscn_and_kept(resolve_calls, monkeypatch):
     """ops_dscn validates the name; the DSCN modules keep the name ('auto' resolves per call and device)."""
     model = timm.create_model('dsan_t', backend='pytorch', **SMALL)
@@ -310,7 +339,7 @@ def test_core_op_is_a_deprecated_alias_of_backend(resolve_calls):
         model = timm.create_model('dsan_t', core_op='dscn_pytorch', **SMALL)
     assert model.backend == 'pytorch' and dscn_backends(model) == {'pytorch'}
     with pytest.warns(FutureWarning, match="use backend='cpp'"):
-        model = DSAN(core_op='dscn', **SMALL)  # the original's name for the compiled op
+        model = DSAN(core_op='dscn', **SMALL)  # the deprecated name of the compiled op
     assert resolve_calls[-1] == 'cpp' and dscn_backends(model) == {'cpp'}
     with pytest.warns(FutureWarning, match="use backend='pytorch'"):
         model.set_backend(core_op='dscn_pytorch')

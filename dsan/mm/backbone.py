@@ -26,6 +26,7 @@ from mmengine.runner import CheckpointLoader
 from dsan.models.dsan import (
     DSAN,
     CheckpointError,
+    check_strip_geometry,
     checkpoint_filter_fn,
     extract_state_dict,
     infer_groups,
@@ -72,6 +73,7 @@ class DSANBackbone(DSAN, BaseModule):
             drop_path_rate: float = 0.,
             depths: Sequence[int] = (3, 4, 6, 3),
             num_stages: int = 4,
+            linear: bool = False,
             out_indices: int | Sequence[int] = (0, 1, 2, 3),
             frozen_stages: int = -1,
             norm_cfg: Mapping[str, Any] | None = None,
@@ -95,6 +97,7 @@ class DSANBackbone(DSAN, BaseModule):
             drop_path_rate: Stochastic depth rate, linear from 0 over all blocks.
             depths: Blocks per stage.
             num_stages: Stages to build (the first `num_stages` entries of the per-stage lists).
+            linear: The original's argument; must be False (as in every DSAN config).
             out_indices: Stages (0-based) whose normalised output `forward` returns, in order (an int: one stage).
             frozen_stages: Stages 1..frozen_stages are frozen (no gradients, norms in eval mode); -1 none.
             norm_cfg: mmcv norm config of the BatchNorms (default SyncBN). SyncBN becomes plain BN where it
@@ -128,14 +131,10 @@ class DSANBackbone(DSAN, BaseModule):
             raise ValueError(f'num_stages must be in [1, {min(len(v) for v in per_stage.values())}] (the length of '
                              f'the per-stage lists), got {num_stages}.')
         per_stage = {k: list(v)[:num_stages] for k, v in per_stage.items()}
-        ks = per_stage['kernel_sizes']
-        for name, values, expected in (('paddings', paddings, [(k - 1) // 2 for k in ks]),
-                                       ('strides', strides, [1] * num_stages),
-                                       ('dilations', dilations, [1] * num_stages)):
-            if values is not None and list(values)[:num_stages] != expected:
-                raise ValueError(
-                    f"{name} must be {expected} for kernel_sizes {ks} (DSAN's DSCN layers use 'same' padding, "
-                    f'stride 1 and dilation 1), got {list(values)}.')
+        check_strip_geometry(per_stage['kernel_sizes'], paddings, strides, dilations)
+        if linear:
+            raise ValueError("linear=True (the original's ReLU after each MLP's fc1, a PVTv2 option no DSAN config "
+                             'sets) is not supported; leave it False.')
         if isinstance(out_indices, int):  # mmseg's backbones take a single stage as an int too
             out_indices = (out_indices,)
         if not isinstance(out_indices, Sequence) or not all(isinstance(i, int) for i in out_indices):

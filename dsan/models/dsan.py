@@ -50,6 +50,7 @@ from timm.models._features import feature_take_indices
 try:
     import ops_dscn
     from ops_dscn import DepthwiseConv2d
+    from ops_dscn.functional import known_true
     from ops_dscn.modules import DSCNX, DSCNY
 except ImportError as e:  # e.g. from the repository root, where the un-installed ops_dscn/ folder is a namespace
     raise ImportError(f'dsan needs the ops_dscn operator package ({e}): install it with `pip install '
@@ -66,15 +67,16 @@ from ._checkpoint import (
 from ._checkpoint import load_checkpoint as _load_checkpoint
 
 __all__ = [
-    'DSAN', 'DSA', 'DSCNPair', 'Block', 'OverlapPatchEmbed', 'Mlp', 'checkpoint_filter_fn', 'describe_state_dict',
-    'infer_groups', 'load_checkpoint',
+    'DSAN', 'DSA', 'DSCNPair', 'Block', 'OverlapPatchEmbed', 'Mlp', 'check_strip_geometry', 'checkpoint_filter_fn',
+    'describe_state_dict', 'infer_groups', 'load_checkpoint',
     # Re-exported from `_checkpoint` (imported from here by dsan.mm and the tools).
     'CheckpointError', 'NoPretrainedWeightsError', 'extract_state_dict', 'read_checkpoint',
 ]
 
 _logger = logging.getLogger(__name__)
 
-# The original code's `core_op` option: 'dscn' (the compiled op) or 'dscn_pytorch' (its pure-PyTorch twin).
+# `core_op`, an earlier name of `backend` in InternImage's DCNv3 style (not an option of the original DSAN code, which
+# always calls the compiled op): 'dscn' (the compiled op) or 'dscn_pytorch' (its pure-PyTorch twin).
 _CORE_OP_BACKENDS = {'dscn': 'cpp', 'dscn_pytorch': 'pytorch'}
 
 
@@ -281,7 +283,10 @@ class PointwiseConv2d(ops_dscn.KeepsPackedWeights, nn.Conv2d):
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
-        if torch.compiler.is_compiling() and x.shape[0] > self.compile_max_batch and not packed:
+        # A symbolic batch (dynamic shapes) counts as a large one: a guard on it would tie the compiled or exported
+        # program to one side of compile_max_batch.
+        if (torch.compiler.is_compiling() and not packed
+                and not known_true(x.shape[0] <= self.compile_max_batch)):
             return False
         return not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or any(
             t is not None and t.requires_grad for t in operands)))
@@ -327,8 +332,9 @@ class PointwiseConv2d(ops_dscn.KeepsPackedWeights, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C_in, H, W) -> (N, C_out, H, W)."""
-        if (x.dtype == torch.float32 and x.device.type == 'cpu' and x.dim() == 4 and x.shape[0] == 1
-                and x.is_contiguous(memory_format=torch.channels_last) and self.groups == 1
+        if (x.dtype == torch.float32 and x.device.type == 'cpu' and x.dim() == 4
+                and known_true(x.shape[0] == 1) and x.is_contiguous(memory_format=torch.channels_last)
+                and self.groups == 1
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             w = self.weight.view(self.out_channels, self.in_channels)
             return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
@@ -411,11 +417,16 @@ class Mlp(ops_dscn.KeepsPackedWeights, nn.Module):
 
     def _use_fused_kernel(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         # float64 keeps the layer-by-layer path, so double-precision results stay those of the reference model.
-        if not self.fused_kernel or x.dtype != torch.float32 or not ops_dscn.conv_mlp_available(x):
+        # Not while torch.jit traces: tracers (FLOP counters, ONNX export) must see the layers' aten operators.
+        if (not self.fused_kernel or x.dtype != torch.float32 or not ops_dscn.conv_mlp_available(x)
+                or torch.jit.is_tracing()):
             return False
         if type(self.act) is not nn.GELU or self.act.approximate != 'none' or (self.training and self.drop.p > 0):
             return False
-        if x.shape[2] * x.shape[3] >= self.fused_train_min_pixels or not torch.is_grad_enabled():
+        # The grad mode first, and a symbolic map size (dynamic shapes) counts as a small one: without gradients the
+        # kernel runs at every size, so a guard on the size would only tie a compiled or exported program to it.
+        if not torch.is_grad_enabled() or known_true(
+                x.shape[2] * x.shape[3] >= self.fused_train_min_pixels):
             return True
         return not (x.requires_grad or any(p.requires_grad for p in self.parameters())
                     or (residual is not None and residual.requires_grad))
@@ -569,6 +580,12 @@ class Block(nn.Module):
             backend: str = 'auto',
             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
             fused_mlp: bool = True,
+            img_size: int | None = None,
+            pads: Sequence[int] | None = None,
+            strides: Sequence[int] | None = None,
+            dilations: Sequence[int] | None = None,
+            num_stages: int | None = None,
+            flag: bool = False,
     ):
         """
         Args:
@@ -817,6 +834,24 @@ class OverlapPatchEmbed(nn.Module):
         self.norm = nn.Identity().eval()
 
 
+def check_strip_geometry(kernel_sizes: Sequence[int], pads: Sequence[int] | None, strides: Sequence[int] | None,
+                         dilations: Sequence[int] | None, pads_name: str = 'paddings') -> None:
+    """Check the original constructors' per-stage DSCN `pads`, `strides` and `dilations` (None: not given).
+
+    Every DSAN uses 'same' padding (K - 1) / 2, stride 1 and dilation 1, which is all the model here builds; the
+    original configs spell them out.
+
+    Raises:
+        ValueError: A value differs, naming the argument, the expected and the given values.
+    """
+    ks = list(kernel_sizes)
+    for name, values, expected in ((pads_name, pads, [(k - 1) // 2 for k in ks]),
+                                   ('strides', strides, [1] * len(ks)), ('dilations', dilations, [1] * len(ks))):
+        if values is not None and list(values)[:len(ks)] != expected:
+            raise ValueError(f"{name} must be {expected} for kernel_sizes {ks} (DSAN's DSCN layers use 'same' "
+                             f'padding, stride 1 and dilation 1), got {list(values)}.')
+
+
 class DSAN(nn.Module):
     """DSAN backbone with a linear classifier; the defaults build DSAN-T (`dsan_t`).
 
@@ -849,6 +884,12 @@ class DSAN(nn.Module):
             channels_last: bool = True,
             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
             fused_mlp: bool = True,
+            img_size: int | None = None,
+            pads: Sequence[int] | None = None,
+            strides: Sequence[int] | None = None,
+            dilations: Sequence[int] | None = None,
+            num_stages: int | None = None,
+            flag: bool = False,
     ):
         """
         Args:
@@ -869,17 +910,31 @@ class DSAN(nn.Module):
                 else the pure-PyTorch one), 'cpp' (the compiled op; an error here if it is not built) or
                 'pytorch'; None is 'auto'. The DSCN modules keep the name and resolve it at each call for the
                 device of their input, so a model built on the CPU runs the right kernel after `.cuda()`.
-            core_op: Deprecated alias of `backend` from the original code (FutureWarning): 'dscn' is
+            core_op: Deprecated alias of `backend`, an earlier name of it (FutureWarning): 'dscn' is
                 backend='cpp', 'dscn_pytorch' backend='pytorch'; a ValueError if it disagrees with `backend`.
             channels_last: Convert the input to channels_last memory so every activation stays NHWC in memory.
             norm_layer: Builds every BatchNorm (patch embeddings, `norm1`/`norm2` of the blocks) from the
-                channel count; the mm adapter passes SyncBN or BN built from its `norm_cfg`.
+                channel count; the mm adapter passes SyncBN or BN built from its `norm_cfg`. A factory of
+                LayerNorms is taken as the original's `norm_layer` (the stage norms; its variants pass
+                `partial(nn.LayerNorm, eps=1e-6)`): the stage norms are built with it, and BatchNorm elsewhere.
             fused_mlp: On CPU in float32, training and inference, run each MLP as one fused operator
                 (`ops_dscn.conv_mlp`: the hidden tensor stays in cache, and training keeps only the MLP's input
                 for the backward; same results to float rounding). False runs its layers one by one everywhere.
+            img_size, pads, strides, dilations, num_stages, flag: The original constructor's arguments, accepted
+                so that code written for it builds the same model. `img_size` and `flag` change nothing (any input
+                size works); `pads`, `strides` and `dilations` must be what every DSAN uses ('same' padding
+                (K - 1) / 2, stride 1, dilation 1) and `num_stages` the length of the per-stage lists.
         """
         super().__init__()
+        del img_size, flag  # the original's: the input size is free, and `flag` only skipped `self.num_classes`
+        if num_stages is not None and num_stages != len(depths):
+            raise ValueError(f'num_stages must be the number of per-stage entries ({len(depths)}), got {num_stages} '
+                             '(fewer stages: timm features_only=True / out_indices, or dsan.mm.DSANBackbone).')
         num_stages = len(depths)
+        check_strip_geometry(kernel_sizes, pads, strides, dilations, pads_name='pads')
+        stage_norm = partial(nn.LayerNorm, eps=norm_eps)
+        if isinstance(norm_layer(embed_dims[0]), nn.LayerNorm):
+            stage_norm, norm_layer = norm_layer, nn.BatchNorm2d
         for name, seq in (('embed_dims', embed_dims), ('mlp_ratios', mlp_ratios), ('kernel_sizes', kernel_sizes),
                           ('dw_kernel_sizes', dw_kernel_sizes), ('groups', groups)):
             if len(seq) != num_stages:
@@ -924,7 +979,7 @@ class DSAN(nn.Module):
             cur += depths[i]
             setattr(self, f'patch_embed{i + 1}', patch_embed)
             setattr(self, f'block{i + 1}', block)
-            setattr(self, f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=norm_eps))
+            setattr(self, f'norm{i + 1}', stage_norm(embed_dims[i]))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=2 ** (i + 2), module=f'norm{i + 1}'))
 
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
@@ -1052,6 +1107,12 @@ class DSAN(nn.Module):
         for i in range(self.num_stages):
             x = self._stage(i, x)
         return x
+
+    def forward_backbone(self, x: torch.Tensor) -> torch.Tensor:
+        """The original's `forward_backbone`: (N, 3, H, W) -> (N, H / 32 * W / 32, C_4), the normalised last-stage
+        features as tokens. (The original's `forward_features` returned them pooled, (N, C_4); here it follows
+        timm: the feature map, with `forward_head(x, pre_logits=True)` pooling it.)"""
+        return self.forward_features(x).flatten(2).transpose(1, 2)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(N, C, h, w) -> (N, num_classes), or the pooled (N, C) features when `pre_logits`."""

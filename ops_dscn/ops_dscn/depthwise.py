@@ -21,6 +21,7 @@ from torch import nn
 
 from ._double_backward import recording_backward, twin_gradients
 from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _check_same_device, _has_cpu_kernel
+from .functional import known_true
 
 __all__ = ["DepthwiseConv2d", "FORWARD_MAX_BATCH", "MAX_KERNEL_H", "dw_conv2d", "dw_conv_weight_grad",
            "dw_conv_weight_grad_reference"]
@@ -142,8 +143,11 @@ class DepthwiseConv2d(nn.Conv2d):
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4):
             return _DepthwiseConv2dFunction.apply(x, self.weight, self.bias, self.stride, self.padding,
                                                   self.dilation)
-        # Not while torch.jit traces: tracers (torchprofile's FLOP count, ONNX export) must see an aten conv.
-        if (_FORWARD_KERNEL and x.dim() == 4 and x.shape[0] <= FORWARD_MAX_BATCH and x.device.type == "cpu"
+        # Not while torch.jit traces: tracers (torchprofile's FLOP count, ONNX export) must see an aten conv. A
+        # symbolic batch (torch.export / torch.compile with dynamic shapes) takes ATen's conv, which serves any batch,
+        # rather than a guard that would tie the program to batches of at most two.
+        if (_FORWARD_KERNEL and x.dim() == 4 and known_true(x.shape[0] <= FORWARD_MAX_BATCH)
+                and x.device.type == "cpu"
                 and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str) and self.kernel_size[0] <= MAX_KERNEL_H
                 and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()

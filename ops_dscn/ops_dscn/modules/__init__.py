@@ -137,8 +137,9 @@ class _DSCNStrip(KeepsPackedWeights, nn.Module):
             raise ValueError(f"{type(self).__name__}: off_x must be (N, C, H, W) with C = {self.channels}; got shape "
                              f"{list(off_x.shape)}")
         conv, norm, act = self.dw_conv[0], self.dw_conv[1][-1], self.dw_conv[2]
+        # Not while torch.jit traces: tracers (FLOP counters, ONNX export) must see the layers' aten operators.
         if (self.fused_offsets and self.backend != "pytorch" and off_x.dtype == torch.float32
-                and not torch.is_autocast_enabled(off_x.device.type)
+                and not torch.is_autocast_enabled(off_x.device.type) and not torch.jit.is_tracing()
                 and strip_offsets_available(off_x) and isinstance(norm, nn.LayerNorm)
                 and type(act) is nn.GELU and act.approximate == "none" and self.dw_kernel_size % 2 == 1):
             return torch.ops.ops_dscn.strip_offsets(off_x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps,
