@@ -44,6 +44,16 @@ def _list_images(folder: str) -> list[str]:
     return found
 
 
+def search_split(root: str, split: str) -> str:
+    """The split folder name to use under ``root``: ``split``, or its other spelling (``val`` / ``validation``) when
+    only that folder exists, as timm's folder datasets searched for the original's ``validation`` default."""
+    other = {'val': 'validation', 'validation': 'val'}.get(split)
+    if root and other and not os.path.isdir(os.path.join(root, split)) and os.path.isdir(os.path.join(root, other)):
+        _logger.info('split folder %r not found: using %r', os.path.join(root, split), os.path.join(root, other))
+        return other
+    return split
+
+
 def check_image_folder(root: str, split: str) -> list[str]:
     """Check ``root/split`` is an ImageNet-layout folder and return its class names (sorted).
 

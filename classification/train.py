@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Dataset parameters')
     group.add_argument('data', nargs='?', metavar='DIR', help='dataset root (ImageNet layout: train/, val/)')
     group.add_argument('--data-dir', metavar='DIR', help='dataset root (alternative to the positional DIR)')
-    group.add_argument('--dataset', metavar='NAME', default='',
+    group.add_argument('-d', '--dataset', metavar='NAME', default='',
                        help='timm dataset type, e.g. "torch/cifar10" (default: image folders)')
     group.add_argument('--train-split', metavar='NAME', default='train', help='training split folder')
     group.add_argument('--val-split', metavar='NAME', default='val', help='validation split folder ("" for none)')
@@ -130,7 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--warmup-lr', type=float, default=1e-6, metavar='LR', help='warmup start lr')
     group.add_argument('--min-lr', type=float, default=1e-6, metavar='LR', help='lower lr bound')
     group.add_argument('--epochs', type=int, default=300, metavar='N', help='epochs (+ cooldown) (default: 300)')
-    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='step scheduler interval')
+    group.add_argument('--decay-epochs', type=float, default=100, metavar='N',
+                       help='step scheduler interval (default: 100, as the original)')
     group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE', help='step decay rate')
     group.add_argument('--warmup-epochs', type=int, default=5, metavar='N', help='warmup epochs (default: 5)')
     group.add_argument('--cooldown-epochs', type=int, default=10, metavar='N', help='cooldown epochs (default: 10)')
@@ -234,6 +235,37 @@ _RANGES = (
 )
 
 
+# Options of the original train.py (timm 0.4.12's) that this one does not have, with their defaults there. An
+# args.yaml written by an original run holds them all: at these values they changed nothing and are ignored; any
+# other value is refused by name, since the run it describes cannot be repeated here.
+_ORIGINAL_ONLY_DEFAULTS = {
+    'dataset_download': False, 'gp': None, 'lr_noise': None, 'lr_noise_pct': 0.67, 'lr_noise_std': 1.0,
+    'lr_cycle_mul': 1.0, 'lr_cycle_decay': 0.5, 'lr_cycle_limit': 1, 'lr_k_decay': 1.0, 'epoch_repeats': 0.0,
+    'start_epoch': None, 'patience_epochs': 10, 'aug_repeats': 0, 'aug_splits': 0, 'jsd_loss': False,
+    'bce_loss': False, 'bce_target_thresh': None, 'resplit': False, 'drop_connect': None, 'drop_block': None,
+    'bn_tf': False, 'bn_momentum': None, 'bn_eps': None, 'split_bn': False, 'model_ema_force_cpu': False,
+    'worker_seeding': 'all', 'recovery_interval': 0, 'save_images': False, 'apex_amp': False, 'native_amp': False,
+    'no_ddp_bb': False, 'no_prefetcher': False, 'tta': 0, 'use_multi_epochs_loader': False, 'torchscript': False,
+    'log_wandb': False,
+}
+
+
+def _drop_original_only_keys(parser: argparse.ArgumentParser, cfg: dict, path: str) -> dict:
+    """`cfg` without the original-only options at their inert defaults; a usage error for any other value."""
+    known = {a.dest for a in parser._actions}
+    active = [f'{k}={cfg[k]!r}' for k in sorted(set(cfg) & set(_ORIGINAL_ONLY_DEFAULTS) - known)
+              if cfg[k] != _ORIGINAL_ONLY_DEFAULTS[k]]
+    if active:
+        parser.error(f'{path}: option(s) of the original train.py (timm 0.4.12) that this one does not have, set to '
+                     f'other than their defaults: {", ".join(active)}')
+    dropped = sorted(k for k in cfg if k in _ORIGINAL_ONLY_DEFAULTS and k not in known)
+    if dropped:
+        # Logging is not set up yet: the run's own log starts later.
+        print(f'train.py: {path}: ignored, at their defaults (options of the original train.py only): '
+              f'{", ".join(dropped)}', file=sys.stderr)
+    return {k: v for k, v in cfg.items() if k not in dropped}
+
+
 def parse_args(argv: Sequence[str] | None = None):
     """Parse ``argv`` with YAML defaults from ``-c``; returns ``(args, yaml_text)``."""
     args_config, remaining = config_parser.parse_known_args(argv)
@@ -243,6 +275,10 @@ def parse_args(argv: Sequence[str] | None = None):
             parser.error(f'config file {args_config.config!r} does not exist')
         with open(args_config.config) as f:
             cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            parser.error(f'{args_config.config}: expected a mapping of option names to values, got a '
+                         f'{type(cfg).__name__}')
+        cfg = _drop_original_only_keys(parser, cfg, args_config.config)
         known = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - known)
         if unknown:
@@ -255,6 +291,7 @@ def parse_args(argv: Sequence[str] | None = None):
                      'have; not with --opt-foreach)')
     args.config = args_config.config
     args.data_dir = args.data_dir or args.data
+    args.output = args.output or 'output/train'  # '' (an original args.yaml's default) meant this folder there
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
 
@@ -337,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _train(args, args_text: str, device: torch.device, rank: int, world_size: int, primary: bool) -> int:
     # ---- input checks first, so mistakes fail in a second and with a message naming the path
     if not args.dataset:
+        args.val_split = cls_data.search_split(args.data_dir, args.val_split)
         classes = cls_data.check_image_folder(args.data_dir, args.train_split)
         if args.val_split and not args.class_map:
             cls_data.check_val_classes(classes, cls_data.check_image_folder(args.data_dir, args.val_split),

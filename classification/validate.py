@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Dataset parameters')
     group.add_argument('data', nargs='?', metavar='DIR', help='dataset root (holding the split folder)')
     group.add_argument('--data-dir', metavar='DIR', help='dataset root (alternative to the positional DIR)')
-    group.add_argument('--dataset', metavar='NAME', default='', help='timm dataset type (default: image folders)')
+    group.add_argument('-d', '--dataset', metavar='NAME', default='', help='timm dataset type (default: image folders)')
     group.add_argument('--split', metavar='NAME', default='val', help='split folder (default: val)')
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                        help='class to index map file (default: the one a train.py checkpoint saved, else the class '
@@ -96,6 +96,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         tu.keep_freed_memory(device)
     data_dir = args.data_dir or args.data
     if not args.dataset:
+        args.split = cls_data.search_split(data_dir, args.split)
         classes = cls_data.check_image_folder(data_dir, args.split)
     if not args.checkpoint and not args.pretrained:
         _logger.warning('No --checkpoint given: evaluating randomly initialised weights')

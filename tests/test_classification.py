@@ -109,6 +109,32 @@ def test_config_file_overrides_defaults_and_flags_override_config(tmp_path):
         train.parse_args(['-c', str(cfg), '/d'])
 
 
+def test_args_yaml_of_an_original_run_is_read(tmp_path, capsys):
+    """The original train.py (timm 0.4.12's) writes every option into args.yaml, some of which this one has not:
+    at their defaults they are ignored (and named), otherwise refused by name."""
+    import yaml
+    original = {k: v for k, v in train._ORIGINAL_ONLY_DEFAULTS.items()}
+    original.update(data_dir='/d', model='dsan_t', val_split='validation', batch_size=128, workers=8, output='',
+                    drop_path=0.1, epochs=300, decay_epochs=100, scale=[0.08, 1.0], model_ema=True)
+    cfg = tmp_path / 'args.yaml'
+    cfg.write_text(yaml.safe_dump(original))
+    args, _ = train.parse_args(['-c', str(cfg)])
+    assert (args.model, args.batch_size, args.workers, args.val_split, args.output) == (
+        'dsan_t', 128, 8, 'validation', 'output/train')
+    assert args.model_ema and args.data_dir == '/d' and not hasattr(args, 'tta')
+    err = capsys.readouterr().err
+    assert 'ignored, at their defaults' in err and 'apex_amp' in err and 'recovery_interval' in err
+    cfg.write_text(yaml.safe_dump({**original, 'tta': 2, 'lr_cycle_limit': 3}))
+    with pytest.raises(SystemExit):
+        train.parse_args(['-c', str(cfg)])
+    err = capsys.readouterr().err
+    assert 'lr_cycle_limit=3, tta=2' in err and 'not have' in err
+    cfg.write_text('- epochs\n')
+    with pytest.raises(SystemExit):
+        train.parse_args(['-c', str(cfg)])
+    assert 'expected a mapping of option names to values, got a list' in capsys.readouterr().err
+
+
 def test_demo_config_is_valid():
     args, _ = train.parse_args(['-c', str(CLS / 'configs' / 'demo.yaml'), 'data/demo_cls'])
     assert args.model == 'dsan_t' and args.mixup == 0 and args.img_size == 64
@@ -961,6 +987,25 @@ def _validate_tiny(data, tmp_path, name, *extra):
     with open(tmp_path / f'{name}.csv') as f:
         probs = [[float(p) for p in row['top5_probs'].split()] for row in csv.DictReader(f)]
     return summary, torch.tensor(probs)
+
+
+def test_a_validation_folder_is_found_as_the_original_found_it(tiny, tmp_path):
+    """The original's default split was 'validation', which timm's folder search also found as 'val/'; ours is
+    'val', so a 'validation/' layout must be found the other way round (train.py and validate.py)."""
+    root = tmp_path / 'data'
+    _copy_tree(tiny / 'train', root / 'train')
+    _copy_tree(tiny / 'val', root / 'validation')
+    assert cls_data.search_split(str(root), 'val') == 'validation'
+    assert cls_data.search_split(str(root), 'validation') == 'validation'
+    assert cls_data.search_split(str(tiny), 'validation') == 'val'
+    assert cls_data.search_split(str(root), 'test') == 'test'
+    ckpt = tmp_path / 'dsan_t.pth.tar'
+    _original_format_checkpoint(ckpt, num_classes=3)
+    args = validate.build_parser().parse_args([str(root), '--model', 'dsan_t', '--checkpoint', str(ckpt),
+                                              '--img-size', '32', '-b', '6', '-j', '0', '--no-progress'])
+    summary = validate.validate(args)
+    assert summary['count'] == 12 and summary['split'].endswith('validation')
+    assert train.build_parser().parse_args([str(root)]).decay_epochs == 100  # the original's default
 
 
 def test_validate_batch_size_default_is_timms():

@@ -605,7 +605,7 @@ def test_cam_visual_images_of_subfolders_keep_their_paths(tmp_path, capsys):
     imgs, out_dir = tmp_path / 'imgs', tmp_path / 'cams'
     _write_images(imgs, ['cats/1.jpg', 'dogs/1.jpg'])
     base = ['--model', 'dsan_t', '--images-dir', str(imgs), '--out-dir', str(out_dir), '--img-size', '64',
-            '--device', 'cpu']
+            '--device', 'cpu', '--random-weights']
     written = cam.main(base)
     assert written == [str(out_dir / 'cats' / '1_dsan_t.jpg'), str(out_dir / 'dogs' / '1_dsan_t.jpg')]
     assert all(os.path.getsize(w) > 0 for w in written)
@@ -617,6 +617,27 @@ def test_cam_visual_images_of_subfolders_keep_their_paths(tmp_path, capsys):
     assert all(w in line for w in ('argument --class-index', '[0, 999]', '1000 classes', 'got 1000')), line
     line = _usage_error(cam.main, [*base, '--images-dir', str(tmp_path / 'none')], capsys)
     assert 'argument --images-dir' in line and 'none' in line, line
+
+
+def test_cam_visual_needs_weights(tmp_path, capsys, monkeypatch):
+    """Without --checkpoint the tool explained a random model without a word; the original read
+    pretrained/<model>.pth.tar, which is now the default, and without it the flag is required."""
+    pytest.importorskip('pytorch_grad_cam')
+    cam = load_tool('classification/tools/cam_visual.py')
+    imgs = tmp_path / 'imgs'
+    _write_images(imgs, ['1.jpg'])
+    monkeypatch.chdir(tmp_path)
+    base = ['--model', 'dsan_t', '--images-dir', str(imgs), '--out-dir', str(tmp_path / 'cams'), '--img-size', '64',
+            '--device', 'cpu']
+    line = _usage_error(cam.main, base, capsys)
+    assert 'argument --checkpoint: required' in line and 'pretrained/dsan_t.pth.tar' in line, line
+    line = _usage_error(cam.main, [*base, '--checkpoint', 'x.pth', '--random-weights'], capsys)
+    assert 'argument --random-weights: not allowed with --checkpoint' in line, line
+    model = timm.create_model('dsan_t')
+    (tmp_path / 'pretrained').mkdir()
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'pretrained' / 'dsan_t.pth.tar')
+    assert len(cam.main(base)) == 1
+    assert 'weights from pretrained/dsan_t.pth.tar' in capsys.readouterr().err
 
 
 def test_train_throughput_amp_autocasts_the_bare_step(monkeypatch):

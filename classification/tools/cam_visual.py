@@ -79,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     """Command-line entry point; returns the written overlay paths."""
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--model', '--model_name', default='dsan_t', help='model name (default: dsan_t)')
-    p.add_argument('--checkpoint', default='', help='weights (original DSAN files, timm or this repo\'s checkpoints)')
+    p.add_argument('--checkpoint', default='',
+                   help='weights (original DSAN files, timm or this repo\'s checkpoints); default: '
+                        'pretrained/<model>.pth.tar, where the original tool read them')
+    p.add_argument('--random-weights', action='store_true',
+                   help='explain an untrained model (for a smoke test; without weights the CAM means nothing)')
     p.add_argument('--use-ema', action='store_true', help='use the EMA weights of a training checkpoint')
     p.add_argument('--images-dir', '--images_dir', default='images', help='folder of images (searched recursively)')
     p.add_argument('--out-dir', '--cams_dir', default='cams', help='output folder for the overlays')
@@ -110,6 +114,17 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         raise SystemExit(f'cam_visual.py needs the grad-cam package: pip install grad-cam ({e})') from e
     methods = {'gradcam': GradCAM, 'gradcam++': GradCAMPlusPlus, 'layercam': LayerCAM, 'eigencam': EigenCAM}
 
+    if args.checkpoint and args.random_weights:
+        p.error('argument --random-weights: not allowed with --checkpoint')
+    if not args.checkpoint and not args.random_weights:
+        # The original built the model with pretrained=True, which read this file; a CAM of random weights (what a
+        # missing file used to give, silently) explains nothing.
+        default = os.path.join('pretrained', f'{args.model.split(".")[0]}.pth.tar')
+        if not os.path.isfile(default):
+            p.error(f'argument --checkpoint: required (no {default} either, where the original tool read the '
+                    'weights); --random-weights explains an untrained model')
+        args.checkpoint = default
+        print(f'cam_visual: weights from {default}', file=sys.stderr)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if not timm.is_model(args.model.split('.')[0]):  # a pretrained tag (name.tag) is the model's
         p.error(f'argument --model: unknown timm model {args.model!r}')
