@@ -462,6 +462,27 @@ def test_get_memory_training_step():
     assert step8 - step2 > 10, (step2, step8)
 
 
+def test_get_memory_inference_mode_and_the_original_flags():
+    """The original tool's --mode inference (an eval forward without gradients), --shape H W and --batch_size."""
+    res = subprocess.run([sys.executable, str(ROOT / 'classification/tools/get_memory.py'), 'dsan_t', '--batch_size',
+                          '8', '--shape', '64', '96', '--mode', 'inference', '--device', 'cpu', '--backend', BACKEND],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    m = re.search(r'batch 8 at 64x96, cpu: inference forward peak \+([0-9.]+) MiB', res.stdout)
+    assert m, res.stdout
+    assert float(m.group(1)) < _get_memory_step(8)  # no activations kept for a backward, no gradients
+
+
+def test_get_inf_speed_times_the_backbone_without_its_head():
+    tool = load_tool('classification/tools/get_inf_speed.py')
+    assert tool.parse_args(['dsan_t', '--no-head']).head is False
+    model = tool.create('dsan_t', backend=BACKEND, head=False).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 256, 2, 2)  # the last stage's features, unpooled
+    rows = tool.run(['dsan_t'], batch_size=1, img_size=64, warmup=1, iters=1, backend=BACKEND, head=False)
+    assert rows[0]['img_per_s'] > 0
+
+
 def test_get_memory_arithmetic(monkeypatch):
     mem = load_tool('classification/tools/get_memory.py')
     status = {'VmRSS': 1000, 'VmHWM': 5096}  # KiB
@@ -505,7 +526,7 @@ def test_get_inf_speed_later_rounds_time_compiled_code(monkeypatch):
         return gm.forward
 
     widths = {'a': 4, 'b': 6}
-    monkeypatch.setattr(speed, 'create', lambda name, checkpoint=None, backend=None: _tiny_net(widths[name]))
+    monkeypatch.setattr(speed, 'create', lambda name, checkpoint=None, backend=None, head=True: _tiny_net(widths[name]))
     monkeypatch.setattr(speed, 'compile_model', lambda module: torch.compile(module, backend=counting_backend))
     real_measure = speed.measure
     compiled_in_later_rounds = []
@@ -681,6 +702,8 @@ def test_train_throughput_argument_checks(argv, words, capsys, tmp_path):
 @pytest.mark.parametrize('argv, words', [
     (['resnet10t', '-b', '0'], ['argument --batch-size', '>= 1', 'got 0']),
     (['resnet10t', '--img-size', '0'], ['argument --img-size', '>= 1', 'got 0']),
+    (['resnet10t', '--shape', '64', '64', '64'], ['argument --img-size', 'H [W]', 'got 64 64 64']),
+    (['resnet10t', '--mode', 'inference', '--optimizer'], ['--mode inference', 'no --optimizer']),
     (['dsan_t', '--backend', 'fast'], ['argument --backend', "'fast'"]),
     (['no_such_model_x'], ['argument model', "'no_such_model_x'"]),
 ])

@@ -124,7 +124,7 @@ def paper_table() -> str:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('models', nargs='*', default=[r[0] for r in PAPER_TABLE], help='timm model names')
-    parser.add_argument('--img-size', type=int, nargs='+', default=[224], help='H [W] of the input')
+    parser.add_argument('--img-size', '--shape', type=int, nargs='+', default=[224], help='H [W] of the input')
     parser.add_argument('--checkpoint', default=None, help='read the DSCN groups from this checkpoint (DSAN models)')
     parser.add_argument('--groups', type=int, nargs=4, default=None,
                         help='override the DSCN groups per stage (DSAN models)')

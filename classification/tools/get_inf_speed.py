@@ -60,9 +60,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def create(name: str, checkpoint: str | None = None, backend: str | None = None) -> nn.Module:
-    """Create a timm model; DSAN models take `backend` and, with `checkpoint`, their weights and groups."""
-    kwargs = {}
+def create(name: str, checkpoint: str | None = None, backend: str | None = None, head: bool = True) -> nn.Module:
+    """Create a timm model; DSAN models take `backend` and, with `checkpoint`, their weights and groups. Without
+    `head` the model returns its unpooled last-stage features (timm's num_classes=0, global_pool=''), as the
+    original tool's 'w/o head' mode timed `forward_backbone`."""
+    kwargs = {} if head else dict(num_classes=0, global_pool='')
     if name.startswith('dsan'):
         if backend:
             kwargs['backend'] = backend
@@ -223,6 +225,7 @@ def run(
         freezing: bool = True,
         profile_rows: int = 0,
         rounds: int = 1,
+        head: bool = True,
 ) -> list[dict]:
     """Benchmark every model in every mode with identical settings; one result dict per (model, mode).
 
@@ -237,6 +240,7 @@ def run(
         channels_last: Memory format of the 'eager' mode.
         flops: Add each model's torchprofile GMACs at `img_size` (the paper's "GFLOPs", DSCN op counted 0), to
             find the peer with the closest FLOPs.
+        head: False times the models without their classifier and pooling (their last-stage features).
         freezing: Inductor's inference freezing for the compiled modes (weights as constants: prepacked oneDNN
             weights, conv + BN / activation fusion), the recommended torch.compile setting for CPU inference.
         profile_rows: If > 0, each model's first result also gets 'profile': {'mode', 'table'}, the `profile` table
@@ -260,7 +264,7 @@ def run(
     reset_done = False
     with inductor_config.patch(freezing=freezing):
         for name in models:
-            model = create(name, checkpoint if name.startswith('dsan') else None, backend).eval()
+            model = create(name, checkpoint if name.startswith('dsan') else None, backend, head).eval()
             params = sum(p.numel() for p in model.parameters())
             gflops = _gflops(model, img_size) if flops else float('nan')
             model = model.to(dev)
@@ -406,6 +410,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--profile', type=int, default=0, metavar='N',
                         help='after timing, print a torch.profiler table (N rows) of 2 forward calls per model, '
                              'in the first requested mode that is not compiled')
+    parser.add_argument('--no-head', dest='head', action='store_false',
+                        help="time the backbones alone (last-stage features, no pooling or classifier; the original "
+                             "tool's --mode 'w/o head')")
     parser.add_argument('--out', default=None, metavar='FILE.json', help='also write the results as JSON')
     parser.add_argument('--tune-malloc', action='store_true',
                         help='keep freed memory in the process for reuse (glibc; dsan.allocator.keep_freed_memory), '
@@ -488,10 +495,11 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     results = run(args.models, args.batch_size, args.img_size, tuple(args.modes), args.device, args.channels_last,
                   args.amp, args.warmup, args.iters, args.min_time, args.checkpoint, args.backend,
-                  args.micro_batch, args.flops, args.freezing, args.profile, args.rounds)
+                  args.micro_batch, args.flops, args.freezing, args.profile, args.rounds, args.head)
     print(f'device {args.device}, threads {torch.get_num_threads()}, batch {args.batch_size}, '
           f'{args.img_size}x{args.img_size}, eager channels_last {args.channels_last}, amp {args.amp}, '
           f'micro-batch {args.micro_batch or "off"}, malloc tuned {tuned}, compile freezing {args.freezing}, '
+          f'{"with head" if args.head else "backbone only (no head)"}, '
           f'torch {torch.__version__}, '
           f'timm {timm.__version__}; median of >= {args.iters} timed batches'
           + (f' in each of {args.rounds} interleaved rounds' if args.rounds > 1 else ''))

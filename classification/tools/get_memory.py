@@ -1,4 +1,4 @@
-"""Peak memory of one training step (forward, backward, optional optimizer step) of a DSAN or timm model.
+"""Peak memory of one training step (forward, backward, optional optimizer step) or inference forward of a model.
 
 On CUDA the figure is `torch.cuda.max_memory_allocated` above what the model and input already hold. On CPU
 it is the rise of the process's peak resident set (Linux VmHWM, reset through /proc/self/clear_refs just
@@ -12,6 +12,7 @@ frees stays in the process and the measured step would reuse it, hiding its peak
 Examples:
     python classification/tools/get_memory.py dsan_t -b 64
     python classification/tools/get_memory.py dsan_s -b 32 --device cuda --amp --optimizer
+    python classification/tools/get_memory.py dsan_t --mode inference --img-size 1024 2048
 """
 import argparse
 import contextlib
@@ -64,8 +65,11 @@ def training_step_memory(
         optimizer: bool = False,
         grad_checkpointing: bool = False,
         backend: str | None = None,
+        inference: bool = False,
 ) -> dict:
-    """Peak memory of one training step of `name`.
+    """Peak memory of one training step of `name`, or with `inference` of one eval-mode forward without gradients.
+
+    `img_size` is an int (square) or (H, W).
 
     Returns:
         dict with `peak_step_mib` (memory the step adds at its peak), `before_mib` (what was held before the step),
@@ -74,11 +78,12 @@ def training_step_memory(
     """
     dev = torch.device(device)
     kwargs = dict(backend=backend) if backend and name.startswith('dsan') else {}
-    model = timm.create_model(name, **kwargs).to(dev).train()
+    model = timm.create_model(name, **kwargs).to(dev).train(not inference)
     if grad_checkpointing:
         model.set_grad_checkpointing(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if optimizer else None
-    x = torch.randn(batch_size, 3, img_size, img_size, device=dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3) if optimizer and not inference else None
+    h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    x = torch.randn(batch_size, 3, h, w, device=dev)
     target = torch.randint(0, model.num_classes, (batch_size,), device=dev)
     amp_ctx = (torch.autocast(dev.type, dtype=torch.float16 if dev.type == 'cuda' else torch.bfloat16)
                if amp else contextlib.nullcontext())
@@ -93,9 +98,13 @@ def training_step_memory(
         before = (_proc_status_kib('VmRSS') or 0) * 1024
         before_what = 'process RSS'
 
-    with amp_ctx:
-        loss = torch.nn.functional.cross_entropy(model(x), target)
-    loss.backward()
+    if inference:
+        with amp_ctx, torch.no_grad():
+            model(x)
+    else:
+        with amp_ctx:
+            loss = torch.nn.functional.cross_entropy(model(x), target)
+        loss.backward()
     if opt is not None:
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -107,7 +116,8 @@ def training_step_memory(
     else:
         peak = (_proc_status_kib('VmHWM') or 0) * 1024
         method = 'cpu_vmhwm' if method_ok else 'cpu_vmhwm_unreset (process peak, includes setup)'
-    return dict(model=name, batch_size=batch_size, img_size=img_size, device=device, method=method,
+    return dict(model=name, batch_size=batch_size, img_size=(h, w), device=device, method=method,
+                mode='inference' if inference else 'training',
                 before_mib=before / MiB, before_what=before_what, peak_step_mib=(peak - before) / MiB,
                 peak_total_mib=peak / MiB)
 
@@ -116,8 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parse and check the arguments; bad input is a one-line usage error (exit status 2)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('model', nargs='?', default='dsan_t', help='timm model name (default: dsan_t)')
-    parser.add_argument('-b', '--batch-size', type=int, default=64)
-    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('-b', '--batch-size', '--batch_size', type=int, default=64)
+    parser.add_argument('--img-size', '--shape', type=int, nargs='+', default=[224], metavar='SIZE',
+                        help='H [W] of the input (default: 224)')
+    parser.add_argument('--mode', choices=('training', 'inference'), default='training',
+                        help='a training step (forward, backward) or an inference forward (eval, no gradients)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
     parser.add_argument('--optimizer', action='store_true', help='include an AdamW step (its state)')
@@ -126,9 +139,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not timm.is_model(args.model):
         parser.error(f'argument model: unknown timm model {args.model!r}')
-    for flag in ('batch_size', 'img_size'):
-        if getattr(args, flag) < 1:
-            parser.error(f'argument --{flag.replace("_", "-")}: must be >= 1, got {getattr(args, flag)}')
+    if args.batch_size < 1:
+        parser.error(f'argument --batch-size: must be >= 1, got {args.batch_size}')
+    if len(args.img_size) > 2 or min(args.img_size) < 1:
+        parser.error(f'argument --img-size: one or two sizes >= 1 (H [W]), got {" ".join(map(str, args.img_size))}')
+    if args.mode == 'inference' and (args.optimizer or args.grad_checkpointing):
+        parser.error('argument --mode inference: takes no --optimizer or --grad-checkpointing (training only)')
+    args.img_size = tuple(args.img_size * 2 if len(args.img_size) == 1 else args.img_size)
     return args
 
 
@@ -136,8 +153,9 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
     r = training_step_memory(args.model, args.batch_size, args.img_size, args.device, args.amp, args.optimizer,
-                             args.grad_checkpointing, args.backend)
-    print(f'{r["model"]}: batch {r["batch_size"]} at {r["img_size"]}, {r["device"]}: training step peak '
+                             args.grad_checkpointing, args.backend, inference=args.mode == 'inference')
+    what = 'training step' if args.mode == 'training' else 'inference forward'
+    print(f'{r["model"]}: batch {r["batch_size"]} at {r["img_size"][0]}x{r["img_size"][1]}, {r["device"]}: {what} peak '
           f'+{r["peak_step_mib"]:.1f} MiB over {r["before_mib"]:.1f} MiB ({r["before_what"]}), '
           f'total {r["peak_total_mib"]:.1f} MiB [{r["method"]}]')
     return r
