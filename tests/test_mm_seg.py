@@ -505,6 +505,14 @@ def test_data_root_moves_every_dataset(name, tmp_path):
     assert [cfg[f'{s}_dataloader'].dataset.data_root for s in ('train', 'val', 'test')] == [str(tmp_path)] * 3
 
 
+@pytest.mark.parametrize('tool', ['segmentation/tools/visualize.py', 'detection/tools/visualize.py'])
+def test_visualize_tools_take_the_original_flag_spellings(tool):
+    r = subprocess.run([sys.executable, str(ROOT / tool), '--help'], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert r.returncode == 0 and '--image-dir IMAGE_DIR, --image_dir IMAGE_DIR' in r.stdout, r.stdout + r.stderr
+    assert '--out-dir OUT_DIR, --out_dir OUT_DIR' in r.stdout
+
+
 def test_output_names_keep_apart_images_of_one_stem():
     from pathlib import Path
 

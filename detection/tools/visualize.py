@@ -23,12 +23,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='detection config file')
     parser.add_argument('checkpoint', help='detector checkpoint (mmengine or original mmdet 2.x)')
-    parser.add_argument('--image-dir', default='images', help='folder of input images')
-    parser.add_argument('--out-dir', default='det_mask', help='folder for the drawings')
+    parser.add_argument('--image-dir', '--image_dir', default='images', help='folder of input images')
+    parser.add_argument('--out-dir', '--out_dir', default='det_mask', help='folder for the drawings')
     parser.add_argument('--tag', default=None, help='suffix of the output names (default: the config name)')
     parser.add_argument('--palette', default='coco', choices=['coco', 'voc', 'citys', 'random'],
                         help='colours of boxes and masks')
-    parser.add_argument('--score-thr', type=float, default=0.3, help='draw detections scoring at least this')
+    parser.add_argument('--score-thr', '--score_thr', type=float, default=0.3,
+                        help='draw detections scoring at least this')
     parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda:0'")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thr <= 1.0:

@@ -95,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('config', help='segmentation config file')
     parser.add_argument('checkpoint', help='segmentor checkpoint (mmengine or original mmseg 0.x)')
-    parser.add_argument('--image-dir', default='images', help='folder of input images')
-    parser.add_argument('--out-dir', default='segm_mask', help='folder for the overlays')
+    parser.add_argument('--image-dir', '--image_dir', default='images', help='folder of input images')
+    parser.add_argument('--out-dir', '--out_dir', default='segm_mask', help='folder for the overlays')
     parser.add_argument('--tag', default=None, help='suffix of the output names (default: the config name)')
     parser.add_argument('--palette', choices=PALETTES, default='auto',
                         help="colours and class names: 'auto' picks ADE20K for 150 classes, Cityscapes for 19")
