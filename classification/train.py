@@ -247,12 +247,17 @@ _ORIGINAL_ONLY_DEFAULTS = {
     'worker_seeding': 'all', 'recovery_interval': 0, 'save_images': False, 'apex_amp': False, 'native_amp': False,
     'no_ddp_bb': False, 'no_prefetcher': False, 'tta': 0, 'use_multi_epochs_loader': False, 'torchscript': False,
     'log_wandb': False,
+    # Older timm 0.4.x spellings of some of them.
+    'jsd': False, 'validation_batch_size_multiplier': 1,
 }
+# Written per process by the launcher, not an option of the run: ignored at any value.
+_ORIGINAL_PER_PROCESS = ('local_rank',)
 
 
 def _drop_original_only_keys(parser: argparse.ArgumentParser, cfg: dict, path: str) -> dict:
     """`cfg` without the original-only options at their inert defaults; a usage error for any other value."""
     known = {a.dest for a in parser._actions}
+    cfg = {k: v for k, v in cfg.items() if k not in _ORIGINAL_PER_PROCESS or k in known}
     active = [f'{k}={cfg[k]!r}' for k in sorted(set(cfg) & set(_ORIGINAL_ONLY_DEFAULTS) - known)
               if cfg[k] != _ORIGINAL_ONLY_DEFAULTS[k]]
     if active:

@@ -115,7 +115,7 @@ def test_args_yaml_of_an_original_run_is_read(tmp_path, capsys):
     import yaml
     original = {k: v for k, v in train._ORIGINAL_ONLY_DEFAULTS.items()}
     original.update(data_dir='/d', model='dsan_t', val_split='validation', batch_size=128, workers=8, output='',
-                    drop_path=0.1, epochs=300, decay_epochs=100, scale=[0.08, 1.0], model_ema=True)
+                    drop_path=0.1, epochs=300, decay_epochs=100, scale=[0.08, 1.0], model_ema=True, local_rank=3)
     cfg = tmp_path / 'args.yaml'
     cfg.write_text(yaml.safe_dump(original))
     args, _ = train.parse_args(['-c', str(cfg)])

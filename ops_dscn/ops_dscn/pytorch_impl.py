@@ -41,9 +41,10 @@ def _x_strip(
     rows = torch.arange(h_out, device=x.device) * orth_stride - orth_pad
     xr = x.index_select(1, rows.clamp(0, h - 1))
     # Decided from the integers (not from tensor values) so that torch.compile sees no data-dependent branch.
+    row_ok = None
     if orth_pad > 0 or (h_out - 1) * orth_stride >= h:
-        row_ok = (rows >= 0) & (rows < h)
-        xr = torch.where(row_ok.view(1, h_out, 1, 1), xr, torch.zeros((), dtype=x.dtype, device=x.device))
+        row_ok = ((rows >= 0) & (rows < h)).view(1, h_out, 1, 1)
+        xr = torch.where(row_ok, xr, torch.zeros((), dtype=x.dtype, device=x.device))
     xr = xr.reshape(n, h_out, w, group, gc)
 
     # The interpolation math runs in at least float32 (as the kernels' accumulators do).
@@ -57,6 +58,8 @@ def _x_strip(
     for j, k in enumerate(taps):
         loc = p0 + (k * dilation + off[..., j]) * offset_scale  # (N, H_out, W_out, G)
         inside = (loc > -1) & (loc < w)  # False for NaN
+        if row_ok is not None:  # a line in the padding reads nothing (its gradients too), as in the kernels
+            inside = inside & row_ok
         # Out-of-window taps (and NaN/Inf) are replaced before floor() so no bad index is ever formed; their
         # weights are zeroed below, and torch.where gives them a zero gradient.
         loc = torch.where(inside, loc, torch.zeros_like(loc))

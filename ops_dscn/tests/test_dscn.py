@@ -258,6 +258,25 @@ def test_non_finite_inputs_reach_only_the_taps_that_read_them(backend, axis, bad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on_x", [True, False])
+def test_lines_in_the_padding_across_the_axis_ignore_non_finite_gradients(backend, on_x):
+    """An output line that lies in the padding across the axis reads nothing: its offsets' gradient is 0 even where
+    grad_output holds Inf or NaN (the twin kept 0 * Inf there)."""
+    x = torch.randn(1, 4, 4, 2, dtype=torch.float64, requires_grad=True)
+    off = torch.full((1, 6, 4, 3) if on_x else (1, 4, 6, 3), 0.25, dtype=torch.float64, requires_grad=True)
+    geometry = (1, 3, 1, 1, 1, 1, 1, 1) if on_x else (3, 1, 1, 1, 1, 1, 1, 1)  # pad 1 along and across the axis
+    out = ops_dscn.dscn_strip(x, off, *geometry, 1, 2, 1.0, False, on_x, backend)
+    g = torch.randn(out.shape, dtype=torch.float64)
+    padded = (0, 0) if on_x else (slice(None), 0)  # the first line across the axis is padding
+    g[(0, *padded)] = float("inf")
+    g[(0, 2, 1, 1)] = float("nan") if on_x else g[(0, 2, 1, 1)]
+    gx, goff = torch.autograd.grad(out, (x, off), g)
+    line = goff[0, 0] if on_x else goff[0, :, 0]
+    assert (out[0, 0] if on_x else out[0, :, 0]).eq(0).all() and line.eq(0).all()
+    assert torch.isfinite(goff[0, 1:] if on_x else goff[0, :, 1:]).sum() > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("axis", ["x", "y"])
 def test_huge_finite_inputs_interpolate_without_overflow(backend, axis):
     # Neighbours of +-3e38 (float32's largest is 3.4e38): the lerp form's x0 + l * (x1 - x0) overflowed to +-Inf
@@ -272,6 +291,19 @@ def test_huge_finite_inputs_interpolate_without_overflow(backend, axis):
     ref = dscn_reference(x.double().numpy(), off.double().numpy(), 1, axis=axis)
     assert np.isfinite(ref).all() and torch.isfinite(out).all()
     np.testing.assert_allclose(out.double().numpy(), ref, rtol=1e-5, atol=1e33)
+
+
+@pytest.mark.parametrize("gc,group", [(32, 2), (20, 4)])
+def test_rows_past_the_lerp_copy_limit(gc, group):
+    """x-strip rows of more than 4 MiB leave the lerp form, whose per-thread row copy cost 2x the row in memory and
+    was slower there; the pair form gives the same results (float64 twin as reference)."""
+    c = gc * group
+    w = (4 << 20) // (4 * c) + 3  # just past the limit
+    x, off = _inputs(1, 2, w, c, 5, group, "x", 5, 1, 2, 1, seed=7, dtype=torch.float32)
+    off = (off * 4).round() / 4  # positions exact in float32 at these lengths (else rounded, in every backend)
+    out = dscn(x, off, 5, pad=2, group=group, axis="x", backend=BACKENDS[0])
+    ref = dscn(x.double(), off.double(), 5, pad=2, group=group, axis="x", backend="pytorch")
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
 @needs_ext

@@ -53,6 +53,9 @@ constexpr int kFillBytes = Bytes < 32 ? Bytes : 32;
 #define DSCN_TABLE_ENTRIES 512
 #endif
 
+// Largest input row (bytes) the lerp form copies per thread (see forward_task_body).
+constexpr int64_t kLerpRowMaxBytes = int64_t(4) << 20;
+
 // Pixels resolved per pass along an x-strip row (bounds the table to a few KB, which stays in L1).
 constexpr int64_t kRun = 32;
 // ... but at most this many table entries (pixels * G * K'), so that the table (~40 bytes an entry) stays in L1
@@ -1000,7 +1003,11 @@ DSCN_INLINE void forward_task_body(const DSCNParams& p, const Frame& f, TapTable
     if (lerp20) lerp_pixel = G * kBlock20;
   }
 #endif
-  const int form = kLerpISA && p.on_x && p.W * lerp_pixel * static_cast<int64_t>(sizeof(scalar_t)) <= kIdxMax
+  // Each thread copies the row (twice its size with the differences), so rows beyond kLerpRowMaxBytes (a few
+  // hundred times any DSAN row at detection sizes) take the pair form: a 2 GiB row took 17 s and 8.9 GiB in the lerp
+  // form, 3 s and 4.9 GiB in the pair form (one thread).
+  const int64_t row_bytes = p.W * lerp_pixel * static_cast<int64_t>(sizeof(scalar_t));
+  const int form = kLerpISA && p.on_x && row_bytes <= std::min<int64_t>(kIdxMax, kLerpRowMaxBytes)
                        ? kLerpForm
                        : (pair ? kPairForm : kGeneralForm);
 #if DSCN_X86_DISPATCH
@@ -1366,8 +1373,8 @@ DSCN_INLINE bool all_finite(const T* v, int64_t count) {
 
 // Whether the per-pixel values (`per_pixel` of them) of output lines o0..o1 of image n are all finite.
 template <typename T>
-DSCN_INLINE bool output_lines_finite(const DSCNParams& p, const Frame& f, const T* data, int64_t n, int64_t o0, int64_t o1,
-                         int64_t per_pixel) {
+DSCN_INLINE bool output_lines_finite(const DSCNParams& p, const Frame& f, const T* data, int64_t n, int64_t o0,
+                                     int64_t o1, int64_t per_pixel) {
   for (int64_t oo = o0; oo < o1; ++oo) {
     const int64_t pix0 = n * f.out_batch + oo * f.out_orth;
     if (f.out_ax == 1) {  // x-strip: the line is contiguous
