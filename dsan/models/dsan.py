@@ -580,12 +580,6 @@ class Block(nn.Module):
             backend: str = 'auto',
             norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d,
             fused_mlp: bool = True,
-            img_size: int | None = None,
-            pads: Sequence[int] | None = None,
-            strides: Sequence[int] | None = None,
-            dilations: Sequence[int] | None = None,
-            num_stages: int | None = None,
-            flag: bool = False,
     ):
         """
         Args:
