@@ -927,7 +927,9 @@ class DSAN(nn.Module):
         num_stages = len(depths)
         check_strip_geometry(kernel_sizes, pads, strides, dilations, pads_name='pads')
         stage_norm = partial(nn.LayerNorm, eps=norm_eps)
-        if isinstance(norm_layer(embed_dims[0]), nn.LayerNorm):
+        # Exactly nn.LayerNorm (the original's): a subclass such as timm's LayerNorm2d is a norm over NCHW maps,
+        # which may stand in for the BatchNorms.
+        if type(norm_layer(embed_dims[0])) is nn.LayerNorm:
             stage_norm, norm_layer = norm_layer, nn.BatchNorm2d
         for name, seq in (('embed_dims', embed_dims), ('mlp_ratios', mlp_ratios), ('kernel_sizes', kernel_sizes),
                           ('dw_kernel_sizes', dw_kernel_sizes), ('groups', groups)):
