@@ -311,6 +311,24 @@ def test_get_flops_params_and_the_paper_flops():
                                                                        rel=1e-6)
 
 
+def test_get_flops_pads_like_the_detector_and_takes_cfg_options(capsys):
+    flops = load_tool('detection/tools/get_flops.py')
+    config = str(CONFIGS / 'coco/retinanet_dsan_t_fpn_1x.py')
+    text = flops.main([config, '--shape', '100', '130'])
+    assert text.splitlines()[0] == 'Input padded to a multiple of 32: 100x130 -> 128x160'
+    row = text.splitlines()[-1].split()
+    assert row[:2] == ['retinanet_dsan_t_fpn_1x', '128x160']
+    assert float(row[3]) * 1e9 == pytest.approx(flops.measure(config, (128, 160))['macs'], rel=1e-3)
+    unpadded = flops.main([config, '--shape', '100', '130', '--size-divisor', '-1'])
+    assert unpadded.splitlines()[-1].split()[1] == '100x130'
+    narrow = flops.measure(config, (64, 64), {'model.neck.out_channels': 64, 'model.bbox_head.in_channels': 64})
+    assert narrow['params'] < flops.measure(config, (64, 64))['params']
+    for bad in (['--size-divisor', '0'], ['--shape', '0', '64'], ['--shape', '1', '2', '3']):
+        with pytest.raises(SystemExit):
+            flops.main([config] + bad)
+        assert bad[0] in capsys.readouterr().err
+
+
 def test_demo_config():
     cfg = Config.fromfile(CONFIGS / 'demo/mask_rcnn_dsan_t_demo.py')
     assert cfg.model.roi_head.bbox_head.num_classes == len(cfg.metainfo['classes']) == 10

@@ -733,6 +733,16 @@ def test_get_flops_reproduces_the_paper_rows():
     assert all(r['macs_with_dscn'] > r['macs'] for r in rows.values())
 
 
+def test_get_flops_takes_cfg_options():
+    flops = load_tool('segmentation/tools/get_flops.py')
+    config = str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
+    text = flops.main([config, '--shape', '64', '--cfg-options', 'model.decode_head.channels=128'])
+    row = text.splitlines()[-1].split()
+    assert row[:2] == ['ham_dsan_t_ade20k_160k', '64x64']
+    narrow = flops.measure(config, (64, 64), {'model.decode_head.channels': 128})
+    assert int(row[2].replace(',', '')) == narrow['params'] < flops.measure(config, (64, 64))['params']
+
+
 def test_demo_config_is_the_ade20k_recipe_on_the_demo_classes():
     cfg = Config.fromfile(CONFIGS / 'demo/ham_dsan_t_demo.py')
     assert cfg.model.decode_head.num_classes == len(cfg.metainfo['classes']) == 11

@@ -10,15 +10,21 @@ stride-2 transposed convolution is 4x its real multiply-adds (20.6 G instead of 
 The "deconv exact" column counts that layer by its input instead; it is the column that matches the paper's
 188.6 / 235.4 G.
 
+The input is padded up to a multiple of `--size-divisor` (32, mmdet's `pad_size_divisor` in these configs), as the
+detector sees it at inference: 800x1333 is counted at 800x1344. The original padded only its mmcv count and ran
+torchprofile on the unpadded size; `--size-divisor -1` gives that figure.
+
 Examples:
     python detection/tools/get_flops.py                     # Mask R-CNN DSAN-T and DSAN-S next to the paper
     python detection/tools/get_flops.py detection/configs/coco/retinanet_dsan_t_fpn_1x.py --shape 800 1333
 """
 import argparse
+import math
 from math import prod
 from pathlib import Path
 
 import torch
+from mmengine.config import DictAction
 from torchprofile.handlers import HANDLER_MAP
 
 from dsan.flops import count_macs, count_params
@@ -69,10 +75,11 @@ class ExactTransposedConv:
         HANDLER_MAP['aten::_convolution'] = self._saved
 
 
-def measure(config: str | Path, shape: tuple[int, int] = (800, 1280)) -> dict:
-    """Params and MACs of `config` at `shape` = (H, W): torchprofile's count (DSCN op counted 0), the same with the
-    transposed convolutions counted exactly, and torchprofile's count with the DSCN op's own multiply-adds."""
-    model = build_model(str(config)).eval()
+def measure(config: str | Path, shape: tuple[int, int] = (800, 1280), cfg_options: dict | None = None) -> dict:
+    """Params and MACs of `config` at `shape` = (H, W), after `cfg_options` (``--cfg-options``): torchprofile's count
+    (DSCN op counted 0), the same with the transposed convolutions counted exactly, and torchprofile's count with
+    the DSCN op's own multiply-adds."""
+    model = build_model(str(config), cfg_options=cfg_options).eval()
     macs, macs_with_dscn = count_macs(model, shape, forward=dummy_forward)
     with ExactTransposedConv():
         macs_exact, _ = count_macs(model, shape, forward=dummy_forward)
@@ -100,14 +107,26 @@ def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('configs', nargs='*', help="config files (default: the paper's two Mask R-CNN rows)")
     parser.add_argument('--shape', type=int, nargs='+', default=[800, 1280], help='input H [W]')
+    parser.add_argument('--size-divisor', type=int, default=32,
+                        help='pad the input up to a multiple of this, as the detector does; -1: no padding')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config entries before the model is built, key=value pairs, e.g. '
+                             'model.neck.out_channels=128')
     args = parser.parse_args(argv)
-    if len(args.shape) not in (1, 2):
-        raise SystemExit(f'--shape takes H or H W, got {args.shape}')
+    if len(args.shape) not in (1, 2) or min(args.shape) < 1:
+        parser.error(f'--shape takes H or H W, positive, got {args.shape}')
+    if args.size_divisor == 0 or args.size_divisor < -1:
+        parser.error(f'--size-divisor must be positive or -1 (no padding), got {args.size_divisor}')
     shape = tuple(args.shape) * (2 // len(args.shape))
+    padded = shape if args.size_divisor == -1 else tuple(math.ceil(s / args.size_divisor) * args.size_divisor
+                                                         for s in shape)
     if args.configs:
-        text = format_rows([measure(c, shape) for c in args.configs])
+        text = format_rows([measure(c, padded, args.cfg_options) for c in args.configs])
     else:
-        text = format_rows([measure(CONFIGS / c, shape) for c, *_ in PAPER_ROWS], PAPER_ROWS)
+        text = format_rows([measure(CONFIGS / c, padded, args.cfg_options) for c, *_ in PAPER_ROWS], PAPER_ROWS)
+    if padded != shape:
+        text = (f'Input padded to a multiple of {args.size_divisor}: {shape[0]}x{shape[1]} -> '
+                f'{padded[0]}x{padded[1]}\n{text}')
     print(text)
     return text
 

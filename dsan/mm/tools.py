@@ -127,13 +127,14 @@ def _add_backbone_compile_options(cfg: Config) -> None:
     cfg.compile = compile_kwargs(DSAN, **compile_cfg)
 
 
-def build_model(config: str, device: str = 'cpu') -> torch.nn.Module:
+def build_model(config: str, device: str = 'cpu', cfg_options: dict | None = None) -> torch.nn.Module:
     """The model of `config` (a path or `package::path`), randomly initialised (no pretrained file is read).
 
-    For the FLOP and speed tools: built in the config's default scope, SyncBN as BN without CUDA, on `device`.
+    For the FLOP and speed tools: built in the config's default scope, after `cfg_options` (``--cfg-options``), SyncBN
+    as BN without CUDA, on `device`.
     """
     from mmengine.registry import MODELS, init_default_scope
-    cfg = load_config(config, None, None, 'none')
+    cfg = load_config(config, cfg_options, None, 'none')
     cfg.model.backbone.init_cfg = None
     init_default_scope(cfg.get('default_scope'))
     return MODELS.build(cfg.model).to(device)

@@ -12,6 +12,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from mmengine.config import DictAction
+
 from dsan.flops import count_macs, count_params
 from dsan.mm.tools import build_model
 from dsan.mm.utils import whole_inference
@@ -28,9 +30,10 @@ PAPER_ROWS = [
 ]
 
 
-def measure(config: str | Path, shape: tuple[int, int]) -> dict:
-    """Params and MACs (DSCN op counted 0; and with its own multiply-adds) of `config` at `shape` = (H, W)."""
-    model = build_model(str(config)).eval()
+def measure(config: str | Path, shape: tuple[int, int], cfg_options: dict | None = None) -> dict:
+    """Params and MACs (DSCN op counted 0; and with its own multiply-adds) of `config` at `shape` = (H, W), after
+    `cfg_options` (``--cfg-options``)."""
+    model = build_model(str(config), cfg_options=cfg_options).eval()
     macs, macs_with_dscn = count_macs(model, shape, forward=whole_inference)
     return dict(config=Path(config).stem, shape=tuple(shape), params=count_params(model), macs=macs,
                 macs_with_dscn=macs_with_dscn)
@@ -56,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('configs', nargs='*', help='config files (default: the paper\'s four rows)')
     parser.add_argument('--shape', type=int, nargs='+', default=[512], help='input H [W] for the given configs')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config entries before the model is built, key=value pairs, e.g. '
+                             'model.decode_head.channels=256')
     return parser.parse_args(argv)
 
 
@@ -66,9 +72,9 @@ def main(argv=None) -> str:
         if len(args.shape) not in (1, 2):
             raise SystemExit(f'--shape takes H or H W, got {args.shape}')
         shape = tuple(args.shape) * (2 // len(args.shape))
-        text = format_rows([measure(c, shape) for c in args.configs])
+        text = format_rows([measure(c, shape, args.cfg_options) for c in args.configs])
     else:
-        text = format_rows([measure(CONFIGS / c, s) for c, s, *_ in PAPER_ROWS], PAPER_ROWS)
+        text = format_rows([measure(CONFIGS / c, s, args.cfg_options) for c, s, *_ in PAPER_ROWS], PAPER_ROWS)
     print(text)
     return text
 
