@@ -223,6 +223,21 @@ def test_adapter_with_fewer_stages_loads_a_full_checkpoint():
         _adapter(num_stages=3, out_indices=(3,))
 
 
+def test_adapter_with_fewer_stages_keeps_the_originals_defaults():
+    """As the original: the maps of every stage built by default, and the drop-path rates spaced over the blocks of
+    all the listed stages (here 13), not only the built ones."""
+    three = _adapter(num_stages=3, drop_path_rate=0.1)
+    assert three.out_indices == (0, 1, 2) and len(three(torch.randn(1, 3, 64, 64))) == 3
+    full = _adapter(drop_path_rate=0.1)
+    assert full.out_indices == (0, 1, 2, 3)
+    rates = lambda m, n: [b.drop_path.drop_prob if hasattr(b.drop_path, 'drop_prob') else 0.  # noqa: E731
+                          for i in range(n) for b in getattr(m, f'block{i + 1}')]
+    expected = torch.linspace(0, 0.1, 13).tolist()
+    assert rates(full, 4) == pytest.approx(expected, abs=1e-12)  # float32 linspace: to its rounding below
+    assert rates(three, 3) == pytest.approx(expected[:11], abs=1e-7)
+    assert rates(three, 3)[-1] == pytest.approx(0.1 * 10 / 12)
+
+
 def test_adapter_takes_the_original_linear_argument():
     assert _adapter(linear=False).num_stages == 4  # as every original config passes it
 
@@ -232,6 +247,11 @@ def test_adapter_norm_cfg():
     assert type(sync.patch_embed1.norm) is torch.nn.BatchNorm2d  # no multi-process CUDA run here
     frozen = _adapter(norm_cfg=dict(type='BN', requires_grad=False))
     assert not frozen.block2[1].norm2.weight.requires_grad
+    assert type(_adapter(norm_cfg=dict(type='GN', num_groups=8)).block1[0].norm1) is torch.nn.GroupNorm
+    # A LayerNorm normalises the last axis, not NCHW maps: it had been taken silently as the stage norm, and the
+    # blocks were built with BatchNorms.
+    with pytest.raises(ValueError, match=r"norm_cfg \{'type': 'LN'\} builds a LayerNorm.*'BN', 'SyncBN', 'GN'"):
+        _adapter(norm_cfg=dict(type='LN'))
 
 
 @pytest.mark.parametrize('kwargs, match', [
@@ -304,12 +324,33 @@ def test_adapter_loads_pretrained_files_strictly(tmp_path, fmt):
     _assert_loaded(adapter, encoder)
 
 
-def test_adapter_prefix_option(tmp_path):
+@pytest.mark.parametrize('prefix', ['student.', 'student'])
+def test_adapter_prefix_option(tmp_path, prefix):
+    """A prefix without its dot means the same, as in mmengine's Pretrained init (mmdet's configs write
+    `prefix='backbone'`)."""
     encoder = {k: v for k, v in _classification_state_dict().items() if not k.startswith('head.')}
     torch.save({'state_dict': {f'student.{k}': v for k, v in encoder.items()}}, tmp_path / 'kd.pth')
-    adapter = _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'kd.pth'), prefix='student.'))
+    adapter = _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'kd.pth'), prefix=prefix))
     adapter.init_weights()
     _assert_loaded(adapter, encoder)
+
+
+@pytest.mark.parametrize('in_chans', [1, 4])
+def test_adapter_adapts_an_rgb_stem_to_in_chans(tmp_path, in_chans):
+    """As timm's pretrained loading: the RGB stem summed over its channels for one input channel, tiled and
+    rescaled for more; every other weight loads as it is."""
+    from timm.models import adapt_input_conv
+    encoder = {k: v for k, v in _classification_state_dict().items() if not k.startswith('head.')}
+    torch.save(encoder, tmp_path / 'rgb.pth')
+    adapter = _adapter(in_chans=in_chans, init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'rgb.pth')))
+    adapter.init_weights()
+    stem = encoder['patch_embed1.proj.weight']
+    assert adapter.patch_embed1.proj.weight.shape[1] == in_chans
+    torch.testing.assert_close(adapter.patch_embed1.proj.weight, adapt_input_conv(in_chans, stem), rtol=0, atol=0)
+    if in_chans == 1:
+        torch.testing.assert_close(adapter.patch_embed1.proj.weight, stem.sum(1, keepdim=True))
+    _assert_loaded(adapter, {**encoder, 'patch_embed1.proj.weight': adapter.patch_embed1.proj.weight})
+    assert adapter(torch.randn(1, in_chans, 64, 64))[0].isfinite().all()
 
 
 def test_adapter_names_the_stage_when_groups_disagree(tmp_path):
@@ -505,6 +546,35 @@ def test_data_root_moves_every_dataset(name, tmp_path):
     assert [cfg[f'{s}_dataloader'].dataset.data_root for s in ('train', 'val', 'test')] == [str(tmp_path)] * 3
 
 
+def test_data_root_moves_the_datasets_inside_concatenations_and_wrappers(tmp_path):
+    """A user's config may concatenate datasets (ConcatDataset takes no data_root: setting it there stopped the
+    run) or wrap them (RepeatDataset); --data-root moves each dataset that reads files."""
+    from mmengine.config import Config
+
+    from dsan.mm.utils import set_data_root
+    leaf = dict(type='ADE20KDataset', data_root='data/ade/', data_prefix=dict(img_path='images/training'))
+    cfg = Config(dict(
+        train_dataloader=dict(dataset=dict(type='ConcatDataset', datasets=[
+            leaf, dict(type='RepeatDataset', times=2, dataset=leaf)])),
+        val_dataloader=dict(dataset=dict(type='RepeatDataset', times=1, dataset=leaf)),
+        test_dataloader=dict(dataset=leaf)))
+    set_data_root(cfg, str(tmp_path))
+    train = cfg.train_dataloader.dataset
+    assert 'data_root' not in train and 'data_root' not in train.datasets[1]
+    assert train.datasets[0].data_root == train.datasets[1].dataset.data_root == str(tmp_path)
+    assert cfg.val_dataloader.dataset.dataset.data_root == cfg.test_dataloader.dataset.data_root == str(tmp_path)
+
+
+def test_schedule_custom_keys_name_parameters():
+    """Every paramwise custom key of the shipped schedule names some parameter of the model (mmengine ignores a
+    key that matches nothing, as the original's 'pos_block' did)."""
+    from dsan.mm.tools import build_model
+    cfg = Config.fromfile(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
+    names = [n for n, _ in build_model(str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')).named_parameters()]
+    for key in cfg.optim_wrapper.paramwise_cfg.custom_keys:
+        assert any(key in n for n in names), key
+
+
 @pytest.mark.parametrize('tool', ['segmentation/tools/visualize.py', 'detection/tools/visualize.py'])
 def test_visualize_tools_take_the_original_flag_spellings(tool):
     r = subprocess.run([sys.executable, str(ROOT / tool), '--help'], capture_output=True, text=True, timeout=120,
@@ -519,6 +589,14 @@ def test_output_names_keep_apart_images_of_one_stem():
     from dsan.mm.utils import output_names
     images = [Path('d/a.JPG'), Path('d/a.png'), Path('d/b.jpg')]
     assert output_names(images, 't') == ['a_jpg_t.png', 'a_png_t.png', 'b_t.png']
+    # Names that would still meet (suffixes differing in case; a file named like another's drawing) get a counter,
+    # compared case-insensitively (one file on macOS and Windows).
+    assert output_names([Path('a.JPG'), Path('a.jpg'), Path('b.png')], 't') == ['a_jpg_t.png', 'a_jpg_t_1.png',
+                                                                                 'b_t.png']
+    assert output_names([Path('a.jpg'), Path('a.png'), Path('a_jpg.png')], 't') == ['a_jpg_t.png', 'a_png_t.png',
+                                                                                    'a_jpg_t_1.png']
+    names = output_names([Path(f'{s}.{e}') for s in ('x', 'X', 'x_png') for e in ('png', 'PNG', 'jpg')], 't')
+    assert len({n.lower() for n in names}) == 9
 
 
 def test_overlay_blends_and_draws_a_legend():

@@ -22,6 +22,7 @@ from mmengine.model import BaseModule
 from mmengine.model.weight_init import PretrainedInit
 from mmengine.registry import MODELS
 from mmengine.runner import CheckpointLoader
+from timm.models import adapt_input_conv
 
 from dsan.models.dsan import (
     DSAN,
@@ -74,7 +75,7 @@ class DSANBackbone(DSAN, BaseModule):
             depths: Sequence[int] = (3, 4, 6, 3),
             num_stages: int = 4,
             linear: bool = False,
-            out_indices: int | Sequence[int] = (0, 1, 2, 3),
+            out_indices: int | Sequence[int] | None = None,
             frozen_stages: int = -1,
             norm_cfg: Mapping[str, Any] | None = None,
             norm_eps: float = 1e-5,
@@ -96,12 +97,15 @@ class DSANBackbone(DSAN, BaseModule):
             drop_rate: Dropout rate inside the MLPs.
             drop_path_rate: Stochastic depth rate, linear from 0 over all blocks.
             depths: Blocks per stage.
-            num_stages: Stages to build (the first `num_stages` entries of the per-stage lists).
+            num_stages: Stages to build (the first `num_stages` entries of the per-stage lists). The drop-path
+                rates stay those of all the listed stages' blocks, as in the original.
             linear: The original's argument; must be False (as in every DSAN config).
-            out_indices: Stages (0-based) whose normalised output `forward` returns, in order (an int: one stage).
+            out_indices: Stages (0-based) whose normalised output `forward` returns, in order (an int: one stage;
+                None: every stage built, as the original).
             frozen_stages: Stages 1..frozen_stages are frozen (no gradients, norms in eval mode); -1 none.
-            norm_cfg: mmcv norm config of the BatchNorms (default SyncBN). SyncBN becomes plain BN where it
-                cannot synchronise: a single process, or no CUDA (a gloo run on CPU).
+            norm_cfg: mmcv norm config of the BatchNorms (default SyncBN): a norm over NCHW maps (BN, SyncBN, GN,
+                IN; not LN, which normalises the last axis). SyncBN becomes plain BN where it cannot synchronise: a
+                single process, or no CUDA (a gloo run on CPU).
             norm_eps: Epsilon of the stage LayerNorms (1e-5, as the original mm backbones).
             backend: DSCN operator backend: 'auto', 'cpp' or 'pytorch'.
             pretrained: Deprecated: checkpoint path, same as `init_cfg=dict(type='Pretrained', checkpoint=...)`.
@@ -130,12 +134,19 @@ class DSANBackbone(DSAN, BaseModule):
         if not 1 <= num_stages <= min(len(v) for v in per_stage.values()):
             raise ValueError(f'num_stages must be in [1, {min(len(v) for v in per_stage.values())}] (the length of '
                              f'the per-stage lists), got {num_stages}.')
+        all_blocks = sum(depths)
         per_stage = {k: list(v)[:num_stages] for k, v in per_stage.items()}
+        # The original spaced the drop-path rates over the blocks of every listed stage, also when it built fewer:
+        # the first n of linspace(0, r, N) are linspace(0, r * (n - 1) / (N - 1), n).
+        if sum(per_stage['depths']) < all_blocks:
+            drop_path_rate = drop_path_rate * (sum(per_stage['depths']) - 1) / (all_blocks - 1)
         check_strip_geometry(per_stage['kernel_sizes'], paddings, strides, dilations)
         if linear:
             raise ValueError("linear=True (the original's ReLU after each MLP's fc1, a PVTv2 option no DSAN config "
                              'sets) is not supported; leave it False.')
-        if isinstance(out_indices, int):  # mmseg's backbones take a single stage as an int too
+        if out_indices is None:
+            out_indices = tuple(range(num_stages))
+        elif isinstance(out_indices, int):  # mmseg's backbones take a single stage as an int too
             out_indices = (out_indices,)
         if not isinstance(out_indices, Sequence) or not all(isinstance(i, int) for i in out_indices):
             raise TypeError(f'out_indices must be an int or a sequence of ints (stage indices), got '
@@ -152,6 +163,10 @@ class DSANBackbone(DSAN, BaseModule):
             print_log(f"DSAN: norm_cfg type {norm_cfg['type']} -> BN (no multi-process CUDA run to synchronise).",
                       logger='current', level=logging.INFO)
             norm_cfg['type'] = 'BN'
+        if isinstance(_build_norm(norm_cfg, 8), nn.LayerNorm):
+            raise ValueError(f"norm_cfg {norm_cfg!r} builds a LayerNorm, which normalises the last axis: DSAN's "
+                             "BatchNorms need a norm over NCHW maps (type 'BN', 'SyncBN', 'GN' or 'IN'). The stage "
+                             'LayerNorms are built anyway; `norm_eps` sets their epsilon.')
         super().__init__(
             in_chans=in_chans, num_classes=0, global_pool='', drop_rate=drop_rate, drop_path_rate=drop_path_rate,
             norm_eps=norm_eps, backend=backend, norm_layer=partial(_build_norm, norm_cfg), **per_stage)
@@ -232,6 +247,8 @@ class DSANBackbone(DSAN, BaseModule):
         else:
             ckpt = CheckpointLoader.load_checkpoint(str(checkpoint), map_location='cpu')
         if prefix:
+            if not prefix.endswith('.'):  # as mmengine's Pretrained init: 'backbone' means 'backbone.'
+                prefix += '.'
             inner = ckpt.get('state_dict', ckpt.get('model', ckpt)) if isinstance(ckpt, Mapping) else ckpt
             ckpt = {k[len(prefix):]: v for k, v in inner.items() if k.startswith(prefix)}
             if not ckpt:
@@ -241,6 +258,13 @@ class DSANBackbone(DSAN, BaseModule):
         state_dict = {k: v for k, v in state_dict.items()
                       if not k.startswith(tuple(f'{m}{i + 1}' for i in range(self.num_stages, 8)
                                                 for m in ('patch_embed', 'block', 'norm')))}
+        stem = state_dict.get('patch_embed1.proj.weight')
+        in_chans = self.patch_embed1.proj.in_channels
+        if isinstance(stem, torch.Tensor) and stem.ndim == 4 and stem.shape[1] != in_chans:
+            # As timm's pretrained loading: an RGB stem summed (1 channel) or tiled and rescaled (more channels).
+            state_dict = dict(state_dict, **{'patch_embed1.proj.weight': adapt_input_conv(in_chans, stem)})
+            print_log(f'DSAN: the checkpoint\'s stem takes {stem.shape[1]} input channels, in_chans is {in_chans}: '
+                      'adapted as timm does.', logger='current', level=logging.WARNING)
         file_groups = infer_groups(state_dict, self.kernel_sizes)
         for stage, (got, want) in enumerate(zip(file_groups, self.groups)):
             if got != want:

@@ -56,14 +56,10 @@ def set_data_root(cfg: Config, root: str) -> list[str]:
     old_roots = set()
     for split in ('train', 'val', 'test'):
         loader = cfg.get(f'{split}_dataloader')
-        dataset = loader.get('dataset') if loader else None
-        while dataset is not None and 'data_root' not in dataset and 'dataset' in dataset:  # dataset wrappers
-            dataset = dataset.dataset
-        if dataset is None:
-            continue
-        if dataset.get('data_root'):
-            old_roots.add(str(dataset.data_root))
-        dataset.data_root = root
+        for dataset in _leaf_datasets(loader.get('dataset') if loader else None):
+            if dataset.get('data_root'):
+                old_roots.add(str(dataset.data_root))
+            dataset.data_root = root
     changed = []
     for split in ('val', 'test'):
         evaluators = cfg.get(f'{split}_evaluator')
@@ -82,12 +78,34 @@ def set_data_root(cfg: Config, root: str) -> list[str]:
     return changed
 
 
+def _leaf_datasets(dataset: Any) -> list[Any]:
+    # The dataset configs that read files: through wrappers (`dataset=`, e.g. RepeatDataset) and concatenations
+    # (`datasets=[...]`, ConcatDataset), which take no data_root themselves.
+    if dataset is None:
+        return []
+    if 'data_root' not in dataset and isinstance(dataset.get('datasets'), (list, tuple)):
+        return [leaf for d in dataset.datasets for leaf in _leaf_datasets(d)]
+    if 'data_root' not in dataset and dataset.get('dataset') is not None:
+        return _leaf_datasets(dataset.dataset)
+    return [dataset]
+
+
 def output_names(images: list[Path], tag: str) -> list[str]:
-    """File names ``<stem>_<tag>.png`` for `images`; images sharing a stem (``a.jpg``, ``a.png``) keep their suffix
-    in the name (``a_jpg_<tag>.png``), so that no drawing overwrites another."""
+    """File names ``<stem>_<tag>.png`` for `images`, distinct so that no drawing overwrites another: images sharing
+    a stem (``a.jpg``, ``a.png``) keep their suffix in the name (``a_jpg_<tag>.png``), and a name still taken (``a.JPG``
+    and ``a.jpg``; ``a.jpg`` and a file named ``a_jpg.png``) gets a counter (``a_jpg_<tag>_1.png``)."""
     stems = [p.stem for p in images]
-    return [f'{p.stem}_{p.suffix.lstrip(".").lower()}_{tag}.png' if stems.count(p.stem) > 1 else f'{p.stem}_{tag}.png'
-            for p in images]
+    names, taken = [], set()
+    for p in images:
+        base = f'{p.stem}_{p.suffix.lstrip(".").lower()}_{tag}' if stems.count(p.stem) > 1 else f'{p.stem}_{tag}'
+        name, n = f'{base}.png', 0
+        # Case-insensitively: two names differing in case are one file on macOS and Windows.
+        while name.lower() in taken:
+            n += 1
+            name = f'{base}_{n}.png'
+        taken.add(name.lower())
+        names.append(name)
+    return names
 
 
 def whole_inference(segmentor: Any, x: Any) -> Any:

@@ -1,13 +1,14 @@
 # The schedule of every DSAN segmentation config: AdamW lr 6e-5, betas (0.9, 0.999), weight decay 0.01, no decay
-# on norms, 10x lr on the decode head; linear warmup over 1500 iterations from 1e-6 x lr, then poly (power 1) down
+# on the parameters named `norm` (the BatchNorms and the stage LayerNorms; the LayerNorms inside the DSCN offset
+# branches, `...dw_conv.1.1`, keep it, as in the original), 10x lr on the decode head; linear warmup over 1500 iterations from 1e-6 x lr, then poly (power 1) down
 # to 1e-6 at the last iteration; checkpoint and evaluation every 2000 iterations.
 max_iters = 160000
 interval = 2000
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=6e-5, betas=(0.9, 0.999), weight_decay=0.01),
+    # The original's list also had 'pos_block' (from PVT), which names no DSAN parameter.
     paramwise_cfg=dict(custom_keys={
-        'pos_block': dict(decay_mult=0.),
         'norm': dict(decay_mult=0.),
         'head': dict(lr_mult=10.),
     }))
