@@ -107,6 +107,22 @@ def check_val_classes(train_classes: list[str], val_classes: list[str], root: st
                         os.path.join(root, val_split), missing, len(train_classes))
 
 
+def class_map_difference(old: dict[str, int], new: dict[str, int], limit: int = 5) -> str:
+    """How two ``{class name: index}`` maps differ, in one line: the classes only in each and those re-indexed."""
+    def shown(items):
+        items = sorted(items)
+        return ', '.join(map(str, items[:limit])) + (f' and {len(items) - limit} more' if len(items) > limit else '')
+    parts = []
+    if set(old) - set(new):
+        parts.append(f'only in the checkpoint: {shown(set(old) - set(new))}')
+    if set(new) - set(old):
+        parts.append(f'only in the folders: {shown(set(new) - set(old))}')
+    moved = [f'{c} {old[c]} -> {new[c]}' for c in set(old) & set(new) if old[c] != new[c]]
+    if moved:
+        parts.append(f'other indices: {shown(moved)}')
+    return '; '.join(parts)
+
+
 def read_class_map(class_map: str | dict, root: str = '') -> dict:
     """A ``{class name: index}`` map from a ``.txt`` (one class per line: the line number is the index) or ``.pkl``
     file (timm's formats; a relative path may also be relative to ``root``), or a dict as it is.

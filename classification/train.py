@@ -27,6 +27,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -51,7 +52,7 @@ from timm.data import Mixup, create_loader, resolve_data_config  # noqa: E402
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
 from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwargs  # noqa: E402
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
-from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, distribute_bn, random_seed, update_summary  # noqa: E402
+from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, distribute_bn, random_seed  # noqa: E402
 
 from dsan.compile import compile_kwargs  # noqa: E402
 
@@ -352,6 +353,38 @@ def _optimizer_args(args, device: torch.device) -> dict:
     return kwargs
 
 
+def _check_resume_args(args, ckpt: dict, current: dict) -> str | None:
+    """Refuse a --resume whose checkpoint cannot go on under these arguments; return a warning naming the other
+    differences (None if there are none), for the run's log.
+
+    Raises:
+        tu.ResumeError: the checkpoint has EMA weights and --model-ema is off (they would be dropped from the
+            run's next checkpoints), has no optimizer state, or was made with another --opt (its state does not
+            fit the optimizer), each unless --no-resume-opt says to start a fresh optimizer.
+    """
+    run_args = f'-c {os.path.join(os.path.dirname(os.path.abspath(args.resume)), "args.yaml")} --resume {args.resume}'
+    if 'state_dict_ema' in ckpt and not args.model_ema:
+        raise tu.ResumeError(f'--resume {args.resume} holds the EMA weights of a --model-ema run: add --model-ema '
+                             f'(or resume with every argument of that run: {run_args}); without it they are lost')
+    saved = ckpt['args']
+    if not args.no_resume_opt:
+        if 'optimizer' not in ckpt:
+            raise tu.ResumeError(f'--resume {args.resume} has no optimizer state (weights and epoch only): add '
+                                 '--no-resume-opt to go on from its epoch with a fresh optimizer, or start from its '
+                                 'weights with --initial-checkpoint')
+        if saved.get('opt') and str(saved['opt']).lower() != str(args.opt).lower():
+            raise tu.ResumeError(f'--resume {args.resume} was trained with --opt {saved["opt"]}, this run asks for '
+                                 f'--opt {args.opt}: its optimizer state does not fit; add --no-resume-opt for a '
+                                 'fresh optimizer')
+    changed = tu.changed_run_args(saved, current)
+    if not changed:
+        return None
+    # The optimizer's saved hyper-parameters (weight decay, betas, ...) are restored with its state.
+    return (f'--resume with arguments other than the run\'s: '
+            f'{", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))} (the optimizer '
+            f'state keeps its saved settings unless --no-resume-opt; {run_args} resumes with all of the run\'s)')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Train; returns the process exit code (0 done, 1 NaN/Inf, 2 bad input, 128+N on signal N)."""
     args, args_text = parse_args(argv)
@@ -399,16 +432,22 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
         raise model_factory.ModelError('--sync-bn needs CUDA devices (torch.nn.SyncBatchNorm); on the CPU --dist-bn '
                                        'reduce (the default) averages the BatchNorm statistics after each epoch')
     resume_ckpt = tu.load_training_checkpoint(args.resume) if args.resume else None
+    resume_warning = _check_resume_args(args, resume_ckpt, yaml.safe_load(args_text)) if resume_ckpt else None
 
     # ---- output folder (rank 0 names it), logging
-    if args.experiment:
-        exp_name = args.experiment
-    elif resume_ckpt is not None:
-        exp_name = os.path.basename(os.path.dirname(os.path.abspath(args.resume)))
-    else:
-        exp_name = tu.broadcast_object(f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}')
-    out_dir = os.path.dirname(os.path.abspath(args.resume)) if resume_ckpt is not None and not args.experiment \
-        else os.path.join(args.output, exp_name)
+    if resume_ckpt is not None and not args.experiment:
+        out_dir = os.path.dirname(os.path.abspath(args.resume))
+    elif args.experiment:
+        out_dir = os.path.join(args.output, args.experiment)
+    else:  # a new folder, named by rank 0: <date>-<model>, with a counter if a run started in the same second
+        out_dir = tu.broadcast_object(tu.make_new_run_dir(
+            os.path.join(args.output, f'{datetime.now():%Y%m%d-%H%M%S}-{args.model}')) if primary else None)
+        args.new_run_dir = out_dir if primary else None
+    found = tu.run_dir_contents(out_dir)
+    if found and (resume_ckpt is None or not os.path.samefile(out_dir, os.path.dirname(os.path.abspath(args.resume)))):
+        # Its checkpoints, best model, summary and args.yaml would be overwritten, or mixed with this run's.
+        raise tu.ResumeError(f'{out_dir} holds another run ({", ".join(found)}): resume it with --resume '
+                             f'{os.path.join(out_dir, "last.pth.tar")}, or give this run another --experiment')
     if primary:
         if not os.path.exists(out_dir):
             args.new_run_dir = out_dir  # removed again if the run stops on bad input before writing anything
@@ -417,6 +456,11 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             f.write(args_text)
     _setup_logging(os.path.join(out_dir, 'log.txt') if primary else '', primary)
     _logger.info('Output folder: %s', out_dir)
+    if resume_warning:
+        _logger.warning('%s', resume_warning)
+    if primary:
+        for name in tu.remove_stale_temp_files(out_dir):
+            _logger.info('Removed %s (a temp file of a save that was killed)', name)
     last_epoch = tu.later_checkpoint_epoch(os.path.join(out_dir, 'last.pth.tar'), args.resume) if resume_ckpt \
         else None
     if last_epoch is not None and last_epoch > resume_ckpt['epoch']:
@@ -493,6 +537,12 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     # ---- resume: everything the next epoch depends on
     start_epoch, best_metric, best_epoch = 0, None, None
     if resume_ckpt is not None:
+        saved_classes = resume_ckpt.get('class_to_idx')
+        now_classes = dict(ds_train.reader.class_to_idx) if not args.dataset else None
+        if isinstance(saved_classes, dict) and now_classes is not None and saved_classes != now_classes:
+            raise tu.ResumeError(f'--resume {args.resume}: the run was trained on other class folders than '
+                                 f'{train_dir} holds (resuming would relabel its images): '
+                                 f'{cls_data.class_map_difference(saved_classes, now_classes)}')
         try:
             tu.unwrap_model(model).load_state_dict(resume_ckpt['state_dict'])
         except RuntimeError as e:
@@ -553,6 +603,9 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     stop = tu.GracefulStop()
     summary_csv = os.path.join(out_dir, 'summary.csv')
     last_path = os.path.join(out_dir, 'last.pth.tar')
+    best_path = os.path.join(out_dir, 'model_best.pth.tar')
+    if primary and start_epoch > 0:
+        _repair_run_dir(args, out_dir, start_epoch - 1, best_epoch, decreasing=args.eval_metric == 'loss')
     num_updates = start_epoch * updates_per_epoch
     progress = primary and not args.no_progress
     decreasing = args.eval_metric == 'loss'
@@ -606,14 +659,14 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                 ckpt.update(best_metric=best_metric, best_epoch=best_epoch)
                 if not args.dataset:  # the labels' class names, so validate.py labels any folder the same way
                     ckpt['class_to_idx'] = dict(ds_train.reader.class_to_idx)
+                # last.pth.tar is written last but one: it commits the epoch. A kill before it leaves the previous
+                # epoch's, and the resumed run drops this epoch's summary row and redoes it; a kill after it, before
+                # model_best or the history, is repaired on resume (_repair_run_dir).
+                tu.append_summary(summary_csv, epoch, train_metrics, eval_metrics, lr=train_metrics['lr'])
                 tu.atomic_save(ckpt, last_path)
                 if improved:
-                    tu.atomic_save(ckpt, os.path.join(out_dir, 'model_best.pth.tar'))
+                    tu.atomic_save(ckpt, best_path)
                 tu.keep_checkpoint_history(last_path, epoch, args.checkpoint_hist, metric, decreasing)
-                # timm 1.0.15 (the oldest requirements.txt allows) writes no header unless asked: always say it
-                write_header = not os.path.exists(summary_csv) or os.path.getsize(summary_csv) == 0
-                update_summary(epoch, train_metrics, eval_metrics, summary_csv, lr=train_metrics['lr'],
-                               write_header=write_header)
                 if writer is not None:
                     for k, v in train_metrics.items():
                         writer.add_scalar(f'train/{k}', v, epoch)
@@ -638,8 +691,10 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             # e.g. Ctrl-C stopped the data-loading workers during validation: still a clean stop
             e = tu.TrainingInterrupted(stop.signum, f'{type(e).__name__} after the signal: {e}')
         saved = os.path.exists(last_path)
+        # With -c args.yaml the resumed run has every argument of this one (data, sizes, EMA, ...).
         _logger.warning('Stopped by %s (%s). %s', _signame(e.signum), e,
-                        f'Resume with: --resume {last_path}' if saved else 'No epoch completed, nothing saved.')
+                        f'Resume with: train.py -c {os.path.join(out_dir, "args.yaml")} --resume {last_path}' if saved
+                        else 'No epoch completed, nothing saved.')
         return 128 + e.signum
     finally:
         stop.restore()
@@ -668,6 +723,31 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             print(f'final: top1 {eval_metrics["top1"]:.2f} top5 {eval_metrics["top5"]:.2f} '
                   f'(best {args.eval_metric} {best_metric:.2f} at epoch {best_epoch}); checkpoints in {out_dir}')
     return 0
+
+
+def _repair_run_dir(args, out_dir: str, resumed_epoch: int, best_epoch: int | None, decreasing: bool) -> None:
+    """Bring a run folder resumed at `resumed_epoch` in line with its checkpoint, after a kill between saves.
+
+    - summary.csv rows of later epochs (an attempt killed before its last.pth.tar, or a resume from an earlier
+      checkpoint) are dropped: those epochs run again;
+    - a best epoch that is the resumed one, but that model_best.pth.tar does not hold (killed between the two
+      writes), is written from the resumed checkpoint, as is a history file of it that should be kept.
+    """
+    dropped = tu.trim_summary(os.path.join(out_dir, 'summary.csv'), resumed_epoch + 1)
+    if dropped:
+        _logger.info('summary.csv: dropped %d row(s) of epochs after %d (they run again)', dropped, resumed_epoch)
+    resumed = os.path.abspath(args.resume)
+    if os.path.dirname(resumed) != os.path.abspath(out_dir):
+        return
+    best_path = os.path.join(out_dir, 'model_best.pth.tar')
+    if best_epoch == resumed_epoch and tu.checkpoint_epoch(best_path) != resumed_epoch:
+        shutil.copyfile(resumed, best_path + '.repair.tmp')
+        os.replace(best_path + '.repair.tmp', best_path)
+        _logger.warning('model_best.pth.tar did not hold the best epoch %d (a save was killed): rewritten from %s',
+                        best_epoch, args.resume)
+    if args.checkpoint_hist > 0 and not os.path.exists(os.path.join(out_dir, f'checkpoint-{resumed_epoch}.pth.tar')):
+        metric = torch.load(resumed, map_location='cpu', mmap=True, weights_only=False).get('metric')
+        tu.keep_checkpoint_history(resumed, resumed_epoch, args.checkpoint_hist, metric, decreasing)
 
 
 def _plot_curves():

@@ -19,10 +19,13 @@ Checkpoint policy (what ``--resume`` relies on):
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -414,7 +417,125 @@ def load_training_checkpoint(path: str) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
         raise ResumeError(f'--resume {path!r} is not a training checkpoint (needs "state_dict" and "epoch"); '
                           'use --initial-checkpoint to start from weights only')
+    # timm's train.py (0.4.x and 1.0) saves its arguments as an argparse Namespace; train.py as a dict.
+    if isinstance(ckpt.get('args'), argparse.Namespace):
+        ckpt['args'] = vars(ckpt['args'])
+    elif not isinstance(ckpt.get('args'), dict):
+        ckpt['args'] = {}
     return ckpt
+
+
+# Arguments that do not change what a run computes (where it writes, how it reports, how it loads data).
+_BOOKKEEPING_ARGS = frozenset((
+    'resume', 'experiment', 'output', 'config', 'log_interval', 'no_progress', 'no_plot', 'workers', 'pin_mem',
+    'tensorboard', 'tune_malloc', 'local_rank', 'device', 'checkpoint_hist', 'no_resume_opt', 'data_dir'))
+
+
+def changed_run_args(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The arguments of `current` that differ from a checkpoint's `saved` ones (both as train.py writes them to
+    args.yaml), leaving out `SCHEDULE_ARGS` (reported on their own) and those that change no result."""
+    return {k: (saved[k], current[k]) for k in saved
+            if k in current and k not in SCHEDULE_ARGS and k not in _BOOKKEEPING_ARGS and saved[k] != current[k]}
+
+
+def run_dir_contents(path: str) -> list[str]:
+    """The files of a training run in folder `path` (its checkpoint and its summary), [] if there are none."""
+    return [name for name in ('last.pth.tar', 'summary.csv') if os.path.exists(os.path.join(path, name))]
+
+
+def make_new_run_dir(path: str) -> str:
+    """Create `path`, or `path-1`, `path-2`, ... where it exists (two runs started in one second), and return it."""
+    candidate, n = path, 0
+    while True:
+        try:
+            os.makedirs(candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f'{path}-{n}'
+
+
+_TEMP_FILE = re.compile(r'^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar)\..+\.tmp$'
+                        r'|^(checkpoint-hist\.json|summary\.csv)\.\d+\.tmp$')
+
+
+def remove_stale_temp_files(path: str) -> list[str]:
+    """Delete the temp files that a run killed while saving left in its folder `path` (:func:`atomic_save` and
+    :func:`keep_checkpoint_history` remove their own otherwise); returns their names."""
+    removed = []
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+        if _TEMP_FILE.match(name):
+            os.unlink(os.path.join(path, name))
+            removed.append(name)
+    return removed
+
+
+def checkpoint_epoch(path: str) -> int | None:
+    """The epoch a checkpoint file records (memory-mapped: only its small entries are read), None if unreadable."""
+    try:
+        epoch = torch.load(path, map_location='cpu', mmap=True, weights_only=False).get('epoch')
+    except Exception:
+        return None
+    return epoch if isinstance(epoch, int) else None
+
+
+def _write_csv_atomically(path: str, fieldnames: list[str], rows: list[dict[str, Any]]) -> None:
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'w', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, restval='')
+        writer.writeheader()
+        writer.writerows(rows)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_summary(path: str) -> tuple[list[str], list[dict[str, str]]]:
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return [], []
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def append_summary(path: str, epoch: int, train_metrics: dict[str, float], eval_metrics: dict[str, float],
+                   lr: float) -> None:
+    """Add an epoch's row to `path`, in timm's ``summary.csv`` columns (``epoch``, ``train_*``, ``eval_*``, ``lr``).
+
+    timm's ``update_summary`` appends under whatever header the file has: a run resumed with other metrics (say,
+    with ``--model-ema``) wrote its values under the wrong columns. Here a row with new columns rewrites the file
+    with the union of the columns (old rows leave the new ones empty).
+    """
+    row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
+           **{f'eval_{k}': v for k, v in (eval_metrics or {}).items()}, 'lr': lr}
+    fieldnames, rows = _read_summary(path)
+    if fieldnames and set(row) <= set(fieldnames):
+        with open(path, 'a', newline='') as f:
+            csv.DictWriter(f, fieldnames=fieldnames, restval='').writerow(row)
+        return
+    merged = fieldnames + [k for k in row if k not in fieldnames]
+    if 'lr' in merged:  # timm puts lr last
+        merged = [k for k in merged if k != 'lr'] + ['lr']
+    _write_csv_atomically(path, merged, rows + [row])
+
+
+def trim_summary(path: str, start_epoch: int) -> int:
+    """Drop the rows of epochs from `start_epoch` on (written by an attempt whose checkpoint was not saved, or
+    before the checkpoint a run is resumed from); returns how many were dropped."""
+    fieldnames, rows = _read_summary(path)
+    kept = [r for r in rows if not _is_int(r.get('epoch')) or int(r['epoch']) < start_epoch]
+    if len(kept) != len(rows):
+        _write_csv_atomically(path, fieldnames, kept)
+    return len(rows) - len(kept)
+
+
+def _is_int(value: Any) -> bool:
+    try:
+        int(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------------------

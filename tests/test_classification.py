@@ -17,8 +17,8 @@ Whole file: about 3 minutes on an idle 2-core machine; 8 minutes measured with t
 import argparse
 import copy
 import csv
-import functools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -1048,11 +1048,9 @@ def test_validate_amp_dtype_on_cpu(tiny, tmp_path, monkeypatch, dtype):
 # ----------------------------------------------------------------------------------------------------- summary.csv
 
 
-def test_summary_csv_has_its_header_with_the_oldest_timm(tiny, tmp_path, monkeypatch):
-    """timm 1.0.15, the oldest requirements.txt allows, writes the header only when asked (its update_summary has
-    write_header=False; later versions write one into a new file). train.py must ask, and only once."""
-    from timm.utils import update_summary
-    monkeypatch.setattr(train, 'update_summary', functools.partial(update_summary, write_header=False))
+def test_summary_csv_has_one_header_across_a_resume(tiny, tmp_path):
+    """train.py writes summary.csv itself (timm's update_summary wrote no header in 1.0.15, the oldest timm
+    requirements.txt allows): one header, timm's columns, a row per epoch across a resume, read by plot_curves."""
     plot_curves = _load_tool('plot_curves')
     run = tmp_path / 'sum'
     assert _tiny_run(tiny, tmp_path, 'sum', '--epochs', '2') == 0
@@ -1277,3 +1275,113 @@ def test_pretrained_without_weights_is_one_line(tiny, tmp_path, script):
     assert len(lines) == 1 and 'no downloadable pretrained weights' in lines[0]
     flag = '--initial-checkpoint' if script == 'train.py' else '--checkpoint'
     assert flag in lines[0] and 'pretrained_cfg_overlay' in lines[0]
+
+
+# ------------------------------------------------------------------------------------------ run folders and resume
+
+
+def test_a_run_folder_holding_a_run_is_not_overwritten(tiny, tmp_path, capsys):
+    """Re-running into a finished run's folder without --resume used to overwrite its checkpoints, model_best and
+    args.yaml and mix the two runs' summary rows; two default-named runs of one second shared a folder."""
+    assert _tiny_run(tiny, tmp_path, 'x', '--epochs', '1') == 0
+    # (log.txt aside: in this one process the first run's log handler is still open when the second one fails.)
+    files = lambda: {p.name: p.read_bytes() for p in (tmp_path / 'x').iterdir() if p.name != 'log.txt'}  # noqa: E731
+    before = files()
+    assert _tiny_run(tiny, tmp_path, 'x', '--epochs', '1', '--lr', '1e-5') == 2
+    assert f'{tmp_path / "x"} holds another run (last.pth.tar, summary.csv)' in capsys.readouterr().err
+    assert files() == before
+    # Resuming into the same folder is what it is for; into another run's folder is refused too.
+    assert _tiny_run(tiny, tmp_path, 'y', '--epochs', '1') == 0
+    assert _tiny_run(tiny, tmp_path, 'y', '--epochs', '2', '--resume', tmp_path / 'x' / 'last.pth.tar') == 2
+    assert 'holds another run' in capsys.readouterr().err
+    assert _tiny_run(tiny, tmp_path, 'x', '--epochs', '2', '--resume', tmp_path / 'x' / 'last.pth.tar') == 0
+    base = str(tmp_path / 'new')
+    assert [tu.make_new_run_dir(base) for _ in range(3)] == [base, f'{base}-1', f'{base}-2']
+
+
+def test_resume_repairs_a_run_folder_killed_between_saves(tiny, tmp_path):
+    """A kill after last.pth.tar (the epoch's commit) but before model_best and the history left model_best at an
+    older epoch than the best one last.pth.tar records, for good; a kill while saving left a full-size temp file."""
+    run = tmp_path / 'k'
+    assert _tiny_run(tiny, tmp_path, 'k', '--epochs', '2', '--checkpoint-hist', '2') == 0
+    last = torch.load(run / 'last.pth.tar', weights_only=False)
+    last.update(best_epoch=1, best_metric=99.0)  # epoch 1 is the best: what a kill leaves
+    tu.atomic_save(last, str(run / 'last.pth.tar'))
+    stale = dict(last, epoch=0)
+    tu.atomic_save(stale, str(run / 'model_best.pth.tar'))
+    (run / 'checkpoint-1.pth.tar').unlink()
+    (run / '.last.pth.tar.x1y2z3.tmp').write_bytes(b'partial')
+    (run / 'summary.csv').write_text((run / 'summary.csv').read_text() + '2,0.5,0.001,1,,,0.001\n')  # a lost epoch
+    assert _tiny_run(tiny, tmp_path, 'k', '--epochs', '2', '--checkpoint-hist', '2',
+                     '--resume', run / 'last.pth.tar') == 0
+    assert tu.checkpoint_epoch(str(run / 'model_best.pth.tar')) == 1
+    assert tu.checkpoint_epoch(str(run / 'checkpoint-1.pth.tar')) == 1
+    assert not (run / '.last.pth.tar.x1y2z3.tmp').exists()
+    with open(run / 'summary.csv') as f:
+        assert [int(r['epoch']) for r in csv.DictReader(f)] == [0, 1]
+
+
+def test_resume_refuses_what_would_lose_or_mislabel_work(tiny, tmp_path, capsys):
+    """Each of these resumed silently (or crashed with a traceback): the EMA weights dropped, renamed class folders
+    relabelled, a timm checkpoint (its args a Namespace) or one without optimizer state, another --opt."""
+    run = tmp_path / 'e'
+    assert _tiny_run(tiny, tmp_path, 'e', '--epochs', '1', '--model-ema') == 0
+    last = run / 'last.pth.tar'
+    assert _tiny_run(tiny, tmp_path, 'e', '--epochs', '2', '--resume', last) == 2
+    err = capsys.readouterr().err
+    assert f'--resume {last} holds the EMA weights of a --model-ema run: add --model-ema' in err
+    assert f'-c {run / "args.yaml"} --resume {last}' in err
+
+    renamed = tmp_path / 'renamed'
+    shutil.copytree(tiny, renamed)
+    for split in ('train', 'val'):
+        classes = sorted(p.name for p in (renamed / split).iterdir())
+        (renamed / split / classes[0]).rename(renamed / split / 'zzz')
+    assert train.main([str(renamed), '--model', '_test_tiny_net', '-b', '4', '--output', str(tmp_path),
+                       '--model-ema', '--epochs', '2', '--resume', str(last), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert 'the run was trained on other class folders' in err and 'only in the folders: zzz' in err
+
+    ckpt = torch.load(last, weights_only=False)
+    timm_style = dict(ckpt, args=argparse.Namespace(**ckpt['args']))
+    torch.save(timm_style, tmp_path / 'timm_style.pth.tar')
+    assert tu.load_training_checkpoint(str(tmp_path / 'timm_style.pth.tar'))['args'] == ckpt['args']
+    no_opt = {k: v for k, v in ckpt.items() if k != 'optimizer'}
+    torch.save(no_opt, tmp_path / 'no_opt.pth.tar')
+    assert _tiny_run(tiny, tmp_path, 'n', '--epochs', '2', '--model-ema', '--resume', tmp_path / 'no_opt.pth.tar') == 2
+    assert 'has no optimizer state (weights and epoch only): add --no-resume-opt' in capsys.readouterr().err
+    assert _tiny_run(tiny, tmp_path, 'o', '--epochs', '2', '--model-ema', '--opt', 'sgd', '--resume', last) == 2
+    assert 'was trained with --opt adamw, this run asks for --opt sgd' in capsys.readouterr().err
+    assert _tiny_run(tiny, tmp_path, 'n', '--epochs', '2', '--model-ema', '--no-resume-opt',
+                     '--resume', tmp_path / 'no_opt.pth.tar') == 0
+
+
+def test_resume_with_other_metrics_keeps_the_summary_columns(tiny, tmp_path):
+    """A run resumed with --model-ema adds ema columns: the summary is rewritten under the union of the columns (the
+    new row's values had landed under the old header, lr reading the EMA's top-1). Other changed arguments are
+    named in a warning."""
+    run = tmp_path / 's'
+    assert _tiny_run(tiny, tmp_path, 's', '--epochs', '1') == 0
+    assert _tiny_run(tiny, tmp_path, 's', '--epochs', '2', '--model-ema', '--weight-decay', '0.5',
+                     '--resume', run / 'last.pth.tar') == 0
+    assert "--resume with arguments other than the run's: model_ema False -> True, weight_decay 0.05 -> 0.5" in \
+        (run / 'log.txt').read_text()
+    with open(run / 'summary.csv') as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames[-1] == 'lr' and 'eval_ema_top1' in reader.fieldnames
+    assert [r['eval_ema_top1'] == '' for r in rows] == [True, False]
+    assert all(0 < float(r['lr']) < 1e-2 for r in rows)
+
+
+def test_summary_rows_are_trimmed_and_extended(tmp_path):
+    path = str(tmp_path / 'summary.csv')
+    for epoch in range(3):
+        tu.append_summary(path, epoch, {'loss': 1.0 - epoch / 10}, {'top1': 10.0 * epoch}, lr=1e-3)
+    assert tu.trim_summary(path, 1) == 2 and tu.trim_summary(path, 1) == 0
+    tu.append_summary(path, 1, {'loss': 0.5}, {'top1': 20.0, 'ema_top1': 21.0}, lr=1e-4)
+    with open(path) as f:
+        reader = csv.DictReader(f)
+        assert [dict(r) for r in reader] == [
+            {'epoch': '0', 'train_loss': '1.0', 'eval_top1': '0.0', 'eval_ema_top1': '', 'lr': '0.001'},
+            {'epoch': '1', 'train_loss': '0.5', 'eval_top1': '20.0', 'eval_ema_top1': '21.0', 'lr': '0.0001'}]
