@@ -3,7 +3,15 @@
 # NCCL on GPUs, gloo on CPU (chosen by train.py). Multi-node: set NNODES, NODE_RANK, MASTER_ADDR and PORT on
 # every node, e.g. NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash distributed_train.sh 8 /data/imagenet ...
 set -euo pipefail
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 NUM_PROC [train.py args...]   (NUM_PROC: processes per node)" >&2
+    exit 2
+fi
 NUM_PROC=$1
+if ! [[ "$NUM_PROC" =~ ^[1-9][0-9]*$ ]]; then
+    echo "NUM_PROC (processes per node, the first argument) must be a positive integer, got '$NUM_PROC'" >&2
+    exit 2
+fi
 shift
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}

@@ -128,15 +128,15 @@ def train_one_epoch(
     for step in range(num_batches):
         if stop.signum and world_size == 1:  # a host-side flag: reading it needs no device sync
             signum, _ = stop.check(device)
-            raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} step {step}/{num_batches}')
+            raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} after {step}/{num_batches} steps')
         try:
             inputs, target = next(batches)
         except StopIteration:
             break
         except Exception:
             if stop.signum:  # Ctrl-C also reaches the loader's worker processes, which then exit
-                raise TrainingInterrupted(stop.signum, f'interrupted at epoch {epoch} step {step}/{num_batches}') \
-                    from None
+                raise TrainingInterrupted(stop.signum,
+                                          f'interrupted at epoch {epoch} after {step}/{num_batches} steps') from None
             raise
         need_update = (step + 1) % accum == 0 or step + 1 == num_batches
         divisor = last_accum if step >= last_group_start else accum
@@ -162,14 +162,14 @@ def train_one_epoch(
                 window_n, w_sum, bad = _read_window(window)
                 signum, nonfinite = stop.check(device, nonfinite=bad is not None)
                 if nonfinite:
-                    where = (f'loss is {bad[1]} at epoch {epoch} step {bad[0]}/{num_batches}'
+                    where = (f'loss is {bad[1]} at epoch {epoch} step {bad[0] + 1}/{num_batches}'
                              if bad is not None else f'loss is NaN/Inf on another rank at epoch {epoch}')
                     raise NonFiniteError(
-                        f'{where} (detected at the log step {step}; NaN/Inf on at least one rank); stopping '
+                        f'{where} (detected at the log step {step + 1}; NaN/Inf on at least one rank); stopping '
                         'without writing a checkpoint. Try a lower --lr, --clip-grad 1.0 or no --amp, and resume '
                         'from the last good checkpoint (--log-interval 1 checks every step).')
                 if signum:
-                    raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} step {step}/{num_batches}')
+                    raise TrainingInterrupted(signum, f'interrupted at epoch {epoch} after {step}/{num_batches} steps')
                 last_sync = time.perf_counter()
                 img_per_sec = window_n * world_size / max(last_sync - window_start, 1e-9)
                 epoch_sum, epoch_n = epoch_sum + w_sum, epoch_n + window_n

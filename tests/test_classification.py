@@ -594,12 +594,13 @@ def test_engine_stops_on_nan_loss(log_interval):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     batches = [(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))] * 6
     stop = tu.GracefulStop(signals=())
-    detected = 3 if log_interval == 1 else 5  # the 4th forward (step 3) is the first NaN; the last step logs
-    with pytest.raises(tu.NonFiniteError, match=rf'loss is nan at epoch 0 step 3/6 \(detected at the log step '
+    # The 4th forward is the first NaN; the last step logs. Steps are numbered from 1, as the log lines number them.
+    detected = 4 if log_interval == 1 else 6
+    with pytest.raises(tu.NonFiniteError, match=rf'loss is nan at epoch 0 step 4/6 \(detected at the log step '
                                                 rf'{detected};'):
         engine.train_one_epoch(0, model, batches, opt, torch.nn.CrossEntropyLoss(), device=torch.device('cpu'),
                                stop=stop, progress=False, log_interval=log_interval)
-    assert model.calls == detected + 1  # training went on until the log step
+    assert model.calls == detected  # training went on until the log step (forwards counted from 1)
     # With a check at every step the NaN loss is never stepped; otherwise the steps before detection were.
     assert bool(torch.isfinite(model.fc.weight).all()) == (log_interval == 1)
 
@@ -703,7 +704,7 @@ def test_stop_flag_stops_a_single_process_run_at_the_next_step():
         def __iter__(self):
             return batches()
 
-    with pytest.raises(tu.TrainingInterrupted, match='step 4/10') as e:
+    with pytest.raises(tu.TrainingInterrupted, match='after 4/10 steps') as e:
         engine.train_one_epoch(0, model, Loader(), opt, torch.nn.CrossEntropyLoss(), device=torch.device('cpu'),
                                stop=stop, progress=False, log_interval=50)
     assert e.value.signum == signal.SIGTERM and len(calls) == 4
@@ -714,7 +715,7 @@ def test_train_stops_on_nan_without_a_checkpoint(tiny, tmp_path, capsys):
                        '--experiment', 'nan', *FAST])
     assert code == 1
     log = (tmp_path / 'nan' / 'log.txt').read_text()
-    assert 'loss is nan at epoch 0 step 3/6' in log  # the 4th forward is the first NaN one
+    assert 'loss is nan at epoch 0 step 4/6' in log  # the 4th forward is the first NaN one
     assert 'loss is nan' in log and 'stopping without writing a checkpoint' in log
     assert not list(tmp_path.rglob('*.pth.tar'))
 

@@ -853,3 +853,39 @@ def test_install_mm_uses_the_active_environment(tmp_path):
                          ({'VIRTUAL_ENV': str(tmp_path / 'active'), 'VENV': str(tmp_path / 'chosen')}, 'chosen')):
         r = subprocess.run(['bash', script], env={**env, **extra}, capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and f'no virtual environment at {tmp_path / named}' in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='checks the error given where there is no GPU')
+@pytest.mark.parametrize('tool', [
+    'classification/tools/get_memory.py', 'classification/tools/train_throughput.py dsan_t',
+    'classification/tools/cam_visual.py --random-weights', 'classification/tools/get_inf_speed.py dsan_t',
+    'segmentation/tools/visualize.py cfg.py ckpt.pth --image-dir x', 'segmentation/tools/get_speed.py',
+    'detection/tools/visualize.py cfg.py ckpt.pth --image-dir x', 'detection/tools/get_speed.py'])
+def test_tools_refuse_a_cuda_device_where_there_is_none(tool):
+    """One usage line naming --device, before any work (most tools stopped in a CUDA runtime traceback)."""
+    script, *args = tool.split()
+    r = subprocess.run([sys.executable, str(ROOT / script), *args, '--device', 'cuda:0'], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].endswith("error: argument --device: got 'cuda:0', but no CUDA GPU is "
+                                                      'available') and 'Traceback' not in r.stderr
+
+
+def test_device_type_names_what_is_wrong():
+    import argparse
+
+    from dsan.cli import device_problem, device_type
+    assert device_type('') == '' and device_type('cpu') == 'cpu'
+    assert device_problem('gpu0') == "expected 'cpu' or 'cuda[:N]', got 'gpu0'"
+    assert device_problem('meta') == "expected 'cpu' or 'cuda[:N]', got 'meta'"
+    with pytest.raises(argparse.ArgumentTypeError, match="expected 'cpu' or 'cuda"):
+        device_type('tpu')
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], 'usage: '), (['data/x', '--model', 'dsan_t'], "must be a positive integer, got 'data/x'"),
+    (['0'], "must be a positive integer, got '0'")])
+def test_distributed_train_sh_checks_its_process_count(args, message):
+    r = subprocess.run(['bash', str(ROOT / 'classification/distributed_train.sh'), *args], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and message in r.stderr, r.stderr

@@ -32,6 +32,8 @@ if _CLS not in sys.path:
 import model_factory  # noqa: E402
 from data import IMG_EXTENSIONS  # noqa: E402
 
+from dsan.cli import device_type  # noqa: E402
+
 
 def find_images(folder: str, limit: int = 0) -> list[str]:
     """Image files under ``folder`` (recursively, sorted); at most ``limit`` when > 0."""
@@ -94,7 +96,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     p.add_argument('--class-index', type=int, default=None, help='explain this class instead of the prediction')
     p.add_argument('--alpha', type=float, default=0.5, help='heat-map weight in the overlay')
     p.add_argument('--max-images', type=int, default=0, help='at most this many images (0: all)')
-    p.add_argument('--device', default='', help='"cuda" or "cpu" (default: cuda when available)')
+    p.add_argument('--device', type=device_type, default='', help='"cuda" or "cpu" (default: cuda when available)')
     args = p.parse_args(argv)
     if args.img_size is not None and args.img_size < 1:
         p.error(f'argument --img-size: must be >= 1, got {args.img_size}')

@@ -41,6 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
 from dsan.allocator import keep_freed_memory  # noqa: E402
+from dsan.cli import device_problem  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
 from dsan.profiling import op_table  # noqa: E402
 
@@ -437,7 +438,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f'argument --{flag.replace("_", "-")}: must be >= 0, got {getattr(args, flag)}')
     if args.threads is not None and args.threads < 1:
         parser.error(f'argument --threads: must be >= 1, got {args.threads}')
-    problem = _device_problem(args.device)
+    problem = device_problem(args.device)
     if problem:
         parser.error(f'argument --device: {problem}')
     if args.checkpoint is not None:
@@ -454,23 +455,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if problem:
             parser.error(f'argument --out: {problem}')
     return args
-
-
-def _device_problem(device: str) -> str | None:
-    """Why `device` cannot run the benchmark, or None."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        return f"expected 'cpu' or 'cuda[:N]', got {device!r}"
-    if dev.type not in ('cpu', 'cuda'):
-        return f"expected 'cpu' or 'cuda[:N]', got {device!r}"
-    if dev.type == 'cuda':
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            return f'got {device!r}, but no CUDA GPU is available'
-        if dev.index is not None and dev.index >= count:
-            return f'got {device!r}, but there are {count} CUDA GPUs (cuda:0 to cuda:{count - 1})'
-    return None
 
 
 def _out_problem(out: Path) -> str | None:

@@ -31,6 +31,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
+from dsan.cli import device_type  # noqa: E402
 
 _logger = logging.getLogger('get_memory')
 MiB = 2 ** 20
@@ -131,7 +132,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='H [W] of the input (default: 224)')
     parser.add_argument('--mode', choices=('training', 'inference'), default='training',
                         help='a training step (forward, backward) or an inference forward (eval, no gradients)')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=device_type, default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA')
     parser.add_argument('--optimizer', action='store_true', help='include an AdamW step (its state)')
     parser.add_argument('--grad-checkpointing', action='store_true')

@@ -42,6 +42,7 @@ if _CLS not in sys.path:
 import model_factory  # noqa: E402
 import train_utils  # noqa: E402
 
+from dsan.cli import device_type  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
 from dsan.profiling import kernel_names, op_table  # noqa: E402
 
@@ -189,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--steps', type=int, default=5)
     p.add_argument('--rounds', type=int, default=3)
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--device', type=device_type, default='cpu')
     p.add_argument('--threads', type=int, default=None, help='torch threads, >= 1 (default: torch default)')
     p.add_argument('--loop', action='store_true', help="time engine.train_one_epoch (this checkout's engine.py)")
     p.add_argument('--engine', nargs='+', default=[], metavar='ENGINE_PY',

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dsan.cli import device_type
 from dsan.flops import count_params
 from dsan.mm.speed import interleaved_median
 from dsan.mm.tools import build_model
@@ -102,7 +103,7 @@ def main(argv=None) -> str:
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', type=device_type, default='cpu')
     args = parser.parse_args(argv)
     if args.train_batch < 1 or args.rounds < 1:
         parser.error(f'--train-batch and --rounds must be >= 1, got {args.train_batch} and {args.rounds}')

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from dsan.cli import device_type
+
 _logger = logging.getLogger('visualize')
 
 
@@ -30,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='colours of boxes and masks')
     parser.add_argument('--score-thr', '--score_thr', type=float, default=0.3,
                         help='draw detections scoring at least this')
-    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda:0'")
+    parser.add_argument('--device', type=device_type, default='cpu', help="'cpu' or 'cuda:0'")
     args = parser.parse_args(argv)
     if not 0.0 <= args.score_thr <= 1.0:
         parser.error(f'--score-thr must be in [0, 1], got {args.score_thr}')

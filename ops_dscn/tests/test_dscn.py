@@ -1408,6 +1408,7 @@ def test_cpu_kernel_is_deterministic_across_thread_counts(axis):
             assert torch.equal(a, b)
 
 
+@needs_ext
 def test_dscnx_projection_as_conv_in_training_matches_the_linear(monkeypatch):
     """From `conv_projection_min_channels` channels, a CPU float32 DSCNX with gradients runs its projection as a 1x1
     convolution on the channels_last view: the output and every gradient are the nn.Linear's (float64 reference)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from dsan.cli import device_type
 from dsan.flops import count_macs, count_params
 from dsan.mm.speed import interleaved_median
 from dsan.mm.tools import build_model
@@ -98,7 +99,7 @@ def main(argv=None) -> str:
     parser.add_argument('--rounds', type=int, default=5)
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s choice)')
-    parser.add_argument('--device', default='cpu')
+    parser.add_argument('--device', type=device_type, default='cpu')
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2):
         raise SystemExit(f'--shape takes H or H W, got {args.shape}')

@@ -18,6 +18,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from dsan.cli import device_type
+
 _logger = logging.getLogger('visualize')
 
 PALETTES = ('auto', 'ade20k', 'cityscapes', 'checkpoint')
@@ -102,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="colours and class names: 'auto' picks ADE20K for 150 classes, Cityscapes for 19")
     parser.add_argument('--opacity', type=float, default=0.5, help='weight of the colour mask')
     parser.add_argument('--no-legend', dest='legend', action='store_false', help='no legend column')
-    parser.add_argument('--device', default='cpu', help="'cpu' or 'cuda:0'")
+    parser.add_argument('--device', type=device_type, default='cpu', help="'cpu' or 'cuda:0'")
     return parser.parse_args(argv)
 
 
