@@ -730,15 +730,16 @@ def _repair_run_dir(args, out_dir: str, resumed_epoch: int, best_epoch: int | No
 
     - summary.csv rows of later epochs (an attempt killed before its last.pth.tar, or a resume from an earlier
       checkpoint) are dropped: those epochs run again;
-    - a best epoch that is the resumed one, but that model_best.pth.tar does not hold (killed between the two
-      writes), is written from the resumed checkpoint, as is a history file of it that should be kept.
+    - resumed from the folder's last.pth.tar: a best epoch that is the resumed one, but that model_best.pth.tar
+      does not hold (killed between the two writes), is written from it, as is a history file of it that should be
+      kept.
     """
     dropped = tu.trim_summary(os.path.join(out_dir, 'summary.csv'), resumed_epoch + 1)
     if dropped:
         _logger.info('summary.csv: dropped %d row(s) of epochs after %d (they run again)', dropped, resumed_epoch)
     resumed = os.path.abspath(args.resume)
-    if os.path.dirname(resumed) != os.path.abspath(out_dir):
-        return
+    if resumed != os.path.join(os.path.abspath(out_dir), 'last.pth.tar'):
+        return  # resumed from an earlier checkpoint: model_best may rightly hold a later epoch
     best_path = os.path.join(out_dir, 'model_best.pth.tar')
     if best_epoch == resumed_epoch and tu.checkpoint_epoch(best_path) != resumed_epoch:
         shutil.copyfile(resumed, best_path + '.repair.tmp')
