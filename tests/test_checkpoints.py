@@ -364,6 +364,19 @@ def test_pretrained_strict_false_leaves_out_weights_of_another_shape(source, tmp
     assert len(left_out) == 1 and str(source['paths']['plain.pth']) in left_out[0] and offset in left_out[0]
 
 
+def test_pretrained_strict_false_with_a_new_class_count_is_silent(source):
+    """A classifier of another class count is left out without a warning, as timm's models do: DSAN had named
+    head.weight and head.bias as weights "not loaded"."""
+    handler, records = _warnings_of('dsan.models.dsan')
+    try:
+        model = timm.create_model('dsan_t', num_classes=10, pretrained=True, pretrained_strict=False,
+                                  backend=BACKEND, pretrained_cfg_overlay=dict(file=str(source['paths']['plain.pth'])))
+    finally:
+        logging.getLogger('dsan.models.dsan').removeHandler(handler)
+    assert model.head.weight.shape == (10, 256) and not [r for r in records if 'another shape' in r.getMessage()]
+    torch.testing.assert_close(model.norm4.weight, source['sd']['norm4.weight'])
+
+
 def test_encoder_file_into_a_model_with_a_classifier(source, tmp_path):
     encoder = tmp_path / 'dsan_t_encoder.pth'
     torch.save({k: v for k, v in source['sd'].items() if not k.startswith('head.')}, encoder)

@@ -660,3 +660,46 @@ def test_a_missing_dependency_is_named_with_its_install_command(blocked, module,
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith('ImportError: ' + message) and 'install' in last, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize('feature_cls', ['getter', 'hook', 'fx'])
+def test_feature_extractors_agree(feature_cls):
+    """timm's three feature extractors give the same NCHW maps: a hook on `norm{i}` saw (N, H, W, C) tensors when the
+    stage norm ran on tokens, and fx could not trace the kernel choices."""
+    def make(**kw):
+        torch.manual_seed(0)
+        return timm.create_model('dsan_t', features_only=True, backend=BACKEND, **SMALL, **kw).eval()
+    model, ref = make(feature_cls=feature_cls), make()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats, expected = model(x), ref(x)
+    assert [tuple(f.shape) for f in feats] == [(2, c, 64 // r, 96 // r) for c, r in
+                                               zip(ref.feature_info.channels(), ref.feature_info.reduction())]
+    for f, e in zip(feats, expected):
+        torch.testing.assert_close(f, e, rtol=0, atol=0)
+    y = model.train()(x)
+    sum(f.sum() for f in y).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_create_feature_extractor_and_stage_norm_hooks():
+    from timm.models import create_feature_extractor
+    torch.manual_seed(0)
+    model = timm.create_model('dsan_t', backend=BACKEND, **SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    seen = []
+    model.norm2.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    with torch.no_grad():
+        logits = model(x)
+        out = create_feature_extractor(model, return_nodes={'norm2': 'n2', 'head': 'logits'})(x)
+    assert seen[0] == (1, 64, 8, 8)  # NCHW, as the stage's output
+    assert out['n2'].shape == (1, 64, 8, 8)
+    torch.testing.assert_close(out['logits'], logits, rtol=0, atol=0)
+
+
+def test_torch_jit_script_is_refused_clearly():
+    model = timm.create_model('dsan_t', backend=BACKEND, **SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit.script's own deprecation warning
+        with pytest.raises(RuntimeError, match='DSAN cannot be scripted with torch.jit.script.*torch.export'):
+            torch.jit.script(model)

@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath, LayerNorm2d, register_notrace_function, register_notrace_module, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
@@ -219,6 +219,18 @@ def _scaled_bias(conv: nn.Conv2d, scale: torch.Tensor) -> torch.Tensor | None:
     return None if conv.bias is None else conv.bias * scale
 
 
+@register_notrace_function  # a call in torch.fx graphs (it reads the rank); fx wraps no `_` name
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _channel_norm(factory: Callable[[int], nn.LayerNorm], dim: int) -> LayerNorm2d:
+    """The LayerNorm that `factory` (the original's `norm_layer`, e.g. ``partial(nn.LayerNorm, eps=1e-6)``) builds,
+    as a norm over the channels of NCHW maps with the same epsilon and parameters."""
+    ln = factory(dim)
+    return LayerNorm2d(dim, eps=ln.eps, affine=ln.elementwise_affine, bias=ln.bias is not None)
+
+
 def _gelu(x: torch.Tensor) -> torch.Tensor:
     """The exact GELU: ``ops_dscn.gelu`` for CPU float32, ``F.gelu`` elsewhere (the same function to float rounding).
 
@@ -334,7 +346,7 @@ class PointwiseConv2d(ops_dscn.KeepsPackedWeights, nn.Conv2d):
         """(N, C_in, H, W) -> (N, C_out, H, W)."""
         if (x.dtype == torch.float32 and x.device.type == 'cpu' and x.dim() == 4
                 and known_true(x.shape[0] == 1) and x.is_contiguous(memory_format=torch.channels_last)
-                and self.groups == 1
+                and self.groups == 1 and not torch.jit.is_tracing()  # tracers see the conv
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             w = self.weight.view(self.out_channels, self.in_channels)
             return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
@@ -560,6 +572,9 @@ class DSA(nn.Module):
         return self.proj_2.epilogue(x, residual=shortcut, residual_scale=scale, weights=w2, packed=p2)
 
 
+# Leaves for torch.fx (timm's feature_cls='fx', create_feature_extractor): their forwards choose kernels by the
+# input's device, dtype, layout and size, which a symbolic trace cannot branch on.
+@register_notrace_module
 class Block(nn.Module):
     """DSAN block: BN -> DSA and BN -> Mlp, each with layer scale, drop path and a residual.
 
@@ -785,6 +800,7 @@ class Block(nn.Module):
         self.fused = True
 
 
+@register_notrace_module
 class OverlapPatchEmbed(nn.Module):
     """Overlapping patch embedding: strided conv + BatchNorm."""
 
@@ -849,8 +865,8 @@ def check_strip_geometry(kernel_sizes: Sequence[int], pads: Sequence[int] | None
 class DSAN(nn.Module):
     """DSAN backbone with a linear classifier; the defaults build DSAN-T (`dsan_t`).
 
-    Stage i (1..4) is `patch_embed{i}` -> `block{i}` (ModuleList of Block) -> `norm{i}` (LayerNorm over
-    channels); the head averages the last stage and applies `head`.
+    Stage i (1..4) is `patch_embed{i}` -> `block{i}` (ModuleList of Block) -> `norm{i}` (LayerNorm over the
+    channels of the NCHW map); the head averages the last stage and applies `head`.
     """
 
     # Inductor options for torch.compile, applied by `compile` and `dsan.compile.compile_model` (which the
@@ -926,11 +942,14 @@ class DSAN(nn.Module):
                              '(fewer stages: timm features_only=True / out_indices, or dsan.mm.DSANBackbone).')
         num_stages = len(depths)
         check_strip_geometry(kernel_sizes, pads, strides, dilations, pads_name='pads')
-        stage_norm = partial(nn.LayerNorm, eps=norm_eps)
+        # The stage norms are LayerNorms over the channels of the NCHW maps (timm's LayerNorm2d: the same weights and
+        # arithmetic as the original's nn.LayerNorm over tokens), so that a hook on `norm{i}` (timm's
+        # feature_cls='hook', FeatureHooks, Grad-CAM) sees the stage's NCHW output.
+        stage_norm = partial(LayerNorm2d, eps=norm_eps)
         # Exactly nn.LayerNorm (the original's): a subclass such as timm's LayerNorm2d is a norm over NCHW maps,
         # which may stand in for the BatchNorms.
         if type(norm_layer(embed_dims[0])) is nn.LayerNorm:
-            stage_norm, norm_layer = norm_layer, nn.BatchNorm2d
+            stage_norm, norm_layer = partial(_channel_norm, norm_layer), nn.BatchNorm2d
         for name, seq in (('embed_dims', embed_dims), ('mlp_ratios', mlp_ratios), ('kernel_sizes', kernel_sizes),
                           ('dw_kernel_sizes', dw_kernel_sizes), ('groups', groups)):
             if len(seq) != num_stages:
@@ -980,6 +999,12 @@ class DSAN(nn.Module):
 
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
+
+    def __prepare_scriptable__(self) -> 'DSAN':
+        # torch.jit.script calls this first: one clear error instead of TorchScript's about an inner helper.
+        raise RuntimeError('DSAN cannot be scripted with torch.jit.script: its layers choose kernels by the input\'s '
+                           'device, dtype, layout and size at run time. Use torch.export, torch.compile or '
+                           'torch.jit.trace (eval mode) instead.')
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -1088,14 +1113,12 @@ class DSAN(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
             else:
                 x = blk(x)
-        # LayerNorm over channels: (N, C, H, W) -> (N, H, W, C) -> (N, C, H, W); both views are free when
-        # x is channels_last, and the result stays channels_last.
-        return getattr(self, f'norm{i + 1}')(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        # LayerNorm2d permutes (N, C, H, W) -> (N, H, W, C) -> (N, C, H, W): both views are free when x is
+        # channels_last, and the result stays channels_last.
+        return getattr(self, f'norm{i + 1}')(x)
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return to_channels_last(x) if self.channels_last else x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) -> (N, C_4, H / 32, W / 32) normalised last-stage features."""
@@ -1312,11 +1335,14 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module, use_em
         # timm loads with strict=False, which skips missing and unexpected keys but still fails on a shape.
         misfit = [k for k, v in state_dict.items()
                   if k in expected and k != adapted and tuple(v.shape) != tuple(expected[k].shape)]
-        if misfit:
+        # A classifier of another class count is left out without a word, as timm does for its models when
+        # num_classes differs from the file's (pretrained_strict or not).
+        named = [k for k in misfit if not k.startswith('head.')]
+        if named:
             _logger.warning("pretrained_strict=False: %d weights of %s have another shape than the model's and are "
-                            'not loaded (the model keeps its own): %s', len(misfit), source or 'the checkpoint',
-                            ', '.join(misfit[:12]) + (f', ... ({len(misfit) - 12} more)' if len(misfit) > 12 else ''))
-            state_dict = {k: v for k, v in state_dict.items() if k not in misfit}
+                            'not loaded (the model keeps its own): %s', len(named), source or 'the checkpoint',
+                            ', '.join(named[:12]) + (f', ... ({len(named) - 12} more)' if len(named) > 12 else ''))
+        state_dict = {k: v for k, v in state_dict.items() if k not in misfit}
     return state_dict
 
 

@@ -137,7 +137,8 @@ class DepthwiseConv2d(nn.Conv2d):
         # The custom backward is for CPU float32/float64 alone. On CUDA ATen's is fast, and under autocast F.conv2d
         # casts x and weight inside the forward while the Function saves them uncast, so the backward would get
         # mixed dtypes (a float16 input with a float32 weight: convolution_backward refuses them on CUDA).
-        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        # Not while torch.jit traces either (a Python Function is an opaque prim::PythonOp to tracers).
+        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and not torch.jit.is_tracing()
                 and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype
                 and not torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4):
