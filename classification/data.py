@@ -10,6 +10,7 @@ import logging
 import os
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import ImageDataset, create_dataset
 from timm.data.readers.class_map import load_class_map
@@ -44,13 +45,30 @@ def _list_images(folder: str) -> list[str]:
     return found
 
 
-def search_split(root: str, split: str) -> str:
+_SPLIT_NAMES = ('train', 'val', 'validation', 'test')
+
+
+def search_split(root: str, split: str, allow_root: bool = False) -> str:
     """The split folder name to use under ``root``: ``split``, or its other spelling (``val`` / ``validation``) when
-    only that folder exists, as timm's folder datasets searched for the original's ``validation`` default."""
+    only that folder exists, as timm's folder datasets searched for the original's ``validation`` default.
+
+    Args:
+        root: The dataset folder.
+        split: The split asked for.
+        allow_root: With neither spelling under ``root``, and no split folder at all there (its sub-folders are
+            classes), evaluate ``root`` itself: returns ''. timm 0.4.12 (the original's validate.py) did, so
+            ``validate.py /data/imagenet/val`` worked.
+    """
     other = {'val': 'validation', 'validation': 'val'}.get(split)
-    if root and other and not os.path.isdir(os.path.join(root, split)) and os.path.isdir(os.path.join(root, other)):
+    if not root or os.path.isdir(os.path.join(root, split)):
+        return split
+    if other and os.path.isdir(os.path.join(root, other)):
         _logger.info('split folder %r not found: using %r', os.path.join(root, split), os.path.join(root, other))
         return other
+    if allow_root and os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, s)) for s in _SPLIT_NAMES):
+        _logger.info('split folder %r not found and %r holds no split folder: evaluating its class folders',
+                     os.path.join(root, split), root)
+        return ''
     return split
 
 
@@ -159,7 +177,8 @@ class ClassFolderReader(ReaderImageFolder):
 
     Args:
         root: The split folder (``<data>/train``).
-        class_map: Optional class-to-index map: a file (one class per line, or ``class,index``) or a dict.
+        class_map: Optional class-to-index map: a file (timm's: ``.txt``, one class per line, the line number being
+            its index; or a pickled dict ``.pkl``) or a dict.
     """
 
     def __init__(self, root: str, class_map: str | dict = ''):
@@ -194,8 +213,13 @@ class StrictImageDataset(ImageDataset):
     def __init__(self, *args, skip_bad_images: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.skip_bad_images = skip_bad_images
+        # With skipping, sample i may be read from a later file: which one, per index, in memory shared with the
+        # loader's worker processes (-1: not read yet), so that per-image results name the file really read.
+        self.read_from = torch.full((len(self.reader),), -1, dtype=torch.int64).share_memory_() \
+            if skip_bad_images else None
 
     def __getitem__(self, index):
+        first = index
         for _ in range(self._max_retries if self.skip_bad_images else 1):
             fileobj, target = self.reader[index]
             try:
@@ -210,6 +234,8 @@ class StrictImageDataset(ImageDataset):
                 index = (index + 1) % len(self.reader)
         else:
             raise CorruptImageError(f'{self._max_retries} consecutive images could not be decoded (the last: {path!r})')
+        if self.read_from is not None:
+            self.read_from[first] = index
         if self.transform is not None:
             img = self.transform(img)
         if target is None:

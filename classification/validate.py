@@ -14,6 +14,7 @@ import argparse
 import csv
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -33,9 +34,14 @@ import train_utils as tu  # noqa: E402
 from timm.data import create_loader, resolve_data_config  # noqa: E402
 from timm.utils import ParseKwargs  # noqa: E402
 
+from dsan.cli import output_file_problem  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
 
 _logger = logging.getLogger('validate')
+
+
+# PIL's resampling filters, by timm's names.
+_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop ratio')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
-    group.add_argument('--interpolation', default='', type=str, metavar='NAME', help='resize interpolation')
+    group.add_argument('--interpolation', default='', type=str, choices=['', *_INTERPOLATIONS],
+                       help='resize interpolation (default: the model\'s, bicubic for DSAN)')
+    group.add_argument('--crop-mode', default=None, choices=['center', 'squash', 'border'],
+                       help="timm's eval crop: 'center' keeps the aspect ratio; default: 'center' for a square input, "
+                            "'squash' for a non-square --input-size (the resize to H / crop-pct x W / crop-pct of "
+                            "the original's timm 0.4.12)")
 
     group = parser.add_argument_group('Run parameters')
     group.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='batch size (default: 256)')
@@ -96,7 +107,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         tu.keep_freed_memory(device)
     data_dir = args.data_dir or args.data
     if not args.dataset:
-        args.split = cls_data.search_split(data_dir, args.split)
+        args.split = cls_data.search_split(data_dir, args.split, allow_root=True)
         classes = cls_data.check_image_folder(data_dir, args.split)
     if not args.checkpoint and not args.pretrained:
         _logger.warning('No --checkpoint given: evaluating randomly initialised weights')
@@ -124,6 +135,10 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         if num_classes is not None and num_classes != labels:
             _logger.warning('The model has %d classes but %s: check --model/--checkpoint', num_classes, what)
     data_config = resolve_data_config(vars(args), model=model, verbose=True)
+    # timm 0.4.12 resized a non-square input to (H / crop_pct, W / crop_pct) before its centre crop; timm 1.0's
+    # 'center' mode keeps the aspect ratio instead. 'squash' is the former.
+    crop_mode = args.crop_mode or ('squash' if data_config['input_size'][1] != data_config['input_size'][2]
+                                   else data_config.get('crop_mode', 'center'))
     model.to(device).eval()
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -136,7 +151,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-        crop_pct=data_config['crop_pct'], num_workers=args.workers, device=device,
+        crop_pct=data_config['crop_pct'], crop_mode=crop_mode, num_workers=args.workers, device=device,
         use_prefetcher=device.type == 'cuda', persistent_workers=False)
     amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
 
@@ -152,32 +167,55 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
                    count=res['count'], img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
                    interpolation=data_config['interpolation'], img_per_sec=round(res['count'] / max(elapsed, 1e-9), 1),
                    amp=str(amp_dtype).replace('torch.', '') if args.amp else 'off')
+    read_from = getattr(dataset, 'read_from', None)
+    if read_from is not None:
+        # timm's skipping reads the next image in place of an unreadable one: it is counted twice (as in timm).
+        summary['replaced'] = int((read_from[:res['count']] != torch.arange(res['count'])).sum())
+        if summary['replaced']:
+            _logger.warning('%d unreadable image(s) were replaced by the next readable one (counted twice, as timm '
+                            'does); the per-image CSV names the file read', summary['replaced'])
+    _logger.info('%s: top1 %.3f top5 %.3f (%d images)', args.model, summary['top1'], summary['top5'], summary['count'])
 
-    if args.per_image_csv:
-        idx_to_class = {v: k for k, v in getattr(dataset.reader, 'class_to_idx', {}).items()}
-        _write_per_image(args.per_image_csv, dataset, res, idx_to_class)
-        _logger.info('Per-image results: %s', args.per_image_csv)
-    if args.results_file:
-        _write_summary(args.results_file, summary)
+    try:  # the paths were checked before the run; a failure now still leaves the summary in the log above
+        if args.per_image_csv:
+            idx_to_class = {v: k for k, v in getattr(dataset.reader, 'class_to_idx', {}).items()}
+            _write_per_image(args.per_image_csv, dataset, res, idx_to_class)
+            _logger.info('Per-image results: %s', args.per_image_csv)
+        if args.results_file:
+            _write_summary(args.results_file, summary)
+    except OSError as e:
+        raise OutputError(f'could not write the results ({e}); they were: {json.dumps(summary)}') from e
     return summary
+
+
+class OutputError(OSError):
+    """An output file (--results-file, --per-image-csv) could not be written; the message holds the results."""
 
 
 def _write_per_image(path: str, dataset, res: dict[str, Any], idx_to_class: dict[int, str]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    read_from = getattr(dataset, 'read_from', None)
     with open(path, 'w', newline='') as f:
         w = csv.writer(f)
-        w.writerow(['file', 'target', 'target_name', 'correct', 'top5_classes', 'top5_names', 'top5_probs'])
+        w.writerow(['file', 'target', 'target_name', 'correct', 'top5_classes', 'top5_names', 'top5_probs']
+                   + (['in_place_of'] if read_from is not None else []))
         for i, (t, idx, prob) in enumerate(zip(res['targets'], res['topk_idx'], res['topk_prob'])):
-            w.writerow([dataset.filename(i), t, idx_to_class.get(t, ''), int(idx[0] == t),
-                        ' '.join(map(str, idx)), ' '.join(idx_to_class.get(k, '') for k in idx),
-                        ' '.join(f'{p:.4f}' for p in prob)])
+            # With --skip-bad-images, row i may hold the predictions of a later file read in place of file i.
+            j = int(read_from[i]) if read_from is not None and read_from[i] >= 0 else i
+            # A class the folders do not name (a model with more classes than the folder) is written '-', so the
+            # space-separated names keep their positions.
+            w.writerow([dataset.filename(j), t, idx_to_class.get(t, '-'), int(idx[0] == t),
+                        ' '.join(map(str, idx)), ' '.join(idx_to_class.get(k, '-') for k in idx),
+                        ' '.join(f'{p:.4f}' for p in prob)]
+                       + ([dataset.filename(i) if j != i else ''] if read_from is not None else []))
 
 
 def _write_summary(path: str, summary: dict[str, Any]) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith('.json'):
-        with open(path, 'w') as f:
-            json.dump(summary, f, indent=2)
+        with open(path, 'w') as f:  # strict JSON: a non-finite loss is null
+            json.dump({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()},
+                      f, indent=2)
     else:
         with open(path, 'w', newline='') as f:
             w = csv.DictWriter(f, fieldnames=list(summary))
@@ -196,11 +234,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ('-j/--workers', 'workers', lambda v: v >= 0, '>= 0'),
         ('--num-classes', 'num_classes', lambda v: v >= 1, '>= 1'),
         ('--img-size', 'img_size', lambda v: v >= 1, '>= 1'),
-        ('--crop-pct', 'crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]')))
+        ('--crop-pct', 'crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]'),
+        ('--input-size', 'input_size', lambda v: min(v) >= 1, 'three sizes >= 1 (C H W)'),
+        ('--std', 'std', lambda v: all(s > 0 for s in v), 'positive values')))
+    chans = args.input_size[0] if args.input_size else int(args.model_kwargs.get('in_chans', 3))
+    for flag in ('mean', 'std'):
+        values = getattr(args, flag)
+        if values is not None and len(values) not in (1, chans):
+            parser.error(f'argument --{flag}: takes 1 or {chans} values (one per input channel), got {len(values)}')
+    for flag in ('results_file', 'per_image_csv'):
+        problem = getattr(args, flag) and output_file_problem(getattr(args, flag), create_folders=True)
+        if problem:  # checked now: the evaluation may take an hour
+            parser.error(f'argument --{flag.replace("_", "-")}: {problem}')
     try:
         summary = validate(args)
     except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, tu.DeviceError,
-            FileNotFoundError) as e:
+            FileNotFoundError, OutputError) as e:
         print(f'validate.py: error: {tu.error_message(e)}', file=sys.stderr)
         return 2
     print(f"{summary['model']}: top1 {summary['top1']:.3f}  top5 {summary['top5']:.3f}  "

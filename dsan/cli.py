@@ -1,9 +1,11 @@
 """Command-line helpers shared by the classification, segmentation and detection tools."""
 import argparse
+import os
+from pathlib import Path
 
 import torch
 
-__all__ = ['device_problem', 'device_type']
+__all__ = ['device_problem', 'device_type', 'output_file_problem']
 
 
 def device_problem(device: str) -> str | None:
@@ -35,3 +37,28 @@ def device_type(value: str) -> str:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return value
+
+
+def output_file_problem(path: str | os.PathLike, create_folders: bool = False) -> str | None:
+    """Why a tool could not write its output file `path`, or None; checked before a long run, so that a typo in an
+    output path does not throw the run's result away at the end.
+
+    Args:
+        path: The file to be written.
+        create_folders: The tool creates missing folders (then the nearest existing one must be writable).
+    """
+    out = Path(path)
+    if out.is_dir():
+        return f'expected a file name, got the folder {str(out)!r}'
+    folder = out.parent if str(out.parent) else Path('.')
+    if not create_folders and not folder.exists():
+        return f'expected a file in an existing folder, but {str(folder)!r} does not exist'
+    while not folder.exists():  # the folders the tool would create
+        folder = folder.parent
+    if not folder.is_dir():
+        return f'{str(folder)!r} is a file, not a folder'
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f'expected a file in a writable folder, but {str(folder)!r} is not writable'
+    if out.exists() and not os.access(out, os.W_OK):
+        return f'{str(out)!r} exists and is not writable'
+    return None

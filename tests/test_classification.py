@@ -1386,3 +1386,76 @@ def test_summary_rows_are_trimmed_and_extended(tmp_path):
         assert [dict(r) for r in reader] == [
             {'epoch': '0', 'train_loss': '1.0', 'eval_top1': '0.0', 'eval_ema_top1': '', 'lr': '0.001'},
             {'epoch': '1', 'train_loss': '0.5', 'eval_top1': '20.0', 'eval_ema_top1': '21.0', 'lr': '0.0001'}]
+
+
+# ------------------------------------------------------------------------------------- validate.py vs the original
+
+
+def test_validate_evaluates_a_folder_of_class_folders_itself(tiny, tmp_path, monkeypatch):
+    """`validate.py /data/imagenet/val` worked in the original (timm 0.4.12 fell back to the root folder); a root
+    holding split folders keeps its error. A non-square --input-size is squashed to (H, W) / crop_pct before the
+    crop, as timm 0.4.12 did (timm 1.0's 'center' keeps the aspect ratio)."""
+    crop_modes = []
+    real_loader = validate.create_loader
+    monkeypatch.setattr(validate, 'create_loader', lambda *a, **k: crop_modes.append(k['crop_mode']) or
+                        real_loader(*a, **k))
+    summary, _ = _validate_tiny(tiny / 'val', tmp_path, 'root')
+    assert summary['count'] == 12 and crop_modes == ['center']
+    assert cls_data.search_split(str(tiny), 'validation', allow_root=True) == 'val'
+    assert cls_data.search_split(str(tiny), 'test', allow_root=True) == 'test'  # tiny/ holds split folders
+    _validate_tiny(tiny, tmp_path, 'nonsquare', '--input-size', '3', '32', '40')
+    _validate_tiny(tiny, tmp_path, 'nonsquare_center', '--input-size', '3', '32', '40', '--crop-mode', 'center')
+    assert crop_modes[1:] == ['squash', 'center']
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--interpolation', 'BICUBIC'], "argument --interpolation: invalid choice: 'BICUBIC'"),
+    (['--mean', '0.5', '0.5'], 'argument --mean: takes 1 or 3 values (one per input channel), got 2'),
+    (['--std', '0', '1', '1'], '--std must be positive values'),
+    (['--input-size', '3', '0', '64'], '--input-size must be three sizes >= 1'),
+    (['--per-image-csv', '{file}/out.csv'], "argument --per-image-csv: '{file}' is a file, not a folder"),
+    (['--results-file', '{tmp}'], 'argument --results-file: expected a file name, got the folder'),
+])
+def test_validate_refuses_bad_overrides_and_outputs_before_evaluating(tiny, tmp_path, capsys, monkeypatch, extra,
+                                                                      message):
+    """One usage line each (they were tracebacks; an unwritable output path was found only after the evaluation,
+    which then was lost)."""
+    monkeypatch.setattr(engine, 'evaluate', lambda *a, **k: pytest.fail('evaluated before the check'))
+    file = tmp_path / 'a_file'
+    file.write_text('x')
+    extra = [e.format(file=file, tmp=tmp_path) for e in extra]
+    with pytest.raises(SystemExit) as e:
+        validate.main([str(tiny), '--model', '_test_tiny_net', '--num-classes', '3', '--img-size', '32', '-j', '0',
+                       '--no-progress', *extra])
+    assert e.value.code == 2
+    assert message.format(file=file) in capsys.readouterr().err
+
+
+def test_validate_keeps_the_results_when_an_output_cannot_be_written(tiny, tmp_path, capsys, monkeypatch):
+    def fail(*_):
+        raise PermissionError('disk full')
+    monkeypatch.setattr(validate, '_write_summary', fail)
+    code = validate.main([str(tiny), '--model', '_test_tiny_net', '--num-classes', '3', '--img-size', '32', '-j', '0',
+                          '--no-progress', '--results-file', str(tmp_path / 'r.json')])
+    err = capsys.readouterr().err
+    assert code == 2 and 'could not write the results (disk full); they were: {' in err and '"top1":' in err
+
+
+def test_skipped_images_are_named_in_the_per_image_csv(tiny, tmp_path):
+    """With --skip-bad-images an unreadable file is replaced by the next one (timm's skipping, counted twice): the
+    CSV row names the file really read and the one it stands for (it had named the unreadable file, with another
+    image's predictions)."""
+    data = tmp_path / 'data'
+    _copy_tree(tiny / 'val', data / 'val')
+    first = sorted((data / 'val').iterdir())[0]
+    bad = first / 'zz_broken.png'  # natural order: the last of its class, so the next image is another class's
+    bad.write_bytes(b'not an image')
+    summary, _ = _validate_tiny(data, tmp_path, 'skip', '--skip-bad-images')
+    assert summary['count'] == 13 and summary['replaced'] == 1
+    with open(tmp_path / 'skip.csv') as f:
+        rows = list(csv.DictReader(f))
+    replaced = [r for r in rows if r['in_place_of']]
+    assert len(replaced) == 1 and replaced[0]['in_place_of'].endswith('zz_broken.png')
+    assert not replaced[0]['file'].endswith('zz_broken.png')
+    assert sum(r['file'] == replaced[0]['file'] for r in rows) == 2
+    assert all(len(r['top5_names'].split(' ')) == 3 for r in rows)  # 3 classes: no empty names

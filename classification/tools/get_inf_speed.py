@@ -41,7 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
 from dsan.allocator import keep_freed_memory  # noqa: E402
-from dsan.cli import device_problem  # noqa: E402
+from dsan.cli import device_problem, output_file_problem  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
 from dsan.profiling import op_table  # noqa: E402
 
@@ -451,24 +451,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f'argument --checkpoint: applies to exactly one DSAN model, got {len(dsan_models)}'
                          + (f' ({" ".join(dsan_models)}); time the others in another run' if dsan_models else ''))
     if args.out is not None:
-        problem = _out_problem(Path(args.out))
+        problem = output_file_problem(args.out)
         if problem:
             parser.error(f'argument --out: {problem}')
     return args
-
-
-def _out_problem(out: Path) -> str | None:
-    """Why `write_json` could not write `out`, or None (checked before the run, which can take long)."""
-    if out.is_dir():
-        return f'expected a file name, got the folder {str(out)!r}'
-    folder = out.parent
-    if not folder.exists():
-        return f'expected a file in an existing folder, but {str(folder)!r} does not exist'
-    if not folder.is_dir():
-        return f'expected a file in a folder, but {str(folder)!r} is not a folder'
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f'expected a file in a writable folder, but {str(folder)!r} is not writable'
-    return None
 
 
 def main(argv=None) -> list[dict]:
