@@ -209,7 +209,9 @@ def train_one_epoch(
         window_n, w_sum, bad = _read_window(window)
         _, nonfinite = stop.check(device, nonfinite=bad is not None)
         if nonfinite:
-            raise NonFiniteError(f'loss became NaN/Inf at epoch {epoch} (first at step {bad and bad[0]})')
+            where = f'at step {bad[0] + 1}' if bad is not None else 'on another rank'
+            raise NonFiniteError(f'loss became NaN/Inf at epoch {epoch} ({where}); stopping without writing a '
+                                 'checkpoint')
         epoch_sum, epoch_n, last_sync = epoch_sum + w_sum, epoch_n + window_n, time.perf_counter()
         loss_avg = epoch_sum / epoch_n
     return OrderedDict(loss=loss_avg, lr=_lr_of(optimizer),

@@ -27,7 +27,6 @@ import argparse
 import importlib.util
 import logging
 import os
-import shutil
 import signal
 import sys
 import time
@@ -359,13 +358,14 @@ def _check_resume_args(args, ckpt: dict, current: dict) -> str | None:
 
     Raises:
         tu.ResumeError: the checkpoint has EMA weights and --model-ema is off (they would be dropped from the
-            run's next checkpoints), has no optimizer state, or was made with another --opt (its state does not
-            fit the optimizer), each unless --no-resume-opt says to start a fresh optimizer.
+            run's next checkpoints); it has no optimizer state, or was made with another --opt (its state does not
+            fit the optimizer), unless --no-resume-opt says to start a fresh optimizer.
     """
     run_args = f'-c {os.path.join(os.path.dirname(os.path.abspath(args.resume)), "args.yaml")} --resume {args.resume}'
     if 'state_dict_ema' in ckpt and not args.model_ema:
         raise tu.ResumeError(f'--resume {args.resume} holds the EMA weights of a --model-ema run: add --model-ema '
-                             f'(or resume with every argument of that run: {run_args}); without it they are lost')
+                             f'(or resume with every argument of that run: {run_args}); without it they are lost '
+                             '(--initial-checkpoint starts a new run from its weights)')
     saved = ckpt['args']
     if not args.no_resume_opt:
         if 'optimizer' not in ckpt:
@@ -446,14 +446,16 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     found = tu.run_dir_contents(out_dir)
     if found and (resume_ckpt is None or not os.path.samefile(out_dir, os.path.dirname(os.path.abspath(args.resume)))):
         # Its checkpoints, best model, summary and args.yaml would be overwritten, or mixed with this run's.
-        raise tu.ResumeError(f'{out_dir} holds another run ({", ".join(found)}): resume it with --resume '
-                             f'{os.path.join(out_dir, "last.pth.tar")}, or give this run another --experiment')
+        hint = (f'resume it with --resume {os.path.join(out_dir, "last.pth.tar")}, or '
+                if 'last.pth.tar' in found else '')
+        raise tu.ResumeError(f'{out_dir} holds another run ({", ".join(found)}): {hint}give this run another '
+                             '--experiment')
     if primary:
         if not os.path.exists(out_dir):
             args.new_run_dir = out_dir  # removed again if the run stops on bad input before writing anything
         os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+        if resume_ckpt is None:  # a resumed run's args.yaml is rewritten once the checkpoint was found to fit
+            _write_args(out_dir, args_text)
     _setup_logging(os.path.join(out_dir, 'log.txt') if primary else '', primary)
     _logger.info('Output folder: %s', out_dir)
     if resume_warning:
@@ -577,6 +579,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             random_seed(args.seed + start_epoch, rank)
         _logger.info('Resumed from %s: continuing at epoch %d', args.resume, start_epoch)
         del resume_ckpt
+        if primary:
+            _write_args(out_dir, args_text)
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
 
@@ -725,28 +729,28 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     return 0
 
 
-def _repair_run_dir(args, out_dir: str, resumed_epoch: int, best_epoch: int | None, decreasing: bool) -> None:
-    """Bring a run folder resumed at `resumed_epoch` in line with its checkpoint, after a kill between saves.
+def _write_args(out_dir: str, args_text: str) -> None:
+    tmp = os.path.join(out_dir, f'.args.yaml.{os.getpid()}.tmp')
+    with open(tmp, 'w') as f:
+        f.write(args_text)
+    os.replace(tmp, os.path.join(out_dir, 'args.yaml'))
 
-    - summary.csv rows of later epochs (an attempt killed before its last.pth.tar, or a resume from an earlier
-      checkpoint) are dropped: those epochs run again;
-    - resumed from the folder's last.pth.tar: a best epoch that is the resumed one, but that model_best.pth.tar
-      does not hold (killed between the two writes), is written from it, as is a history file of it that should be
-      kept.
+
+def _repair_run_dir(args, out_dir: str, resumed_epoch: int, best_epoch: int | None, decreasing: bool) -> None:
+    """Bring a run folder resumed from its last.pth.tar in line with it after a kill between the epoch's saves: a
+    best epoch that is the resumed one, but that model_best.pth.tar does not hold (killed between the two writes),
+    is written from it, and its history file is linked or ranked out again. (summary.csv rows of epochs that run
+    again are replaced as each epoch ends: `tu.append_summary`.)
     """
-    dropped = tu.trim_summary(os.path.join(out_dir, 'summary.csv'), resumed_epoch + 1)
-    if dropped:
-        _logger.info('summary.csv: dropped %d row(s) of epochs after %d (they run again)', dropped, resumed_epoch)
     resumed = os.path.abspath(args.resume)
     if resumed != os.path.join(os.path.abspath(out_dir), 'last.pth.tar'):
         return  # resumed from an earlier checkpoint: model_best may rightly hold a later epoch
     best_path = os.path.join(out_dir, 'model_best.pth.tar')
     if best_epoch == resumed_epoch and tu.checkpoint_epoch(best_path) != resumed_epoch:
-        shutil.copyfile(resumed, best_path + '.repair.tmp')
-        os.replace(best_path + '.repair.tmp', best_path)
+        tu.atomic_copy(resumed, best_path)
         _logger.warning('model_best.pth.tar did not hold the best epoch %d (a save was killed): rewritten from %s',
                         best_epoch, args.resume)
-    if args.checkpoint_hist > 0 and not os.path.exists(os.path.join(out_dir, f'checkpoint-{resumed_epoch}.pth.tar')):
+    if args.checkpoint_hist > 0:  # idempotent: links the file if it ranks, deletes it (or a stray copy) if not
         metric = torch.load(resumed, map_location='cpu', mmap=True, weights_only=False).get('metric')
         tu.keep_checkpoint_history(resumed, resumed_epoch, args.checkpoint_hist, metric, decreasing)
 

@@ -207,6 +207,23 @@ def assert_finite_state(state_dict: dict[str, Any], what: str = 'model') -> None
             raise NonFiniteError(f'{what} tensor {name!r} contains NaN/Inf values; refusing to write a checkpoint')
 
 
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy file `src` to `dst` atomically (temp file named as :func:`atomic_save`'s, fsync, :func:`os.replace`)."""
+    directory = os.path.dirname(os.path.abspath(dst))
+    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(dst)}.', suffix='.tmp', dir=directory)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, 'wb') as out, open(src, 'rb') as f:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def atomic_save(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` atomically: temp file in the same directory, fsync, :func:`os.replace`."""
     directory = os.path.dirname(os.path.abspath(path))
@@ -281,12 +298,11 @@ def keep_checkpoint_history(last_path: str, epoch: int, keep: int, metric: float
             os.unlink(tmp)
         try:
             os.link(last_path, tmp)
+            os.replace(tmp, target)
         except OSError:  # no hard links here (some network / FUSE file systems): copy
-            with open(last_path, 'rb') as src, open(tmp, 'wb') as dst:
-                shutil.copyfileobj(src, dst)
-                dst.flush()
-                os.fsync(dst.fileno())
-        os.replace(tmp, target)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            atomic_copy(last_path, target)
     for old, _ in dropped:
         path = os.path.join(directory, old)
         if os.path.exists(path):
@@ -439,8 +455,9 @@ def changed_run_args(saved: dict[str, Any], current: dict[str, Any]) -> dict[str
 
 
 def run_dir_contents(path: str) -> list[str]:
-    """The files of a training run in folder `path` (its checkpoint and its summary), [] if there are none."""
-    return [name for name in ('last.pth.tar', 'summary.csv') if os.path.exists(os.path.join(path, name))]
+    """The checkpoints of a training run in folder `path`, [] if there are none (a summary.csv alone is an attempt
+    killed in its first epoch, before any checkpoint: a new run there replaces it)."""
+    return [name for name in ('last.pth.tar', 'model_best.pth.tar') if os.path.exists(os.path.join(path, name))]
 
 
 def make_new_run_dir(path: str) -> str:
@@ -455,7 +472,7 @@ def make_new_run_dir(path: str) -> str:
             candidate = f'{path}-{n}'
 
 
-_TEMP_FILE = re.compile(r'^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar)\..+\.tmp$'
+_TEMP_FILE = re.compile(r'^\.(last\.pth\.tar|model_best\.pth\.tar|checkpoint-\d+\.pth\.tar|args\.yaml)\..+\.tmp$'
                         r'|^(checkpoint-hist\.json|summary\.csv)\.\d+\.tmp$')
 
 
@@ -510,6 +527,12 @@ def append_summary(path: str, epoch: int, train_metrics: dict[str, float], eval_
     row = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()},
            **{f'eval_{k}': v for k, v in (eval_metrics or {}).items()}, 'lr': lr}
     fieldnames, rows = _read_summary(path)
+    # Rows of this epoch or later were written by an attempt that did not commit them (killed before its
+    # last.pth.tar), or come before a resume from an earlier checkpoint: this epoch replaces them, now that it ran.
+    kept = [r for r in rows if not _is_int(r.get('epoch')) or int(r['epoch']) < epoch]
+    if len(kept) != len(rows):
+        _write_csv_atomically(path, fieldnames + [k for k in row if k not in fieldnames], kept + [row])
+        return
     if fieldnames and set(row) <= set(fieldnames):
         with open(path, 'a', newline='') as f:
             csv.DictWriter(f, fieldnames=fieldnames, restval='').writerow(row)
@@ -518,16 +541,6 @@ def append_summary(path: str, epoch: int, train_metrics: dict[str, float], eval_
     if 'lr' in merged:  # timm puts lr last
         merged = [k for k in merged if k != 'lr'] + ['lr']
     _write_csv_atomically(path, merged, rows + [row])
-
-
-def trim_summary(path: str, start_epoch: int) -> int:
-    """Drop the rows of epochs from `start_epoch` on (written by an attempt whose checkpoint was not saved, or
-    before the checkpoint a run is resumed from); returns how many were dropped."""
-    fieldnames, rows = _read_summary(path)
-    kept = [r for r in rows if not _is_int(r.get('epoch')) or int(r['epoch']) < start_epoch]
-    if len(kept) != len(rows):
-        _write_csv_atomically(path, fieldnames, kept)
-    return len(rows) - len(kept)
 
 
 def _is_int(value: Any) -> bool:

@@ -587,6 +587,21 @@ def _tiny_run(data, out, exp, *extra):
                        *FAST, *map(str, extra)])
 
 
+def test_engine_names_the_nan_step_when_the_loader_ends_early():
+    """A loader shorter than its len() leaves losses no log step read: the NaN among them is named 1-based too."""
+    class Short:
+        def __len__(self):
+            return 10
+
+        def __iter__(self):
+            return iter([(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))] * 6)
+    model = _NaNNet()
+    with pytest.raises(tu.NonFiniteError, match=r'loss became NaN/Inf at epoch 0 \(at step 4\)'):
+        engine.train_one_epoch(0, model, Short(), torch.optim.SGD(model.parameters(), lr=0.1),
+                               torch.nn.CrossEntropyLoss(), device=torch.device('cpu'),
+                               stop=tu.GracefulStop(signals=()), progress=False, log_interval=50)
+
+
 @pytest.mark.parametrize('log_interval', [1, 50])
 def test_engine_stops_on_nan_loss(log_interval):
     """The loss is read at log steps only: a NaN is reported there, naming the step where it first appeared."""
@@ -1289,7 +1304,7 @@ def test_a_run_folder_holding_a_run_is_not_overwritten(tiny, tmp_path, capsys):
     files = lambda: {p.name: p.read_bytes() for p in (tmp_path / 'x').iterdir() if p.name != 'log.txt'}  # noqa: E731
     before = files()
     assert _tiny_run(tiny, tmp_path, 'x', '--epochs', '1', '--lr', '1e-5') == 2
-    assert f'{tmp_path / "x"} holds another run (last.pth.tar, summary.csv)' in capsys.readouterr().err
+    assert f'{tmp_path / "x"} holds another run (last.pth.tar, model_best.pth.tar): resume it' in capsys.readouterr().err
     assert files() == before
     # Resuming into the same folder is what it is for; into another run's folder is refused too.
     assert _tiny_run(tiny, tmp_path, 'y', '--epochs', '1') == 0
@@ -1304,7 +1319,7 @@ def test_resume_repairs_a_run_folder_killed_between_saves(tiny, tmp_path):
     """A kill after last.pth.tar (the epoch's commit) but before model_best and the history left model_best at an
     older epoch than the best one last.pth.tar records, for good; a kill while saving left a full-size temp file."""
     run = tmp_path / 'k'
-    assert _tiny_run(tiny, tmp_path, 'k', '--epochs', '2', '--checkpoint-hist', '2') == 0
+    assert _tiny_run(tiny, tmp_path, 'k', '--epochs', '2', '--checkpoint-hist', '5') == 0
     last = torch.load(run / 'last.pth.tar', weights_only=False)
     last.update(best_epoch=1, best_metric=99.0)  # epoch 1 is the best: what a kill leaves
     tu.atomic_save(last, str(run / 'last.pth.tar'))
@@ -1313,13 +1328,27 @@ def test_resume_repairs_a_run_folder_killed_between_saves(tiny, tmp_path):
     (run / 'checkpoint-1.pth.tar').unlink()
     (run / '.last.pth.tar.x1y2z3.tmp').write_bytes(b'partial')
     (run / 'summary.csv').write_text((run / 'summary.csv').read_text() + '2,0.5,0.001,1,,,0.001\n')  # a lost epoch
-    assert _tiny_run(tiny, tmp_path, 'k', '--epochs', '2', '--checkpoint-hist', '2',
+    assert _tiny_run(tiny, tmp_path, 'k', '--epochs', '3', '--checkpoint-hist', '5',
                      '--resume', run / 'last.pth.tar') == 0
-    assert tu.checkpoint_epoch(str(run / 'model_best.pth.tar')) == 1
+    best_epoch = torch.load(run / 'last.pth.tar', weights_only=False)['best_epoch']
+    assert best_epoch in (1, 2) and tu.checkpoint_epoch(str(run / 'model_best.pth.tar')) == best_epoch
     assert tu.checkpoint_epoch(str(run / 'checkpoint-1.pth.tar')) == 1
     assert not (run / '.last.pth.tar.x1y2z3.tmp').exists()
+    with open(run / 'summary.csv') as f:  # the lost attempt's row of epoch 2 replaced by the epoch that ran
+        rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2] and rows[2]['train_loss'] != '0.5'
+
+
+def test_a_first_epoch_killed_before_its_checkpoint_leaves_no_run(tiny, tmp_path):
+    """A kill in epoch 0 between its summary row and last.pth.tar left a folder that was refused as a run, with a
+    hint to resume a checkpoint that did not exist; the run is started again there."""
+    run = tmp_path / 'z'
+    run.mkdir()
+    (run / 'summary.csv').write_text('epoch,train_loss,lr\n0,9.9,0.001\n')
+    assert _tiny_run(tiny, tmp_path, 'z', '--epochs', '1') == 0
     with open(run / 'summary.csv') as f:
-        assert [int(r['epoch']) for r in csv.DictReader(f)] == [0, 1]
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]['train_loss'] != '9.9'
 
 
 def test_resume_refuses_what_would_lose_or_mislabel_work(tiny, tmp_path, capsys):
@@ -1328,6 +1357,7 @@ def test_resume_refuses_what_would_lose_or_mislabel_work(tiny, tmp_path, capsys)
     run = tmp_path / 'e'
     assert _tiny_run(tiny, tmp_path, 'e', '--epochs', '1', '--model-ema') == 0
     last = run / 'last.pth.tar'
+    run_args = (run / 'args.yaml').read_text()
     assert _tiny_run(tiny, tmp_path, 'e', '--epochs', '2', '--resume', last) == 2
     err = capsys.readouterr().err
     assert f'--resume {last} holds the EMA weights of a --model-ema run: add --model-ema' in err
@@ -1342,6 +1372,7 @@ def test_resume_refuses_what_would_lose_or_mislabel_work(tiny, tmp_path, capsys)
                        '--model-ema', '--epochs', '2', '--resume', str(last), *FAST]) == 2
     err = capsys.readouterr().err
     assert 'the run was trained on other class folders' in err and 'only in the folders: zzz' in err
+    assert (run / 'args.yaml').read_text() == run_args  # a refused resume leaves the run's arguments as they were
 
     ckpt = torch.load(last, weights_only=False)
     timm_style = dict(ckpt, args=argparse.Namespace(**ckpt['args']))
@@ -1375,11 +1406,12 @@ def test_resume_with_other_metrics_keeps_the_summary_columns(tiny, tmp_path):
     assert all(0 < float(r['lr']) < 1e-2 for r in rows)
 
 
-def test_summary_rows_are_trimmed_and_extended(tmp_path):
+def test_summary_rows_of_epochs_that_run_again_are_replaced(tmp_path):
+    """An epoch's row replaces the rows of that epoch and later ones (an attempt killed before its checkpoint, or a
+    resume from an earlier checkpoint), when it is written: a resume that stops at once loses no row."""
     path = str(tmp_path / 'summary.csv')
     for epoch in range(3):
         tu.append_summary(path, epoch, {'loss': 1.0 - epoch / 10}, {'top1': 10.0 * epoch}, lr=1e-3)
-    assert tu.trim_summary(path, 1) == 2 and tu.trim_summary(path, 1) == 0
     tu.append_summary(path, 1, {'loss': 0.5}, {'top1': 20.0, 'ema_top1': 21.0}, lr=1e-4)
     with open(path) as f:
         reader = csv.DictReader(f)

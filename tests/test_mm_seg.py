@@ -247,7 +247,8 @@ def test_adapter_norm_cfg():
     assert type(sync.patch_embed1.norm) is torch.nn.BatchNorm2d  # no multi-process CUDA run here
     frozen = _adapter(norm_cfg=dict(type='BN', requires_grad=False))
     assert not frozen.block2[1].norm2.weight.requires_grad
-    assert type(_adapter(norm_cfg=dict(type='GN', num_groups=8)).block1[0].norm1) is torch.nn.GroupNorm
+    # (32 groups: a divisor of the widths; the LayerNorm check had built a probe of 8 channels, which refused it)
+    assert type(_adapter(norm_cfg=dict(type='GN', num_groups=32)).block1[0].norm1) is torch.nn.GroupNorm
     # A LayerNorm normalises the last axis, not NCHW maps: it had been taken silently as the stage norm, and the
     # blocks were built with BatchNorms.
     with pytest.raises(ValueError, match=r"norm_cfg \{'type': 'LN'\} builds a LayerNorm.*'BN', 'SyncBN', 'GN'"):
@@ -351,6 +352,10 @@ def test_adapter_adapts_an_rgb_stem_to_in_chans(tmp_path, in_chans):
         torch.testing.assert_close(adapter.patch_embed1.proj.weight, stem.sum(1, keepdim=True))
     _assert_loaded(adapter, {**encoder, 'patch_embed1.proj.weight': adapter.patch_embed1.proj.weight})
     assert adapter(torch.randn(1, in_chans, 64, 64))[0].isfinite().all()
+    two = {**encoder, 'patch_embed1.proj.weight': stem[:, :2].clone()}  # only an RGB stem is adapted
+    torch.save(two, tmp_path / 'two.pth')
+    with pytest.raises(CheckpointError, match=r'stem \(patch_embed1.proj\) takes 2 input channels, in_chans is'):
+        _adapter(init_cfg=dict(type='Pretrained', checkpoint=str(tmp_path / 'two.pth'))).init_weights()
 
 
 def test_adapter_names_the_stage_when_groups_disagree(tmp_path):

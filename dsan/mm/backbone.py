@@ -163,7 +163,7 @@ class DSANBackbone(DSAN, BaseModule):
             print_log(f"DSAN: norm_cfg type {norm_cfg['type']} -> BN (no multi-process CUDA run to synchronise).",
                       logger='current', level=logging.INFO)
             norm_cfg['type'] = 'BN'
-        if isinstance(_build_norm(norm_cfg, 8), nn.LayerNorm):
+        if isinstance(_build_norm(norm_cfg, embed_dims[0]), nn.LayerNorm):  # (a GN's groups divide the widths)
             raise ValueError(f"norm_cfg {norm_cfg!r} builds a LayerNorm, which normalises the last axis: DSAN's "
                              "BatchNorms need a norm over NCHW maps (type 'BN', 'SyncBN', 'GN' or 'IN'). The stage "
                              'LayerNorms are built anyway; `norm_eps` sets their epsilon.')
@@ -261,6 +261,10 @@ class DSANBackbone(DSAN, BaseModule):
         stem = state_dict.get('patch_embed1.proj.weight')
         in_chans = self.patch_embed1.proj.in_channels
         if isinstance(stem, torch.Tensor) and stem.ndim == 4 and stem.shape[1] != in_chans:
+            if stem.shape[1] != 3:
+                raise CheckpointError(f'{name}: its stem (patch_embed1.proj) takes {stem.shape[1]} input channels, '
+                                      f'in_chans is {in_chans}; only an RGB (3-channel) stem is adapted to another '
+                                      'in_chans.')
             # As timm's pretrained loading: an RGB stem summed (1 channel) or tiled and rescaled (more channels).
             state_dict = dict(state_dict, **{'patch_embed1.proj.weight': adapt_input_conv(in_chans, stem)})
             print_log(f'DSAN: the checkpoint\'s stem takes {stem.shape[1]} input channels, in_chans is {in_chans}: '

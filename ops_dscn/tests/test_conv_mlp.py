@@ -2,6 +2,7 @@
 reference and with gradcheck."""
 import os
 
+import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the source tree)
 import pytest
 import torch
 import torch.nn.functional as F

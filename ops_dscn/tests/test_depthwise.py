@@ -1,6 +1,7 @@
 """Tests of ops_dscn.DepthwiseConv2d and its CPU kernels (forward, weight gradient): float64 references, gradcheck."""
 import os
 
+import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the source tree)
 import pytest
 import torch
 import torch.nn.functional as F

@@ -6,6 +6,7 @@ first, and the DSCN op's is also compared with its twin's.
 """
 import os
 
+import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the source tree)
 import pytest
 import torch
 from torch.autograd import gradgradcheck

@@ -6,6 +6,7 @@ import os
 import re
 import warnings
 
+import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the source tree)
 import numpy as np
 import pytest
 import torch

@@ -8,6 +8,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the source tree)
 import pytest
 
 SRC = Path(__file__).resolve().parents[1]  # the ops_dscn project folder (setup.py, csrc/, ops_dscn/, tests/)

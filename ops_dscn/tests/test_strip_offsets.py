@@ -1,6 +1,7 @@
 """Tests of ops_dscn.strip_offsets, a DSCN layer's offset branch fused for CPU (forward, backward), against float64."""
 import os
 
+import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the source tree)
 import pytest
 import torch
 import torch.nn.functional as F
