@@ -11,13 +11,35 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from timm.data import ImageDataset, create_dataset
 from timm.data.readers.class_map import load_class_map
 from timm.data.readers.reader_image_folder import ReaderImageFolder
 from timm.utils.misc import natural_key
 
 _logger = logging.getLogger(__name__)
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize op, also for 0 bits: Pillow 13 refuses 0, which timm's 'PosterizeIncreasing' gives at
+    magnitude 10 (the recipe's rand-m9-mstd0.5-inc1 draws it now and then, and training stopped there). Pillow
+    before 13, as in the original's runs, made the image black: every value & ~255."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    # Before any transform is built: timm's AugmentOp looks its function up by name when it is created.
+    from timm.data import auto_augment
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
+_patch_timm_posterize()
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.ppm', '.pgm', '.tif', '.tiff', '.webp')
 
@@ -48,6 +70,11 @@ def _list_images(folder: str) -> list[str]:
 _SPLIT_NAMES = ('train', 'val', 'validation', 'test')
 
 
+def _holds_folders(path: str) -> bool:
+    # A split folder holds class folders; a class that happens to be named 'train' (CIFAR-100) holds images.
+    return os.path.isdir(path) and any(e.is_dir() for e in os.scandir(path))
+
+
 def search_split(root: str, split: str, allow_root: bool = False) -> str:
     """The split folder name to use under ``root``: ``split``, or its other spelling (``val`` / ``validation``) when
     only that folder exists, as timm's folder datasets searched for the original's ``validation`` default.
@@ -65,7 +92,7 @@ def search_split(root: str, split: str, allow_root: bool = False) -> str:
     if other and os.path.isdir(os.path.join(root, other)):
         _logger.info('split folder %r not found: using %r', os.path.join(root, split), os.path.join(root, other))
         return other
-    if allow_root and os.path.isdir(root) and not any(os.path.isdir(os.path.join(root, s)) for s in _SPLIT_NAMES):
+    if allow_root and os.path.isdir(root) and not any(_holds_folders(os.path.join(root, s)) for s in _SPLIT_NAMES):
         _logger.info('split folder %r not found and %r holds no split folder: evaluating its class folders',
                      os.path.join(root, split), root)
         return ''
@@ -93,7 +120,7 @@ def check_image_folder(root: str, split: str) -> list[str]:
     split_dir = os.path.join(root, split)
     if not os.path.isdir(split_dir):
         raise DatasetError(f'split folder {split_dir!r} does not exist (expected {split_dir}/<class>/*.jpg; '
-                           f'found in {root!r}: {sorted(os.listdir(root))})')
+                           f'found in {root!r}: {sorted(os.listdir(root))}; --split NAME picks another)')
     classes = sorted((e.name for e in os.scandir(split_dir) if e.is_dir(follow_symlinks=True)), key=natural_key)
     if not classes:
         raise DatasetError(f'split folder {split_dir!r} has no class sub-folders (expected {split_dir}/<class>/*.jpg)')

@@ -460,9 +460,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     _logger.info('Output folder: %s', out_dir)
     if resume_warning:
         _logger.warning('%s', resume_warning)
-    if primary:
-        for name in tu.remove_stale_temp_files(out_dir):
-            _logger.info('Removed %s (a temp file of a save that was killed)', name)
+    if primary and resume_ckpt is None:
+        _remove_stale_temp_files(out_dir)
     last_epoch = tu.later_checkpoint_epoch(os.path.join(out_dir, 'last.pth.tar'), args.resume) if resume_ckpt \
         else None
     if last_epoch is not None and last_epoch > resume_ckpt['epoch']:
@@ -579,8 +578,9 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             random_seed(args.seed + start_epoch, rank)
         _logger.info('Resumed from %s: continuing at epoch %d', args.resume, start_epoch)
         del resume_ckpt
-        if primary:
+        if primary:  # the resume's checks passed: the folder is this run's now
             _write_args(out_dir, args_text)
+            _remove_stale_temp_files(out_dir)
     if start_epoch > 0:
         lr_scheduler.step(start_epoch)
 
@@ -664,8 +664,8 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                 if not args.dataset:  # the labels' class names, so validate.py labels any folder the same way
                     ckpt['class_to_idx'] = dict(ds_train.reader.class_to_idx)
                 # last.pth.tar is written last but one: it commits the epoch. A kill before it leaves the previous
-                # epoch's, and the resumed run drops this epoch's summary row and redoes it; a kill after it, before
-                # model_best or the history, is repaired on resume (_repair_run_dir).
+                # epoch's, and the resumed run redoes this epoch (whose summary row it replaces); a kill after it,
+                # before model_best or the history, is repaired on resume (_repair_run_dir).
                 tu.append_summary(summary_csv, epoch, train_metrics, eval_metrics, lr=train_metrics['lr'])
                 tu.atomic_save(ckpt, last_path)
                 if improved:
@@ -729,6 +729,11 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
     return 0
 
 
+def _remove_stale_temp_files(out_dir: str) -> None:
+    for name in tu.remove_stale_temp_files(out_dir):
+        _logger.info('Removed %s (a temp file of a save that was killed)', name)
+
+
 def _write_args(out_dir: str, args_text: str) -> None:
     tmp = os.path.join(out_dir, f'.args.yaml.{os.getpid()}.tmp')
     with open(tmp, 'w') as f:
@@ -743,9 +748,21 @@ def _repair_run_dir(args, out_dir: str, resumed_epoch: int, best_epoch: int | No
     again are replaced as each epoch ends: `tu.append_summary`.)
     """
     resumed = os.path.abspath(args.resume)
+    best_path = os.path.join(out_dir, 'model_best.pth.tar')
+    if os.path.dirname(resumed) != os.path.abspath(out_dir):
+        # Resumed into another folder (--experiment): it gets the best model so far, where that is at hand.
+        source_best = os.path.join(os.path.dirname(resumed), 'model_best.pth.tar')
+        source = resumed if best_epoch == resumed_epoch else (
+            source_best if best_epoch is not None and tu.checkpoint_epoch(source_best) == best_epoch else None)
+        if not os.path.exists(best_path) and source is not None:
+            tu.atomic_copy(source, best_path)
+            _logger.info('model_best.pth.tar: the best epoch so far (%d), from %s', best_epoch, source)
+        elif not os.path.exists(best_path) and best_epoch is not None:
+            _logger.warning('The best epoch so far (%d) is not in %s: model_best.pth.tar will be the next better one',
+                            best_epoch, os.path.dirname(resumed))
+        return
     if resumed != os.path.join(os.path.abspath(out_dir), 'last.pth.tar'):
         return  # resumed from an earlier checkpoint: model_best may rightly hold a later epoch
-    best_path = os.path.join(out_dir, 'model_best.pth.tar')
     if best_epoch == resumed_epoch and tu.checkpoint_epoch(best_path) != resumed_epoch:
         tu.atomic_copy(resumed, best_path)
         _logger.warning('model_best.pth.tar did not hold the best epoch %d (a save was killed): rewritten from %s',

@@ -162,9 +162,11 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
     res = engine.evaluate(model, loader, device=device, amp_autocast=amp_autocast, progress=not args.no_progress,
                           collect=bool(args.per_image_csv), channels_last=args.channels_last)
     elapsed = time.time() - start
+    height, width = data_config['input_size'][1:]
     summary = dict(model=args.model, checkpoint=args.checkpoint, split=os.path.join(data_dir or '', args.split),
                    top1=round(res['top1'], 3), top5=round(res['top5'], 3), loss=round(res['loss'], 5),
-                   count=res['count'], img_size=data_config['input_size'][-1], crop_pct=data_config['crop_pct'],
+                   count=res['count'], crop_pct=data_config['crop_pct'],
+                   img_size=width if height == width else [height, width],
                    interpolation=data_config['interpolation'], img_per_sec=round(res['count'] / max(elapsed, 1e-9), 1),
                    amp=str(amp_dtype).replace('torch.', '') if args.amp else 'off')
     read_from = getattr(dataset, 'read_from', None)
@@ -246,6 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         problem = getattr(args, flag) and output_file_problem(getattr(args, flag), create_folders=True)
         if problem:  # checked now: the evaluation may take an hour
             parser.error(f'argument --{flag.replace("_", "-")}: {problem}')
+    if args.results_file and args.per_image_csv and \
+            os.path.abspath(args.results_file) == os.path.abspath(args.per_image_csv):
+        parser.error(f'argument --per-image-csv: {args.per_image_csv!r} is also the --results-file (one would '
+                     'overwrite the other)')
     try:
         summary = validate(args)
     except (cls_data.DatasetError, cls_data.CorruptImageError, model_factory.ModelError, tu.DeviceError,

@@ -47,6 +47,8 @@ def output_file_problem(path: str | os.PathLike, create_folders: bool = False) -
         path: The file to be written.
         create_folders: The tool creates missing folders (then the nearest existing one must be writable).
     """
+    if str(path).endswith(('/', os.sep)):
+        return f'expected a file name, got the folder path {str(path)!r}'
     out = Path(path)
     if out.is_dir():
         return f'expected a file name, got the folder {str(out)!r}'

@@ -1304,7 +1304,8 @@ def test_a_run_folder_holding_a_run_is_not_overwritten(tiny, tmp_path, capsys):
     files = lambda: {p.name: p.read_bytes() for p in (tmp_path / 'x').iterdir() if p.name != 'log.txt'}  # noqa: E731
     before = files()
     assert _tiny_run(tiny, tmp_path, 'x', '--epochs', '1', '--lr', '1e-5') == 2
-    assert f'{tmp_path / "x"} holds another run (last.pth.tar, model_best.pth.tar): resume it' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f'{tmp_path / "x"} holds another run (last.pth.tar, model_best.pth.tar): resume it' in err
     assert files() == before
     # Resuming into the same folder is what it is for; into another run's folder is refused too.
     assert _tiny_run(tiny, tmp_path, 'y', '--epochs', '1') == 0
@@ -1339,6 +1340,15 @@ def test_resume_repairs_a_run_folder_killed_between_saves(tiny, tmp_path):
     assert [int(r['epoch']) for r in rows] == [0, 1, 2] and rows[2]['train_loss'] != '0.5'
 
 
+def test_a_run_resumed_into_another_folder_takes_its_best_model(tiny, tmp_path):
+    run = tmp_path / 'p'
+    assert _tiny_run(tiny, tmp_path, 'p', '--epochs', '1', '--eval-metric', 'top5') == 0  # top5: 100 at epoch 0
+    assert _tiny_run(tiny, tmp_path, 'q', '--epochs', '2', '--eval-metric', 'top5', '--resume',
+                     run / 'last.pth.tar') == 0
+    last = torch.load(tmp_path / 'q' / 'last.pth.tar', weights_only=False)
+    assert last['best_epoch'] == 0 and tu.checkpoint_epoch(str(tmp_path / 'q' / 'model_best.pth.tar')) == 0
+
+
 def test_a_first_epoch_killed_before_its_checkpoint_leaves_no_run(tiny, tmp_path):
     """A kill in epoch 0 between its summary row and last.pth.tar left a folder that was refused as a run, with a
     hint to resume a checkpoint that did not exist; the run is started again there."""
@@ -1363,6 +1373,7 @@ def test_resume_refuses_what_would_lose_or_mislabel_work(tiny, tmp_path, capsys)
     assert f'--resume {last} holds the EMA weights of a --model-ema run: add --model-ema' in err
     assert f'-c {run / "args.yaml"} --resume {last}' in err
 
+    (run / '.last.pth.tar.live.tmp').write_bytes(b'')
     renamed = tmp_path / 'renamed'
     shutil.copytree(tiny, renamed)
     for split in ('train', 'val'):
@@ -1373,6 +1384,7 @@ def test_resume_refuses_what_would_lose_or_mislabel_work(tiny, tmp_path, capsys)
     err = capsys.readouterr().err
     assert 'the run was trained on other class folders' in err and 'only in the folders: zzz' in err
     assert (run / 'args.yaml').read_text() == run_args  # a refused resume leaves the run's arguments as they were
+    assert (run / '.last.pth.tar.live.tmp').exists()  # and another process's temp files
 
     ckpt = torch.load(last, weights_only=False)
     timm_style = dict(ckpt, args=argparse.Namespace(**ckpt['args']))
@@ -1435,9 +1447,17 @@ def test_validate_evaluates_a_folder_of_class_folders_itself(tiny, tmp_path, mon
     assert summary['count'] == 12 and crop_modes == ['center']
     assert cls_data.search_split(str(tiny), 'validation', allow_root=True) == 'val'
     assert cls_data.search_split(str(tiny), 'test', allow_root=True) == 'test'  # tiny/ holds split folders
-    _validate_tiny(tiny, tmp_path, 'nonsquare', '--input-size', '3', '32', '40')
+    summary, _ = _validate_tiny(tiny, tmp_path, 'nonsquare', '--input-size', '3', '32', '40')
+    assert summary['img_size'] == [32, 40]
     _validate_tiny(tiny, tmp_path, 'nonsquare_center', '--input-size', '3', '32', '40', '--crop-mode', 'center')
     assert crop_modes[1:] == ['squash', 'center']
+    # A class folder named like a split (CIFAR-100 has 'train') holds images, not class folders: still a class.
+    flat = tmp_path / 'flat'
+    _copy_tree(tiny / 'val', flat)
+    first = sorted(flat.iterdir())[0]
+    first.rename(flat / 'train')
+    summary, _ = _validate_tiny(flat, tmp_path, 'flat')
+    assert summary['count'] == 12
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -1447,6 +1467,8 @@ def test_validate_evaluates_a_folder_of_class_folders_itself(tiny, tmp_path, mon
     (['--input-size', '3', '0', '64'], '--input-size must be three sizes >= 1'),
     (['--per-image-csv', '{file}/out.csv'], "argument --per-image-csv: '{file}' is a file, not a folder"),
     (['--results-file', '{tmp}'], 'argument --results-file: expected a file name, got the folder'),
+    (['--results-file', '{tmp}/new/'], 'argument --results-file: expected a file name, got the folder path'),
+    (['--results-file', '{tmp}/r.csv', '--per-image-csv', '{tmp}/r.csv'], 'is also the --results-file'),
 ])
 def test_validate_refuses_bad_overrides_and_outputs_before_evaluating(tiny, tmp_path, capsys, monkeypatch, extra,
                                                                       message):
@@ -1491,3 +1513,21 @@ def test_skipped_images_are_named_in_the_per_image_csv(tiny, tmp_path):
     assert not replaced[0]['file'].endswith('zz_broken.png')
     assert sum(r['file'] == replaced[0]['file'] for r in rows) == 2
     assert all(len(r['top5_names'].split(' ')) == 3 for r in rows)  # 3 classes: no empty names
+    # A model of more classes than the folders: the classes without a folder are '-' (they were empty names, and
+    # the space-separated list lost their places).
+    _validate_tiny(tiny, tmp_path, 'wide', '--num-classes', '5')
+    with open(tmp_path / 'wide.csv') as f:
+        assert all(r['top5_names'].split(' ').count('-') == 2 for r in csv.DictReader(f))
+
+
+def test_randaugment_posterize_at_full_magnitude_runs():
+    """rand-m9-mstd0.5-inc1 draws magnitude 10 now and then, where timm's PosterizeIncreasing keeps 0 bits: Pillow 13
+    refuses 0 bits and training stopped; as with earlier Pillows (the original's runs), the image turns black."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    img = Image.new('RGB', (8, 8), (200, 100, 50))
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    assert op(img).getpixel((0, 0)) == (0, 0, 0)
+    assert AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=0)(img).getpixel((0, 0)) == (192, 96, 48)
+    grey = Image.new('L', (4, 4), 77)
+    assert cls_data._posterize(grey, 0).getpixel((0, 0)) == 0 and cls_data._posterize(grey, 8) is grey

@@ -301,7 +301,7 @@ def test_original_constructor_arguments_build_the_same_model():
         DSAN(num_stages=3, **SMALL)
     from timm.layers import LayerNorm2d
     ln2d = DSAN(norm_layer=LayerNorm2d, **SMALL)  # a norm over NCHW maps stands in for the BatchNorms, as before
-    assert type(ln2d.block1[0].norm1) is LayerNorm2d and type(ln2d.norm1) is nn.LayerNorm
+    assert type(ln2d.block1[0].norm1) is LayerNorm2d and type(ln2d.norm1) is LayerNorm2d  # (stage norms: always)
 
 
 def test_backend_name_is_checked_by_ops_dscn_and_kept(resolve_calls, monkeypatch):

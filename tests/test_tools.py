@@ -586,7 +586,7 @@ def test_get_flops_arguments(argv, words, capsys, tmp_path):
                                                      'dsan_t dsan_s']),
     (['resnet18', '--checkpoint', 'FILE'], ['argument --checkpoint', 'exactly one DSAN model', 'got 0']),
     (['resnet18', '--out', 'NODIR/speed.json'], ['argument --out', 'does not exist', 'nodir']),
-    (['resnet18', '--out', 'FILE/speed.json'], ['argument --out', 'is not a folder', 'file.pth']),
+    (['resnet18', '--out', 'FILE/speed.json'], ['argument --out', 'is a file, not a folder', 'file.pth']),
     (['resnet18', '--out', 'DIR'], ['argument --out', 'file name', 'got the folder']),
 ])
 def test_get_inf_speed_argument_checks(argv, words, capsys, tmp_path, monkeypatch):
