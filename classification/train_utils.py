@@ -207,25 +207,9 @@ def assert_finite_state(state_dict: dict[str, Any], what: str = 'model') -> None
             raise NonFiniteError(f'{what} tensor {name!r} contains NaN/Inf values; refusing to write a checkpoint')
 
 
-def atomic_copy(src: str, dst: str) -> None:
-    """Copy file `src` to `dst` atomically (temp file named as :func:`atomic_save`'s, fsync, :func:`os.replace`)."""
-    directory = os.path.dirname(os.path.abspath(dst))
-    fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(dst)}.', suffix='.tmp', dir=directory)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, 'wb') as out, open(src, 'rb') as f:
-            shutil.copyfileobj(f, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` atomically: temp file in the same directory, fsync, :func:`os.replace`."""
+def _atomic_write(path: str, write: Any) -> None:
+    """Write ``path`` atomically: ``write(f)`` into a temp file in the same directory (``.<name>.XXXX.tmp``), fsync,
+    :func:`os.replace`, fsync of the directory."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=directory)
@@ -233,7 +217,7 @@ def atomic_save(obj: Any, path: str) -> None:
         # mkstemp makes the file 0600 whatever the umask; give it the mode open() would (0666 less the umask).
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -249,6 +233,19 @@ def atomic_save(obj: Any, path: str) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` atomically (:func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_copy(src: str, dst: str) -> None:
+    """Copy file `src` to `dst` atomically (:func:`_atomic_write`)."""
+    def copy(out):
+        with open(src, 'rb') as f:
+            shutil.copyfileobj(f, out)
+    _atomic_write(dst, copy)
 
 
 _HISTORY_INDEX = 'checkpoint-hist.json'
