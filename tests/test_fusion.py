@@ -543,6 +543,31 @@ def test_kept_folded_weights_follow_every_change_of_their_sources(monkeypatch):
             torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize('convert', ['double', 'bfloat16', 'to_meta_and_back'])
+def test_converted_models_drop_their_kept_inference_weights(convert):
+    """`.double()`, `.bfloat16()`, `.to(device)` replace the tensors the kept weights are made from; the old float32
+    copies go with them (a float64 or moved model may never run the folded path again to replace them)."""
+    model = make_model(**SMALL).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    assert blocks and all('_kept_inference_weights' in b.__dict__ for b in blocks)
+    if convert == 'to_meta_and_back':
+        reference = make_model(**SMALL).eval()
+        reference.load_state_dict(model.state_dict())
+        model.to('meta')
+        assert not any('_kept_inference_weights' in b.__dict__ for b in blocks)
+        model.to_empty(device='cpu').load_state_dict(reference.state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
+        return
+    getattr(model, convert)()
+    assert not any('_kept_inference_weights' in b.__dict__ for b in blocks)
+    with torch.no_grad():  # the converted model runs its layers one by one in that dtype
+        assert model(x.to(getattr(torch, convert))).dtype == getattr(torch, convert)
+
+
 def test_compiled_blocks_fold_in_the_graph_and_keep_nothing():
     """Under torch.compile the folded weights are made in the graph, never kept on the module."""
     model = make_model(**SMALL)

@@ -691,6 +691,13 @@ class Block(nn.Module):
         self.__dict__.pop('_kept_inference_weights', None)
         return super().train(mode)
 
+    def _apply(self, fn, recurse=True):
+        # .to() / .double() / .cuda() / .half() replace the tensors the kept weights come from. Drop the old copies
+        # now: a module converted for float64, another device or autocast may never run the folded path again, and
+        # would otherwise hold float32 CPU copies of its weights (115 MiB for dsan_s).
+        self.__dict__.pop('_kept_inference_weights', None)
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickling leave out the kept inference weights: a copy makes its own on its first call.
         state = self.__dict__.copy()

@@ -7,6 +7,9 @@ time so that the hidden rows stay in cache, and its backward (``ops_dscn::_conv_
 from the input, the only tensor autograd keeps (see ``csrc/cpu/conv_mlp_cpu.cpp``). :func:`conv_mlp` picks that
 kernel where it applies (a CPU float32/float64 input) and the unfused PyTorch operators, :func:`conv_mlp_reference`,
 elsewhere.
+
+Parameter gradients are summed per thread: the same bits on every call at a fixed ``torch.get_num_threads()``,
+rounded differently at another thread count.
 """
 
 import torch

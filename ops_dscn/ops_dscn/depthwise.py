@@ -13,6 +13,9 @@ The forward of one or two images (batch <= ``FORWARD_MAX_BATCH``, CPU float32/fl
 ``ops_dscn::dw_conv2d``: on so little work oneDNN's depthwise conv spends most of its time outside the arithmetic,
 and the kernel was 2.3-3.4x as fast on DSAN-T's attention 5x5 convs at batch 1 (2 threads); from batch 4 on oneDNN
 is as fast or faster, so it keeps larger batches.
+
+Parameter gradients are summed per thread: the same bits on every call at a fixed ``torch.get_num_threads()``,
+rounded differently at another thread count.
 """
 
 import torch

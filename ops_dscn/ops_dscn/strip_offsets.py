@@ -8,6 +8,9 @@ input and the parameters) and returns the gradient of the conv's output and of t
 parameters; the conv's own gradients are then a depthwise conv's input gradient (ATen) and
 :func:`ops_dscn.dw_conv_weight_grad`. :func:`strip_offsets` picks the kernel where it applies (a CPU float32/float64
 input) and the layers one by one, :func:`strip_offsets_reference`, elsewhere.
+
+Parameter gradients are summed per thread: the same bits on every call at a fixed ``torch.get_num_threads()``,
+rounded differently at another thread count.
 """
 
 import torch
