@@ -242,7 +242,7 @@ def _gelu(x: torch.Tensor) -> torch.Tensor:
     processes; an earlier machine showed no difference). Without a gradient (inference) ``F.gelu`` is left to
     inductor, which with freezing fuses it into the convolution before it.
     """
-    if x.dtype == torch.float32 and ops_dscn.gelu_available(x) and not torch.jit.is_tracing() and (
+    if x.dtype == torch.float32 and ops_dscn.gelu_available(x) and not ops_dscn.recording_aten() and (
             not torch.compiler.is_compiling() or (torch.is_grad_enabled() and x.requires_grad)):
         return ops_dscn.gelu(x)
     return F.gelu(x)
@@ -291,7 +291,7 @@ class PointwiseConv2d(ops_dscn.KeepsPackedWeights, nn.Conv2d):
         # backward recomputes the product, slower than autograd's saved tensors), torch.jit tracing (FLOP counters
         # and ONNX export must see the aten operators) or autocast (the layers give autocast's dtypes).
         if not (self.fused_epilogue and x.dtype == torch.float32 and x.dim() == 4 and self.groups == 1
-                and ops_dscn.pointwise_conv_available(x)) or torch.jit.is_tracing():
+                and ops_dscn.pointwise_conv_available(x)) or ops_dscn.recording_aten():
             return False
         if torch.is_autocast_enabled(x.device.type):
             return False
@@ -346,7 +346,7 @@ class PointwiseConv2d(ops_dscn.KeepsPackedWeights, nn.Conv2d):
         """(N, C_in, H, W) -> (N, C_out, H, W)."""
         if (x.dtype == torch.float32 and x.device.type == 'cpu' and x.dim() == 4
                 and known_true(x.shape[0] == 1) and x.is_contiguous(memory_format=torch.channels_last)
-                and self.groups == 1 and not torch.jit.is_tracing()  # tracers see the conv
+                and self.groups == 1 and not ops_dscn.recording_aten()  # tracers see the conv
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             w = self.weight.view(self.out_channels, self.in_channels)
             return F.linear(x.permute(0, 2, 3, 1), w, self.bias).permute(0, 3, 1, 2)
@@ -431,7 +431,7 @@ class Mlp(ops_dscn.KeepsPackedWeights, nn.Module):
         # float64 keeps the layer-by-layer path, so double-precision results stay those of the reference model.
         # Not while torch.jit traces: tracers (FLOP counters, ONNX export) must see the layers' aten operators.
         if (not self.fused_kernel or x.dtype != torch.float32 or not ops_dscn.conv_mlp_available(x)
-                or torch.jit.is_tracing()):
+                or ops_dscn.recording_aten()):
             return False
         if type(self.act) is not nn.GELU or self.act.approximate != 'none' or (self.training and self.drop.p > 0):
             return False
@@ -635,7 +635,7 @@ class Block(nn.Module):
     def _use_folded_inference(self, x: torch.Tensor) -> bool:
         if not self.fold_in_inference or self.training or x.dtype != torch.float32 or x.device.type != 'cpu':
             return False
-        if torch.jit.is_tracing() or (torch.is_grad_enabled() and (
+        if ops_dscn.recording_aten() or (torch.is_grad_enabled() and (
                 x.requires_grad or any(p.requires_grad for p in self.parameters()))):
             return False  # tracers (FLOP counts) must see the norms; gradients must reach the block's parameters
         return all(isinstance(n, (nn.BatchNorm2d, nn.SyncBatchNorm)) and n.running_mean is not None
@@ -739,7 +739,7 @@ class Block(nn.Module):
             attn_weights, mlp_weights, attn_packed, mlp_packed = self._inference_weights()
             x = self.attn(x, add_input=True, weights=attn_weights, packed=attn_packed)
             return self.mlp(x, residual=x, weights=mlp_weights, packed=mlp_packed)
-        if self.training and not torch.jit.is_tracing():
+        if self.training and not ops_dscn.recording_aten():
             return self._forward_train(x)
         x = x + self.drop_path(self.layer_scale_1[:, None, None] * self.attn(self.norm1(x)))
         x = x + self.drop_path(self.layer_scale_2[:, None, None] * self.mlp(self.norm2(x)))

@@ -30,6 +30,7 @@ from .functional import (
     dscn_strip,
     extension_available,
     extension_error,
+    recording_aten,
     resolve_backend,
 )
 from .pointwise import (
@@ -54,4 +55,4 @@ __all__ = ["BACKENDS", "DepthwiseConv2d", "available_backends", "check_args", "c
            "check_strip_offsets_args", "strip_offsets", "strip_offsets_available", "strip_offsets_reference",
            "dw_conv2d", "pointwise_conv", "pointwise_conv_available", "pointwise_conv_reference",
            "dw_conv_weight_grad", "dw_conv_weight_grad_reference", "pack_weight", "pack_weight_available",
-           "KeepsPackedWeights", "keep_packed_weight", "kept_packed_weight", "optimizer_step_count"]
+           "KeepsPackedWeights", "keep_packed_weight", "kept_packed_weight", "optimizer_step_count", "recording_aten"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ._double_backward import recording_backward, twin_gradients
 from .conv_mlp import _KERNEL_DTYPES, _check_kernel_input, _check_same_device, _has_cpu_kernel
-from .functional import known_true
+from .functional import known_true, recording_aten
 
 __all__ = ["DepthwiseConv2d", "FORWARD_MAX_BATCH", "MAX_KERNEL_H", "dw_conv2d", "dw_conv_weight_grad",
            "dw_conv_weight_grad_reference"]
@@ -141,7 +141,7 @@ class DepthwiseConv2d(nn.Conv2d):
         # casts x and weight inside the forward while the Function saves them uncast, so the backward would get
         # mixed dtypes (a float16 input with a float32 weight: convolution_backward refuses them on CUDA).
         # Not while torch.jit traces either (a Python Function is an opaque prim::PythonOp to tracers).
-        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and not torch.jit.is_tracing()
+        if (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad) and not recording_aten()
                 and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype
                 and not torch.is_autocast_enabled("cpu")
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and x.dim() == 4):
@@ -154,7 +154,7 @@ class DepthwiseConv2d(nn.Conv2d):
                 and x.device.type == "cpu"
                 and x.dtype in _KERNEL_DTYPES and self.weight.dtype == x.dtype and self.padding_mode == "zeros"
                 and not isinstance(self.padding, str) and self.kernel_size[0] <= MAX_KERNEL_H
-                and x.is_contiguous(memory_format=torch.channels_last) and not torch.jit.is_tracing()
+                and x.is_contiguous(memory_format=torch.channels_last) and not recording_aten()
                 and not torch.is_autocast_enabled("cpu")):  # autocast: nn.Conv2d's bfloat16 conv, as documented
             return torch.ops.ops_dscn.dw_conv2d(x, self.weight, self.bias, *self.stride, *self.padding,
                                                 *self.dilation)

@@ -96,6 +96,16 @@ def compiled_device_types() -> list[str]:
     return sorted(_KERNEL_DEVICE_TYPES - {"meta"})
 
 
+def recording_aten() -> bool:
+    """Whether a tracer or exporter is recording the model for others to read (``torch.jit.trace``: FLOP counters,
+    the TorchScript ONNX exporter; ``torch.onnx.export(dynamo=True)``).
+
+    The fused CPU kernels step aside then, for the aten operators they fuse: a FLOP counter must count those, and an
+    ONNX file must hold operators that every runtime has. ``torch.export`` and ``torch.compile`` keep the kernels.
+    """
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def available_backends(device: torch.device | str | None = None) -> list[str]:
     """Concrete backends usable in this process: ``'cpp'`` (if built) and ``'pytorch'``.
 
@@ -299,7 +309,9 @@ def dscn_strip(
             raise TypeError(f"dscn: {name} must be a torch.Tensor; got {type(t).__name__}")
     args = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
             offset_scale, bool(remove_center), bool(on_x))
-    if resolve_backend(backend, input.device) == "cpp":
+    # An ONNX export records the pure-PyTorch op (gathers, multiplies and adds), which any ONNX runtime can run; a
+    # jit trace alone keeps the compiled op (FLOP counters count it as 0, as the paper's figures do).
+    if resolve_backend(backend, input.device) == "cpp" and not torch.onnx.is_in_onnx_export():
         # The compiled op checks its arguments itself (csrc/common/dscn_params.h) and has its own autocast kernel.
         return torch.ops.ops_dscn.dscn(input, offset, *args)
     if input.dtype != offset.dtype and torch.is_autocast_enabled(input.device.type):

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..depthwise import DepthwiseConv2d
-from ..functional import BACKENDS, check_config, dscn_strip, resolve_backend
+from ..functional import BACKENDS, check_config, dscn_strip, recording_aten, resolve_backend
 from ..pointwise import (
     KeepsPackedWeights,
     keep_packed_weight,
@@ -139,7 +139,7 @@ class _DSCNStrip(KeepsPackedWeights, nn.Module):
         conv, norm, act = self.dw_conv[0], self.dw_conv[1][-1], self.dw_conv[2]
         # Not while torch.jit traces: tracers (FLOP counters, ONNX export) must see the layers' aten operators.
         if (self.fused_offsets and self.backend != "pytorch" and off_x.dtype == torch.float32
-                and not torch.is_autocast_enabled(off_x.device.type) and not torch.jit.is_tracing()
+                and not torch.is_autocast_enabled(off_x.device.type) and not recording_aten()
                 and strip_offsets_available(off_x) and isinstance(norm, nn.LayerNorm)
                 and type(act) is nn.GELU and act.approximate == "none" and self.dw_kernel_size % 2 == 1):
             return torch.ops.ops_dscn.strip_offsets(off_x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps,
@@ -210,7 +210,7 @@ class DSCNX(_DSCNStrip):
     def _projection_as_conv(self, input: torch.Tensor) -> bool:
         return (torch.is_grad_enabled() and input.device.type == "cpu" and input.dtype == torch.float32
                 and input.dim() == 4 and input.is_contiguous() and self.channels >= self.conv_projection_min_channels
-                and self.backend != "pytorch" and not torch.jit.is_tracing()
+                and self.backend != "pytorch" and not recording_aten()
                 and not torch.is_autocast_enabled(input.device.type))
 
     def _project(self, input: torch.Tensor, packed: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,7 +220,7 @@ class DSCNX(_DSCNStrip):
         elif torch.is_grad_enabled() and proj.weight.requires_grad:
             packed = None  # the weight's gradient needs the layer
         if (packed is None or self.backend == "pytorch" or (torch.is_grad_enabled() and input.requires_grad)
-                or torch.jit.is_tracing() or torch.is_autocast_enabled(input.device.type)
+                or recording_aten() or torch.is_autocast_enabled(input.device.type)
                 or not pointwise_conv_available(input) or input.dim() != 4):
             if self._projection_as_conv(input):
                 # (N, H, W, C) -> (N, C, H, W) is a channels_last view of the same memory, and back.
