@@ -71,6 +71,36 @@ def _cuda_pip_include_dirs() -> list[str]:
     return list(dict.fromkeys(found))
 
 
+def _openmp_flags() -> list[str]:
+    """["-fopenmp"] where the C++ compiler builds an OpenMP program, else [] with a warning (Apple clang, a clang
+    without libomp's headers): the kernels then run on one thread. DSCN_OPENMP=0 / 1 skips the probe."""
+    choice = os.environ.get("DSCN_OPENMP", "").strip()
+    if choice in ("0", "1"):
+        return ["-fopenmp"] if choice == "1" else []
+    import tempfile
+
+    from setuptools._distutils.ccompiler import new_compiler
+    from setuptools._distutils.sysconfig import customize_compiler
+
+    compiler = new_compiler()
+    customize_compiler(compiler)
+    if os.environ.get("CXX"):  # BuildExtension compiles C++ with CXX; probe the same compiler
+        compiler.set_executable("compiler_so", [os.environ["CXX"], "-fPIC"])
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = os.path.join(tmp, "openmp_probe.cpp")
+        with open(probe, "w") as f:
+            f.write("#include <omp.h>\nint probe() { return omp_get_max_threads(); }\n")
+        try:
+            compiler.compile([probe], output_dir=tmp, extra_postargs=["-fopenmp"])
+        except Exception as exc:  # CompileError, or no compiler at all: the real build reports that one
+            print(f"ops_dscn: WARNING: the C++ compiler cannot build OpenMP code ({type(exc).__name__}); building "
+                  "without -fopenmp, so the CPU kernels will run on ONE thread. Install the compiler's OpenMP "
+                  "support (e.g. libomp-dev for clang, `brew install libomp` on macOS) or build with GCC; "
+                  "DSCN_OPENMP=1 forces the flag.")
+            return []
+    return ["-fopenmp"]
+
+
 def _extensions():
     sources = [os.path.join(CSRC, "dscn.cpp"), os.path.join(CSRC, "cpu", "dscn_cpu.cpp"),
                os.path.join(CSRC, "cpu", "conv_mlp_cpu.cpp"), os.path.join(CSRC, "cpu", "strip_offsets_cpu.cpp"),
@@ -78,10 +108,12 @@ def _extensions():
                os.path.join(CSRC, "cpu", "gelu_cpu.cpp"),
                os.path.join(CSRC, "autocast", "dscn_autocast.cpp")]
     # -fopenmp: at::parallel_for is an inline OpenMP loop in ATen's headers; without the flag it silently runs on one
-    # thread. At run time the OpenMP symbols resolve to the libgomp.so.1 torch has already loaded (same soname), so
-    # torch.set_num_threads applies to the op too.
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi", "-fopenmp"]
-    link_flags = ["-fopenmp"]
+    # thread. With GCC the OpenMP symbols resolve at run time to the libgomp.so.1 torch has already loaded (same
+    # soname), so torch.set_num_threads applies to the op too; clang links its own libomp, whose thread count
+    # torch.set_num_threads does not set (the kernels do not depend on thread ids: csrc/cpu/cpu_parallel.h).
+    openmp = _openmp_flags()
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi", *openmp]
+    link_flags = list(openmp)
     if _want_cuda():
         sources.append(os.path.join(CSRC, "cuda", "dscn_cuda.cu"))
         nvcc_flags = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]

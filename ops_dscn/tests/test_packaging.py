@@ -119,3 +119,41 @@ def test_source_tree_hint_only_for_the_source_tree(tmp_path):
     assert install_hints == ["", "", ""]
     if got["error"] is not None:  # not built in place: the real load error carries the hint
         assert "(ops_dscn was imported from the source tree " in got["error"], got["error"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("ldd") is None, reason="ELF/ldd only")
+def test_the_built_extension_runs_its_kernels_with_openmp():
+    """setup.py drops -fopenmp (with a warning) only where the compiler cannot build OpenMP code; the kernels then run
+    on one thread. The build tested here must not have taken that path silently."""
+    import ops_dscn
+
+    if not ops_dscn.extension_available():
+        pytest.skip(f"compiled op not built: {ops_dscn.extension_error()}")
+    from ops_dscn import _C
+
+    linked = subprocess.run(["ldd", _C.__file__], capture_output=True, text=True, timeout=60).stdout
+    assert "libgomp" in linked or "libomp" in linked or "libiomp" in linked, linked
+
+
+def test_setup_probes_openmp_and_drops_it_with_a_warning(tmp_path):
+    """A compiler that cannot build OpenMP code gets no -fopenmp and a warning saying the kernels will run on one
+    thread; DSCN_OPENMP=0 / 1 decide without the probe."""
+    code = ("import runpy, setuptools\n"
+            "setuptools.setup = lambda **kw: None\n"
+            "ns = runpy.run_path('setup.py')\n"
+            "print('FLAGS', ns['_openmp_flags']())\n")
+
+    def flags(**env):
+        proc = subprocess.run([sys.executable, "-c", code], cwd=SRC, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    assert "FLAGS ['-fopenmp']" in flags()
+    fake = tmp_path / "no-openmp-c++"
+    fake.write_text("#!/bin/sh\necho 'fatal error: omp.h: No such file or directory' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    out = flags(CXX=str(fake))
+    assert "FLAGS []" in out and "ONE thread" in out
+    assert "FLAGS []" in flags(CXX=str(fake), DSCN_OPENMP="0")
+    assert "FLAGS ['-fopenmp']" in flags(CXX=str(fake), DSCN_OPENMP="1")

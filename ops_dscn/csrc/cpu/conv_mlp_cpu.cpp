@@ -35,6 +35,7 @@
 
 #include "../common/dscn_params.h"
 #include "cpu_gelu.h"
+#include "cpu_parallel.h"
 #include "cpu_simd.h"
 #include "cpu_small_gemm.h"
 #include "cpu_weights.h"
@@ -703,9 +704,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::TensorOptions opts = input.options().requires_grad(false);
   // Every row of every image is written by one task.
   at::Tensor grad_input = at::empty({d.N, d.C, d.H, d.W}, input.options().memory_format(cl));
-  const int64_t threads = at::get_num_threads();
-  // One zeroed buffer of weight gradients per thread (summed below): see MlpGrads.
-  at::Tensor partial = at::zeros({threads, MlpGrads<float>::size(d)}, opts);
+  // Rows per step and the task split come first: they size the slots of weight gradients.
+  const TaskSplit sp = split_tasks(d, input.scalar_type() == at::kDouble ? 8 : 4, 3, 7);
+  const int64_t slots = parallel_slots_for(sp.tasks);
+  // One zeroed buffer of weight gradients per slot of tasks (summed below in slot order): see MlpGrads and
+  // cpu_parallel.h.
+  at::Tensor partial = at::zeros({slots, MlpGrads<float>::size(d)}, opts);
   if (d.N * d.H * d.W > 0) {
     const at::Tensor b1 = fc1_bias.has_value() ? fc1_bias->detach().contiguous() : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "conv_mlp_backward_cpu", [&] {
@@ -716,14 +720,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int t = 0; t < 9; ++t) std::copy_n(wt.wdw.data() + (8 - t) * d.Ch, d.Ch, wflip.data() + t * d.Ch);
       // Hidden rows per step: h (step + 4), dp (step + 2), a (step + 1) and one row of p (dh and the staged a are
       // written once and read by the matrix products).
-      const TaskSplit sp = split_tasks(d, sizeof(scalar_t), 3, 7);
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       const scalar_t* g = grad.const_data_ptr<scalar_t>();
       scalar_t* gx = grad_input.mutable_data_ptr<scalar_t>();
       scalar_t* part = partial.mutable_data_ptr<scalar_t>();
       const int64_t part_size = partial.size(1);
-      at::parallel_for(0, sp.tasks, 1, [&](int64_t begin, int64_t end) {
-        const MlpGrads<scalar_t> gr(part + at::get_thread_num() * part_size, d);
+      parallel_over_slots(sp.tasks, slots, [&](int64_t slot, int64_t begin, int64_t end) {
+        const MlpGrads<scalar_t> gr(part + slot * part_size, d);
         mlp_backward_chunk<scalar_t>(d, wt, wflip.data(), x, g, gx, gr, sp, begin, end, opts);
       });
     });

@@ -446,6 +446,7 @@ constexpr int kGeneralForm = 0, kPairForm = 1, kLerpForm = 2;
 // DSAN-T stages 2-3, DSAN-S stages 1-3): one such group per loop was measured at about 4 cycles a tap, against the
 // 2-2.5 its loads and FMAs need, as each group's short loop and final reduction ended a dependency window that the
 // next group could not overlap. The sum order of a group does not depend on M, so neither do the results.
+#if DSCN_HAS_VEC  // Vec exists only with GCC / clang vector extensions; every caller is guarded too
 template <int Form, int M, int NV, typename V, int TB = 0, typename scalar_t, typename acc_t, typename idx_t>
 DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t* i0, const idx_t* i1,
                                      const acc_t* w0, const acc_t* w1, int64_t taps, scalar_t* __restrict__ out,
@@ -526,6 +527,7 @@ DSCN_INLINE void weighted_sum_groups(const scalar_t* __restrict__ x, const idx_t
     }
   }
 }
+#endif  // DSCN_HAS_VEC
 
 #if DSCN_X86_DISPATCH
 // __builtin_shufflevector (clang, GCC 12+) picks vector halves and blends in registers; GCC 11 lacks it and takes

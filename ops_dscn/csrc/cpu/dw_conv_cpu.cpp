@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../common/dscn_params.h"
+#include "cpu_parallel.h"
 #include "cpu_simd.h"
 #include "cpu_weights.h"
 
@@ -353,8 +354,10 @@ at::Tensor dw_conv_weight_grad_cpu(const at::Tensor& grad_output_, const at::Ten
                     "dw_conv_weight_grad: input dtype must be one of float32, float64; got ",
                     dtype_name(input_.scalar_type()));
   const int64_t N = input_.size(0), C = input_.size(1), H = input_.size(2), W = input_.size(3);
-  const auto [Ho, Wo] = dw_output_size("dw_conv_weight_grad", H, W, kernel_h, kernel_w, stride_h, stride_w, pad_h,
-                                       pad_w, dilation_h, dilation_w);
+  const std::pair<int64_t, int64_t> out_hw = dw_output_size("dw_conv_weight_grad", H, W, kernel_h, kernel_w, stride_h,
+                                                            stride_w, pad_h, pad_w, dilation_h, dilation_w);
+  // Plain variables, not a structured binding: clang before 17 cannot capture those in the parallel lambdas.
+  const int64_t Ho = out_hw.first, Wo = out_hw.second;
   const std::vector<int64_t> expected{N, C, Ho, Wo};
   TORCH_CHECK_VALUE(grad_output_.sizes() == at::IntArrayRef(expected),
                     "dw_conv_weight_grad: grad_output must have shape ", at::IntArrayRef(expected), "; got ",
@@ -369,15 +372,16 @@ at::Tensor dw_conv_weight_grad_cpu(const at::Tensor& grad_output_, const at::Ten
   const at::Tensor input = input_.contiguous(cl), grad = grad_output_.contiguous(cl);
   const DwDims d{N, C, H, W, Ho, Wo, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w};
   const int64_t taps = kernel_h * kernel_w;
-  const int64_t threads = at::get_num_threads();
-  at::Tensor partial = at::zeros({threads, taps, C}, input.options());
+  const int64_t slots = parallel_slots_for(N * Ho);
+  at::Tensor partial = at::zeros({slots, taps, C}, input.options());
   if (N * Ho * Wo * C > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "dw_conv_weight_grad_cpu", [&] {
       const scalar_t* g = grad.const_data_ptr<scalar_t>();
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       scalar_t* part = partial.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, N * Ho, 1, [&](int64_t begin, int64_t end) {  // per-thread buffers: see the top
-        weight_grad_rows<scalar_t>(d, g, x, part + at::get_thread_num() * taps * C, begin, end);
+      // One buffer per slot of output rows (see the top and cpu_parallel.h).
+      parallel_over_slots(N * Ho, slots, [&](int64_t slot, int64_t begin, int64_t end) {
+        weight_grad_rows<scalar_t>(d, g, x, part + slot * taps * C, begin, end);
       });
     });
   }
@@ -407,8 +411,10 @@ at::Tensor dw_conv2d_cpu(const at::Tensor& input_, const at::Tensor& weight, con
                       dtype_name(input_.scalar_type()), "; got ", dtype_name(bias->scalar_type()));
   }
   const int64_t kernel_h = weight.size(2), kernel_w = weight.size(3);
-  const auto [Ho, Wo] = dw_output_size("dw_conv2d", H, W, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w,
-                                       dilation_h, dilation_w);
+  const std::pair<int64_t, int64_t> out_hw = dw_output_size("dw_conv2d", H, W, kernel_h, kernel_w, stride_h, stride_w,
+                                                            pad_h, pad_w, dilation_h, dilation_w);
+  // Plain variables, not a structured binding: clang before 17 cannot capture those in the parallel lambdas.
+  const int64_t Ho = out_hw.first, Wo = out_hw.second;
   TORCH_CHECK(input_.device().is_cpu() && weight.device().is_cpu() && (!bias.has_value() || bias->device().is_cpu()),
               "dw_conv2d: tensors must be on the CPU for the CPU kernel; got input on ", input_.device(),
               " and weight on ", weight.device());

@@ -31,6 +31,7 @@
 
 #include "../common/dscn_params.h"
 #include "cpu_gelu.h"
+#include "cpu_parallel.h"
 #include "cpu_simd.h"
 #include "cpu_small_gemm.h"
 #include "cpu_weights.h"
@@ -490,9 +491,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_off
   const at::Tensor grad_output = grad_output_.contiguous();
   const at::TensorOptions opts = input.options().requires_grad(false);
   at::Tensor grad_conv = at::empty({d.N, d.H, d.W, d.C}, opts);
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // One zeroed buffer of parameter gradients per thread, summed below in thread order (see OffsetGrads).
-  at::Tensor partial = at::zeros({threads, OffsetGrads<float>::size(d)}, opts);
+  // The forward's blocks: 64-1024 pixels were measured alike (within noise) for DSAN-T's shapes at batch 16.
+  const PixelBlocks blocks(d.N * d.H * d.W, kBlockPixels);
+  const int64_t slots = parallel_slots_for(blocks.count);
+  // One zeroed buffer of parameter gradients per slot of blocks, summed below in slot order (see OffsetGrads and
+  // cpu_parallel.h).
+  at::Tensor partial = at::zeros({slots, OffsetGrads<float>::size(d)}, opts);
   if (grad_conv.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "strip_offsets_backward_cpu", [&] {
       const OffsetWeights<scalar_t> wt(d, dw_weight, dw_bias, ln_weight, ln_bias, eps, lin_weight, std::nullopt,
@@ -501,11 +505,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> strip_off
       const scalar_t* g = grad_output.const_data_ptr<scalar_t>();
       scalar_t* gd = grad_conv.mutable_data_ptr<scalar_t>();
       scalar_t* part = partial.mutable_data_ptr<scalar_t>();
-      // The forward's blocks: 64-1024 pixels were measured alike (within noise) for DSAN-T's shapes at batch 16.
-      const PixelBlocks blocks(d.N * d.H * d.W, kBlockPixels);
-      at::parallel_for(0, blocks.count, 1, [&](int64_t begin, int64_t end) {
+      parallel_over_slots(blocks.count, slots, [&](int64_t slot, int64_t begin, int64_t end) {
         OffsetScratch<scalar_t> scratch(blocks.block, d);
-        const OffsetGrads<scalar_t> gr(part + at::get_thread_num() * partial.size(1), d);
+        const OffsetGrads<scalar_t> gr(part + slot * partial.size(1), d);
         for (int64_t b = begin; b < end; ++b) {
           offsets_backward_task<scalar_t>(d, wt, x, g, gd, blocks.begin(b), blocks.end(b), scratch, gr, opts);
         }
