@@ -86,3 +86,26 @@ def dscn_reference(x, offset, kernel, stride=1, pad=0, dilation=1, group=1, offs
     if grad_out is None:
         return out
     return out, grad_x, grad_off
+
+
+def orth_stride_case(on_x: bool, orth_stride: int, orth_pad: int, across: int):
+    """A float64 case with a stride and zero padding across the strip (an x-strip's stride_h / pad_h), shared by the
+    tests of the compiled kernels and of the CUDA source run on the CPU.
+
+    Returns:
+        (x (2, H, W, 6), offset, grad_out, args): ``args`` is the op's argument list after the two tensors (kernel 5,
+        stride 2 and pad 2 along the strip, 2 groups of 3 channels, length 9 along the strip, `across` across it).
+    """
+    import torch  # the reference itself is numpy only
+
+    k, length, group, gc, stride, pad = 5, 9, 2, 3, 2, 2
+    h, w = (across, length) if on_x else (length, across)
+    n_lines = (across + 2 * orth_pad - 1) // orth_stride + 1
+    out_len = (length + 2 * pad - (k - 1) - 1) // stride + 1
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, h, w, group * gc, generator=g, dtype=torch.float64)
+    off_shape = (2, n_lines, out_len) if on_x else (2, out_len, n_lines)
+    off = torch.randn(*off_shape, group * k, generator=g, dtype=torch.float64) * 2.5 + 0.3
+    grad_out = torch.randn(*off_shape, group * gc, generator=g, dtype=torch.float64)
+    geometry = (1, k, orth_stride, stride, orth_pad, pad) if on_x else (k, 1, stride, orth_stride, pad, orth_pad)
+    return x, off, grad_out, (*geometry, 1, 1, group, gc, 1.0, False, on_x)

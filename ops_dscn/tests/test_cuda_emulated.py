@@ -28,7 +28,7 @@ import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the sou
 import numpy as np
 import pytest
 import torch
-from dscn_reference import dscn_reference
+from dscn_reference import dscn_reference, orth_stride_case
 
 import ops_dscn
 
@@ -233,17 +233,7 @@ def test_cuda_kernels_in_reduced_precision(emu, dtype, tol, axis):
 def test_cuda_kernels_stride_and_padding_across_the_strip(emu, on_x, orth_stride, orth_pad, across):
     """Stride and padding across the strip (an x-strip's stride_h / pad_h), against the pure-PyTorch twin in float64
     (test_dscn.py checks the twin against the reference for the same geometry)."""
-    k, length, group, gc, stride, pad = 5, 9, 2, 3, 2, 2
-    h, w = (across, length) if on_x else (length, across)
-    n_lines = (across + 2 * orth_pad - 1) // orth_stride + 1
-    out_len = (length + 2 * pad - (k - 1) - 1) // stride + 1
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, h, w, group * gc, generator=g, dtype=torch.float64)
-    off_shape = (2, n_lines, out_len) if on_x else (2, out_len, n_lines)
-    off = torch.randn(*off_shape, group * k, generator=g, dtype=torch.float64) * 2.5 + 0.3
-    grad_out = torch.randn(*off_shape, group * gc, generator=g, dtype=torch.float64)
-    geometry = (1, k, orth_stride, stride, orth_pad, pad) if on_x else (k, 1, stride, orth_stride, pad, orth_pad)
-    args = (*geometry, 1, 1, group, gc, 1.0, False, on_x)
+    x, off, grad_out, args = orth_stride_case(on_x, orth_stride, orth_pad, across)
     out = emu.dscn(x, off, *args)
     gx, goff = emu._dscn_backward(grad_out, x, off, *args, [True, True])
     xs, offs = x.clone().requires_grad_(), off.clone().requires_grad_()

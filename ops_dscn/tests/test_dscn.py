@@ -10,7 +10,7 @@ import _use_installed  # noqa: F401  (first: the installed ops_dscn, not the sou
 import numpy as np
 import pytest
 import torch
-from dscn_reference import dscn_reference
+from dscn_reference import dscn_reference, orth_stride_case
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from isa_check import ISAS, run_under_isa
@@ -434,18 +434,11 @@ def test_orth_stride_and_padding_against_the_reference(backend, on_x, orth_strid
     """Stride and zero padding across the strip (an x-strip's stride_h / pad_h), forward and both gradients, against
     the float64 reference applied to the lines the strip reads: line i of the output reads input line
     i * stride - pad, and a line in the padding is all zeros."""
-    k, length, group, gc, stride, pad = 5, 9, 2, 3, 2, 2
-    h, w = (across, length) if on_x else (length, across)
-    n_lines = (across + 2 * orth_pad - 1) // orth_stride + 1
-    out_len = (length + 2 * pad - (k - 1) - 1) // stride + 1
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, h, w, group * gc, generator=g, dtype=torch.float64)
-    off_shape = (2, n_lines, out_len) if on_x else (2, out_len, n_lines)
-    off = torch.randn(*off_shape, group * k, generator=g, dtype=torch.float64) * 2.5 + 0.3
-    grad_out = torch.randn(*off_shape, group * gc, generator=g, dtype=torch.float64)
-    geometry = ((1, k, orth_stride, stride, orth_pad, pad) if on_x else (k, 1, stride, orth_stride, pad, orth_pad))
+    x, off, grad_out, args = orth_stride_case(on_x, orth_stride, orth_pad, across)
+    k, stride, pad, group = 5, 2, 2, args[8]
+    n_lines = off.shape[1 if on_x else 2]
     xs, offs = x.clone().requires_grad_(), off.clone().requires_grad_()
-    out = ops_dscn.dscn_strip(xs, offs, *geometry, 1, 1, group, gc, 1.0, False, on_x, backend=backend)
+    out = ops_dscn.dscn_strip(xs, offs, *args, backend=backend)
     gx, goff = torch.autograd.grad(out, (xs, offs), grad_out)
     # The reference input: the lines read, in output order (zeros for the padding), as an input of its own.
     lines = torch.arange(n_lines) * orth_stride - orth_pad
