@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='extra model kwargs, e.g. backend=pytorch')
     group.add_argument('--img-size', type=int, default=None, metavar='N', help='image size (default: model cfg)')
-    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N', help='C H W input size')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                       help='C H W input size (C = 3: images are read as RGB)')
     group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='validation center crop ratio')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
@@ -211,6 +212,7 @@ _RANGES = (
     ('--num-classes', 'num_classes', lambda v: v >= 1, '>= 1'),
     ('--img-size', 'img_size', lambda v: v >= 1, '>= 1'),
     ('--crop-pct', 'crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]'),
+    tu.INPUT_SIZE_RULE,
     ('--epochs', 'epochs', lambda v: v >= 1, '>= 1'),
     ('--warmup-epochs', 'warmup_epochs', lambda v: v >= 0, '>= 0'),
     ('--cooldown-epochs', 'cooldown_epochs', lambda v: v >= 0, '>= 0'),

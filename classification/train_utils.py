@@ -108,6 +108,12 @@ def error_message(e: BaseException) -> str:
     return text
 
 
+# --input-size of train.py and validate.py: the loaders read every image as RGB, so C other than 3 would be ignored
+# silently (timm's scripts read 'L' images for C = 1; DSAN's checkpoints and recipes are RGB).
+INPUT_SIZE_RULE = ('--input-size', 'input_size', lambda v: v[0] == 3 and min(v) >= 1,
+                   'C H W with C = 3 (images are read as RGB) and H, W >= 1')
+
+
 def check_ranges(parser, args, rules) -> None:
     """``parser.error`` (exit status 2) naming the first argument outside its range.
 

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--num-classes', type=int, default=None, help='classes (default: from the checkpoint)')
     group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='extra model kwargs')
     group.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size')
-    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N', help='C H W input size')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                       help='C H W input size (C = 3: images are read as RGB)')
     group.add_argument('--crop-pct', default=None, type=float, metavar='N', help='center crop ratio')
     group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='pixel mean override')
     group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='pixel std override')
@@ -237,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ('--num-classes', 'num_classes', lambda v: v >= 1, '>= 1'),
         ('--img-size', 'img_size', lambda v: v >= 1, '>= 1'),
         ('--crop-pct', 'crop_pct', lambda v: 0 < v <= 1, 'in (0, 1]'),
-        ('--input-size', 'input_size', lambda v: min(v) >= 1, 'three sizes >= 1 (C H W)'),
+        tu.INPUT_SIZE_RULE,
         ('--std', 'std', lambda v: all(s > 0 for s in v), 'positive values')))
     chans = args.input_size[0] if args.input_size else int(args.model_kwargs.get('in_chans', 3))
     for flag in ('mean', 'std'):

@@ -220,6 +220,8 @@ def test_train_rejects_out_of_range_arguments(capsys):
                           (['--model-ema-decay', '2'], '--model-ema-decay must be in (0, 1); got 2.0'),
                           (['-j', '-1'], '-j/--workers must be >= 0; got -1'),
                           (['--num-classes', '0'], '--num-classes must be >= 1; got 0'),
+                          (['--input-size', '4', '64', '64'], '--input-size must be C H W with C = 3 (images are '
+                           'read as RGB) and H, W >= 1; got [4, 64, 64]'),
                           (['--eval-metric', 'acc1'], "invalid choice: 'acc1'"),
                           (['--amp-dtype', 'fp16'], "invalid choice: 'fp16'")):
         with pytest.raises(SystemExit) as exc:
@@ -1464,7 +1466,8 @@ def test_validate_evaluates_a_folder_of_class_folders_itself(tiny, tmp_path, mon
     (['--interpolation', 'BICUBIC'], "argument --interpolation: invalid choice: 'BICUBIC'"),
     (['--mean', '0.5', '0.5'], 'argument --mean: takes 1 or 3 values (one per input channel), got 2'),
     (['--std', '0', '1', '1'], '--std must be positive values'),
-    (['--input-size', '3', '0', '64'], '--input-size must be three sizes >= 1'),
+    (['--input-size', '3', '0', '64'], '--input-size must be C H W with C = 3 (images are read as RGB) and H, W >= 1'),
+    (['--input-size', '1', '64', '64'], '--input-size must be C H W with C = 3 (images are read as RGB)'),
     (['--per-image-csv', '{file}/out.csv'], "argument --per-image-csv: '{file}' is a file, not a folder"),
     (['--results-file', '{tmp}'], 'argument --results-file: expected a file name, got the folder'),
     (['--results-file', '{tmp}/new/'], 'argument --results-file: expected a file name, got the folder path'),
