@@ -297,7 +297,11 @@ def parse_args(argv: Sequence[str] | None = None):
         parser.error(f'--opt-fused: --opt {args.opt} has no fused step (adam, adamw, sgd, momentum and nesterov '
                      'have; not with --opt-foreach)')
     args.config = args_config.config
-    args.data_dir = args.data_dir or args.data
+    # The dataset given on the command line wins over the -c file's (an args.yaml holds the folder of its own run,
+    # which was used silently instead of the DIR given with it).
+    given = build_parser().parse_args(remaining) if args_config.config else args
+    args.data_dir = given.data_dir or given.data or args.data_dir or args.data
+    args.data = given.data or args.data
     args.output = args.output or 'output/train'  # '' (an original args.yaml's default) meant this folder there
     return args, yaml.safe_dump(vars(args), default_flow_style=False)
 
@@ -352,6 +356,27 @@ def _optimizer_args(args, device: torch.device) -> dict:
     if fused and _has_fused_step(args):
         kwargs['fused'] = True
     return kwargs
+
+
+_IMPLEMENTATION_KEYS = ('fused', 'foreach')
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this run's choice of step implementation (fused / foreach).
+
+    The saved param groups replace the optimizer's, flags included: a checkpoint written before torch had a fused
+    step, or by a run on another device, turned the fused step off on resume (on the CPU AdamW's update then took
+    3.7x as long). The flags choose how the update is computed, not what it is, so this run's are kept.
+    """
+    impl = [{k: g[k] for k in _IMPLEMENTATION_KEYS if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, impl):
+        group.update(flags)
+        if group.get('fused') or group.get('capturable'):
+            for p in group['params']:  # where these steps keep their counters (as torch's own loading does)
+                step = optimizer.state.get(p, {}).get('step')
+                if torch.is_tensor(step):
+                    optimizer.state[p]['step'] = step.to(device=p.device, dtype=torch.float32)
 
 
 def _check_resume_args(args, ckpt: dict, current: dict) -> str | None:
@@ -558,7 +583,7 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
             _logger.warning('--resume with a changed schedule (%s): the lr schedule follows the new arguments',
                             ', '.join(f'{k} {old} -> {new}' for k, (old, new) in changed.items()))
         if not args.no_resume_opt:
-            optimizer.load_state_dict(resume_ckpt['optimizer'])
+            load_optimizer_state(optimizer, resume_ckpt['optimizer'])
             if 'scheduler' in resume_ckpt and not changed:
                 lr_scheduler.load_state_dict(resume_ckpt['scheduler'])
             if loss_scaler is not None and 'amp_scaler' in resume_ckpt:

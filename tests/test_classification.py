@@ -104,6 +104,14 @@ def test_config_file_overrides_defaults_and_flags_override_config(tmp_path):
     args, text = train.parse_args(['-c', str(cfg), '--data-dir', '/d', '--lr', '0.5'])
     assert (args.epochs, args.lr, args.data_dir) == (7, 0.5, '/d')
     assert 'epochs: 7' in text
+    # The dataset given with -c wins over the file's (a run's args.yaml names its own data, which was used instead).
+    cfg.write_text('data: /a\ndata_dir: /a\n')
+    for cli in (['/b'], ['--data-dir', '/b']):
+        args, text = train.parse_args(['-c', str(cfg), *cli])
+        assert args.data_dir == '/b' and 'data_dir: /b' in text, cli
+    assert train.parse_args(['-c', str(cfg)])[0].data_dir == '/a'
+    cfg.write_text('data_dir: /a\n')
+    assert train.parse_args(['-c', str(cfg), '/b'])[0].data_dir == '/b'
     cfg.write_text('epochz: 7\n')
     with pytest.raises(SystemExit):
         train.parse_args(['-c', str(cfg), '/d'])
@@ -936,6 +944,39 @@ def test_opt_fused_on_cpu_by_default_and_the_same_update():
         for p0, p1 in zip(models[False].parameters(), models[True].parameters()):
             torch.testing.assert_close(p1, p0, atol=1e-6, rtol=1e-5)
         assert not torch.equal(models[True][3].weight, ref[3].weight)
+
+
+def test_resume_keeps_the_fused_optimizer_step():
+    """An optimizer state saved without the fused flag (older torch, or a run on another device) turned the fused
+    step off on resume; this run's implementation is kept, and the update is the one the saved state continues."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+
+    def steps(opt, n):
+        for _ in range(n):
+            opt.zero_grad()
+            lin(x).square().mean().backward()
+            opt.step()
+
+    looped = torch.optim.AdamW(lin.parameters(), lr=0.1)
+    steps(looped, 2)
+    saved = copy.deepcopy(looped.state_dict())
+    for group in saved['param_groups']:
+        group.pop('fused', None)  # as a checkpoint of torch 1.13 (the original's) holds it
+    start = [p.detach().clone() for p in lin.parameters()]
+    steps(looped, 1)
+    expected = [p.detach().clone() for p in lin.parameters()]
+    with torch.no_grad():
+        for p, p0 in zip(lin.parameters(), start):
+            p.copy_(p0)
+    fused = torch.optim.AdamW(lin.parameters(), lr=0.1, fused=True)
+    train.load_optimizer_state(fused, saved)
+    assert all(g['fused'] is True for g in fused.param_groups)
+    assert all(s['step'].dtype == torch.float32 and int(s['step']) == 2 for s in fused.state.values())
+    steps(fused, 1)
+    for p, e in zip(lin.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize('decreasing', [False, True])

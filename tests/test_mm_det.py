@@ -213,6 +213,12 @@ def test_train_then_coco_evaluation_through_the_real_tools(coco_tiny, tmp_path):
     out = _run([PY, DET / 'tools/test.py', config, ckpt, '--work-dir', tmp_path / 'test', '--out',
                 tmp_path / 'results.pkl', *opts])
     assert 'bbox_mAP' in out and 'segm_mAP' in out and (tmp_path / 'results.pkl').stat().st_size > 0
+    # The README's Python inference: the config saved in the checkpoint, after `import dsan.mm`.
+    image = sorted((coco_tiny / 'val2017').iterdir())[0]
+    code = ('import dsan.mm; from mmdet.apis import DetInferencer; '
+            f'r = DetInferencer(model=None, weights={str(ckpt)!r}, device="cpu")({str(image)!r}); '
+            'p = r["predictions"][0]; print("detections", len(p["labels"]) == len(p["scores"]) == len(p["bboxes"]))')
+    assert 'detections True' in _run([PY, '-c', code])
 
 
 @pytest.mark.slow
@@ -267,6 +273,33 @@ def test_visualize_draws_detections(coco_tiny, tmp_path):
                        capture_output=True, text=True, timeout=600, env=script_env())
     assert r.returncode != 0 and "--palette voc has 20 colours, fewer than the model's 80 classes" in r.stderr
     assert 'Traceback' not in r.stderr
+    # A bare state_dict of the demo's 10-class model: the demo config's classes (mmdet's init_detector put COCO's 80
+    # on it, and the drawings said 'bicycle' for a ring).
+    demo = CONFIGS / 'demo/mask_rcnn_dsan_t_demo.py'
+    torch.save(_build(Config.fromfile(demo).model).state_dict(), tmp_path / 'bare.pth')
+    out = _run([PY, DET / 'tools/visualize.py', demo, tmp_path / 'bare.pth', '--image-dir', images,
+                '--out-dir', tmp_path / 'vis3', '--score-thr', '0.0'])
+    assert 'class names: config' in out and len(list((tmp_path / 'vis3').glob('*.png'))) == 3
+
+
+def test_visualize_names_the_classes_of_the_checkpoint_then_of_the_config():
+    from mmdet.registry import DATASETS
+
+    from dsan.mm.utils import config_dataset_meta
+    vis = load_tool('detection/tools/visualize.py')
+    init_default_scope('mmdet')
+    demo = config_dataset_meta(Config.fromfile(CONFIGS / 'demo/mask_rcnn_dsan_t_demo.py'), DATASETS)
+    coco = config_dataset_meta(Config.fromfile(CONFIGS / 'coco/mask_rcnn_dsan_t_fpn_1x.py'), DATASETS)
+    assert len(demo['classes']) == 10 and demo['classes'][:2] == ('disk', 'ring')
+    assert len(coco['classes']) == 80 and coco['classes'][0] == 'person'
+    assert vis.resolve_classes({'classes': ('a', 'b')}, demo, 2) == (('a', 'b'), 'checkpoint')
+    assert vis.resolve_classes({}, demo, 10) == (demo['classes'], 'config')
+    with pytest.raises(SystemExit, match='the config names 10 classes but the model predicts 80'):
+        vis.resolve_classes({}, demo, 80)
+    with pytest.raises(SystemExit, match='the checkpoint names 2 classes but the model predicts 10'):
+        vis.resolve_classes({'classes': ('a', 'b')}, demo, 10)
+    with pytest.raises(SystemExit, match='neither the checkpoint nor the config'):
+        vis.resolve_classes({}, {}, 10)
 
 
 def test_visualize_keeps_detections_down_to_the_drawing_threshold():

@@ -621,6 +621,43 @@ def test_overlay_blends_and_draws_a_legend():
         vis.overlay(image, labels, [[0, 0, 0], [200, 0, 0]], ['bg', 'thing'], 1.5)
 
 
+def test_visualize_names_the_classes_of_the_checkpoint_then_of_the_config():
+    """'auto' takes the checkpoint's classes, then those of the config's test dataset, and guesses ADE20K / Cityscapes
+    from the class count last: a custom 19-class checkpoint was drawn with Cityscapes' names, and a checkpoint without
+    classes (a bare state_dict) failed, though the config named them."""
+    from mmseg.datasets import CityscapesDataset
+    from mmseg.registry import DATASETS
+
+    from dsan.mm.utils import checkpoint_dataset_meta, config_dataset_meta
+    vis = load_tool('segmentation/tools/visualize.py')
+    init_default_scope('mmseg')
+    demo = config_dataset_meta(Config.fromfile(CONFIGS / 'demo/ham_dsan_t_demo.py'), DATASETS)
+    assert len(demo['classes']) == len(demo['palette']) == 11 and demo['classes'][:2] == ('background', 'disk')
+    ade = config_dataset_meta(Config.fromfile(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'), DATASETS)
+    assert len(ade['classes']) == len(ade['palette']) == 150 and ade['classes'][0] == 'wall'
+    custom = {'classes': tuple(f'c{i}' for i in range(19)), 'palette': [[i, i, i] for i in range(19)]}
+    saved = checkpoint_dataset_meta({'state_dict': {}, 'meta': {'dataset_meta': custom, 'seed': 0}})
+    assert saved == custom
+    assert checkpoint_dataset_meta({'meta': {'CLASSES': ('a', 'b'), 'PALETTE': None}}) == {'classes': ('a', 'b')}
+    assert checkpoint_dataset_meta({'backbone.x': torch.zeros(1)}) == checkpoint_dataset_meta({'meta': {}}) == {}
+
+    classes, colours, source = vis.resolve_meta('auto', 19, saved, {})
+    assert (classes[0], colours[1], source) == ('c0', [1, 1, 1], 'checkpoint')
+    classes, colours, source = vis.resolve_meta('auto', 11, {}, demo)
+    assert (classes[1], source, colours[1]) == ('disk', 'config', list(demo['palette'][1]))
+    names_only = {'classes': demo['classes']}  # colours generated, the same on every call
+    colours = vis.resolve_meta('config', 11, {}, names_only)[1]
+    assert len(colours) == 11 and colours == vis.resolve_meta('config', 11, {}, names_only)[1]
+    classes, _, source = vis.resolve_meta('auto', 19, {}, demo)  # the config's 11 do not fit
+    assert (classes, source) == (list(CityscapesDataset.METAINFO['classes']), 'cityscapes')
+    with pytest.raises(ValueError, match=r"no class names for the model's 12 classes \(the config names 11\)"):
+        vis.resolve_meta('auto', 12, {}, demo)
+    with pytest.raises(ValueError, match='--palette checkpoint: the checkpoint names no classes'):
+        vis.resolve_meta('checkpoint', 11, {}, demo)
+    with pytest.raises(ValueError, match='--palette config has 11 classes but the model predicts 19'):
+        vis.resolve_meta('config', 19, saved, demo)
+
+
 def _data_opts(root, scale):
     """Small and quick: tiny data, 2 images of 64 px per batch, no workers, 3 iterations."""
     opts = [f'{split}_dataloader.dataset.data_root={root}' for split in ('train', 'val', 'test')]
@@ -670,6 +707,13 @@ def test_train_then_test_through_the_real_tools(config, layout, ade_tiny, citysc
               '--out', tmp_path / 'preds', '--cfg-options', *opts])
     assert 0 <= _miou(r.stdout + r.stderr) <= 100
     assert len(list((tmp_path / 'preds').rglob('*.png'))) == 3
+    if layout == 'ade':  # the README's Python inference: the config saved in the checkpoint, after `import dsan.mm`
+        image = sorted((root / 'images/validation').iterdir())[0]
+        code = ('import dsan.mm; from mmseg.apis import MMSegInferencer; '
+                f'r = MMSegInferencer(model=None, weights={str(ckpt)!r}, device="cpu")({str(image)!r}); '
+                'print("labels", tuple(r["predictions"].shape))')
+        r = run_script([PY, '-c', code])
+        assert 'labels (64, ' in r.stdout, r.stdout[-2000:]
     # Resume continues from iteration 3 (the file mmengine wrote, read back with the safe reader).
     r = run_script([PY, SEG / 'tools/train.py', CONFIGS / config, '--work-dir', work, '--resume', '--cfg-options',
                     *opts, 'train_cfg.max_iters=4', 'train_cfg.val_interval=4', 'default_hooks.checkpoint.interval=4'])
@@ -777,6 +821,11 @@ def test_visualize_writes_overlays(ade_tiny, tmp_path):
     r = run_script([PY, SEG / 'tools/visualize.py', config, tmp_path / 'headless.pth', '--image-dir',
                     ade_tiny / 'images/validation', '--out-dir', tmp_path / 'vis2'], check=False)
     assert r.returncode != 0 and 'headless.pth does not fit the config\'s model' in r.stderr, r.stderr[-2000:]
+    # A bare state_dict (no meta; mmseg's init_model raised KeyError 'meta'): the config's classes.
+    torch.save(_mmseg0x_checkpoint(_build(Config.fromfile(config).model))['state_dict'], tmp_path / 'bare.pth')
+    r = run_script([PY, SEG / 'tools/visualize.py', config, tmp_path / 'bare.pth', '--image-dir',
+                    ade_tiny / 'images/validation', '--out-dir', tmp_path / 'vis3'])
+    assert len(list((tmp_path / 'vis3').glob('*.png'))) == 3 and 'class names and colours: config' in r.stderr
 
 
 @pytest.mark.slow

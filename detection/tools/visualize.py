@@ -12,6 +12,7 @@ Examples:
 import argparse
 import logging
 import os
+import warnings
 from pathlib import Path
 
 from tqdm import tqdm
@@ -49,16 +50,46 @@ def lower_score_thr(model_cfg, score_thr: float) -> None:
             stage['score_thr'] = score_thr
 
 
+def head_num_classes(model) -> int | None:
+    """The classes the detector's box head predicts (Mask R-CNN: ``roi_head.bbox_head``; RetinaNet: ``bbox_head``)."""
+    roi_head = getattr(model, 'roi_head', None)
+    for head in (getattr(roi_head, 'bbox_head', None), getattr(model, 'bbox_head', None)):
+        if isinstance(getattr(head, 'num_classes', None), int):
+            return head.num_classes
+    return None
+
+
+def resolve_classes(checkpoint_meta: dict, config_meta: dict, num_classes: int | None) -> tuple[tuple, str]:
+    """The class names to draw: the checkpoint's, else those of the config's test dataset (mmdet's `init_detector`
+    labels a checkpoint without them with COCO's 80, whatever the model predicts).
+
+    Returns:
+        (classes, 'checkpoint' or 'config').
+
+    Raises:
+        SystemExit: Neither names classes, or not `num_classes` of them.
+    """
+    for source, meta in (('checkpoint', checkpoint_meta), ('config', config_meta)):
+        if meta.get('classes'):
+            classes = tuple(str(c) for c in meta['classes'])
+            if num_classes is not None and len(classes) != num_classes:
+                raise SystemExit(f'visualize.py: error: the {source} names {len(classes)} classes but the model '
+                                 f'predicts {num_classes}')
+            return classes, source
+    raise SystemExit('visualize.py: error: neither the checkpoint nor the config\'s test dataset names the classes')
+
+
 def main(argv=None) -> list[Path]:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     args = parse_args(argv)
     import mmcv
     from mmdet.apis import inference_detector, init_detector
+    from mmdet.registry import DATASETS
     from mmdet.visualization import DetLocalVisualizer
     from mmdet.visualization.palette import get_palette
 
     from dsan.mm.tools import load_checkpoint_strictly, load_config
-    from dsan.mm.utils import list_images, output_names
+    from dsan.mm.utils import checkpoint_dataset_meta, config_dataset_meta, list_images, output_names
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{what} file not found: {path}')
@@ -67,9 +98,15 @@ def main(argv=None) -> list[Path]:
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
     lower_score_thr(cfg.model, args.score_thr)
-    model = init_detector(cfg, args.checkpoint, device=args.device, palette=args.palette)
-    load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
-    num_classes = len(model.dataset_meta['classes'])
+    with warnings.catch_warnings():  # its "use COCO classes" for a checkpoint without classes: resolved below
+        warnings.filterwarnings('ignore', message='dataset_meta or class names are not saved')
+        model = init_detector(cfg, args.checkpoint, device=args.device, palette=args.palette)
+    checkpoint = load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
+    classes, source = resolve_classes(checkpoint_dataset_meta(checkpoint), config_dataset_meta(cfg, DATASETS),
+                                      head_num_classes(model))
+    model.dataset_meta = {**model.dataset_meta, 'classes': classes}
+    _logger.info('class names: %s', source)
+    num_classes = len(classes)
     colours = len(get_palette(args.palette, 0))
     if args.palette in ('voc', 'citys') and colours < num_classes:  # mmdet asserts at the first drawing
         raise SystemExit(f'visualize.py: error: --palette {args.palette} has {colours} colours, fewer than the '

@@ -13,6 +13,7 @@ import os.path as osp
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,16 +43,19 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0, help=argparse.SUPPRESS)
 
 
-def load_checkpoint_strictly(model: torch.nn.Module, checkpoint: str, tool: str) -> None:
+def load_checkpoint_strictly(model: torch.nn.Module, checkpoint: str, tool: str) -> Any:
     """Load `checkpoint` into `model` with every name and shape checked (mmseg's `init_model` / mmdet's
     `init_detector` load non-strictly: a checkpoint of another model would only be warned about).
+
+    Returns:
+        The loaded file's object (a dict with 'state_dict' and 'meta', or a bare state_dict).
 
     Raises:
         SystemExit: the checkpoint does not fit, with the first lines of the mismatch.
     """
     from mmengine.runner import load_checkpoint
     try:
-        load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
+        return load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
     except RuntimeError as e:
         lines = str(e).strip().splitlines()
         raise SystemExit(f'{tool}: error: {checkpoint} does not fit the config\'s model: '

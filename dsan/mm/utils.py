@@ -2,14 +2,14 @@
 import importlib
 import logging
 import os
-from collections.abc import MutableMapping, MutableSequence
+from collections.abc import Mapping, MutableMapping, MutableSequence
 from pathlib import Path
 from typing import Any
 
 from mmengine.config import Config
 
-__all__ = ['IMAGE_SUFFIXES', 'list_images', 'output_names', 'resolve_config_path', 'set_data_root', 'sync_bn_to_bn',
-           'whole_inference']
+__all__ = ['IMAGE_SUFFIXES', 'checkpoint_dataset_meta', 'config_dataset_meta', 'list_images', 'output_names',
+           'resolve_config_path', 'set_data_root', 'sync_bn_to_bn', 'whole_inference']
 
 _logger = logging.getLogger(__name__)
 
@@ -88,6 +88,46 @@ def _leaf_datasets(dataset: Any) -> list[Any]:
     if 'data_root' not in dataset and dataset.get('dataset') is not None:
         return _leaf_datasets(dataset.dataset)
     return [dataset]
+
+
+def checkpoint_dataset_meta(checkpoint: Any) -> dict[str, Any]:
+    """The classes and palette a loaded checkpoint records, lower-case keys; {} when it records none.
+
+    mmengine's runners save ``meta.dataset_meta``; mmseg 0.x / mmdet 2.x saved ``meta.CLASSES`` / ``meta.PALETTE``. A
+    bare state_dict, or a checkpoint saved without meta, records none (mmseg's and mmdet's ``init_*`` then put
+    Cityscapes' or COCO's classes on the model, whatever it predicts).
+    """
+    meta = checkpoint.get('meta') if isinstance(checkpoint, Mapping) else None
+    if not isinstance(meta, Mapping):
+        return {}
+    if isinstance(meta.get('dataset_meta'), Mapping):
+        found = {str(k).lower(): v for k, v in meta['dataset_meta'].items()}
+    else:
+        found = {k.lower(): meta[k] for k in ('CLASSES', 'PALETTE') if meta.get(k) is not None}
+    return {k: v for k, v in found.items() if v is not None} if found.get('classes') else {}
+
+
+def config_dataset_meta(cfg: Config, registry: Any) -> dict[str, Any]:
+    """The classes and palette of the config's test dataset: its ``metainfo`` over its dataset class's ``METAINFO``
+    (as the dataset itself merges them); {} where the config names no test dataset or no classes.
+
+    Args:
+        cfg: The config.
+        registry: The task's dataset registry (``mmseg.registry.DATASETS`` / ``mmdet.registry.DATASETS``), to find
+            the dataset class by its ``type``.
+    """
+    loader = cfg.get('test_dataloader') or {}
+    leaves = _leaf_datasets(loader.get('dataset')) if isinstance(loader, Mapping) else []
+    if not leaves:
+        return {}
+    dataset = leaves[0]
+    meta: dict[str, Any] = {}
+    cls = registry.get(dataset['type']) if isinstance(dataset.get('type'), str) else dataset.get('type')
+    if cls is not None and isinstance(getattr(cls, 'METAINFO', None), Mapping):
+        meta.update(cls.METAINFO)
+    if isinstance(dataset.get('metainfo'), Mapping):
+        meta.update(dataset['metainfo'])
+    return {k: v for k, v in meta.items() if k in ('classes', 'palette')} if meta.get('classes') else {}
 
 
 def output_names(images: list[Path], tag: str) -> list[str]:

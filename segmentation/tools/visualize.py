@@ -22,7 +22,7 @@ from dsan.cli import device_type
 
 _logger = logging.getLogger('visualize')
 
-PALETTES = ('auto', 'ade20k', 'cityscapes', 'checkpoint')
+PALETTES = ('auto', 'checkpoint', 'config', 'ade20k', 'cityscapes')
 
 
 def dataset_meta(name: str) -> tuple[list[str], list[list[int]]]:
@@ -32,22 +32,53 @@ def dataset_meta(name: str) -> tuple[list[str], list[list[int]]]:
     return list(meta['classes']), [list(c) for c in meta['palette']]
 
 
-def resolve_meta(palette: str, model) -> tuple[list[str], list[list[int]]]:
-    """Classes and palette for `palette` ('auto': from the number of classes, else the checkpoint's meta)."""
-    num_classes = model.decode_head.num_classes
+def _colours(meta: dict, num_classes: int) -> list[list[int]]:
+    palette = meta.get('palette')
+    if palette is not None and len(palette) >= num_classes:
+        return [list(c) for c in palette[:num_classes]]
+    # Classes without colours (a metainfo naming classes only): fixed colours, the same on every run.
+    return np.random.default_rng(0).integers(0, 256, size=(num_classes, 3)).tolist()
+
+
+def resolve_meta(palette: str, num_classes: int, checkpoint_meta: dict,
+                 config_meta: dict) -> tuple[list[str], list[list[int]], str]:
+    """Classes and colours of the overlays.
+
+    Args:
+        palette: 'checkpoint' (the classes the checkpoint records), 'config' (the config's test dataset), 'ade20k',
+            'cityscapes', or 'auto': the first of checkpoint, config, and then ADE20K for 150 classes or Cityscapes for
+            19, whose classes number `num_classes`.
+        num_classes: The classes the model predicts.
+        checkpoint_meta, config_meta: ``dsan.mm.utils.checkpoint_dataset_meta`` / ``config_dataset_meta``.
+
+    Returns:
+        (classes, colours, where they came from).
+
+    Raises:
+        ValueError: The chosen source names no classes, or not `num_classes` of them.
+    """
+    sources = {'checkpoint': checkpoint_meta, 'config': config_meta}
     if palette == 'auto':
-        palette = {150: 'ade20k', 19: 'cityscapes'}.get(num_classes, 'checkpoint')
-    if palette == 'checkpoint':
-        meta = getattr(model, 'dataset_meta', None) or {}
-        if not meta.get('classes') or not meta.get('palette'):
-            raise ValueError('--palette checkpoint: the checkpoint holds no classes/palette; pass --palette ade20k or '
-                             'cityscapes')
-        classes, colours = list(meta['classes']), [list(c) for c in meta['palette']]
+        fits = [name for name, meta in sources.items() if len(meta.get('classes', ())) == num_classes]
+        fits += [{150: 'ade20k', 19: 'cityscapes'}[num_classes]] if num_classes in (150, 19) else []
+        if not fits:
+            found = ', '.join(f'the {name} names {len(meta["classes"])}' for name, meta in sources.items()
+                              if meta.get('classes')) or 'neither the checkpoint nor the config names any'
+            raise ValueError(f'--palette auto: no class names for the model\'s {num_classes} classes ({found}); '
+                             'pass a config whose test dataset has them')
+        palette = fits[0]
+    if palette in sources:
+        meta = sources[palette]
+        if not meta.get('classes'):
+            raise ValueError(f'--palette {palette}: the {palette} names no classes; pass --palette auto, config, '
+                             'ade20k or cityscapes')
+        classes = [str(c) for c in meta['classes']]
+        colours = _colours(meta, len(classes))
     else:
         classes, colours = dataset_meta(palette)
     if len(classes) != num_classes:
         raise ValueError(f'--palette {palette} has {len(classes)} classes but the model predicts {num_classes}')
-    return classes, colours
+    return classes, colours, palette
 
 
 def overlay(image: np.ndarray, labels: np.ndarray, colours: list[list[int]], classes: list[str],
@@ -101,7 +132,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--out-dir', '--out_dir', default='segm_mask', help='folder for the overlays')
     parser.add_argument('--tag', default=None, help='suffix of the output names (default: the config name)')
     parser.add_argument('--palette', choices=PALETTES, default='auto',
-                        help="colours and class names: 'auto' picks ADE20K for 150 classes, Cityscapes for 19")
+                        help="class names and colours: 'auto' takes the checkpoint's, else those of the config's test "
+                             "dataset, else ADE20K's for 150 classes or Cityscapes' for 19")
     parser.add_argument('--opacity', type=float, default=0.5, help='weight of the colour mask')
     parser.add_argument('--no-legend', dest='legend', action='store_false', help='no legend column')
     parser.add_argument('--device', type=device_type, default='cpu', help="'cpu' or 'cuda:0'")
@@ -113,9 +145,10 @@ def main(argv=None) -> list[Path]:
     args = parse_args(argv)
     import mmcv
     from mmseg.apis import inference_model, init_model
+    from mmseg.registry import DATASETS
 
     from dsan.mm.tools import load_checkpoint_strictly, load_config
-    from dsan.mm.utils import list_images, output_names
+    from dsan.mm.utils import checkpoint_dataset_meta, config_dataset_meta, list_images, output_names
     for path, what in ((args.config, 'config'), (args.checkpoint, 'checkpoint')):
         if not os.path.isfile(path):
             raise FileNotFoundError(f'{what} file not found: {path}')
@@ -123,9 +156,14 @@ def main(argv=None) -> list[Path]:
 
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
-    model = init_model(cfg, args.checkpoint, device=args.device)
-    load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
-    classes, colours = resolve_meta(args.palette, model)
+    # Built without the checkpoint: init_model loads non-strictly, needs the file's 'meta' (a bare state_dict was a
+    # KeyError) and, without dataset_meta there, labels the model with Cityscapes' classes.
+    model = init_model(cfg, None, device=args.device)
+    checkpoint = load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')
+    classes, colours, source = resolve_meta(args.palette, model.decode_head.num_classes,
+                                            checkpoint_dataset_meta(checkpoint), config_dataset_meta(cfg, DATASETS))
+    model.dataset_meta = dict(classes=tuple(classes), palette=colours)
+    _logger.info('class names and colours: %s', source)
     tag = args.tag or Path(args.config).stem
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
