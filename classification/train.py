@@ -573,7 +573,7 @@ def _train(args, args_text: str, device: torch.device, rank: int, world_size: in
                                  f'{cls_data.class_map_difference(saved_classes, now_classes)}')
         try:
             tu.unwrap_model(model).load_state_dict(resume_ckpt['state_dict'])
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:  # ValueError: dsan.models.CheckpointError (another DSCN grouping)
             raise tu.ResumeError(f'--resume {args.resume}: its weights do not fit --model {args.model} with '
                                  f'{args.num_classes} classes (resume with the arguments of that run): {e}') from None
         # A schedule changed on resume (say, more --epochs) follows the new arguments, as timm's resume does; an

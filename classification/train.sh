@@ -3,10 +3,11 @@
 # the rest are train.py's defaults (AdamW wd 0.05, cosine 300 + 10 cooldown epochs, 5 warmup epochs from 1e-6,
 # RandAugment, mixup/cutmix, ...). No AMP, as in the paper's command (float32); append --amp for speed.
 # Usage: bash classification/train.sh /path/to/imagenet [dsan_t|dsan_t2|dsan_s] [extra train.py args]
+# (or MODEL=dsan_s DROP_PATH=0.2 NUM_GPUS=4 bash classification/train.sh /path/to/imagenet, as the original's)
 set -euo pipefail
 DATA=${1:?usage: bash train.sh /path/to/imagenet [MODEL] [args...]}
 # The model argument is optional: a second argument starting with '-' is already a train.py flag.
-MODEL=dsan_t
+MODEL=${MODEL:-dsan_t}
 shift
 if [[ $# -gt 0 && "$1" != -* ]]; then
   MODEL=$1

@@ -1,6 +1,7 @@
 """Loading original-format DSAN checkpoints: wrapper formats, groups read from the file, clear errors, converter."""
 import argparse
 import logging
+import re
 
 import pytest
 import timm
@@ -124,6 +125,32 @@ def test_infer_groups(source):
         infer_groups(source['sd'], (13, 11, 7, 5))
     with pytest.raises(CheckpointError, match='No DSCN offset weights for stage 4'):
         infer_groups({k: v for k, v in source['sd'].items() if not k.startswith('block4')}, (11, 11, 7, 5))
+
+
+def test_another_grouping_is_named_on_every_loading_route(source, tmp_path):
+    """timm's `checkpoint_path=` and a plain `load_state_dict` build the model first (default groups [1, 4, 8, 8]):
+    a file of the paper's DSAN-T grouping [4, 8, 16, 16] gave 50 size mismatches that did not say why."""
+    other = [1, 4, 8, 8] if list(source['groups']) != [1, 4, 8, 8] else [4, 8, 16, 16]
+    expected = f"The checkpoint has DSCN groups {list(source['groups'])} per stage, this model {other}"
+    model = timm.create_model('dsan_t', groups=other, backend=BACKEND)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(CheckpointError, match=re.escape(expected)):
+            model.load_state_dict(source['sd'], strict=strict)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # nothing half-loaded
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        timm.create_model('dsan_t', groups=other, checkpoint_path=str(source['paths']['saver.pth.tar']),
+                          backend=BACKEND)
+    wrapped = torch.nn.Sequential(model)  # under a prefix, as in a segmentor ('backbone.')
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        wrapped.load_state_dict({f'0.{k}': v for k, v in source['sd'].items()})
+    # The groups given, both routes load, and a different architecture still gets torch's own report.
+    loaded = timm.create_model('dsan_t', groups=source['groups'], backend=BACKEND,
+                               checkpoint_path=str(source['paths']['plain.pth'])).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(source['x']), source['ref'])
+    with pytest.raises(RuntimeError, match='size mismatch'):
+        model.load_state_dict(timm.create_model('dsan_s', backend=BACKEND).state_dict())
 
 
 def test_wrong_model_is_reported(tmp_path):

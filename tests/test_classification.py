@@ -789,13 +789,13 @@ def test_validate_loads_original_format_checkpoint(tiny, tmp_path):
 PAPER_COMMAND = ['--model', 'dsan_t', '-b', '64', '--lr', '1e-3', '--drop-path', '0.1', '--workers', '16']
 
 
-def _script_argv(tmp_path, script, *args, tool='train.py'):
+def _script_argv(tmp_path, script, *args, tool='train.py', **env_vars):
     """The `tool` arguments that `script` (train.sh, eval.sh) really runs (a stub PYTHON prints its arguments)."""
     stub = tmp_path / 'python'
     stub.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
     stub.chmod(0o755)
-    env = _env()
-    env['PYTHON'] = str(stub)
+    env = {k: v for k, v in _env().items() if k not in ('MODEL', 'DROP_PATH', 'NUM_GPUS')}
+    env.update(PYTHON=str(stub), **env_vars)
     r = subprocess.run(['bash', str(CLS / script), *args], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0, r.stderr
     argv = r.stdout.splitlines()
@@ -819,6 +819,9 @@ def test_train_and_eval_sh_model_argument_is_optional(tmp_path):
     assert value(argv, '--model') == 'dsan_t' and argv[-1] == '--amp' and argv[0] == '/data'
     argv = _script_argv(tmp_path, 'train.sh', '/data', 'dsan_s', '--amp')
     assert value(argv, '--model') == 'dsan_s' and argv[-1] == '--amp'
+    # The original's variables: MODEL was ignored while DROP_PATH was read.
+    argv = _script_argv(tmp_path, 'train.sh', '/data', MODEL='dsan_s', DROP_PATH='0.2')
+    assert value(argv, '--model') == 'dsan_s' and value(argv, '--drop-path') == '0.2'
     argv = _script_argv(tmp_path, 'eval.sh', '/data', 'c.pth', '--img-size', '64', tool='validate.py')
     assert value(argv, '--model') == 'dsan_t' and value(argv, '--checkpoint') == 'c.pth' and argv[-2:] == [
         '--img-size', '64']

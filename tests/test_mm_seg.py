@@ -935,6 +935,8 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch)
     det = str(ROOT / 'detection/configs/coco/mask_rcnn_dsan_t_fpn_1x.py')
     ckpt = tmp_path / 'model.pth'
     ckpt.write_bytes(b'')  # only its existence is checked before the errors below
+    original = tmp_path / 'mmseg0x.pth'
+    torch.save({'meta': {'mmseg_version': '0.24.1', 'iter': 160000}, 'state_dict': {}}, original)
     no_base = tmp_path / 'no_base.py'
     no_base.write_text("_base_ = ['./missing_base.py']\n")
     no_tta = tmp_path / 'no_tta.py'
@@ -945,6 +947,11 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch)
         (mm_test, [ham, str(tmp_path / 'nope.pth')], 'checkpoint file not found: '),
         (mm_train, [ham, '--resume', str(tmp_path / 'nope.pth'), '--work-dir', str(tmp_path)],
          '--resume checkpoint not found: '),
+        (mm_train, [ham, '--resume', str(ckpt), '--work-dir', str(tmp_path)], 'is empty (0 bytes)'),
+        # mmengine stopped with KeyError: 'message_hub' on a file of the original's mmseg 0.x.
+        (mm_train, [ham, '--resume', str(original), '--work-dir', str(tmp_path)],
+         'not a checkpoint of an mmengine training run (an mmseg 0.x / mmdet 2.x file, or weights only), so its '
+         f'training state cannot be resumed; start from its weights with --cfg-options load_from={original}'),
         (mm_test, [ham, str(ckpt), '--tta', '--cfg-options', 'tta_model=None'], '--tta needs tta_model'),
         (mm_test, [str(no_tta), str(ckpt), '--tta'], '--tta needs tta_model'),
         (mm_train, [ham, '--launcher', 'slurm'], '--launcher slurm needs SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST'),
@@ -969,6 +976,21 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch)
         assert exc.value.code == 2, (argv, err)
         last = err.strip().splitlines()[-1]
         assert 'error: ' in last and message in last and 'Traceback' not in err, (argv, err)
+
+
+def test_test_tool_names_another_grouping_in_one_line(tmp_path):
+    """A segmentor file whose backbone has other DSCN groups than the config (the original's ham_dsan_s ADE20K
+    config says [2, 8, 16, 16]) was a traceback with eight size mismatches."""
+    from dsan.mm.tools import test as mm_test
+    config = CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py'
+    cfg = Config.fromfile(config)
+    cfg.model.backbone.groups = [4, 8, 16, 16]
+    torch.save({'meta': {}, 'state_dict': _build(cfg.model).state_dict()}, tmp_path / 'g4.pth')
+    with pytest.raises(SystemExit) as exc:
+        mm_test([str(config), str(tmp_path / 'g4.pth'), '--work-dir', str(tmp_path / 'w')])
+    assert str(exc.value.code).startswith(
+        f"test.py: error: {tmp_path / 'g4.pth'} does not fit the config's model: The checkpoint has DSCN groups "
+        '[4, 8, 16, 16] per stage, this model [1, 4, 8, 8]: build it with groups=[4, 8, 16, 16]')
 
 
 def test_install_script_is_idempotent_and_pins_the_stack():

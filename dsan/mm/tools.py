@@ -22,6 +22,9 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from dsan.models import CheckpointError
+
+from .checkpoint import load_checkpoint_file
 from .utils import resolve_config_path, set_data_root, sync_bn_to_bn
 
 __all__ = ['build_model', 'load_config', 'test', 'train']
@@ -283,6 +286,17 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     elif args.resume is not None:
         if not osp.isfile(args.resume):
             parser.error(f'--resume checkpoint not found: {args.resume}')
+        try:
+            saved = load_checkpoint_file(args.resume)
+        except CheckpointError as e:
+            parser.error(f'--resume {args.resume}: {e}')
+        if not isinstance(saved, Mapping) or 'message_hub' not in saved:
+            # An mmseg 0.x / mmdet 2.x (mmcv 1.x) file or a bare state_dict: mmengine's resume needs its own
+            # training state (it stopped with KeyError: 'message_hub').
+            parser.error(f'--resume {args.resume}: not a checkpoint of an mmengine training run (an mmseg 0.x / '
+                         'mmdet 2.x file, or weights only), so its training state cannot be resumed; start from its '
+                         f'weights with --cfg-options load_from={args.resume}')
+        del saved
         cfg.resume = True
         cfg.load_from = args.resume
     _build_runner(cfg).train()
@@ -348,7 +362,12 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
         cfg.test_evaluator['keep_results'] = True
 
     runner = _build_runner(cfg)
-    runner.load_checkpoint(args.checkpoint, map_location='cpu', strict=args.strict)
+    try:
+        runner.load_checkpoint(args.checkpoint, map_location='cpu', strict=args.strict)
+    except (CheckpointError, RuntimeError) as e:  # one line instead of mmengine's traceback
+        lines = str(e).strip().splitlines()
+        raise SystemExit(f'test.py: error: {args.checkpoint} does not fit the config\'s model: '
+                         + ' '.join(lines[:3])[:800]) from None
     if args.out is not None and task == 'det':
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
