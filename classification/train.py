@@ -53,6 +53,7 @@ from timm.optim import create_optimizer_v2, get_optimizer_class, optimizer_kwarg
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs  # noqa: E402
 from timm.utils import ModelEmaV3, NativeScaler, ParseKwargs, distribute_bn, random_seed  # noqa: E402
 
+from dsan.cli import add_renamed_options  # noqa: E402
 from dsan.compile import compile_kwargs  # noqa: E402
 
 _logger = logging.getLogger('train')
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--tensorboard', action='store_true', help='write TensorBoard events (pip install tensorboard)')
     group.add_argument('--no-plot', action='store_true', help='do not write training_curves.png')
     group.add_argument('--no-progress', action='store_true', help='no progress bar (logs only)')
+    add_renamed_options(parser, {
+        '--native-amp': '--amp (torch autocast)', '--apex-amp': '--amp (torch autocast)',
+        '--start-epoch': '--resume CHECKPOINT (the run goes on from its epoch)'})
     return parser
 
 

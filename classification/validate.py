@@ -34,7 +34,7 @@ import train_utils as tu  # noqa: E402
 from timm.data import create_loader, resolve_data_config  # noqa: E402
 from timm.utils import ParseKwargs  # noqa: E402
 
-from dsan.cli import output_file_problem  # noqa: E402
+from dsan.cli import add_renamed_options, output_file_problem  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
 
 _logger = logging.getLogger('validate')
@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument('--per-image-csv', default='', type=str, metavar='FILENAME',
                        help='write one row per image: file, target, correct, top-5 classes and probabilities')
     group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    group.add_argument('--pin-mem', action='store_true', help='pin the loader\'s CPU memory (faster copies to a GPU)')
+    add_renamed_options(parser, {'--log-freq': '--no-progress for no progress bar (nothing is logged per batch)',
+                                 '--num-gpu': 'one device per process: --device cuda:N'})
     return parser
 
 
@@ -153,7 +156,7 @@ def validate(args: argparse.Namespace) -> dict[str, Any]:
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=False,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
         crop_pct=data_config['crop_pct'], crop_mode=crop_mode, num_workers=args.workers, device=device,
-        use_prefetcher=device.type == 'cuda', persistent_workers=False)
+        use_prefetcher=device.type == 'cuda', persistent_workers=False, pin_memory=args.pin_mem)
     amp_dtype = getattr(torch, args.amp_dtype or ('float16' if device.type == 'cuda' else 'bfloat16'))
 
     def amp_autocast():

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ['device_problem', 'device_type', 'output_file_problem']
+__all__ = ['add_renamed_options', 'device_problem', 'device_type', 'output_file_problem']
 
 
 def device_problem(device: str) -> str | None:
@@ -64,3 +64,22 @@ def output_file_problem(path: str | os.PathLike, create_folders: bool = False) -
     if out.exists() and not os.access(out, os.W_OK):
         return f'{str(out)!r} exists and is not writable'
     return None
+
+
+class _Renamed(argparse.Action):
+    """An option of the original scripts that this one spells differently: a usage error naming the new one."""
+
+    def __init__(self, option_strings, dest, instead: str = '', **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs='?', help=argparse.SUPPRESS)
+        self.instead = instead
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f'{option_string} is a flag of the original scripts; here: {self.instead}')
+
+
+def add_renamed_options(parser: argparse.ArgumentParser, renamed: dict[str, str]) -> None:
+    """Accept the original's spellings in `renamed` (old flag -> what to use instead) only to refuse them with that
+    hint: argparse said "unrecognized arguments", or took a prefix of another flag (`--mode` for `--modes`).
+    Hidden from ``--help``."""
+    for old, instead in renamed.items():
+        parser.add_argument(old, action=_Renamed, instead=instead)

@@ -231,6 +231,8 @@ def test_train_rejects_out_of_range_arguments(capsys):
                           (['--input-size', '4', '64', '64'], '--input-size must be C H W with C = 3 (images are '
                            'read as RGB) and H, W >= 1; got [4, 64, 64]'),
                           (['--eval-metric', 'acc1'], "invalid choice: 'acc1'"),
+                          (['--native-amp'], '--native-amp is a flag of the original scripts; here: --amp'),
+                          (['--start-epoch', '3'], '--start-epoch is a flag of the original scripts; here: --resume'),
                           (['--amp-dtype', 'fp16'], "invalid choice: 'fp16'")):
         with pytest.raises(SystemExit) as exc:
             train.parse_args(['data', *argv])

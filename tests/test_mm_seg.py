@@ -957,6 +957,11 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch)
         (mm_train, [ham, '--launcher', 'slurm'], '--launcher slurm needs SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST'),
         (mm_test, [ham, str(ckpt), '--launcher', 'mpi'], '--launcher mpi needs OMPI_COMM_WORLD_RANK'),
         (mm_train, [ham, '--launcher', 'pytorch'], '--launcher pytorch needs RANK, WORLD_SIZE'),
+        # The original's mmseg 0.x / mmdet 2.x spellings name their replacement (argparse: "unrecognized arguments").
+        (mm_train, [ham, '--resume-from', 'x.pth'], '--resume-from is a flag of the original scripts; here: --resume'),
+        (mm_test, [ham, str(ckpt), '--eval', 'mIoU'], "--eval is a flag of the original scripts; here: nothing: the "
+                                                       "metrics are the config's test_evaluator"),
+        (mm_test, [ham, str(ckpt), '--aug-test'], '--aug-test is a flag of the original scripts; here: --tta'),
     ]
     det_cases = [(['train', det, '--auto-scale-lr', '--cfg-options', 'auto_scale_lr=None'], '--auto-scale-lr needs'),
                  (['test', det, str(ckpt), '--out', str(tmp_path / 'r.json')], '--out must be a .pkl or .pickle'),

@@ -889,3 +889,21 @@ def test_distributed_train_sh_checks_its_process_count(args, message):
     r = subprocess.run(['bash', str(ROOT / 'classification/distributed_train.sh'), *args], capture_output=True,
                        text=True, timeout=60)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize('tool, argv, message', [
+    ('classification/tools/get_inf_speed.py', ['dsan_t', '--mode', 'w/o head'],
+     "--mode is a flag of the original scripts; here: --no-head for 'w/o head'"),  # was taken as --modes
+    ('classification/tools/get_inf_speed.py', ['dsan_t', '0'], "unknown timm model '0' (the original's GPU id? here: "
+                                                                '--device cuda:0)'),
+    ('classification/tools/get_memory.py', ['dsan_t', '--gpu_id', '0'], '--gpu_id is a flag of the original scripts; '
+                                                                        'here: --device cuda:N'),
+])
+def test_original_spellings_name_their_replacement(tool, argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        load_tool(tool).parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_convert_checkpoint_takes_use_ema_as_validate_does():
+    assert load_tool('tools/convert_checkpoint.py').parse_args(['a.pth', 'b.pth', '--use-ema']).ema is True

@@ -108,7 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('src', help='input checkpoint')
     parser.add_argument('dst', help='output file (.safetensors or a torch file such as .pth)')
     parser.add_argument('--model', default='dsan_t', help='architecture: dsan_t, dsan_t2 or dsan_s')
-    parser.add_argument('--ema', action='store_true', help='take the EMA weights (state_dict_ema / model_ema)')
+    parser.add_argument('--ema', '--use-ema', action='store_true',
+                        help='take the EMA weights (state_dict_ema / model_ema)')
     parser.add_argument('--encoder', action='store_true', help='drop the classifier (backbone-only file)')
     parser.add_argument('--unsafe-load', action='store_true',
                         help='read the input with the full unpickler (only for files you trust)')

@@ -41,7 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
 from dsan.allocator import keep_freed_memory  # noqa: E402
-from dsan.cli import device_problem, output_file_problem  # noqa: E402
+from dsan.cli import add_renamed_options, device_problem, output_file_problem  # noqa: E402
 from dsan.compile import compile_model  # noqa: E402
 from dsan.profiling import op_table  # noqa: E402
 
@@ -418,6 +418,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--tune-malloc', action='store_true',
                         help='keep freed memory in the process for reuse (glibc; dsan.allocator.keep_freed_memory), '
                              'as train.py does on the CPU; applies to every model alike')
+    add_renamed_options(parser, {
+        '--mode': "--no-head for 'w/o head' (the head is timed by default); --modes / --all-modes for the layouts "
+                  'and compilation',
+        '--gpu_id': '--device cuda:N', '--gpu-id': '--device cuda:N'})
     return parser
 
 
@@ -429,7 +433,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.modes = list(MODES)
     for name in args.models:
         if not timm.is_model(name):
-            parser.error(f'argument models: unknown timm model {name!r}')
+            hint = f' (the original\'s GPU id? here: --device cuda:{name})' if name.isdigit() else ''
+            parser.error(f'argument models: unknown timm model {name!r}{hint}')
     for flag in ('batch_size', 'img_size', 'iters', 'rounds'):
         if getattr(args, flag) < 1:
             parser.error(f'argument --{flag.replace("_", "-")}: must be >= 1, got {getattr(args, flag)}')

@@ -31,7 +31,7 @@ try:
 except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import dsan.models  # noqa: F401
-from dsan.cli import device_type  # noqa: E402
+from dsan.cli import add_renamed_options, device_type  # noqa: E402
 
 _logger = logging.getLogger('get_memory')
 MiB = 2 ** 20
@@ -137,6 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--optimizer', action='store_true', help='include an AdamW step (its state)')
     parser.add_argument('--grad-checkpointing', action='store_true')
     parser.add_argument('--backend', default=None, choices=ops_dscn.BACKENDS, help='DSCN backend of DSAN models')
+    add_renamed_options(parser, {'--gpu_id': '--device cuda:N', '--gpu-id': '--device cuda:N'})
     args = parser.parse_args(argv)
     if not timm.is_model(args.model):
         parser.error(f'argument model: unknown timm model {args.model!r}')

@@ -27,6 +27,7 @@ import torch
 from mmengine.config import DictAction
 from torchprofile.handlers import HANDLER_MAP
 
+from dsan.cli import add_renamed_options
 from dsan.flops import count_macs, count_params
 from dsan.mm.tools import build_model
 
@@ -112,6 +113,7 @@ def main(argv=None) -> str:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config entries before the model is built, key=value pairs, e.g. '
                              'model.neck.out_channels=128')
+    add_renamed_options(parser, {'--gpu_id': 'nothing: FLOPs are counted on the CPU'})
     args = parser.parse_args(argv)
     if len(args.shape) not in (1, 2) or min(args.shape) < 1:
         parser.error(f'--shape takes H or H W, positive, got {args.shape}')

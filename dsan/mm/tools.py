@@ -22,6 +22,7 @@ from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
+from dsan.cli import add_renamed_options
 from dsan.models import CheckpointError
 
 from .checkpoint import load_checkpoint_file
@@ -263,6 +264,10 @@ def train(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
         parser.add_argument('--auto-scale-lr', action='store_true',
                             help="scale the lr by (GPUs x batch) / the config's auto_scale_lr.base_batch_size")
     _common_args(parser)
+    add_renamed_options(parser, {'--resume-from': '--resume CHECKPOINT',
+                                 '--load-from': '--cfg-options load_from=CHECKPOINT',
+                                 '--gpus': 'dist_train.sh CONFIG NUM_GPUS',
+                                 '--gpu-ids': 'dist_train.sh CONFIG NUM_GPUS'})
     args = parser.parse_args(argv)
     _check_launcher(parser, args.launcher)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
@@ -324,6 +329,10 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     parser.add_argument('--no-strict', dest='strict', action='store_false',
                         help='load the checkpoint even if some names do not match (warn instead of failing)')
     _common_args(parser)
+    add_renamed_options(parser, {
+        '--eval': "nothing: the metrics are the config's test_evaluator",
+        '--aug-test': '--tta', '--format-only': '--out DIR (segmentation) / --out FILE.pkl (detection)',
+        '--gpu-id': 'dist_test.sh CONFIG CHECKPOINT NUM_GPUS, or CUDA_VISIBLE_DEVICES'})
     args = parser.parse_args(argv)
     _check_launcher(parser, args.launcher)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))

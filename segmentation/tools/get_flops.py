@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mmengine.config import DictAction
 
+from dsan.cli import add_renamed_options
 from dsan.flops import count_macs, count_params
 from dsan.mm.tools import build_model
 from dsan.mm.utils import whole_inference
@@ -62,6 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
                         help='override config entries before the model is built, key=value pairs, e.g. '
                              'model.decode_head.channels=256')
+    add_renamed_options(parser, {'--gpu_id': 'nothing: FLOPs are counted on the CPU'})
     return parser.parse_args(argv)
 
 
