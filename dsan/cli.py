@@ -1,6 +1,7 @@
 """Command-line helpers shared by the classification, segmentation and detection tools."""
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -66,20 +67,21 @@ def output_file_problem(path: str | os.PathLike, create_folders: bool = False) -
     return None
 
 
-class _Renamed(argparse.Action):
-    """An option of the original scripts that this one spells differently: a usage error naming the new one."""
-
-    def __init__(self, option_strings, dest, instead: str = '', **kwargs):
-        super().__init__(option_strings, argparse.SUPPRESS, nargs='?', help=argparse.SUPPRESS)
-        self.instead = instead
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f'{option_string} is a flag of the original scripts; here: {self.instead}')
-
-
 def add_renamed_options(parser: argparse.ArgumentParser, renamed: dict[str, str]) -> None:
-    """Accept the original's spellings in `renamed` (old flag -> what to use instead) only to refuse them with that
-    hint: argparse said "unrecognized arguments", or took a prefix of another flag (`--mode` for `--modes`).
-    Hidden from ``--help``."""
-    for old, instead in renamed.items():
-        parser.add_argument(old, action=_Renamed, instead=instead)
+    """Refuse the original's spellings in `renamed` (old flag -> what to use instead) with that hint: argparse said
+    "unrecognized arguments", or took a prefix of another flag (`--mode` for `--modes`).
+
+    Only the exact old flags (``--flag`` or ``--flag=value``) are caught, before argparse parses: they are not
+    argparse options, so they neither show in ``--help`` nor make an abbreviation of a real flag ambiguous.
+    """
+    parse_known_args = parser.parse_known_args
+
+    def checked(args=None, namespace=None):
+        argv = list(sys.argv[1:] if args is None else args)
+        for token in argv[:argv.index('--')] if '--' in argv else argv:
+            flag = token.split('=', 1)[0] if isinstance(token, str) else token
+            if flag in renamed:
+                parser.error(f'{flag} is a flag of the original scripts; here: {renamed[flag]}')
+        return parse_known_args(argv, namespace)
+
+    parser.parse_known_args = checked

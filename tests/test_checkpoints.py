@@ -151,6 +151,17 @@ def test_another_grouping_is_named_on_every_loading_route(source, tmp_path):
         torch.testing.assert_close(loaded(source['x']), source['ref'])
     with pytest.raises(RuntimeError, match='size mismatch'):
         model.load_state_dict(timm.create_model('dsan_s', backend=BACKEND).state_dict())
+    # The check holds no reference to the model: a deleted model is freed at once (a bound-method hook kept every
+    # model alive until a garbage collection).
+    import gc
+    import weakref
+    gc.disable()
+    try:
+        ref = weakref.ref(model)
+        del model, wrapped
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 def test_wrong_model_is_reported(tmp_path):

@@ -621,7 +621,7 @@ def test_overlay_blends_and_draws_a_legend():
         vis.overlay(image, labels, [[0, 0, 0], [200, 0, 0]], ['bg', 'thing'], 1.5)
 
 
-def test_visualize_names_the_classes_of_the_checkpoint_then_of_the_config():
+def test_visualize_names_the_classes_of_the_checkpoint_then_of_the_config(tmp_path):
     """'auto' takes the checkpoint's classes, then those of the config's test dataset, and guesses ADE20K / Cityscapes
     from the class count last: a custom 19-class checkpoint was drawn with Cityscapes' names, and a checkpoint without
     classes (a bare state_dict) failed, though the config named them."""
@@ -640,6 +640,16 @@ def test_visualize_names_the_classes_of_the_checkpoint_then_of_the_config():
     assert saved == custom
     assert checkpoint_dataset_meta({'meta': {'CLASSES': ('a', 'b'), 'PALETTE': None}}) == {'classes': ('a', 'b')}
     assert checkpoint_dataset_meta({'backbone.x': torch.zeros(1)}) == checkpoint_dataset_meta({'meta': {}}) == {}
+
+    # Class names in a file (mmengine reads a str as one) and a subset of Cityscapes' classes, with their own colours.
+    names = tmp_path / 'classes.txt'
+    names.write_text('sky\ncar\n')
+    subset = Config.fromfile(CONFIGS / 'ham/ham_dsan_t_cityscapes_80k.py')
+    subset.test_dataloader.dataset.metainfo = dict(classes=('car', 'person', 'road'))
+    assert config_dataset_meta(subset, DATASETS) == {'classes': ('car', 'person', 'road'),
+                                                     'palette': [[0, 0, 142], [220, 20, 60], [128, 64, 128]]}
+    subset.test_dataloader.dataset.metainfo = dict(classes=str(names))
+    assert config_dataset_meta(subset, DATASETS)['classes'] == ['sky', 'car']
 
     classes, colours, source = vis.resolve_meta('auto', 19, saved, {})
     assert (classes[0], colours[1], source) == ('c0', [1, 1, 1], 'checkpoint')
@@ -934,7 +944,9 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch)
     ham = str(CONFIGS / 'ham/ham_dsan_t_ade20k_160k.py')
     det = str(ROOT / 'detection/configs/coco/mask_rcnn_dsan_t_fpn_1x.py')
     ckpt = tmp_path / 'model.pth'
-    ckpt.write_bytes(b'')  # only its existence is checked before the errors below
+    torch.save({'state_dict': {}}, ckpt)  # only read (not loaded into a model) before the errors below
+    empty = tmp_path / 'empty.pth'
+    empty.write_bytes(b'')
     original = tmp_path / 'mmseg0x.pth'
     torch.save({'meta': {'mmseg_version': '0.24.1', 'iter': 160000}, 'state_dict': {}}, original)
     no_base = tmp_path / 'no_base.py'
@@ -947,7 +959,9 @@ def test_tools_reject_missing_files_and_bad_flags(tmp_path, capsys, monkeypatch)
         (mm_test, [ham, str(tmp_path / 'nope.pth')], 'checkpoint file not found: '),
         (mm_train, [ham, '--resume', str(tmp_path / 'nope.pth'), '--work-dir', str(tmp_path)],
          '--resume checkpoint not found: '),
-        (mm_train, [ham, '--resume', str(ckpt), '--work-dir', str(tmp_path)], 'is empty (0 bytes)'),
+        (mm_train, [ham, '--resume', str(empty), '--work-dir', str(tmp_path)], 'is empty (0 bytes)'),
+        # An unreadable file is said to be one (it was "does not fit the config's model").
+        (mm_test, [ham, str(empty)], f'checkpoint {empty}: {empty} is empty (0 bytes)'),
         # mmengine stopped with KeyError: 'message_hub' on a file of the original's mmseg 0.x.
         (mm_train, [ham, '--resume', str(original), '--work-dir', str(tmp_path)],
          'not a checkpoint of an mmengine training run (an mmseg 0.x / mmdet 2.x file, or weights only), so its '

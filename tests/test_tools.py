@@ -905,5 +905,10 @@ def test_original_spellings_name_their_replacement(tool, argv, message, capsys):
     assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_original_spellings_leave_abbreviations_of_real_flags_alone():
+    get_memory = load_tool('classification/tools/get_memory.py')
+    assert get_memory.parse_args(['dsan_t', '--g']).grad_checkpointing is True  # was ambiguous with --gpu_id
+
+
 def test_convert_checkpoint_takes_use_ema_as_validate_does():
     assert load_tool('tools/convert_checkpoint.py').parse_args(['a.pth', 'b.pth', '--use-ema']).ema is True

@@ -98,10 +98,11 @@ def main(argv=None) -> list[Path]:
     cfg = load_config(args.config, None, None, 'none')
     cfg.model.backbone.init_cfg = None  # the checkpoint holds the backbone: do not read the pretrained encoder
     lower_score_thr(cfg.model, args.score_thr)
-    with warnings.catch_warnings():  # its "use COCO classes" for a checkpoint without classes: resolved below
-        warnings.filterwarnings('ignore', message='dataset_meta or class names are not saved')
-        model = init_detector(cfg, args.checkpoint, device=args.device, palette=args.palette)
-    checkpoint = load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')  # init_* loads non-strictly
+    # Built without the checkpoint (init_detector loads non-strictly), which is read once, strictly, below; its
+    # "use COCO classes" warning does not apply: the classes are resolved below.
+    with warnings.catch_warnings(record=True):
+        model = init_detector(cfg, None, device=args.device, palette=args.palette)
+    checkpoint = load_checkpoint_strictly(model, args.checkpoint, 'visualize.py')
     classes, source = resolve_classes(checkpoint_dataset_meta(checkpoint), config_dataset_meta(cfg, DATASETS),
                                       head_num_classes(model))
     model.dataset_meta = {**model.dataset_meta, 'classes': classes}

@@ -60,7 +60,7 @@ def load_checkpoint_strictly(model: torch.nn.Module, checkpoint: str, tool: str)
     from mmengine.runner import load_checkpoint
     try:
         return load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
-    except RuntimeError as e:
+    except (RuntimeError, CheckpointError) as e:
         lines = str(e).strip().splitlines()
         raise SystemExit(f'{tool}: error: {checkpoint} does not fit the config\'s model: '
                          + ' '.join(lines[:3])[:600]) from None
@@ -341,6 +341,10 @@ def test(argv: Sequence[str] | None = None, task: str = 'seg') -> None:
     if task == 'det' and args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         parser.error(f'--out must be a .pkl or .pickle file for detection, got {args.out!r}')
 
+    try:  # an unreadable file is not a model mismatch: said apart, before the runner is built
+        load_checkpoint_file(args.checkpoint)
+    except CheckpointError as e:
+        parser.error(f'checkpoint {args.checkpoint}: {e}')
     cfg = _load_config_or_exit(parser, args)
     cfg.load_from = None  # loaded below, strictly
     if args.show or args.show_dir:

@@ -108,26 +108,33 @@ def checkpoint_dataset_meta(checkpoint: Any) -> dict[str, Any]:
 
 
 def config_dataset_meta(cfg: Config, registry: Any) -> dict[str, Any]:
-    """The classes and palette of the config's test dataset: its ``metainfo`` over its dataset class's ``METAINFO``
-    (as the dataset itself merges them); {} where the config names no test dataset or no classes.
+    """The classes and palette of the config's test dataset, as the dataset itself has them; {} where the config
+    names no test dataset or no classes.
+
+    The dataset is built without reading its data (``lazy_init=True``, as mmdet's `init_detector` does), so its
+    ``metainfo`` is the dataset's own: class names read from a file, and for a subset of mmseg's classes the palette
+    entries of those classes.
 
     Args:
         cfg: The config.
-        registry: The task's dataset registry (``mmseg.registry.DATASETS`` / ``mmdet.registry.DATASETS``), to find
-            the dataset class by its ``type``.
+        registry: The task's dataset registry (``mmseg.registry.DATASETS`` / ``mmdet.registry.DATASETS``); the
+            task's default scope must be set (the ``init_*`` functions set it).
     """
     loader = cfg.get('test_dataloader') or {}
     leaves = _leaf_datasets(loader.get('dataset')) if isinstance(loader, Mapping) else []
     if not leaves:
         return {}
-    dataset = leaves[0]
-    meta: dict[str, Any] = {}
-    cls = registry.get(dataset['type']) if isinstance(dataset.get('type'), str) else dataset.get('type')
-    if cls is not None and isinstance(getattr(cls, 'METAINFO', None), Mapping):
-        meta.update(cls.METAINFO)
-    if isinstance(dataset.get('metainfo'), Mapping):
-        meta.update(dataset['metainfo'])
-    return {k: v for k, v in meta.items() if k in ('classes', 'palette')} if meta.get('classes') else {}
+    try:
+        meta = dict(registry.build({**leaves[0], 'lazy_init': True}).metainfo)
+    except Exception as e:  # a dataset class that cannot be built here: its declared METAINFO and metainfo
+        _logger.debug('config_dataset_meta: building the test dataset lazily failed (%s)', e)
+        cls = leaves[0].get('type')
+        cls = registry.get(cls) if isinstance(cls, str) else cls
+        meta = dict(getattr(cls, 'METAINFO', None) or {})
+        meta.update(leaves[0].get('metainfo') or {})
+    if not meta.get('classes') or isinstance(meta['classes'], str):  # a str: a class-name file it did not read
+        return {}
+    return {k: meta[k] for k in ('classes', 'palette') if meta.get(k) is not None}
 
 
 def output_names(images: list[Path], tag: str) -> list[str]:

@@ -1006,7 +1006,8 @@ class DSAN(nn.Module):
 
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
         self.apply(self._init_weights)
-        self._register_load_state_dict_pre_hook(self._check_loaded_groups)
+        # torch keeps the module in the hook by weak reference (a bound method would keep every model alive after del).
+        self.register_load_state_dict_pre_hook(DSAN._check_loaded_groups)
 
     def _check_loaded_groups(self, state_dict, prefix, *_) -> None:
         # Runs before any weight is copied, on every route (load_state_dict, timm's checkpoint_path=, mmengine's
